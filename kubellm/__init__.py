@@ -1,0 +1,3 @@
+"""kubellm: LLM serving on Kubernetes."""
+
+__version__ = "0.1.0"

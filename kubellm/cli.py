@@ -1,0 +1,49 @@
+"""The `kubellm` command: a thin dispatcher.
+
+Each subcommand's package is imported only when that subcommand runs, so
+`kubellm operator` never imports torch and `kubellm serve` never imports kopf.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from kubellm import __version__
+
+
+def _generate(argv: list[str]) -> int:
+    from kubellm.runtime.generate_cli import main
+
+    return main(argv)
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "generate": (_generate, "generate text offline with the engine (no server)"),
+}
+
+
+def _usage() -> str:
+    lines = [f"kubellm {__version__}", "", "usage: kubellm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["  version    print the version"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command in ("version", "--version"):
+        print(__version__)
+        return 0
+    if command not in COMMANDS:
+        print(f"kubellm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return COMMANDS[command][0](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

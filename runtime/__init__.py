@@ -1,0 +1,27 @@
+"""The kubellm runtime: a continuous-batching engine over a paged KV cache."""
+
+import logging
+
+from kubellm.runtime.config import BUILTIN_MODEL, EngineConfig, ModelConfig
+from kubellm.runtime.engine import LLMEngine
+from kubellm.runtime.llm import LLM
+from kubellm.runtime.outputs import CompletionOutput, RequestOutput
+from kubellm.runtime.sampling_params import SamplingParams
+
+__all__ = [
+    "BUILTIN_MODEL",
+    "LLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "ModelConfig",
+    "RequestOutput",
+    "SamplingParams",
+]
+
+_logger = logging.getLogger("kubellm")
+if not _logger.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)

@@ -1,0 +1,46 @@
+"""The attention backend interface and the flat-batch metadata it reads.
+
+A batch is flat: the new tokens of every scheduled request, one after another,
+no padding. Request i owns query rows `query_start_loc[i]:query_start_loc[i+1]`
+and, after this step, has `seq_lens[i]` tokens of context, whose K/V live in the
+blocks listed in `block_tables[i]`. The new tokens are the last ones of that
+context, so attention is causal within each request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes; -1 skips
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32, context length including the new tokens
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    decode_indices: torch.Tensor  # [num_decodes] int64: requests with exactly one new token
+    max_seq_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+
+class AttentionBackend(Protocol):
+    """`forward` writes the new K/V into the cache, then attends over the cached context."""
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...

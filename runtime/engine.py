@@ -1,0 +1,216 @@
+"""The engine: requests in, one scheduled batch per `step()`, tokens and text out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.detokenizer import IncrementalDetokenizer
+from kubellm.runtime.kv_cache import KVCacheManager
+from kubellm.runtime.model.source import resolve
+from kubellm.runtime.model.weights import load_weights
+from kubellm.runtime.model_runner import ModelRunner
+from kubellm.runtime.outputs import CompletionOutput, RequestOutput, StepDelta
+from kubellm.runtime.request import Request
+from kubellm.runtime.sampler import Sampler
+from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Group:
+    """A prompt and the n sequences generated from it."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+        started = time.perf_counter()
+        self.config = config
+        source = resolve(config.model, config.revision)
+        self.model_config = source.config
+        self.tokenizer = source.load_tokenizer()
+        self.max_model_len = config.resolve_max_model_len(source.config)
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        model = ModelRunner.build(
+            source.config, self.max_model_len, attention_backend, device, dtype
+        )
+        load_weights(model, source.tensors())
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(dtype)
+        config.check_pool_fits(self.max_model_len, num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = frozenset(source.config.eos_token_ids) | frozenset(
+            [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        )
+        self._groups: dict[str, _Group] = {}
+        self._sequences: dict[str, tuple[_Group, int]] = {}
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "loaded %s in %.1f s on %s (%s); KV cache: %d blocks x %d tokens = %d tokens",
+            config.model, self.load_seconds, device, str(dtype).removeprefix("torch."),
+            num_blocks, config.block_size, num_blocks * config.block_size,
+        )  # fmt: skip
+
+    def _blocks_from_memory(self, dtype: torch.dtype) -> int:
+        bytes_per_token = self.model_config.kv_bytes_per_token(dtype.itemsize)
+        budget = int(self.config.kv_cache_memory_gib * 2**30)
+        return max(1, budget // (bytes_per_token * self.config.block_size))
+
+    # ---- requests in -------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a prompt (text or token ids) for `params.n` sequences. Bad input raises
+        ValueError and changes nothing."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids)
+        group = _Group(text, token_ids, [], [])
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(
+                sequence_id, token_ids, params, self.eos_token_ids, self.max_model_len, seed
+            )
+            group.sequences.append(request)
+            group.detokenizers.append(
+                IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
+            )
+            self._sequences[sequence_id] = (group, index)
+        self._groups[request_id] = group
+        for request in group.sequences:
+            self.scheduler.add(request)
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("the prompt must not be empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your prompt contains {len(token_ids)} input tokens."
+            )
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop generating for a request (all its sequences) and free its blocks."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        for request in group.sequences:
+            self.scheduler.abort(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----------------------------------------------------------------------
+
+    def step(self) -> list[StepDelta]:
+        """Run one batch; return what each sequence that got a token gained."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out)
+        to_sample = [s.request for s in out.scheduled if s.samples]
+        sampled = self.sampler(logits, to_sample) if to_sample else None
+        tokens = (
+            {}
+            if sampled is None
+            else dict(zip((r.request_id for r in to_sample), sampled.token_ids))
+        )
+        logprobs = (
+            {}
+            if sampled is None
+            else dict(zip((r.request_id for r in to_sample), sampled.logprobs))
+        )
+        advanced = self.scheduler.update(out, tokens)
+        deltas = [
+            self._advance_text(request, logprobs.get(request.request_id)) for request in advanced
+        ]
+        self.scheduler.remove_finished(advanced)
+        return deltas
+
+    def _advance_text(self, request: Request, logprobs) -> StepDelta:
+        group, index = self._sequences[request.request_id]
+        detokenizer = group.detokenizers[index]
+        token_id = request.token_ids[-1]
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
+        ended_on_stop_token = request.is_finished and request.finish_reason == "stop"
+        if not ended_on_stop_token:
+            past_min = request.num_output_tokens > request.params.min_tokens
+            stop = detokenizer.add(token_id, check_stop=past_min)
+            if stop is not None:
+                request.finish("stop", stop)
+        return StepDelta(
+            request_id=request.request_id,
+            index=index,
+            new_token_ids=[token_id],
+            new_text=detokenizer.take_delta(request.is_finished),
+            new_logprobs=[logprobs] if logprobs is not None else [],
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+
+    # ---- results out -------------------------------------------------------------------
+
+    def take_output(self, request_id: str) -> RequestOutput:
+        """The request's full result; forgets the request once all its sequences ended."""
+        group = self._groups[request_id]
+        outputs = [
+            CompletionOutput(
+                index=i,
+                text=detokenizer.text,
+                token_ids=request.output_token_ids,
+                finish_reason=request.finish_reason,
+                stop_reason=request.stop_reason,
+                logprobs=request.logprobs if request.params.logprobs is not None else None,
+            )
+            for i, (request, detokenizer) in enumerate(zip(group.sequences, group.detokenizers))
+        ]
+        result = RequestOutput(
+            request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outputs,
+            num_cached_tokens=min(r.num_cached_tokens for r in group.sequences),
+        )
+        if result.finished:
+            del self._groups[request_id]
+            for request in group.sequences:
+                del self._sequences[request.request_id]
+        return result

@@ -1,0 +1,52 @@
+"""`kubellm generate`: run prompts through the engine offline and print the results."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from kubellm.runtime.config import BUILTIN_MODEL
+
+DEMO_PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about Kubernetes.",
+    "def fibonacci(n):",
+    "Three reasons to batch requests on a GPU:",
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kubellm generate", description=__doc__)
+    parser.add_argument("prompts", nargs="*", help="prompts (default: a few demo prompts)")
+    parser.add_argument("--model", default=BUILTIN_MODEL)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from kubellm.runtime import LLM, SamplingParams
+
+    llm = LLM(model=args.model)
+    prompts = args.prompts or DEMO_PROMPTS
+    texts = [
+        llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        if args.chat
+        else p
+        for p in prompts
+    ]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    started = time.perf_counter()
+    outputs = llm.generate(texts, params)
+    seconds = time.perf_counter() - started
+    for prompt, output in zip(prompts, outputs):
+        print(f"--- {prompt!r}\n{output.outputs[0].text}\n")
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(
+        f"{len(prompts)} prompts, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tok/s)"
+    )
+    return 0

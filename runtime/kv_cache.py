@@ -1,0 +1,149 @@
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, per-request block
+tables, reference counts, and prefix caching.
+
+A full block is named by a hash of its tokens chained with its parent's hash, so
+one hash names the whole prefix up to that block. A block whose last owner is
+done goes back to the free list *with* its hash: until it is handed out again
+(oldest first: an LRU), a later request with the same prefix can reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kubellm.runtime.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
+    """sha256 of the parent hash and this block's token ids: collisions are not a concern."""
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: bytes | None = None
+
+
+class KVCacheManager:
+    """Hands out KV blocks to requests; never touches the KV tensors themselves."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (oldest first); cached ones keep their hash.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached_blocks: dict[bytes, int] = {}
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by live requests (cached free blocks count as free)."""
+        return 1.0 - len(self.free_blocks) / self.num_blocks
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Blocks already holding this request's longest cached prefix.
+
+        At least the last token is always left to compute: its logits are needed.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        self._extend_hashes(request, (request.num_tokens - 1) // self.block_size)
+        hits: list[int] = []
+        for block_hash in request.block_hashes[: (request.num_tokens - 1) // self.block_size]:
+            block_id = self.cached_blocks.get(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
+        """Count one admitted request's prefix-cache lookup, in tokens (as vLLM does)."""
+        self.prefix_queries += num_queried
+        self.prefix_hits += num_hit
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, cached: list[int] | None = None
+    ) -> bool:
+        """Give the request room for `num_new_tokens` more tokens after what it has computed
+        (and after the `cached` prefix blocks, which it takes a reference on).
+        Returns False, changing nothing, if the pool cannot.
+        """
+        cached = cached or []
+        held = len(request.block_ids) + len(cached)
+        total_tokens = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        needed = cdiv(total_tokens, self.block_size) - held
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        if needed > len(self.free_blocks) - revived:
+            return False
+        for block_id in cached:
+            self._share(block_id)
+        request.block_ids.extend(cached)
+        request.block_ids.extend(self._allocate_fresh() for _ in range(max(needed, 0)))
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Publish the request's newly computed full blocks for reuse by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        self._extend_hashes(request, num_full)
+        for index in range(request.num_registered_blocks, num_full):
+            block = self.blocks[request.block_ids[index]]
+            block_hash = request.block_hashes[index]
+            if block.block_hash is None and block_hash not in self.cached_blocks:
+                block.block_hash = block_hash
+                self.cached_blocks[block_hash] = block.block_id
+        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; tail blocks go to the free list first, so a
+        shared prefix outlives the suffixes that hang off it."""
+        for block_id in reversed(request.block_ids):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise AssertionError(f"block {block_id} freed twice")
+            if block.ref_count == 0:
+                self.free_blocks[block_id] = None
+        request.block_ids = []
+        request.num_registered_blocks = 0
+
+    def _extend_hashes(self, request: Request, num_blocks: int) -> None:
+        hashes = request.block_hashes
+        size = self.block_size
+        for index in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else b""
+            hashes.append(hash_block(parent, request.token_ids[index * size : (index + 1) * size]))
+
+    def _allocate_fresh(self) -> int:
+        """Hand out the least recently freed block, forgetting what it cached."""
+        block_id, _ = self.free_blocks.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self.cached_blocks[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def _share(self, block_id: int) -> None:
+        """Take one more reference on a cached block, reviving it if it was free."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free_blocks[block_id]
+        block.ref_count += 1

@@ -1,0 +1,79 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from kubellm.runtime.config import BUILTIN_MODEL, EngineConfig
+from kubellm.runtime.engine import LLMEngine
+from kubellm.runtime.outputs import RequestOutput
+from kubellm.runtime.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Loads a model once; `generate` runs prompts to completion with continuous batching."""
+
+    def __init__(self, model: str = BUILTIN_MODEL, attention_backend: str = "torch", **config):
+        self.engine = LLMEngine(EngineConfig(model=model, **config), attention_backend)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are text or token-id lists."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        request_ids: list[str] = []
+        try:
+            for prompt, p in zip(prompt_list, params):
+                request_id = f"llm-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, p)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+                self.engine.take_output(request_id)
+            raise
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return [self.engine.take_output(request_id) for request_id in request_ids]
+
+    def chat(
+        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """One conversation through the tokenizer's chat template."""
+        prompt = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.generate(prompt, sampling_params)[0]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+    return params

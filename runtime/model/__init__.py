@@ -1,0 +1,1 @@
+"""The model: our Llama-family implementation and the loaders that fill its weights."""

@@ -1,0 +1,97 @@
+"""Turns a scheduled step into one flat, unpadded batch and runs the model on it."""
+
+from __future__ import annotations
+
+import torch
+from kubellm.runtime.attention import AttentionMetadata, get_backend
+from kubellm.runtime.config import ModelConfig
+from kubellm.runtime.model.llama import LlamaForCausalLM
+from kubellm.runtime.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensors (one per layer)."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        cfg: ModelConfig = model.config
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zeros, not empty: masked-out slots are still multiplied by zero weights.
+        self.kv_caches = [
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
+        ]
+
+    @staticmethod
+    def build(
+        cfg: ModelConfig,
+        max_positions: int,
+        attention_backend: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> LlamaForCausalLM:
+        """The model with uninitialized weights (the loader fills them) on `device`."""
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend))
+        model = model.to_empty(device=device).to(dtype).eval()
+        model.tie_weights()
+        model.rope.to(torch.float32).reset()
+        return model
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [num_sampling_requests, vocab] (fp32), in scheduled order."""
+        input_ids, positions, meta, logits_indices = self._prepare(out)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[logits_indices])
+
+    def _prepare(self, out: SchedulerOutput):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        bs = self.block_size
+        for item in out.scheduled:
+            request, start = item.request, item.request.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids += request.token_ids[start:end]
+            positions += range(start, end)
+            table = request.block_ids
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_start.append(query_start[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                logits_indices.append(query_start[-1] - 1)
+        query_lens = [item.num_new_tokens for item in out.scheduled]
+        max_blocks = max(-(-s // bs) for s in seq_lens)
+        tables = [item.request.block_ids[:max_blocks] for item in out.scheduled]
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        device = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+            decode_indices=torch.tensor(
+                [i for i, n in enumerate(query_lens) if n == 1], dtype=torch.int64, device=device
+            ),
+            max_seq_len=max(seq_lens),
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.int64, device=device),
+            torch.tensor(positions, dtype=torch.int64, device=device),
+            meta,
+            torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        )

@@ -1,0 +1,51 @@
+"""What the engine hands back: per-step deltas and whole-request results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kubellm.runtime.request import TokenLogprobs
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (one of n)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """A prompt and its n completions."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+
+@dataclass
+class StepDelta:
+    """What one step added to one sequence: new tokens, new text, and whether it ended."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs]
+    finish_reason: str | None
+    stop_reason: int | str | None

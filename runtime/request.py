@@ -1,0 +1,102 @@
+"""A request's life inside the engine: its tokens, blocks, status and outputs."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+from kubellm.runtime.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the top-N alternatives (raw model distribution)."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+class Request:
+    """One sequence being generated. n > 1 is n requests sharing a prompt."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+        seed: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.token_ids = list(prompt_token_ids)
+        self.arrival_time = time.monotonic()
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
+        self.logprobs: list[TokenLogprobs] = []
+        self.num_preemptions = 0
+        self.stop_token_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_token_ids
+        )
+        self.max_total_tokens = self._max_total_tokens(max_model_len)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def _max_total_tokens(self, max_model_len: int) -> int:
+        limit = max_model_len
+        if self.params.max_tokens is not None:
+            limit = min(limit, len(self.prompt_token_ids) + self.params.max_tokens)
+        return limit
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        """Add a sampled token and finish the request if a token-level stop condition holds."""
+        self.token_ids.append(token_id)
+        if self.num_output_tokens > self.params.min_tokens and token_id in self.stop_token_ids:
+            self.finish("stop", stop_reason=None if self._is_eos(token_id) else token_id)
+        elif self.num_tokens >= self.max_total_tokens:
+            self.finish("length")
+
+    def _is_eos(self, token_id: int) -> bool:
+        return token_id not in self.params.stop_token_ids
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

@@ -1,0 +1,122 @@
+"""Batched next-token selection.
+
+Order of operations (as vLLM): raw log-probabilities are kept for logprobs; then
+min_tokens masking, penalties, and either argmax (greedy) or temperature, top-k,
+top-p and min-p filtering followed by a draw. Draws use the exponential race
+(argmax of p / E with E ~ Exp(1)), one noise vector per request from that
+request's own generator, so a seeded request gives the same tokens whatever
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from kubellm.runtime.request import Request, TokenLogprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        logits = logits.float()
+        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = logits.clone()
+        _mask_stops_before_min_tokens(logits, requests)
+        _apply_penalties(logits, requests)
+        token_ids = self._choose(logits, requests)
+        logprobs = [
+            _logprobs_of(raw_logprobs[i], token_ids[i], r.params.logprobs)
+            if raw_logprobs is not None and r.params.logprobs is not None
+            else None
+            for i, r in enumerate(requests)
+        ]
+        return SamplerOutput(token_ids, logprobs)
+
+    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        chosen = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            probs = filtered_probs(logits[rows], [requests[i] for i in random_rows])
+            noise = torch.stack(
+                [
+                    torch.empty(logits.shape[1]).exponential_(
+                        generator=requests[i].generator or self.generator
+                    )
+                    for i in random_rows
+                ]
+            ).to(probs.device)
+            chosen[rows] = (probs / noise).argmax(dim=-1)
+        return chosen.tolist()
+
+
+def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: the distribution a draw is taken from."""
+    params = [r.params for r in requests]
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    logits = logits / temperature[:, None]
+    top_k = [p.top_k for p in params]
+    if any(0 < k < logits.shape[1] for k in top_k):
+        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=logits.device)
+        kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device)
+    if bool((top_p < 1.0).any()):
+        probs = _top_p(probs, top_p)
+    min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+    if bool((min_p > 0.0).any()):
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop_sorted = mass_before >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return probs.masked_fill(drop, 0.0)
+
+
+def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
+    for i, r in enumerate(requests):
+        if r.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
+            logits[i, list(r.stop_token_ids)] = float("-inf")
+
+
+def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+    """Repetition penalty over prompt and output tokens; presence/frequency over output only."""
+    for i, r in enumerate(requests):
+        p = r.params
+        if not p.has_penalties:
+            continue
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.token_ids)), device=row.device)
+            values = row[seen]
+            row[seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.zeros_like(row)
+            out = torch.tensor(r.output_token_ids, dtype=torch.int64, device=row.device)
+            counts.scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _logprobs_of(raw: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
+    top = raw.topk(top_n) if top_n > 0 else None
+    top_dict = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))
+    return TokenLogprobs(token_id, float(raw[token_id]), top_dict)

@@ -1,0 +1,139 @@
+"""Which requests run each step, and how many tokens each.
+
+One token budget per step (`max_num_batched_tokens`) and a cap on running
+requests (`max_num_seqs`). Running requests go first, in admission order: one
+token each for a decode, or the next chunk of a prefill (chunked prefill); then
+waiting requests, first come first served. When the KV pool runs out, the most
+recently admitted running request is preempted: its blocks are freed and it goes
+back to the front of the queue, to be recomputed (mostly from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kubellm.runtime.kv_cache import KVCacheManager
+from kubellm.runtime.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token, so it samples."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    return budget
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached_tokens, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
+                return  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if self.kv.enable_prefix_caching:
+                self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
+            request.num_computed_tokens = num_cached_tokens
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance each scheduled request past this step; append sampled tokens.
+
+        Returns the requests that received a token this step.
+        """
+        advanced = []
+        for item in out.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is not None:
+                request.append_token(token)
+                advanced.append(request)
+        return advanced
+
+    def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if not request.is_finished:
+            request.finish(reason, stop_reason)
+        self.remove_finished([request])
+
+    def remove_finished(self, requests: list[Request]) -> None:
+        """Free the blocks of the given finished requests and drop them from the queues."""
+        done = {id(r) for r in requests if r.is_finished}
+        if not done:
+            return
+        for request in requests:
+            if id(request) in done and request.block_ids:
+                self.kv.free(request)
+        self.running = [r for r in self.running if id(r) not in done]
+        self.waiting = deque(r for r in self.waiting if id(r) not in done)
+
+    def abort(self, request: Request) -> None:
+        self.finish(request, "abort")
