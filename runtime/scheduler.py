@@ -46,6 +46,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_computed_tokens = 0  # all tokens run through the model, prefill and decode
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -112,6 +113,7 @@ class Scheduler:
         for item in out.scheduled:
             request = item.request
             request.num_computed_tokens += item.num_new_tokens
+            self.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(request)
             token = sampled.get(request.request_id)
             if token is not None:

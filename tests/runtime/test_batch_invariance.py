@@ -1,0 +1,59 @@
+"""A greedy request's tokens do not depend on what else is scheduled with it."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubellm.runtime import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def prompts_for_batch(count: int) -> list[list[int]]:
+    """Varied lengths; every third prompt shares a 40-token prefix with the first."""
+    shared = [(11 * j) % 3000 + 200 for j in range(40)]
+    out = []
+    for i in range(count):
+        tail = [(37 * i + 5 * j) % 3000 + 200 for j in range(3 + (i * 13) % 50)]
+        out.append(shared + tail if i % 3 == 0 else tail)
+    return out
+
+
+VARIANTS = {
+    "batch-of-16": {},
+    "forced-preemption": {"num_kv_blocks": 14, "max_model_len": 128},
+    "prefill-chunk-7": {"max_num_batched_tokens": 7},
+    "no-prefix-caching": {"enable_prefix_caching": False},
+    "one-seq-at-a-time": {"max_num_seqs": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """Each prompt run alone, one engine per prompt."""
+    directory = str(tiny_model_dir("gqa4-untied"))
+    llm = LLM(model=directory, kv_cache_memory_gib=0.01)
+    return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts_for_batch(16)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_tokens_match_the_request_run_alone(variant, tiny_model_dir, reference):
+    config = {"kv_cache_memory_gib": 0.01, **VARIANTS[variant]}
+    llm = LLM(model=str(tiny_model_dir("gqa4-untied")), **config)
+    outputs = llm.generate(prompts_for_batch(16), GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == reference
+    if variant == "forced-preemption":
+        assert llm.engine.scheduler.num_preemptions > 0
+    if variant == "prefill-chunk-7":
+        assert llm.engine.config.max_num_batched_tokens == 7
+    if variant == "no-prefix-caching":
+        assert llm.engine.kv.prefix_hits == 0
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+@pytest.mark.slow
+def test_smollm2_alone_equals_inside_a_batch_of_16(smollm2):
+    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
+    alone = [smollm2.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
+    batched = smollm2.generate(texts, GREEDY)
+    assert [o.outputs[0].token_ids for o in batched[:3]] == alone

@@ -1,0 +1,185 @@
+"""The engine end to end on a tiny model: stops, n, aborts, bad input, random workloads."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
+from kubellm.runtime.model.source import ModelNotFoundError
+
+from .invariants import check_all_free, check_kv_consistent
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir) -> LLM:
+    return LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256, kv_cache_memory_gib=0.01)
+
+
+def test_stop_token_ids_end_the_sequence(tiny):
+    prompt = [300, 301, 302]
+    free_run = tiny.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    stop_at = free_run[4]
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_at])
+    out = tiny.generate([prompt], params)[0].outputs[0]
+    first = free_run.index(stop_at)
+    assert out.token_ids == free_run[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+
+
+def test_max_tokens_and_min_tokens(tiny):
+    out = tiny.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3))[0].outputs[0]
+    assert len(out.token_ids) <= 3
+    eos = tiny.tokenizer.eos_token_id
+    params = SamplingParams(temperature=0.0, max_tokens=20, min_tokens=20, stop_token_ids=[eos])
+    out = tiny.generate([[5, 6, 7]], params)[0].outputs[0]
+    assert len(out.token_ids) == 20 and eos not in out.token_ids
+
+
+def test_generation_stops_at_max_model_len(tiny):
+    prompt = list(range(100, 350))
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    out = tiny.generate([prompt], params)[0].outputs[0]
+    assert len(out.token_ids) == 256 - 250 and out.finish_reason == "length"
+
+
+def test_stop_strings_end_the_text_without_leaking(tiny):
+    prompt = [400, 401]
+    free_text = tiny.generate([prompt], GREEDY)[0].outputs[0].text
+    stop = free_text.strip()[3:7]
+    assert stop and stop in free_text
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])
+    out = tiny.generate([prompt], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free_text[: free_text.index(stop)]
+
+
+def test_logprobs_are_returned_per_token(tiny):
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+    out = tiny.generate([[9, 10, 11]], params)[0].outputs[0]
+    assert len(out.logprobs) == 5
+    for token_id, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token_id and len(lp.top) == 3
+        assert lp.logprob == max(lp.top.values())  # greedy picks the most likely
+
+
+def test_seeded_sampling_repeats(tiny):
+    params = SamplingParams(temperature=1.0, max_tokens=10, seed=42, ignore_eos=True)
+    first = tiny.generate([[20, 21]], params)[0].outputs[0].token_ids
+    again = tiny.generate([[20, 21], [30, 31], [40]], params)[0].outputs[0].token_ids
+    assert first == again
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("", "empty"),
+        ([], "empty"),
+        ([1, 2, 10**9], "token ids"),
+        ([1, -5], "token ids"),
+        (list(range(1, 300)), "maximum context length is 256 tokens.*299 input tokens"),
+    ],
+)
+def test_bad_prompts_raise_and_the_engine_keeps_serving(tiny, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        tiny.generate([[1, 2, 3], prompt], GREEDY)
+    assert not tiny.engine.has_unfinished_requests()
+    check_all_free(tiny.engine.kv)
+    assert len(tiny.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids) == 12
+
+
+def test_abort_frees_blocks_mid_generation(tiny):
+    engine = tiny.engine
+    engine.add_request("keep", [1, 2, 3], GREEDY)
+    engine.add_request("drop", list(range(1, 60)), SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("drop")
+    check_kv_consistent(engine.kv, engine.scheduler)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.take_output("drop").outputs[0].finish_reason == "abort"
+    assert engine.take_output("keep").outputs[0].finish_reason == "length"
+    check_all_free(engine.kv)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        LLMEngine(EngineConfig(model="/nonexistent/model.gguf"))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        LLMEngine(EngineConfig(model="/tmp"))
+    with pytest.raises(ModelNotFoundError, match="not the built-in"):
+        LLMEngine(EngineConfig(model="no-such-model"))
+
+
+def test_unreachable_hub_names_the_model_and_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFoundError) as info:
+        LLMEngine(EngineConfig(model="meta-llama/Llama-3.1-8B-Instruct"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "meta-llama/Llama-3.1-8B-Instruct" in message and "HF_HOME" in message
+
+
+def test_max_model_len_larger_than_the_pool_fails_with_both_numbers(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"max_model_len 512 .*\(8 blocks x 16 = 128 tokens\)"):
+        LLM(model=str(tiny_model_dir("mha-tied")), num_kv_blocks=8)
+
+
+workload = st.lists(
+    st.tuples(
+        st.integers(1, 70),  # prompt length
+        st.integers(1, 10),  # max_tokens
+        st.integers(0, 5),  # arrival step
+        st.one_of(st.none(), st.integers(0, 12)),  # abort step
+        st.booleans(),  # shares a prefix
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    requests=workload,
+    num_kv_blocks=st.integers(8, 30),
+    budget=st.integers(1, 64),
+    prefix_caching=st.booleans(),
+)
+def test_random_workloads_on_the_real_engine(
+    tiny_model_dir, requests, num_kv_blocks, budget, prefix_caching
+):
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(tiny_model_dir("mha-tied")),
+            max_model_len=128,
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=budget,
+            max_num_seqs=6,
+            enable_prefix_caching=prefix_caching,
+        )
+    )
+    shared = list(range(500, 540))
+    for step in range(1000):
+        for i, (length, max_tokens, arrival, abort_at, share) in enumerate(requests):
+            if arrival == step:
+                prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
+                params = SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens)
+                engine.add_request(f"r{i}", prompt or [1], params)
+            if abort_at == step and arrival <= step:
+                engine.abort_request(f"r{i}")
+        engine.step()
+        check_kv_consistent(engine.kv, engine.scheduler)
+        if step > 5 and not engine.has_unfinished_requests():
+            break
+    for i, (_, max_tokens, _, _, _) in enumerate(requests):
+        output = engine.take_output(f"r{i}").outputs[0]
+        assert output.finish_reason in ("stop", "length", "abort")
+        assert len(output.token_ids) <= max_tokens
+    check_all_free(engine.kv)
