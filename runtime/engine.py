@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.detokenizer import IncrementalDetokenizer
 from kubellm.runtime.kv_cache import KVCacheManager

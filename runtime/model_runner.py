@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from kubellm.runtime.attention import AttentionMetadata, get_backend
 from kubellm.runtime.config import ModelConfig
 from kubellm.runtime.model.llama import LlamaForCausalLM

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from kubellm.runtime.sampling_params import SamplingParams
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kubellm.runtime.request import Request, TokenLogprobs
 
 

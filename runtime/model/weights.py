@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 
 import torch
+
 from kubellm.runtime.model.llama import LlamaForCausalLM
 
 # HF name suffix -> (our parameter suffix, shard index within the fused parameter)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kubellm.runtime import LLM
 from kubellm.runtime.model.source import builtin_gguf_path
 

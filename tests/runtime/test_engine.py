@@ -109,7 +109,7 @@ def test_abort_frees_blocks_mid_generation(tiny):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         LLMEngine(EngineConfig(model="/nonexistent/model.gguf"))
-    with pytest.raises(ModelNotFoundError, match="no config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
         LLMEngine(EngineConfig(model="/tmp"))
     with pytest.raises(ModelNotFoundError, match="not the built-in"):
         LLMEngine(EngineConfig(model="no-such-model"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubellm.runtime import LLM, SamplingParams
 
 from .conftest import TINY_CONFIGS, hf_greedy
