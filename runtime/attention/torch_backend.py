@@ -1,8 +1,8 @@
 """The reference attention backend: plain torch over the paged cache.
 
-Decodes (one new token per request) are batched: their context is gathered
-through the block tables into one padded tensor and attended in one call.
-Prefill chunks are attended one request at a time with an offset causal mask.
+Each request's context is gathered through its block table and attended with
+SDPA, one request at a time. On a CPU this beats one padded batched call: it
+copies and reads only real tokens, and the copy is what costs (memory bandwidth).
 """
 
 from __future__ import annotations
@@ -23,12 +23,30 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[2, num_reqs, length, kv_heads, head_dim]: each request's first `length` cached tokens."""
-    num_blocks_needed = -(-length // kv_cache.shape[2])
-    blocks = kv_cache[:, block_tables[:, :num_blocks_needed]]
-    two, reqs, nb, bs, heads, dim = blocks.shape
-    return blocks.reshape(two, reqs, nb * bs, heads, dim)[:, :, :length]
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[2, length, kv_heads, head_dim]: the first `length` cached tokens of one request."""
+    block_size = kv_cache.shape[2]
+    blocks = kv_cache[:, block_table[: -(-length // block_size)]]
+    return blocks.flatten(1, 2)[:, :length]
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+    """Causal attention of the last `q_len` positions of a `kv_len`-token context.
+
+    query [q_len, heads, dim]; key/value [kv_len, kv_heads, dim] -> [q_len, heads, dim].
+    """
+    q_len, kv_len = query.shape[0], key.shape[0]
+    # A leading batch dim of 1 lets SDPA pick its fused CPU kernel (3-D inputs fall back to math).
+    q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+    mask = None  # a single new token sees the whole context
+    if 1 < q_len < kv_len:  # a prefill chunk after cached context: causal, offset
+        positions = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= positions
+    causal = q_len == kv_len and q_len > 1
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
 
 
 class TorchAttentionBackend:
@@ -45,41 +63,10 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty_like(query)
-        if meta.decode_indices.numel():
-            self._decode(query, kv_cache, meta, scale, out)
-        starts = meta.query_start_loc.tolist() if meta.num_reqs else []
-        for i, (q_len, s_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            if q_len != 1:
-                rows = slice(starts[i], starts[i] + q_len)
-                out[rows] = self._prefill(query[rows], kv_cache, meta.block_tables[i], s_len, scale)
+        start = 0
+        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+            k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+            rows = slice(start, start + q_len)
+            out[rows] = attend(query[rows], k, v, scale)
+            start += q_len
         return out
-
-    def _decode(self, query, kv_cache, meta: AttentionMetadata, scale, out) -> None:
-        idx = meta.decode_indices
-        rows = meta.query_start_loc[idx].long()
-        seq_lens = meta.seq_lens[idx]
-        length = int(seq_lens.max())
-        k, v = gather_kv(kv_cache, meta.block_tables[idx], length)
-        q = query[rows].unsqueeze(2)  # [reqs, heads, 1, dim]
-        mask = (torch.arange(length, device=q.device) < seq_lens[:, None])[:, None, None, :]
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[rows] = o.squeeze(2)
-
-    def _prefill(self, query, kv_cache, block_table, seq_len: int, scale) -> torch.Tensor:
-        k, v = gather_kv(kv_cache, block_table[None], seq_len)
-        q_len = query.shape[0]
-        q = query.transpose(0, 1)[None]  # [1, heads, q_len, dim]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if q_len == seq_len:
-            o = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, enable_gqa=True
-            )
-        else:
-            positions = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= positions
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        return o[0].transpose(0, 1)

@@ -1,0 +1,150 @@
+"""Offline engine throughput: kubellm against transformers, same weights, same run.
+
+Workload (seeded): N requests with prompt lengths uniform in [32, 512] and output
+lengths uniform in [64, 256], ignore_eos so every request produces its full output.
+Baselines, both with transformers on the same dequantized weights:
+  - one at a time: `generate` per request (measured on a subset, as a rate);
+  - static batches: left-padded batches of --static-batch, each run until its longest
+    output; only each request's own tokens count.
+
+    python benchmarks/engine_throughput.py [--requests 64] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import time
+
+import torch
+
+
+def make_workload(count: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(100, vocab) for _ in range(rng.randint(32, 512))], rng.randint(64, 256))
+        for _ in range(count)
+    ]
+
+
+def run_kubellm(workload, device: str, dtype: str) -> dict:
+    from kubellm.runtime import LLM, SamplingParams
+
+    llm = LLM(device=device, dtype=dtype)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
+    started = time.perf_counter()
+    outputs = llm.generate([p for p, _ in workload], params)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert tokens == sum(n for _, n in workload)
+    return {"tokens": tokens, "seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
+
+
+def load_transformers(device: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    from kubellm.runtime.model.source import builtin_gguf_path
+
+    path = builtin_gguf_path()
+    torch_dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(
+        dtype, getattr(torch, dtype, torch.float32)
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch_dtype
+    )
+    model.generation_config.eos_token_id = None
+    return model.to(device).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], max_new: int, device: str) -> int:
+    """Left-padded batch generate; returns the number of new positions produced per row."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out.shape[1] - width
+
+
+def run_one_at_a_time(model, workload, device: str) -> dict:
+    started = time.perf_counter()
+    tokens = 0
+    for prompt, n in workload:
+        produced = hf_generate(model, [prompt], n, device)
+        assert produced == n
+        tokens += n
+    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def run_static_batches(model, workload, batch: int, device: str) -> dict:
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(workload), batch):
+        chunk = workload[i : i + batch]
+        longest = max(n for _, n in chunk)
+        assert hf_generate(model, [p for p, _ in chunk], longest, device) == longest
+        tokens += sum(n for _, n in chunk)  # padding rows' extra tokens do not count
+    return {"tokens": tokens, "seconds": time.perf_counter() - started}
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--one-at-a-time-requests", type=int, default=8)
+    parser.add_argument("--static-batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    workload = make_workload(args.requests, args.seed, vocab=49152)
+
+    results = {"kubellm (continuous batching)": run_kubellm(workload, args.device, args.dtype)}
+    model = load_transformers(args.device, args.dtype)
+    results[f"transformers static batches of {args.static_batch}"] = run_static_batches(
+        model, workload, args.static_batch, args.device
+    )
+    results["transformers one at a time"] = run_one_at_a_time(
+        model, workload[: args.one_at_a_time_requests], args.device
+    )
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+def print_table(results: dict, args: argparse.Namespace) -> None:
+    rates = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
+    ours = rates["kubellm (continuous batching)"]
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"device {args.device}, {args.requests} requests, seed {args.seed}")  # fmt: skip
+    print(f"| {'system':<36} | {'requests':>8} | {'output tokens':>13} | {'seconds':>8} "
+          f"| {'tok/s':>7} | {'kubellm is':>10} |")  # fmt: skip
+    print(f"|{'-' * 38}|{'-' * 9}:|{'-' * 14}:|{'-' * 9}:|{'-' * 8}:|{'-' * 11}:|")
+    for name, r in results.items():
+        count = args.one_at_a_time_requests if "one at a time" in name else args.requests
+        ratio = ours / rates[name]
+        print(f"| {name:<36} | {count:>8} | {r['tokens']:>13} | {r['seconds']:>8.1f} "
+              f"| {rates[name]:>7.1f} | {ratio:>9.2f}x |")  # fmt: skip
+    rss = results["kubellm (continuous batching)"]["peak_rss_gib"]
+    print(f"\nkubellm peak RSS (before transformers was loaded): {rss:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
