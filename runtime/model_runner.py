@@ -82,13 +82,10 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
-            decode_indices=torch.tensor(
-                [i for i, n in enumerate(query_lens) if n == 1], dtype=torch.int64, device=device
-            ),
-            max_seq_len=max(seq_lens),
+            block_size=bs,
         )
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=device),

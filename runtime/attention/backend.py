@@ -10,6 +10,7 @@ context, so attention is causal within each request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -20,15 +21,22 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes; -1 skips
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32, context length including the new tokens
-    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int64, padded with 0
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    decode_indices: torch.Tensor  # [num_decodes] int64: requests with exactly one new token
-    max_seq_len: int
+    block_size: int
 
     @property
     def num_reqs(self) -> int:
         return len(self.query_lens_cpu)
+
+    @cached_property
+    def request_blocks(self) -> list[torch.Tensor]:
+        """Per request, the block ids that hold its context (computed once per step)."""
+        return [
+            self.block_tables[i, : -(-seq_len // self.block_size)]
+            for i, seq_len in enumerate(self.seq_lens_cpu)
+        ]
 
 
 class AttentionBackend(Protocol):

@@ -23,30 +23,23 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[2, length, kv_heads, head_dim]: the first `length` cached tokens of one request."""
-    block_size = kv_cache.shape[2]
-    blocks = kv_cache[:, block_table[: -(-length // block_size)]]
-    return blocks.flatten(1, 2)[:, :length]
-
-
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
     """Causal attention of the last `q_len` positions of a `kv_len`-token context.
 
-    query [q_len, heads, dim]; key/value [kv_len, kv_heads, dim] -> [q_len, heads, dim].
+    query [heads, q_len, dim]; key/value [kv_heads, kv_len, dim] -> [heads, q_len, dim].
+    A leading batch dim of 1 lets SDPA pick its fused CPU kernel (3-D inputs fall back to math).
     """
-    q_len, kv_len = query.shape[0], key.shape[0]
-    # A leading batch dim of 1 lets SDPA pick its fused CPU kernel (3-D inputs fall back to math).
-    q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+    q_len, kv_len = query.shape[1], key.shape[1]
     mask = None  # a single new token sees the whole context
     if 1 < q_len < kv_len:  # a prefill chunk after cached context: causal, offset
-        positions = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= positions
+        positions = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        mask = torch.arange(kv_len, device=query.device)[None, :] <= positions
     causal = q_len == kv_len and q_len > 1
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
-    )
-    return out[0].transpose(0, 1)
+        query[None], key[None], value[None], attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=True,
+    )  # fmt: skip
+    return out[0]
 
 
 class TorchAttentionBackend:
@@ -62,11 +55,19 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(query)
+        _, num_blocks, _, num_kv_heads, head_dim = kv_cache.shape
+        # Whole blocks are rows of these 2-D views: index_select on rows copies ~1.6x
+        # faster than advanced indexing on the 5-D cache.
+        k_rows, v_rows = kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
+        q_heads = query.transpose(0, 1)  # [heads, tokens, dim]
+        out = torch.empty_like(q_heads)
         start = 0
-        for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-            k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
+        for q_len, seq_len, blocks in zip(
+            meta.query_lens_cpu, meta.seq_lens_cpu, meta.request_blocks
+        ):
+            k = k_rows.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+            v = v_rows.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
             rows = slice(start, start + q_len)
-            out[rows] = attend(query[rows], k, v, scale)
+            out[:, rows] = attend(q_heads[:, rows], k.transpose(0, 1), v.transpose(0, 1), scale)
             start += q_len
-        return out
+        return out.transpose(0, 1)
