@@ -15,7 +15,7 @@ from kubellm.runtime.model.source import resolve
 from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.model_runner import ModelRunner
 from kubellm.runtime.outputs import CompletionOutput, RequestOutput, StepDelta
-from kubellm.runtime.request import Request
+from kubellm.runtime.request import Request, TokenLogprobs
 from kubellm.runtime.sampler import Sampler
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.scheduler import Scheduler
@@ -147,25 +147,21 @@ class LLMEngine:
             return []
         logits = self.runner.execute(out)
         to_sample = [s.request for s in out.scheduled if s.samples]
-        sampled = self.sampler(logits, to_sample) if to_sample else None
-        tokens = (
-            {}
-            if sampled is None
-            else dict(zip((r.request_id for r in to_sample), sampled.token_ids))
-        )
-        logprobs = (
-            {}
-            if sampled is None
-            else dict(zip((r.request_id for r in to_sample), sampled.logprobs))
-        )
+        tokens: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprobs | None] = {}
+        if to_sample:
+            sampled = self.sampler(logits, to_sample)
+            for request, token_id, token_logprobs in zip(
+                to_sample, sampled.token_ids, sampled.logprobs
+            ):
+                tokens[request.request_id] = token_id
+                logprobs[request.request_id] = token_logprobs
         advanced = self.scheduler.update(out, tokens)
-        deltas = [
-            self._advance_text(request, logprobs.get(request.request_id)) for request in advanced
-        ]
+        deltas = [self._advance_text(r, logprobs[r.request_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
 
-    def _advance_text(self, request: Request, logprobs) -> StepDelta:
+    def _advance_text(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
         group, index = self._sequences[request.request_id]
         detokenizer = group.detokenizers[index]
         token_id = request.token_ids[-1]

