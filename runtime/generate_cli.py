@@ -8,10 +8,10 @@ import time
 from kubellm.runtime.config import BUILTIN_MODEL
 
 DEMO_PROMPTS = [
-    "The capital of France is",
-    "Write a haiku about Kubernetes.",
-    "def fibonacci(n):",
-    "Three reasons to batch requests on a GPU:",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Give me three tips for a good night's sleep.",
 ]
 
 
