@@ -94,7 +94,8 @@ class KVCacheManager:
         for block_id in cached:
             self._share(block_id)
         request.block_ids.extend(cached)
-        request.block_ids.extend(self._allocate_fresh() for _ in range(max(needed, 0)))
+        for _ in range(max(needed, 0)):
+            request.block_ids.append(self._allocate_fresh(request.block_ids))
         return True
 
     def cache_full_blocks(self, request: Request) -> None:
@@ -131,15 +132,45 @@ class KVCacheManager:
             parent = hashes[-1] if hashes else b""
             hashes.append(hash_block(parent, request.token_ids[index * size : (index + 1) * size]))
 
-    def _allocate_fresh(self) -> int:
-        """Hand out the least recently freed block, forgetting what it cached."""
-        block_id, _ = self.free_blocks.popitem(last=False)
+    def _allocate_fresh(self, table: list[int]) -> int:
+        """A free block for the next entry of `table`.
+
+        Contiguous tables let attention read the pool in place instead of gathering
+        (see the torch backend), so prefer, in order: the block right after the
+        table's last one; for an empty table, the middle of the longest run of free
+        blocks that cache nothing (leaving room to grow); otherwise the least
+        recently freed block, forgetting what it cached (LRU eviction).
+        """
+        preferred = table[-1] + 1 if table else self._middle_of_longest_clean_run()
+        if preferred is not None and self._is_clean_free(preferred):
+            del self.free_blocks[preferred]
+            block_id = preferred
+        else:
+            block_id, _ = self.free_blocks.popitem(last=False)
         block = self.blocks[block_id]
         if block.block_hash is not None:
             del self.cached_blocks[block.block_hash]
             block.block_hash = None
         block.ref_count = 1
         return block_id
+
+    def _is_clean_free(self, block_id: int) -> bool:
+        return (
+            block_id < self.num_blocks
+            and block_id in self.free_blocks
+            and self.blocks[block_id].block_hash is None
+        )
+
+    def _middle_of_longest_clean_run(self) -> int | None:
+        best_start, best_length, start = None, 0, None
+        for block_id in range(self.num_blocks + 1):
+            if block_id < self.num_blocks and self._is_clean_free(block_id):
+                start = block_id if start is None else start
+                continue
+            if start is not None and block_id - start > best_length:
+                best_start, best_length = start, block_id - start
+            start = None
+        return None if best_start is None else best_start + best_length // 2
 
     def _share(self, block_id: int) -> None:
         """Take one more reference on a cached block, reviving it if it was free."""

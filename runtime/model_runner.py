@@ -86,6 +86,7 @@ class ModelRunner:
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             block_size=bs,
+            contiguous_starts=[_contiguous_start(t) for t in tables],
         )
         return (
             torch.tensor(input_ids, dtype=torch.int64, device=device),
@@ -93,3 +94,11 @@ class ModelRunner:
             meta,
             torch.tensor(logits_indices, dtype=torch.int64, device=device),
         )
+
+
+def _contiguous_start(block_ids: list[int]) -> int:
+    """The first block id if the ids are consecutive, else -1."""
+    first = block_ids[0]
+    if block_ids[-1] - first != len(block_ids) - 1:
+        return -1
+    return first if block_ids == list(range(first, first + len(block_ids))) else -1

@@ -25,6 +25,9 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # Per request: its first block id when its blocks are consecutive ids (the
+    # context can then be read in place), else -1.
+    contiguous_starts: list[int]
 
     @property
     def num_reqs(self) -> int:

@@ -62,12 +62,16 @@ class TorchAttentionBackend:
         q_heads = query.transpose(0, 1)  # [heads, tokens, dim]
         out = torch.empty_like(q_heads)
         start = 0
-        for q_len, seq_len, blocks in zip(
-            meta.query_lens_cpu, meta.seq_lens_cpu, meta.request_blocks
+        for q_len, seq_len, blocks, first in zip(
+            meta.query_lens_cpu, meta.seq_lens_cpu, meta.request_blocks, meta.contiguous_starts
         ):
-            k = k_rows.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
-            v = v_rows.index_select(0, blocks).view(-1, num_kv_heads, head_dim)[:seq_len]
+            if first >= 0:  # consecutive blocks: read the pool in place
+                k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
+            else:
+                k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
+            k = k.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+            v = v.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
             rows = slice(start, start + q_len)
-            out[:, rows] = attend(q_heads[:, rows], k.transpose(0, 1), v.transpose(0, 1), scale)
+            out[:, rows] = attend(q_heads[:, rows], k, v, scale)
             start += q_len
         return out.transpose(0, 1)
