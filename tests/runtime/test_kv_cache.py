@@ -91,3 +91,33 @@ def test_double_free_is_detected():
     request.block_ids = ids
     with pytest.raises(AssertionError):
         kv.free(request)
+
+
+def test_a_request_growing_one_block_at_a_time_keeps_consecutive_blocks():
+    kv = KVCacheManager(num_blocks=64, block_size=4, enable_prefix_caching=False)
+    first, second = make_request("a", list(range(8))), make_request("b", list(range(8)))
+    assert kv.allocate_slots(first, 8) and kv.allocate_slots(second, 8)
+    for step in range(6):  # decodes interleave: each grows by one block in turn
+        for request in (first, second):
+            request.num_computed_tokens = 8 + 4 * step
+            assert kv.allocate_slots(request, 4)
+    for request in (first, second):
+        ids = request.block_ids
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+
+
+def test_contiguity_never_evicts_a_cached_block_out_of_lru_order():
+    kv = KVCacheManager(num_blocks=6, block_size=4, enable_prefix_caching=True)
+    cached = make_request("a", list(range(9)))
+    admit(kv, cached)
+    kv.free(cached)  # its two full blocks stay cached on the free list
+    hashed = set(kv.cached_blocks.values())
+    assert len(hashed) == 2
+    grower = make_request("b", [90 + i for i in range(3)])
+    assert kv.allocate_slots(grower, 3)
+    for step in range(3):  # grows to 4 blocks: exactly the uncached free ones
+        grower.num_computed_tokens = 3 + 4 * step
+        assert kv.allocate_slots(grower, 4)
+    assert len(grower.block_ids) == 4
+    assert not hashed & set(grower.block_ids)
+    assert set(kv.cached_blocks.values()) == hashed
