@@ -14,6 +14,8 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 from kubellm.runtime.request import Request
 
 
@@ -50,11 +52,6 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
-
-    @property
-    def usage(self) -> float:
-        """Fraction of blocks held by live requests (cached free blocks count as free)."""
-        return 1.0 - len(self.free_blocks) / self.num_blocks
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks already holding this request's longest cached prefix.
@@ -162,15 +159,17 @@ class KVCacheManager:
         )
 
     def _middle_of_longest_clean_run(self) -> int | None:
-        best_start, best_length, start = None, 0, None
-        for block_id in range(self.num_blocks + 1):
-            if block_id < self.num_blocks and self._is_clean_free(block_id):
-                start = block_id if start is None else start
-                continue
-            if start is not None and block_id - start > best_length:
-                best_start, best_length = start, block_id - start
-            start = None
-        return None if best_start is None else best_start + best_length // 2
+        """Vectorized: this runs once per new block table, over a pool of up to ~1e5 blocks."""
+        free = np.fromiter(self.free_blocks, dtype=np.int64, count=len(self.free_blocks))
+        hashed = np.fromiter(self.cached_blocks.values(), dtype=np.int64)
+        clean = np.setdiff1d(free, hashed)  # sorted
+        if clean.size == 0:
+            return None
+        breaks = np.flatnonzero(np.diff(clean) != 1) + 1
+        starts = np.concatenate(([0], breaks))
+        lengths = np.concatenate((breaks, [clean.size])) - starts
+        longest = int(np.argmax(lengths))
+        return int(clean[starts[longest] + lengths[longest] // 2])
 
     def _share(self, block_id: int) -> None:
         """Take one more reference on a cached block, reviving it if it was free."""

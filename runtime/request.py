@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,6 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.token_ids = list(prompt_token_ids)
-        self.arrival_time = time.monotonic()
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -53,7 +51,6 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.logprobs: list[TokenLogprobs] = []
-        self.num_preemptions = 0
         self.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_token_ids
         )
@@ -69,10 +66,6 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -29,10 +29,6 @@ class AttentionMetadata:
     # context can then be read in place), else -1.
     contiguous_starts: list[int]
 
-    @property
-    def num_reqs(self) -> int:
-        return len(self.query_lens_cpu)
-
     @cached_property
     def request_blocks(self) -> list[torch.Tensor]:
         """Per request, the block ids that hold its context (computed once per step)."""

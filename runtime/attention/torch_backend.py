@@ -43,8 +43,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
 
 
 class TorchAttentionBackend:
-    name = "torch"
-
     def forward(
         self,
         query: torch.Tensor,
