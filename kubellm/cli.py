@@ -18,7 +18,14 @@ def _generate(argv: list[str]) -> int:
     return main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from kubellm.runtime.serve import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "serve": (_serve, "serve a model over the OpenAI-compatible HTTP API"),
     "generate": (_generate, "generate text offline with the engine (no server)"),
 }
 

@@ -181,6 +181,7 @@ class LLMEngine:
             new_logprobs=[logprobs] if logprobs is not None else [],
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            num_prompt_tokens=len(request.prompt_token_ids),
         )
 
     # ---- results out -------------------------------------------------------------------

@@ -49,3 +49,4 @@ class StepDelta:
     new_logprobs: list[TokenLogprobs]
     finish_reason: str | None
     stop_reason: int | str | None
+    num_prompt_tokens: int

@@ -1,0 +1,79 @@
+"""`kubellm serve`: the OpenAI-compatible server. Every flag --foo-bar can also be set
+as the environment variable KUBELLM_FOO_BAR (that is how the operator configures pods)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kubellm.runtime.config import BUILTIN_MODEL
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubellm serve", description=__doc__)
+    add = p.add_argument
+    add("--model", default=BUILTIN_MODEL)
+    add("--served-model-name", default=None, help="the name clients send (default: --model)")
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8000)
+    add("--max-model-len", type=int, default=None)
+    add("--block-size", type=int, default=16)
+    add("--max-num-seqs", type=int, default=256)
+    add("--max-num-batched-tokens", type=int, default=2048)
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    add("--kv-cache-memory-gib", type=float, default=2.0)
+    add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add("--log-level", default="info")
+    return p
+
+
+def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
+    """Flags win over KUBELLM_* variables, which win over defaults."""
+    p = parser()
+    for action in p._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        value = environ.get("KUBELLM_" + flag[2:].upper().replace("-", "_"))
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            action.default = value.lower() in ("1", "true", "yes", "on")
+        else:
+            action.default = action.type(value) if action.type else value
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv, dict(os.environ))
+    import uvicorn
+
+    from kubellm.runtime.api.server import build_app
+    from kubellm.runtime.async_engine import AsyncEngine
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.engine import LLMEngine
+
+    try:
+        config = EngineConfig(
+            model=args.model,
+            max_model_len=args.max_model_len,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_memory_gib=args.kv_cache_memory_gib,
+            dtype=args.dtype,
+        )
+        engine = AsyncEngine(LLMEngine(config))
+    except ValueError as exc:
+        print(f"kubellm serve: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(engine, args.served_model_name or args.model)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
