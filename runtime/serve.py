@@ -17,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
     add("--served-model-name", default=None, help="the name clients send (default: --model)")
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
+    add("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     add("--max-model-len", type=int, default=None)
     add("--block-size", type=int, default=16)
     add("--max-num-seqs", type=int, default=256)
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(engine, args.served_model_name or args.model)
+    app = build_app(engine, args.served_model_name or args.model, args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     engine.shutdown()
     return 0

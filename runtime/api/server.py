@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -29,9 +30,11 @@ def error_body(message: str, kind: str, param: str | None = None, code: int | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_app(engine: AsyncEngine, served_model_name: str) -> FastAPI:
+def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kubellm", version=__version__)
     _install_error_handlers(app)
+    if api_key:
+        _require_api_key(app, api_key)
 
     @app.get("/health")
     async def health() -> dict:
@@ -110,6 +113,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(str(exc.detail), kind, None, exc.status_code), exc.status_code
         )
+
+
+def _require_api_key(app: FastAPI, api_key: str) -> None:
+    """Guard /v1/*; health, metrics and version stay open (probes and scrapers have no key)."""
+    expected = f"Bearer {api_key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time
+                body = error_body("Incorrect API key provided.", "AuthenticationError", None, 401)
+                return JSONResponse(body, 401)
+        return await call_next(request)
 
 
 def _check_model(model: str, served: str) -> None:

@@ -119,3 +119,22 @@ def test_a_client_that_hangs_up_frees_its_blocks(server):
         time.sleep(0.05)
     kv = engine.engine.kv
     assert engine.num_in_flight == 0 and kv.num_free_blocks == kv.num_blocks
+
+
+def test_api_key_guards_v1_only(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from kubellm.runtime import EngineConfig, LLMEngine
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_model_dir("mha-tied")))))
+    try:
+        with TestClient(build_app(engine, MODEL, api_key="s3cret")) as http:
+            assert http.get("/v1/models").status_code == 401
+            wrong = http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 401
+            right = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            assert right.status_code == 200
+            assert http.get("/health").status_code == 200
+            assert http.get("/version").status_code == 200
+    finally:
+        engine.shutdown()
