@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubellm import __version__
+from kubellm.runtime.api.metrics import ServerMetrics
 from kubellm.runtime.api.protocol import ChatCompletionRequest, CompletionRequest
 from kubellm.runtime.async_engine import AsyncEngine
 from kubellm.runtime.outputs import StepDelta
-from kubellm.runtime.sampling_params import SamplingParams
 
 
 class APIError(Exception):
@@ -35,6 +36,11 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
     _install_error_handlers(app)
     if api_key:
         _require_api_key(app, api_key)
+    metrics = ServerMetrics(engine, served_model_name)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:
@@ -70,7 +76,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
                 400, "only one prompt per request is supported", "BadRequestError", "prompt"
             )
         params = _params(body, engine, body.max_tokens, body.logprobs)
-        return await _respond(engine, raw, "cmpl", "text_completion", body, prompts[0], params)
+        return await _respond(engine, metrics, raw, "cmpl", body, prompts[0], params)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
@@ -85,7 +91,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, engine, max_tokens, logprobs)
-        return await _respond(engine, raw, "chatcmpl", "chat.completion", body, prompt_ids, params)
+        return await _respond(engine, metrics, raw, "chatcmpl", body, prompt_ids, params)
 
     return app
 
@@ -150,14 +156,14 @@ def _params(body, engine: AsyncEngine, max_tokens: int | None, logprobs: int | N
         raise APIError(400, str(exc), "BadRequestError") from None
 
 
-async def _respond(engine, raw: Request, prefix, kind, body, prompt, params: SamplingParams):
+async def _respond(engine, metrics: ServerMetrics, raw: Request, prefix, body, prompt, params):
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     try:
-        stream = engine.generate(request_id, prompt, params)
+        stream = metrics.observe(engine.generate(request_id, prompt, params))
         first = await anext(stream)
     except ValueError as exc:
         raise APIError(400, str(exc), "BadRequestError") from None
-    chat = kind == "chat.completion"
+    chat = prefix == "chatcmpl"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _sse(raw, stream, first, request_id, body.model, chat, params.n, include_usage)

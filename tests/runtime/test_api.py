@@ -138,3 +138,41 @@ def test_api_key_guards_v1_only(tiny_model_dir):
             assert http.get("/version").status_code == 200
     finally:
         engine.shutdown()
+
+
+def test_metrics_count_tokens_requests_and_latencies(client, server):
+    url, _ = server
+
+    def scrape() -> dict[str, float]:
+        values = {}
+        for line in httpx.get(url + "/metrics").text.splitlines():
+            if line.startswith("kubellm:"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    client.completions.create(
+        model=MODEL,
+        prompt=[9, 9, 9, 9],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    after = scrape()
+    label = f'model_name="{MODEL}"'
+
+    def grew(metric: str) -> float:
+        key = f"{metric}{{{label}}}"
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("kubellm:prompt_tokens_total") == 4
+    assert grew("kubellm:generation_tokens_total") == 5
+    assert grew("kubellm:time_to_first_token_seconds_count") == 1
+    assert grew("kubellm:inter_token_latency_seconds_count") == 4
+    assert grew("kubellm:e2e_request_latency_seconds_count") == 1
+    success = f'kubellm:request_success_total{{finished_reason="length",{label}}}'
+    assert after[success] - before.get(success, 0.0) == 1
+    assert after[f"kubellm:num_requests_running{{{label}}}"] == 0
+    assert after[f"kubellm:prefix_cache_queries_total{{{label}}}"] >= 4
+    assert 0 <= after[f"kubellm:kv_cache_usage_perc{{{label}}}"] <= 1
