@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
+import time
+
+import uvicorn
 
 from kubellm.runtime.config import BUILTIN_MODEL
 
@@ -25,6 +29,12 @@ def parser() -> argparse.ArgumentParser:
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     add("--kv-cache-memory-gib", type=float, default=2.0)
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
+    )
     add("--log-level", default="info")
     return p
 
@@ -46,10 +56,32 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: /health turns 503 and new requests get 503 while in-flight ones
+    finish (at most `timeout` seconds); then uvicorn stops, cancelling (and so aborting)
+    whatever is left. A second signal stops at once. The process then exits 0: unlike
+    uvicorn's own handler, this one does not re-raise the signal after shutdown."""
+
+    def __init__(self, config: uvicorn.Config, app, engine, timeout: float) -> None:
+        super().__init__(config)
+        self.app, self.engine, self.timeout = app, engine, timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.app.state.draining:
+            self.should_exit = self.force_exit = True
+            return
+        self.app.state.draining = True
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self.engine.num_in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
-    import uvicorn
-
     from kubellm.runtime.api.server import build_app
     from kubellm.runtime.async_engine import AsyncEngine
     from kubellm.runtime.config import EngineConfig
@@ -71,7 +103,10 @@ def main(argv: list[str]) -> int:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
     app = build_app(engine, args.served_model_name or args.model, args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=1
+    )
+    DrainingServer(config, app, engine, args.shutdown_timeout).run()
     engine.shutdown()
     return 0
 

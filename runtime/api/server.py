@@ -33,7 +33,9 @@ def error_body(message: str, kind: str, param: str | None = None, code: int | No
 
 def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kubellm", version=__version__)
+    app.state.draining = False  # set on SIGTERM by `kubellm serve`
     _install_error_handlers(app)
+    _refuse_work_while_draining(app)
     if api_key:
         _require_api_key(app, api_key)
     metrics = ServerMetrics(engine, served_model_name)
@@ -43,8 +45,10 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> Response:
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version() -> dict:
@@ -119,6 +123,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(str(exc.detail), kind, None, exc.status_code), exc.status_code
         )
+
+
+_ALWAYS_OPEN = ("/health", "/metrics", "/version")
+
+
+def _refuse_work_while_draining(app: FastAPI) -> None:
+    """While draining, in-flight requests finish but new work gets 503."""
+
+    @app.middleware("http")
+    async def gate(request: Request, call_next):
+        if app.state.draining and request.url.path not in _ALWAYS_OPEN:
+            body = error_body("the server is shutting down", "ServiceUnavailableError", None, 503)
+            return JSONResponse(body, 503)
+        return await call_next(request)
 
 
 def _require_api_key(app: FastAPI, api_key: str) -> None:

@@ -36,7 +36,9 @@ def server(tiny_model_dir):
     deadline = time.monotonic() + 30
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
+    url = f"http://127.0.0.1:{port}"
+    _APPS[url] = app
+    yield url, engine
     uv.should_exit = True
     thread.join(timeout=10)
     engine.shutdown()
@@ -176,3 +178,24 @@ def test_metrics_count_tokens_requests_and_latencies(client, server):
     assert after[f"kubellm:num_requests_running{{{label}}}"] == 0
     assert after[f"kubellm:prefix_cache_queries_total{{{label}}}"] >= 4
     assert 0 <= after[f"kubellm:kv_cache_usage_perc{{{label}}}"] <= 1
+
+
+def test_while_draining_health_and_new_work_get_503(server):
+    url, _ = server
+    app_state = _app_of(url)
+    app_state.draining = True
+    try:
+        assert httpx.get(url + "/health").status_code == 503
+        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == 503
+        assert httpx.get(url + "/metrics").status_code == 200
+    finally:
+        app_state.draining = False
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def _app_of(url: str):
+    return _APPS[url].state
+
+
+_APPS: dict = {}
