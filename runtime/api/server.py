@@ -158,6 +158,20 @@ def _check_model(model: str, served: str) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
 
 
+def _check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    """Refuse up front what the engine could only cut short (vLLM's message and numbers)."""
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
+            f"completion.",
+            "BadRequestError",
+            "max_tokens",
+        )
+
+
 def _completion_prompts(prompt: str | list[str] | list[int]) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
@@ -176,6 +190,9 @@ def _params(body, engine: AsyncEngine, max_tokens: int | None, logprobs: int | N
 
 async def _respond(engine, metrics: ServerMetrics, raw: Request, prefix, body, prompt, params):
     request_id = f"{prefix}-{uuid.uuid4().hex}"
+    if isinstance(prompt, str):
+        prompt = engine.tokenize(prompt)
+    _check_context(len(prompt), params.max_tokens, engine.engine.max_model_len)
     try:
         stream = metrics.observe(engine.generate(request_id, prompt, params))
         first = await anext(stream)

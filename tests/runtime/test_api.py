@@ -199,3 +199,13 @@ def _app_of(url: str):
 
 
 _APPS: dict = {}
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(server):
+    url, _ = server
+    body = {"model": MODEL, "prompt": list(range(1, 201)), "max_tokens": 100}
+    response = httpx.post(url + "/v1/completions", json=body)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "maximum context length is 256 tokens" in message
+    assert "200 in the messages, 100 in the completion" in message
