@@ -81,11 +81,6 @@ class AsyncEngine:
                     return
                 deltas = self.engine.step()
                 for delta in deltas:
-                    stream = self._streams.get(_request_id(delta.request_id))
+                    stream = self._streams.get(delta.request_id)
                     if stream is not None:
                         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
-
-
-def _request_id(sequence_id: str) -> str:
-    """n > 1 sequences are named '<request id>#<index>'."""
-    return sequence_id.split("#", 1)[0]

@@ -29,6 +29,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class _Group:
     """A prompt and the n sequences generated from it."""
 
+    request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[Request]
@@ -99,7 +100,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids)
-        group = _Group(text, token_ids, [], [])
+        group = _Group(request_id, text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -174,7 +175,7 @@ class LLMEngine:
             if stop is not None:
                 request.finish("stop", stop)
         return StepDelta(
-            request_id=request.request_id,
+            request_id=group.request_id,
             index=index,
             new_token_ids=[token_id],
             new_text=detokenizer.take_delta(request.is_finished),

@@ -42,8 +42,8 @@ class RequestOutput:
 class StepDelta:
     """What one step added to one sequence: new tokens, new text, and whether it ended."""
 
-    request_id: str
-    index: int
+    request_id: str  # the request's id, shared by its n sequences
+    index: int  # which of the n sequences
     new_token_ids: list[int]
     new_text: str
     new_logprobs: list[TokenLogprobs]

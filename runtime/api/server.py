@@ -19,6 +19,7 @@ from kubellm.runtime.api.metrics import ServerMetrics
 from kubellm.runtime.api.protocol import ChatCompletionRequest, CompletionRequest
 from kubellm.runtime.async_engine import AsyncEngine
 from kubellm.runtime.outputs import StepDelta
+from kubellm.runtime.sampling_params import SamplingParams
 
 
 class APIError(Exception):
@@ -79,7 +80,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
             raise APIError(
                 400, "only one prompt per request is supported", "BadRequestError", "prompt"
             )
-        params = _params(body, engine, body.max_tokens, body.logprobs)
+        params = _params(body, body.max_tokens, body.logprobs)
         return await _respond(engine, metrics, raw, "cmpl", body, prompts[0], params)
 
     @app.post("/v1/chat/completions")
@@ -94,7 +95,7 @@ def build_app(engine: AsyncEngine, served_model_name: str, api_key: str | None =
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = _params(body, engine, max_tokens, logprobs)
+        params = _params(body, max_tokens, logprobs)
         return await _respond(engine, metrics, raw, "chatcmpl", body, prompt_ids, params)
 
     return app
@@ -180,10 +181,9 @@ def _completion_prompts(prompt: str | list[str] | list[int]) -> list[str | list[
     return list(prompt)
 
 
-def _params(body, engine: AsyncEngine, max_tokens: int | None, logprobs: int | None):
-    body.max_tokens = max_tokens
+def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     try:
-        return body.sampling_params(default_max_tokens=16, logprobs=logprobs)
+        return body.sampling_params(max_tokens, logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc), "BadRequestError") from None
 
