@@ -1,86 +1,143 @@
 """AsyncEngine: the engine's step loop on a thread of its own, streams on the event loop.
 
-Each request gets an asyncio queue of `StepDelta`s. The step thread only ever
-touches the engine under one lock, as do `add_request` and `abort`, so the HTTP
-handlers never block the event loop on model work.
+Only the step thread touches the engine. HTTP handlers validate a request on the event
+loop, then hand it over as a command the step thread applies between two steps; closing
+a stream is a command too. (A lock shared with a busy step loop is not fair: a handler
+waiting on it could wait for many steps.) Each API request gets a `RequestStream`, one
+asyncio queue fed with the `StepDelta`s of all its prompts and sequences.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 from kubellm.runtime.engine import LLMEngine
 from kubellm.runtime.outputs import StepDelta
 from kubellm.runtime.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[StepDelta]
+
+class RequestStream:
+    """The deltas of one API request (k prompts x n sequences) as (choice index, delta),
+    where choice index = prompt index * n + sequence index, as OpenAI numbers choices.
+
+    Iterate until every sequence has finished; `close()` (always, e.g. in a `finally`)
+    aborts whatever is unfinished, such as the request of a client that hung up.
+    """
+
+    def __init__(self, owner: AsyncEngine, engine_ids: list[str], n: int) -> None:
+        self._owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[StepDelta] = asyncio.Queue()
+        self.engine_ids = engine_ids
+        self._prompt_index = {request_id: k for k, request_id in enumerate(engine_ids)}
+        self.n = n
+        self.remaining = len(engine_ids) * n
+        self.closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, StepDelta]:
+        if not self.remaining:
+            raise StopAsyncIteration
+        delta = await self.queue.get()
+        self.remaining -= delta.finish_reason is not None
+        return self._prompt_index[delta.request_id] * self.n + delta.index, delta
+
+    def close(self) -> None:
+        self._owner._close(self)
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)
-        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # engine request id -> its stream
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kubellm-engine", daemon=True)
         self._thread.start()
 
     @property
     def num_in_flight(self) -> int:
+        """Engine requests (prompts) submitted and not yet closed."""
         return len(self._streams)
 
-    async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[StepDelta]:
-        """Deltas of every sequence of the request until all have finished.
+    def submit(
+        self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams
+    ) -> RequestStream:
+        """Queue every prompt (as `request_id-k`), all or none: bad input raises
+        ValueError and queues nothing. Call from the event loop."""
+        token_ids = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        for prompt in token_ids:
+            self.engine.check_prompt(prompt)
+        engine_ids = [f"{request_id}-{k}" for k in range(len(prompts))]
+        stream = RequestStream(self, engine_ids, params.n)
+        for engine_id in engine_ids:
+            self._streams[engine_id] = stream
 
-        Bad input raises ValueError before anything is queued. Leaving early (a client
-        that hung up) aborts the request and frees its blocks.
-        """
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._work:
-            self.engine.add_request(request_id, prompt, params)
-            self._streams[request_id] = stream
-            self._work.notify()
-        remaining = params.n
-        try:
-            while remaining:
-                delta = await stream.queue.get()
-                remaining -= delta.finish_reason is not None
-                yield delta
-        finally:
-            with self._lock:
-                if remaining:
-                    self.engine.abort_request(request_id)
-                self.engine.take_output(request_id)
-                del self._streams[request_id]
+        def add() -> None:
+            for engine_id, prompt in zip(engine_ids, token_ids):
+                self.engine.add_request(engine_id, prompt, params)
+
+        self._command(add)
+        return stream
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
 
     def shutdown(self) -> None:
-        with self._work:
-            self._stopping = True
-            self._work.notify()
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout=10)
 
-    def _run(self) -> None:
+    def _close(self, stream: RequestStream) -> None:
+        """Forget the stream now; the step thread aborts what is unfinished."""
+        if stream.closed:
+            return
+        stream.closed = True
+        for engine_id in stream.engine_ids:
+            self._streams.pop(engine_id, None)
+
+        def release() -> None:
+            for engine_id in stream.engine_ids:
+                self.engine.abort_request(engine_id)
+                self.engine.take_output(engine_id)
+
+        self._command(release)
+
+    def _command(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _apply_commands(self) -> None:
         while True:
-            with self._work:
-                while not self._stopping and not self.engine.has_unfinished_requests():
-                    self._work.wait()
-                if self._stopping:
-                    return
-                deltas = self.engine.step()
-                for delta in deltas:
-                    stream = self._streams.get(delta.request_id)
-                    if stream is not None:
-                        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except Exception:  # a bug, not bad input (that is refused in submit)
+                logger.exception("engine command failed")
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            self._apply_commands()
+            while self.engine.has_unfinished_requests() and not self._stopping:
+                self._dispatch(self.engine.step())
+                self._apply_commands()
+
+    def _dispatch(self, deltas: list[StepDelta]) -> None:
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)

@@ -64,7 +64,7 @@ class LLMEngine:
             source.config, self.max_model_len, attention_backend, device, dtype
         )
         load_weights(model, source.tensors())
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(dtype)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(dtype, device)
         config.check_pool_fits(self.max_model_len, num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -82,9 +82,15 @@ class LLMEngine:
             num_blocks, config.block_size, num_blocks * config.block_size,
         )  # fmt: skip
 
-    def _blocks_from_memory(self, dtype: torch.dtype) -> int:
+    def _blocks_from_memory(self, dtype: torch.dtype, device: torch.device) -> int:
+        """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
+        leaves once the weights (and anything else already allocated) are in."""
         bytes_per_token = self.model_config.kv_bytes_per_token(dtype.itemsize)
-        budget = int(self.config.kv_cache_memory_gib * 2**30)
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+        else:
+            budget = int(self.config.kv_cache_memory_gib * 2**30)
         return max(1, budget // (bytes_per_token * self.config.block_size))
 
     # ---- requests in -------------------------------------------------------------------
@@ -99,7 +105,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(token_ids)
+        self.check_prompt(token_ids)
         group = _Group(request_id, text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -116,7 +122,8 @@ class LLMEngine:
         for request in group.sequences:
             self.scheduler.add(request)
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Raise ValueError unless `token_ids` is a prompt this engine can serve."""
         if not token_ids:
             raise ValueError("the prompt must not be empty")
         vocab = self.model_config.vocab_size
@@ -183,6 +190,7 @@ class LLMEngine:
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             num_prompt_tokens=len(request.prompt_token_ids),
+            queue_seconds=request.queue_seconds,
         )
 
     # ---- results out -------------------------------------------------------------------

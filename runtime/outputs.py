@@ -50,3 +50,4 @@ class StepDelta:
     finish_reason: str | None
     stop_reason: int | str | None
     num_prompt_tokens: int
+    queue_seconds: float  # from arrival until first scheduled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,8 @@ class Request:
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
@@ -55,13 +58,21 @@ class Request:
             frozenset() if params.ignore_eos else eos_token_ids
         )
         self.max_total_tokens = self._max_total_tokens(max_model_len)
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # any integer is a valid seed; torch takes 64 bits
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed % 2**64)
 
     def _max_total_tokens(self, max_model_len: int) -> int:
         limit = max_model_len
         if self.params.max_tokens is not None:
             limit = min(limit, len(self.prompt_token_ids) + self.params.max_tokens)
         return limit
+
+    @property
+    def queue_seconds(self) -> float:
+        """Time from arrival until first scheduled (0 while still waiting)."""
+        if self.first_scheduled_time is None:
+            return 0.0
+        return self.first_scheduled_time - self.arrival_time
 
     @property
     def num_tokens(self) -> int:

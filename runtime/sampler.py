@@ -66,9 +66,10 @@ def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     params = [r.params for r in requests]
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     logits = logits / temperature[:, None]
-    top_k = [p.top_k for p in params]
-    if any(0 < k < logits.shape[1] for k in top_k):
-        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=logits.device)
+    vocab = logits.shape[1]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    if any(k < vocab for k in top_k):
+        k = torch.tensor(top_k, device=logits.device)
         kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)

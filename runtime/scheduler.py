@@ -10,6 +10,7 @@ back to the front of the queue, to be recomputed (mostly from the prefix cache).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached_tokens
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached_tokens
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))

@@ -4,6 +4,7 @@ as the environment variable KUBELLM_FOO_BAR (that is how the operator configures
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -12,6 +13,8 @@ import time
 import uvicorn
 
 from kubellm.runtime.config import BUILTIN_MODEL
+
+logger = logging.getLogger("kubellm.serve")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +30,19 @@ def parser() -> argparse.ArgumentParser:
     add("--max-num-seqs", type=int, default=256)
     add("--max-num-batched-tokens", type=int, default=2048)
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    add("--kv-cache-memory-gib", type=float, default=2.0)
+    add("--kv-cache-memory-gib", type=float, default=2.0, help="KV pool size on CPU")
+    add(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="on CUDA, the share of GPU memory for weights and KV pool together",
+    )
+    add(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="GPUs per replica; only 1 is supported so far",
+    )
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     add(
         "--shutdown-timeout",
@@ -35,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
     )
-    add("--log-level", default="info")
+    add("--log-level", default="info", type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
     return p
 
 
@@ -62,9 +78,9 @@ class DrainingServer(uvicorn.Server):
     whatever is left. A second signal stops at once. The process then exits 0: unlike
     uvicorn's own handler, this one does not re-raise the signal after shutdown."""
 
-    def __init__(self, config: uvicorn.Config, app, engine, timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, app, timeout: float) -> None:
         super().__init__(config)
-        self.app, self.engine, self.timeout = app, engine, timeout
+        self.app, self.timeout = app, timeout
 
     def handle_exit(self, sig, frame) -> None:
         if self.app.state.draining:
@@ -75,17 +91,41 @@ class DrainingServer(uvicorn.Server):
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.timeout
-        while self.engine.num_in_flight and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.should_exit = True
+
+    def _in_flight(self) -> int:
+        engine = self.app.state.engine
+        return engine.num_in_flight if engine is not None else 0
+
+
+def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
+    """Load the model while the server already answers /health with 503; attach the
+    engine when ready, or stop the server (exit code 1) if it cannot be loaded."""
+    from kubellm.runtime.async_engine import AsyncEngine
+    from kubellm.runtime.engine import LLMEngine
+
+    def load() -> None:
+        try:
+            app.state.engine = AsyncEngine(LLMEngine(config))
+        except Exception as exc:  # any failure: say why, and exit non-zero
+            logger.error("kubellm serve: could not load %s: %s", config.model, exc)
+            app.state.load_failed = True
+            server.should_exit = True
+
+    thread = threading.Thread(target=load, name="kubellm-load", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from kubellm.runtime.api.server import build_app
-    from kubellm.runtime.async_engine import AsyncEngine
     from kubellm.runtime.config import EngineConfig
-    from kubellm.runtime.engine import LLMEngine
 
     try:
         config = EngineConfig(
@@ -96,19 +136,30 @@ def main(argv: list[str]) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=args.enable_prefix_caching,
             kv_cache_memory_gib=args.kv_cache_memory_gib,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
             dtype=args.dtype,
         )
-        engine = AsyncEngine(LLMEngine(config))
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(engine, args.served_model_name or args.model, args.api_key)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=1
-    )
-    DrainingServer(config, app, engine, args.shutdown_timeout).run()
-    engine.shutdown()
-    return 0
+    app = build_app(None, args.served_model_name or args.model, args.api_key)
+    app.state.load_failed = False
+    # access_log off: ours (kubellm.access) has request ids and token counts
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=1,
+    )  # fmt: skip
+    server = DrainingServer(uv_config, app, args.shutdown_timeout)
+    load_in_background(config, app, server)
+    server.run()
+    if app.state.engine is not None:
+        app.state.engine.shutdown()
+    return 1 if app.state.load_failed else 0
 
 
 if __name__ == "__main__":

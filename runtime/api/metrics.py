@@ -8,7 +8,7 @@ observed as responses stream.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,13 +20,16 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80
 
 
 class _EngineState:
-    """A collector that reads the engine's own counters at scrape time."""
+    """A collector that reads the engine's own counters at scrape time (none while loading)."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: Callable[[], AsyncEngine | None], model_name: str) -> None:
         self.engine, self.model_name = engine, model_name
 
     def collect(self):
-        scheduler, kv = self.engine.engine.scheduler, self.engine.engine.kv
+        engine = self.engine()
+        if engine is None:
+            return
+        scheduler, kv = engine.engine.scheduler, engine.engine.kv
         gauges = {
             "num_requests_running": ("Requests in the running batch", len(scheduler.running)),
             "num_requests_waiting": ("Requests waiting to be scheduled", len(scheduler.waiting)),
@@ -51,7 +54,7 @@ class _EngineState:
 
 
 class ServerMetrics:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: Callable[[], AsyncEngine | None], model_name: str) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.registry.register(_EngineState(engine, model_name))
@@ -63,6 +66,9 @@ class ServerMetrics:
         self.ttft = self._histogram("time_to_first_token_seconds", "Time to first token")
         self.itl = self._histogram("inter_token_latency_seconds", "Time between tokens")
         self.e2e = self._histogram("e2e_request_latency_seconds", "Request latency")
+        self.queue = self._histogram(
+            "request_queue_time_seconds", "Time from arrival until first scheduled"
+        )
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(
@@ -75,27 +81,39 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
         )  # fmt: skip
 
+    def count_aborted(self, num_sequences: int) -> None:
+        """Sequences stopped before they finished (a client that hung up, a shutdown)."""
+        if num_sequences:
+            self.request_success.labels(self.model_name, "abort").inc(num_sequences)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def observe(self, deltas: AsyncIterator[StepDelta]) -> AsyncIterator[StepDelta]:
-        """Pass the deltas through, timing them; count the request when it ends."""
+    async def observe(
+        self, stream: AsyncIterator[tuple[int, StepDelta]], n: int
+    ) -> AsyncIterator[tuple[int, StepDelta]]:
+        """Pass a request's (choice, delta) pairs through, timing them. Per prompt: time to
+        first token, queue time, prompt tokens, and end-to-end latency once its n sequences
+        are done; per sequence: the time between its tokens."""
         name = self.model_name
-        started = last = time.perf_counter()
-        first = True
-        reasons: list[str] = []
-        async for delta in deltas:
+        started = time.perf_counter()
+        last_token: dict[int, float] = {}  # choice -> when its last token came
+        finished_per_prompt: dict[str, int] = {}
+        async for choice, delta in stream:
             now = time.perf_counter()
-            (self.ttft if first else self.itl).labels(name).observe(
-                now - (started if first else last)
-            )
-            if first:
+            prompt_seen = delta.request_id in finished_per_prompt
+            if not prompt_seen:
+                finished_per_prompt[delta.request_id] = 0
+                self.ttft.labels(name).observe(now - started)
+                self.queue.labels(name).observe(delta.queue_seconds)
                 self.prompt_tokens.labels(name).inc(delta.num_prompt_tokens)
-            first, last = False, now
+            elif choice in last_token:
+                self.itl.labels(name).observe(now - last_token[choice])
+            last_token[choice] = now
             self.generation_tokens.labels(name).inc(len(delta.new_token_ids))
             if delta.finish_reason is not None:
-                reasons.append(delta.finish_reason)
-            yield delta
-        self.e2e.labels(name).observe(time.perf_counter() - started)
-        for reason in reasons:
-            self.request_success.labels(name, reason).inc()
+                self.request_success.labels(name, delta.finish_reason).inc()
+                finished_per_prompt[delta.request_id] += 1
+                if finished_per_prompt[delta.request_id] == n:
+                    self.e2e.labels(name).observe(now - started)
+            yield choice, delta

@@ -6,11 +6,13 @@ sends `tools` or `response_format` must learn we do not do them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kubellm.runtime.sampling_params import SamplingParams
+
+MAX_N = 128  # choices per prompt: bounds what one request can ask of the engine
 
 
 class StreamOptions(BaseModel):
@@ -33,7 +35,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
-    n: int = 1
+    n: int = Field(1, le=MAX_N)
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = None
@@ -41,11 +43,12 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """`max_tokens` as resolved by the endpoint; when absent, OpenAI's default of 16."""
+        """`max_tokens` and `logprobs` as the endpoint resolved them (None: up to the
+        context length; no logprobs)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             n=self.n,
-            max_tokens=16 if max_tokens is None else max_tokens,
+            max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -63,9 +66,23 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="text, token ids, or a list of either (n choices per prompt, in order)"
+    )
     logprobs: int | None = None
     echo: Literal[False] = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        """One clear message instead of pydantic's one per union branch."""
+
+        def one(p: Any) -> bool:
+            return isinstance(p, str) or (isinstance(p, list) and all(type(t) is int for t in p))
+
+        if not (one(prompt) or (isinstance(prompt, list) and all(one(p) for p in prompt))):
+            raise ValueError("must be a string, a list of token ids, or a list of either")
+        return prompt
 
 
 class ChatMessage(BaseModel):
@@ -80,3 +97,16 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int

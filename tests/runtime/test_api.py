@@ -1,167 +1,347 @@
-"""The HTTP API through a live uvicorn on 127.0.0.1, with the official openai SDK."""
+"""The HTTP API through a live uvicorn on 127.0.0.1, with the official openai SDK and httpx."""
 
 from __future__ import annotations
 
-import socket
-import threading
+import asyncio
+import logging
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.api.server import build_app
 from kubellm.runtime.async_engine import AsyncEngine
+from tests.runtime.live_server import live_server
 
 MODEL = "tiny"
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    from kubellm.runtime import EngineConfig, LLMEngine
-
     engine = AsyncEngine(
         LLMEngine(EngineConfig(model=str(tiny_model_dir("mha-tied")), max_model_len=256))
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = build_app(engine, MODEL)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    _APPS[url] = app
-    yield url, engine
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with live_server(app) as url:
+        yield SimpleNamespace(url=url, engine=engine, app=app)
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_completion_matches_the_offline_engine(client, tiny_model_dir):
-    out = client.completions.create(
-        model=MODEL, prompt=[5, 6, 7], max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir) -> LLM:
+    return LLM(model=str(tiny_model_dir("mha-tied")), kv_cache_memory_gib=0.05)
+
+
+def _offline_text(offline: LLM, prompt, max_tokens: int) -> str:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return offline.generate([prompt], params)[0].outputs[0].text
+
+
+def _scrape(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("kubellm:"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def _is_idle(engine: AsyncEngine) -> bool:
+    kv = engine.engine.kv
+    return (
+        engine.num_in_flight == 0
+        and not engine.engine.has_unfinished_requests()
+        and kv.num_free_blocks == kv.num_blocks
     )
+
+
+def _wait_idle(engine: AsyncEngine) -> None:
+    """Closing a stream is applied by the step thread between steps: give it a moment."""
+    deadline = time.monotonic() + 20
+    while not _is_idle(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _assert_idle(engine: AsyncEngine) -> None:
+    _wait_idle(engine)
+    assert _is_idle(engine)
+
+
+# ---- results ---------------------------------------------------------------------------
+
+
+def test_completion_matches_the_offline_engine(client, offline):
+    out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, **GREEDY)
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == 3 and out.usage.completion_tokens == 8
-    offline = LLM(model=str(tiny_model_dir("mha-tied")), kv_cache_memory_gib=0.01)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    assert out.choices[0].text == offline.generate([[5, 6, 7]], params)[0].outputs[0].text
+    assert out.choices[0].text == _offline_text(offline, [5, 6, 7], 8)
+
+
+def test_a_list_of_prompts_gets_n_choices_each_in_order(client, offline):
+    prompts = ["hello there", "the cat sat"]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, **GREEDY)
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert texts[0] == texts[1] == _offline_text(offline, prompts[0], 6)
+    assert texts[2] == texts[3] == _offline_text(offline, prompts[1], 6)
+    prompt_tokens = sum(len(offline.engine.tokenize(p)) for p in prompts)
+    assert out.usage.prompt_tokens == prompt_tokens and out.usage.completion_tokens == 24
 
 
 def test_chat_streams_role_first_then_content_then_usage(client):
+    messages = [{"role": "user", "content": "hello"}]
     stream = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=6,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
+        model=MODEL, messages=messages, max_tokens=6, stream=True,
+        stream_options={"include_usage": True}, **GREEDY,
+    )  # fmt: skip
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hello"}],
-        max_tokens=6,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-    )
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, **GREEDY)
     assert streamed == whole.choices[0].message.content
+
+
+def test_chat_without_max_tokens_may_use_the_rest_of_the_context(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], **GREEDY
+    )
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == 256  # the whole context, not OpenAI's legacy 16
+
+
+def test_the_same_seed_gives_the_same_text_and_the_n_choices_differ(client):
+    def sample() -> list[str]:
+        out = client.completions.create(
+            model=MODEL, prompt="once upon", n=2, max_tokens=12, temperature=1.0, seed=7,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    first = sample()
+    assert sample() == first and first[0] != first[1]
+
+
+def test_a_stop_string_ends_the_text_before_it(client):
+    free = client.completions.create(model=MODEL, prompt=[11, 12], max_tokens=20, **GREEDY)
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    out = client.completions.create(
+        model=MODEL, prompt=[11, 12], max_tokens=20, stop=[stop], **GREEDY
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text == text[: text.index(stop)]
+
+
+def test_completion_logprobs_report_the_chosen_token_and_the_top_n(client):
+    out = client.completions.create(
+        model=MODEL, prompt=[3, 4, 5], max_tokens=6, logprobs=3, **GREEDY
+    )
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()))  # greedy takes the most likely
+
+
+def test_chat_logprobs_streamed_equal_whole(client):
+    kwargs = dict(
+        model=MODEL, messages=[{"role": "user", "content": "hey"}], max_tokens=5,
+        logprobs=True, top_logprobs=2, **GREEDY,
+    )  # fmt: skip
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    assert len(whole) == 5
+    for entry in whole:
+        assert len(entry.top_logprobs) == 2 and entry.bytes == list(entry.token.encode())
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+
+
+def test_64_concurrent_streaming_clients_get_their_own_outputs(server, offline):
+    prompts = [[1 + i % 7, 20 + i, 300 + 3 * i] for i in range(64)]
+    lengths = [4 + i % 13 for i in range(64)]
+
+    async def one(http: openai.AsyncOpenAI, prompt: list[int], max_tokens: int) -> str:
+        stream = await http.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True, **GREEDY
+        )
+        return "".join([chunk.choices[0].text async for chunk in stream])
+
+    async def all_of_them() -> list[str]:
+        http = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        async with http:
+            return await asyncio.gather(*(one(http, p, n) for p, n in zip(prompts, lengths)))
+
+    texts = asyncio.run(all_of_them())
+    expected = offline.generate(
+        prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    )
+    assert texts == [e.outputs[0].text for e in expected]
+    _assert_idle(server.engine)
 
 
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_tokenize_uses_the_model_tokenizer(server):
+    response = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"})
+    body = response.json()
+    assert body["tokens"] == server.engine.tokenize("hello world")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 256
+    assert httpx.post(server.url + "/tokenize", json={"prompt": 5}).status_code == 400
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "needle"),
+    ("path", "body", "status", "needle"),
     [
-        ({"model": "other", "prompt": "x"}, 404, "does not exist"),
-        ({"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
-        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-        ({"model": MODEL, "prompt": "x", "tools": []}, 400, "not supported"),
-        ({"model": MODEL, "prompt": list(range(1, 300))}, 400, "maximum context length"),
-        ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+        ("completions", {"model": "other", "prompt": "x"}, 404, "does not exist"),
+        ("completions", {"model": MODEL, "prompt": "x", "temperature": 3}, 400, "temperature"),
+        ("completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ("completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
+        ("completions", {"model": MODEL, "prompt": "x", "n": 1000}, 400, "n"),
+        ("completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+        ("completions", {"model": MODEL, "prompt": "x", "tools": []}, 400, "not supported"),
+        ("completions", {"model": MODEL, "prompt": list(range(1, 300))}, 400, "context length"),
+        ("completions", {"model": MODEL, "prompt": ["ok", []]}, 400, "empty"),
+        ("completions", {"model": MODEL, "prompt": [10**9]}, 400, "token ids"),
+        ("completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),
+        ("completions", {"model": MODEL}, 400, "prompt"),
+        ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+            400,
+            "role",
+        ),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+             "response_format": {"type": "json_object"}},
+            400,
+            "not supported",
+        ),
     ],
-)
-def test_bad_requests_get_openai_shaped_errors(server, body, status, needle):
-    url, engine = server
-    response = httpx.post(url + "/v1/completions", json=body)
+)  # fmt: skip
+def test_bad_requests_get_openai_shaped_errors_and_change_nothing(
+    server, client, offline, path, body, status, needle
+):
+    response = httpx.post(f"{server.url}/v1/{path}", json=body)
     assert response.status_code == status
     error = response.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
-    assert httpx.post(url + "/v1/completions", content=b"{not json").status_code == 400
-    assert not engine.engine.has_unfinished_requests()
+    assert error["code"] == status and "Traceback" not in response.text
+    _assert_idle(server.engine)
+    out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, **GREEDY)
+    assert out.choices[0].text == _offline_text(offline, [5, 6, 7], 8)
 
 
-def test_a_client_that_hangs_up_frees_its_blocks(server):
-    url, engine = server
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null"])
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_a_body_that_is_not_a_json_object_is_400(server, content, content_type):
+    response = httpx.post(
+        server.url + "/v1/completions", content=content, headers={"content-type": content_type}
+    )
+    assert response.status_code == 400 and "JSON object" in response.json()["error"]["message"]
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(server):
+    body = {"model": MODEL, "prompt": list(range(1, 201)), "max_tokens": 100}
+    response = httpx.post(server.url + "/v1/completions", json=body)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "maximum context length is 256 tokens" in message
+    assert "200 in the messages, 100 in the completion" in message
+
+
+# ---- clients that leave --------------------------------------------------------------
+
+
+def test_a_streaming_client_that_hangs_up_frees_its_blocks(server):
     body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body) as response:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         for _ in response.iter_lines():
             break
-    deadline = time.monotonic() + 20
-    while engine.num_in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kv = engine.engine.kv
-    assert engine.num_in_flight == 0 and kv.num_free_blocks == kv.num_blocks
+    _assert_idle(server.engine)
 
 
-def test_api_key_guards_v1_only(tiny_model_dir):
-    from fastapi.testclient import TestClient
+def test_a_waiting_client_that_hangs_up_aborts_its_request(server):
+    aborted = f'kubellm:request_success_total{{finished_reason="abort",model_name="{MODEL}"}}'
+    before = _scrape(server.url).get(aborted, 0.0)
+    body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 250, "ignore_eos": True, "n": 8}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    _assert_idle(server.engine)
+    assert _scrape(server.url)[aborted] - before == 8
 
-    from kubellm.runtime import EngineConfig, LLMEngine
 
-    engine = AsyncEngine(LLMEngine(EngineConfig(model=str(tiny_model_dir("mha-tied")))))
+# ---- auth, health, drain, metrics, logs ------------------------------------------------
+
+
+def test_api_key_guards_v1_only(server):
+    app = build_app(server.engine, MODEL, api_key="s3cret")
+    with live_server(app) as url:
+        assert httpx.get(url + "/v1/models").status_code == 401
+        wrong = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 401
+        right = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert right.status_code == 200
+        for path in ("/health", "/version", "/metrics"):
+            assert httpx.get(url + path).status_code == 200
+
+
+def test_health_is_503_until_the_engine_is_attached(server):
+    app = build_app(None, MODEL)
+    with live_server(app) as url:
+        loading = httpx.get(url + "/health")
+        assert loading.status_code == 503 and loading.json() == {"status": "loading"}
+        refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert refused.status_code == 503 and "loading" in refused.json()["error"]["message"]
+        assert httpx.get(url + "/metrics").status_code == 200
+        app.state.engine = server.engine
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_while_draining_health_and_new_work_get_503(server):
+    server.app.state.draining = True
     try:
-        with TestClient(build_app(engine, MODEL, api_key="s3cret")) as http:
-            assert http.get("/v1/models").status_code == 401
-            wrong = http.get("/v1/models", headers={"Authorization": "Bearer nope"})
-            assert wrong.status_code == 401 and wrong.json()["error"]["code"] == 401
-            right = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
-            assert right.status_code == 200
-            assert http.get("/health").status_code == 200
-            assert http.get("/version").status_code == 200
+        assert httpx.get(server.url + "/health").status_code == 503
+        body = {"model": MODEL, "prompt": "x"}
+        response = httpx.post(server.url + "/v1/completions", json=body)
+        assert response.status_code == 503 and response.json()["error"]["code"] == 503
+        assert httpx.get(server.url + "/metrics").status_code == 200
     finally:
-        engine.shutdown()
+        server.app.state.draining = False
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_metrics_count_tokens_requests_and_latencies(client, server):
-    url, _ = server
-
-    def scrape() -> dict[str, float]:
-        values = {}
-        for line in httpx.get(url + "/metrics").text.splitlines():
-            if line.startswith("kubellm:"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-    before = scrape()
-    client.completions.create(
-        model=MODEL,
-        prompt=[9, 9, 9, 9],
-        max_tokens=5,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-    )
-    after = scrape()
+    before = _scrape(server.url)
+    client.completions.create(model=MODEL, prompt=[9, 9, 9, 9], max_tokens=5, **GREEDY)
+    after = _scrape(server.url)
     label = f'model_name="{MODEL}"'
 
     def grew(metric: str) -> float:
@@ -171,6 +351,7 @@ def test_metrics_count_tokens_requests_and_latencies(client, server):
     assert grew("kubellm:prompt_tokens_total") == 4
     assert grew("kubellm:generation_tokens_total") == 5
     assert grew("kubellm:time_to_first_token_seconds_count") == 1
+    assert grew("kubellm:request_queue_time_seconds_count") == 1
     assert grew("kubellm:inter_token_latency_seconds_count") == 4
     assert grew("kubellm:e2e_request_latency_seconds_count") == 1
     success = f'kubellm:request_success_total{{finished_reason="length",{label}}}'
@@ -180,32 +361,14 @@ def test_metrics_count_tokens_requests_and_latencies(client, server):
     assert 0 <= after[f"kubellm:kv_cache_usage_perc{{{label}}}"] <= 1
 
 
-def test_while_draining_health_and_new_work_get_503(server):
-    url, _ = server
-    app_state = _app_of(url)
-    app_state.draining = True
-    try:
-        assert httpx.get(url + "/health").status_code == 503
-        response = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
-        assert response.status_code == 503 and response.json()["error"]["code"] == 503
-        assert httpx.get(url + "/metrics").status_code == 200
-    finally:
-        app_state.draining = False
-    assert httpx.get(url + "/health").status_code == 200
-
-
-def _app_of(url: str):
-    return _APPS[url].state
-
-
-_APPS: dict = {}
-
-
-def test_prompt_plus_max_tokens_over_the_context_is_400_with_both_numbers(server):
-    url, _ = server
-    body = {"model": MODEL, "prompt": list(range(1, 201)), "max_tokens": 100}
-    response = httpx.post(url + "/v1/completions", json=body)
-    assert response.status_code == 400
-    message = response.json()["error"]["message"]
-    assert "maximum context length is 256 tokens" in message
-    assert "200 in the messages, 100 in the completion" in message
+def test_the_access_log_has_id_status_tokens_and_latency(client, server, caplog):
+    with caplog.at_level(logging.INFO, logger="kubellm.access"):
+        out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4, **GREEDY)
+        httpx.post(server.url + "/v1/completions", json={"model": "other", "prompt": "x"})
+        deadline = time.monotonic() + 5
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    served, refused = (r.getMessage() for r in caplog.records[:2])
+    assert served.startswith(f"{out.id} POST /v1/completions 200 prompt_tokens=3 ")
+    assert "completion_tokens=4" in served and "client=127.0.0.1" in served
+    assert " POST /v1/completions 404 " in refused

@@ -25,6 +25,17 @@ def test_top_k_keeps_only_the_k_most_likely():
     assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
 
 
+def test_top_k_larger_than_the_vocab_keeps_everything_beside_a_small_k():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]] * 2)
+    probs = filtered_probs(logits, [req(top_k=2), req(top_k=10**6)])
+    assert (probs[0] > 0).sum() == 2 and bool((probs[1] > 0).all())
+
+
+def test_any_integer_is_a_seed():
+    for seed in (-1, 2**64 + 5, -(2**70)):
+        assert req(seed=seed).generator is not None
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs_in = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     probs = filtered_probs(probs_in.log(), [req(top_p=0.7)])

@@ -1,0 +1,186 @@
+"""Response bodies: whole completions and Server-Sent Event chunks, as OpenAI sends them."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from kubellm.runtime.api.middleware import AccessRecord
+from kubellm.runtime.outputs import StepDelta
+from kubellm.runtime.request import TokenLogprobs
+
+_MIN_LOGPROB = -9999.0  # JSON has no -Infinity
+
+
+@dataclass
+class ResponseShape:
+    """What every chunk of one response shares."""
+
+    request_id: str
+    model: str
+    chat: bool
+    num_choices: int
+    logprobs: bool
+    token_text: TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class TokenText:
+    """Each token id's own text (what logprobs are reported against), cached."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def completion_logprobs(entries: list[TokenLogprobs], text: TokenText, offset: int) -> dict:
+    """The legacy completions shape; `offset` is where the first token starts in the text."""
+    tokens = [text(e.token_id) for e in entries]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [max(e.logprob, _MIN_LOGPROB) for e in entries],
+        "top_logprobs": [
+            {text(t): max(lp, _MIN_LOGPROB) for t, lp in e.top.items()} for e in entries
+        ],
+        "text_offset": list(accumulate((len(t) for t in tokens[:-1]), initial=offset)),
+    }
+
+
+def chat_logprobs(entries: list[TokenLogprobs], text: TokenText) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = text(token_id)
+        return {
+            "token": token,
+            "logprob": max(logprob, _MIN_LOGPROB),
+            "bytes": list(token.encode()),
+        }
+
+    return {
+        "content": [
+            entry(e.token_id, e.logprob) | {"top_logprobs": [entry(*kv) for kv in e.top.items()]}
+            for e in entries
+        ]
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+async def collect(
+    stream: AsyncIterator[tuple[int, StepDelta]], shape: ResponseShape, record: AccessRecord
+) -> dict:
+    """The whole response once every choice has finished."""
+    choices = [_Choice() for _ in range(shape.num_choices)]
+    prompt_tokens: dict[str, int] = {}
+    async for index, delta in stream:
+        choice = choices[index]
+        choice.text += delta.new_text
+        choice.num_tokens += len(delta.new_token_ids)
+        choice.finish_reason = delta.finish_reason
+        choice.logprobs.extend(delta.new_logprobs)
+        prompt_tokens[delta.request_id] = delta.num_prompt_tokens
+    record.prompt_tokens = sum(prompt_tokens.values())
+    record.completion_tokens = sum(c.num_tokens for c in choices)
+    return {
+        "id": shape.request_id,
+        "object": "chat.completion" if shape.chat else "text_completion",
+        "created": shape.created,
+        "model": shape.model,
+        "choices": [_whole_choice(i, c, shape) for i, c in enumerate(choices)],
+        "usage": usage(record.prompt_tokens, record.completion_tokens),
+    }
+
+
+def _whole_choice(index: int, choice: _Choice, shape: ResponseShape) -> dict:
+    if shape.chat:
+        logprobs = chat_logprobs(choice.logprobs, shape.token_text) if shape.logprobs else None
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+        }
+    logprobs = completion_logprobs(choice.logprobs, shape.token_text, 0) if shape.logprobs else None
+    return {
+        "index": index,
+        "text": choice.text,
+        "logprobs": logprobs,
+        "finish_reason": choice.finish_reason,
+    }
+
+
+async def sse(
+    stream: AsyncIterator[tuple[int, StepDelta]],
+    shape: ResponseShape,
+    record: AccessRecord,
+    include_usage: bool,
+    on_close,
+) -> AsyncIterator[str]:
+    """Role deltas first (chat), then one chunk per delta, an optional usage chunk,
+    `[DONE]`. `on_close` runs however the stream ends (a client that hung up too)."""
+    try:
+        if shape.chat:
+            role = {"role": "assistant", "content": ""}
+            yield _chunk(shape, [{"index": i, "delta": role} for i in range(shape.num_choices)])
+        text_length = [0] * shape.num_choices
+        prompt_tokens: dict[str, int] = {}
+        async for index, delta in stream:
+            record.completion_tokens += len(delta.new_token_ids)
+            prompt_tokens[delta.request_id] = delta.num_prompt_tokens
+            record.prompt_tokens = sum(prompt_tokens.values())
+            yield _chunk(shape, [_delta_choice(index, delta, shape, text_length[index])])
+            text_length[index] += len(delta.new_text)
+        if include_usage:
+            yield _chunk(shape, [], usage(record.prompt_tokens, record.completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        on_close()
+
+
+def _delta_choice(index: int, delta: StepDelta, shape: ResponseShape, offset: int) -> dict:
+    logprobs = None
+    if shape.chat:
+        if shape.logprobs:
+            logprobs = chat_logprobs(delta.new_logprobs, shape.token_text)
+        choice = {"index": index, "delta": {"content": delta.new_text}, "logprobs": logprobs}
+    else:
+        if shape.logprobs:
+            logprobs = completion_logprobs(delta.new_logprobs, shape.token_text, offset)
+        choice = {"index": index, "text": delta.new_text, "logprobs": logprobs}
+    choice["finish_reason"] = delta.finish_reason
+    return choice
+
+
+def _chunk(shape: ResponseShape, choices: list[dict], usage_body: dict | None = None) -> str:
+    body = {
+        "id": shape.request_id,
+        "object": "chat.completion.chunk" if shape.chat else "text_completion",
+        "created": shape.created,
+        "model": shape.model,
+        "choices": choices,
+    }
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return f"data: {json.dumps(body)}\n\n"
