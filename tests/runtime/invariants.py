@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
+from kubellm.runtime.async_engine import AsyncEngine
 from kubellm.runtime.kv_cache import KVCacheManager
 from kubellm.runtime.scheduler import Scheduler
 
@@ -24,3 +26,22 @@ def check_kv_consistent(kv: KVCacheManager, scheduler: Scheduler) -> None:
 def check_all_free(kv: KVCacheManager) -> None:
     assert kv.num_free_blocks == kv.num_blocks, "blocks still held after every request ended"
     assert all(b.ref_count == 0 for b in kv.blocks)
+
+
+def _is_idle(engine: AsyncEngine) -> bool:
+    kv = engine.engine.kv
+    return (
+        engine.num_in_flight == 0
+        and not engine.engine.has_unfinished_requests()
+        and kv.num_free_blocks == kv.num_blocks
+    )
+
+
+def assert_server_idle(engine: AsyncEngine, wait_s: float = 20) -> None:
+    """Nothing in flight, nothing scheduled, every block free. Closing a stream is applied
+    by the step thread between steps, so give it a moment first."""
+    deadline = time.monotonic() + wait_s
+    while not _is_idle(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _is_idle(engine), "the server did not return to idle"
+    check_kv_consistent(engine.engine.kv, engine.engine.scheduler)

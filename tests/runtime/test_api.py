@@ -14,6 +14,7 @@ import pytest
 from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.api.server import build_app
 from kubellm.runtime.async_engine import AsyncEngine
+from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 
 MODEL = "tiny"
@@ -53,27 +54,6 @@ def _scrape(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
-
-
-def _is_idle(engine: AsyncEngine) -> bool:
-    kv = engine.engine.kv
-    return (
-        engine.num_in_flight == 0
-        and not engine.engine.has_unfinished_requests()
-        and kv.num_free_blocks == kv.num_blocks
-    )
-
-
-def _wait_idle(engine: AsyncEngine) -> None:
-    """Closing a stream is applied by the step thread between steps: give it a moment."""
-    deadline = time.monotonic() + 20
-    while not _is_idle(engine) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _assert_idle(engine: AsyncEngine) -> None:
-    _wait_idle(engine)
-    assert _is_idle(engine)
 
 
 # ---- results ---------------------------------------------------------------------------
@@ -195,7 +175,7 @@ def test_64_concurrent_streaming_clients_get_their_own_outputs(server, offline):
         prompts, [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     )
     assert texts == [e.outputs[0].text for e in expected]
-    _assert_idle(server.engine)
+    assert_server_idle(server.engine)
 
 
 def test_models_lists_the_served_name(client):
@@ -253,7 +233,7 @@ def test_bad_requests_get_openai_shaped_errors_and_change_nothing(
     error = response.json()["error"]
     assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert error["code"] == status and "Traceback" not in response.text
-    _assert_idle(server.engine)
+    assert_server_idle(server.engine)
     out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, **GREEDY)
     assert out.choices[0].text == _offline_text(offline, [5, 6, 7], 8)
 
@@ -284,7 +264,7 @@ def test_a_streaming_client_that_hangs_up_frees_its_blocks(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
         for _ in response.iter_lines():
             break
-    _assert_idle(server.engine)
+    assert_server_idle(server.engine)
 
 
 def test_a_waiting_client_that_hangs_up_aborts_its_request(server):
@@ -293,7 +273,7 @@ def test_a_waiting_client_that_hangs_up_aborts_its_request(server):
     body = {"model": MODEL, "prompt": [1, 2], "max_tokens": 250, "ignore_eos": True, "n": 8}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
-    _assert_idle(server.engine)
+    assert_server_idle(server.engine)
     assert _scrape(server.url)[aborted] - before == 8
 
 

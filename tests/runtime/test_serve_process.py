@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 
 def _free_port() -> int:
@@ -63,3 +64,30 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+
+
+def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
+    missing = tmp_path / "no-such-model.gguf"
+    done = subprocess.run(
+        [sys.executable, "-m", "kubellm.runtime.serve", "--model", str(missing),
+         "--port", str(_free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"could not load {missing}" in done.stderr and "does not exist" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "needle"),
+    [
+        (["--tensor-parallel-size", "2"], "tensor_parallel_size 2 is not supported"),
+        (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
+        (["--max-num-seqs", "0"], "max_num_seqs must be at least 1"),
+    ],
+)
+def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
+    done = subprocess.run(
+        [sys.executable, "-m", "kubellm.runtime.serve", *flag],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and needle in done.stderr
