@@ -265,6 +265,9 @@ def test_a_streaming_client_that_hangs_up_frees_its_blocks(server):
         for _ in response.iter_lines():
             break
     assert_server_idle(server.engine)
+    metrics = _scrape(server.url)
+    assert metrics[f'kubellm:num_requests_running{{model_name="{MODEL}"}}'] == 0
+    assert metrics[f'kubellm:kv_cache_usage_perc{{model_name="{MODEL}"}}'] == 0
 
 
 def test_a_waiting_client_that_hangs_up_aborts_its_request(server):
