@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubellm serve", description=__doc__)
     add = p.add_argument
     add("--model", default=BUILTIN_MODEL)
+    add("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     add("--served-model-name", default=None, help="the name clients send (default: --model)")
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
@@ -130,6 +131,7 @@ def main(argv: list[str]) -> int:
     try:
         config = EngineConfig(
             model=args.model,
+            revision=args.revision,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             max_num_seqs=args.max_num_seqs,

@@ -1,0 +1,348 @@
+"""The LLMDeployment CustomResourceDefinition, written once, here.
+
+`crds/llmdeployment.yaml` (and the chart's copy) is this module's output:
+`python -m kubellm.operator.crd > crds/llmdeployment.yaml`; a test keeps them equal.
+The operator applies the same schema's defaults itself (`defaults.py`), so what it
+builds never depends on whether the API server defaulted an object.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+GROUP = "kubellm.dev"
+VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+
+Schema = dict[str, Any]
+
+
+def _obj(description: str, properties: dict[str, Schema], **extra: Any) -> Schema:
+    """An object whose absent value defaults to {} so its own defaults apply."""
+    return {
+        "type": "object",
+        "description": description,
+        "default": {},
+        "properties": properties,
+        **extra,
+    }
+
+
+def _str(description: str, default: str | None = None, **extra: Any) -> Schema:
+    schema: Schema = {"type": "string", "description": description, **extra}
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def _int(description: str, default: int | None = None, **extra: Any) -> Schema:
+    schema: Schema = {"type": "integer", "description": description, **extra}
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def _bool(description: str, default: bool) -> Schema:
+    return {"type": "boolean", "description": description, "default": default}
+
+
+def _int_or_string(description: str) -> Schema:
+    return {"x-kubernetes-int-or-string": True, "description": description, "nullable": True}
+
+
+def _secret_ref(description: str) -> Schema:
+    return {
+        "type": "object",
+        "description": description,
+        "nullable": True,
+        "required": ["name", "key"],
+        "properties": {
+            "name": _str("Secret name (same namespace)", minLength=1),
+            "key": _str("Key inside the Secret", minLength=1),
+        },
+    }
+
+
+def _free_list(description: str) -> Schema:
+    return {
+        "type": "array",
+        "description": description,
+        "default": [],
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    }
+
+
+QUANTITY = r"^([0-9]+(\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+SOURCE = r"^(hf://[^/\s]+/[^/\s]+|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|builtin://[a-z0-9][-a-z0-9.]*)$"
+
+MODEL = _obj(
+    "Which model to serve and where it comes from",
+    {
+        "source": _str(
+            "hf://<org>/<name> (downloaded once into the cache PVC), "
+            "pvc://<claim>/<path> (already on a PersistentVolumeClaim), or "
+            "builtin://smollm2-135m-instruct (ships in the runtime image; no GPU needed)",
+            "builtin://smollm2-135m-instruct",
+            pattern=SOURCE,
+        ),
+        "revision": _str("Hugging Face revision (hf:// only); default main", nullable=True),
+        "servedName": _str(
+            "The name clients send as `model`; default metadata.name", nullable=True
+        ),
+        "hfTokenSecretRef": _secret_ref("Secret key holding HF_TOKEN for gated models"),
+    },
+    **{
+        "x-kubernetes-validations": [
+            {
+                "rule": "!has(self.revision) || self.source.startsWith('hf://')",
+                "message": "revision applies to hf:// sources only",
+            },
+            {
+                "rule": "!has(self.hfTokenSecretRef) || self.source.startsWith('hf://')",
+                "message": "hfTokenSecretRef applies to hf:// sources only (nothing is downloaded)",
+            },
+        ]
+    },
+)
+
+ENGINE = _obj(
+    "Runtime settings; each becomes a KUBELLM_* variable of `kubellm serve`",
+    {
+        "maxModelLen": _int("Context length; default the model's own", nullable=True, minimum=2),
+        "gpuMemoryUtilization": {
+            "type": "number",
+            "description": "Share of GPU memory for weights and KV cache",
+            "default": 0.9,
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "maximum": 1,
+        },
+        "blockSize": _int("Tokens per KV-cache block", 16, minimum=1, maximum=256),
+        "maxNumSeqs": _int("Most requests in one batch", 256, minimum=1),
+        "maxNumBatchedTokens": _int("Token budget of one step", 8192, minimum=1),
+        "enablePrefixCaching": _bool("Reuse KV blocks of shared prompt prefixes", True),
+        "tensorParallelSize": _int("GPUs one replica spreads the model over", 1, minimum=1),
+        "dtype": _str(
+            "Weights and activations", "auto", enum=["auto", "float32", "float16", "bfloat16"]
+        ),
+        "shutdownTimeoutSeconds": _int(
+            "On pod termination, how long in-flight requests get to finish", 30, minimum=0
+        ),
+        "extraArgs": {
+            "type": "array",
+            "description": "Extra `kubellm serve` arguments",
+            "default": [],
+            "items": {"type": "string"},
+        },
+    },
+)
+
+RESOURCES = _obj(
+    "Compute for each replica",
+    {
+        "gpus": _int("GPUs per pod; 0 runs on CPU", 1, minimum=0),
+        "gpuResourceName": _str("Extended resource name of the GPUs", "nvidia.com/gpu"),
+        "cpu": _str(
+            "CPU request and limit, e.g. '4'", nullable=True, pattern=r"^[0-9]+(\.[0-9]+|m)?$"
+        ),
+        "memory": _str("Memory request and limit, e.g. '32Gi'", nullable=True, pattern=QUANTITY),
+    },
+)
+
+CACHE = _obj(
+    "The model cache PVC, mounted at HF_HOME (ignored for builtin:// and pvc://)",
+    {
+        "enabled": _bool("Create the cache PVC", True),
+        "size": _str("Cache PVC size", "50Gi", pattern=QUANTITY),
+        "storageClassName": _str("StorageClass; default the cluster's", nullable=True),
+        "accessMode": _str(
+            "ReadWriteMany shares one cache across nodes; with ReadWriteOnce the replicas "
+            "must share one node",
+            "ReadWriteOnce",
+            enum=["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"],
+        ),
+    },
+)
+
+SPEC = _obj(
+    "The desired state of an LLM deployment",
+    {
+        "model": MODEL,
+        "replicas": _int("Pods serving the model", 1, minimum=0),
+        "image": _str("Runtime image; default the operator's configured one", nullable=True),
+        "engine": ENGINE,
+        "resources": RESOURCES,
+        "cache": CACHE,
+        "shm": _obj(
+            "The /dev/shm memory volume",
+            {
+                "sizeLimit": _str(
+                    "Size of /dev/shm; default 1Gi, or 8Gi per GPU with tensor parallelism "
+                    "(it counts against the pod's memory)",
+                    nullable=True,
+                    pattern=QUANTITY,
+                )
+            },
+        ),
+        "probes": _obj(
+            "Health probes",
+            {
+                "startupTimeoutSeconds": _int(
+                    "How long a pod may take to download and load the model before it is restarted",
+                    1800,
+                    minimum=10,
+                )
+            },
+        ),
+        "service": _obj(
+            "The Service in front of the pods",
+            {
+                "type": _str(
+                    "Service type", "ClusterIP", enum=["ClusterIP", "NodePort", "LoadBalancer"]
+                ),
+                "port": _int("Service port (to the pods' 8000)", 80, minimum=1, maximum=65535),
+            },
+        ),
+        "apiKeySecretRef": _secret_ref("Secret key holding the API key clients must send"),
+        "rollout": _obj(
+            "Rolling update; default GPU-safe (maxSurge 0) when GPUs are requested",
+            {
+                "maxSurge": _int_or_string("Extra pods during a rollout"),
+                "maxUnavailable": _int_or_string("Pods that may be down during a rollout"),
+            },
+        ),
+        "env": _free_list("Extra container environment variables (EnvVar objects)"),
+        "nodeSelector": {
+            "type": "object",
+            "description": "Node labels the pods must match",
+            "default": {},
+            "additionalProperties": {"type": "string"},
+        },
+        "tolerations": _free_list("Pod tolerations (e.g. for GPU node taints)"),
+        "affinity": {
+            "type": "object",
+            "description": "Pod affinity rules",
+            "nullable": True,
+            "x-kubernetes-preserve-unknown-fields": True,
+        },
+    },
+    **{
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.resources.gpus == 0 || "
+                "self.engine.tensorParallelSize <= self.resources.gpus",
+                "message": "engine.tensorParallelSize cannot exceed resources.gpus",
+            },
+            {
+                "rule": "self.resources.gpus > 0 || self.engine.tensorParallelSize == 1",
+                "message": "tensor parallelism needs GPUs (resources.gpus)",
+            },
+        ]
+    },
+)
+
+CONDITION = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string"},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string"},
+        "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+    },
+}
+
+STATUS = {
+    "type": "object",
+    "description": "What the operator observed",
+    "properties": {
+        "replicas": {"type": "integer"},
+        "readyReplicas": {"type": "integer"},
+        "selector": {"type": "string"},
+        "endpoint": {"type": "string"},
+        "observedGeneration": {"type": "integer"},
+        "conditions": {
+            "type": "array",
+            "items": CONDITION,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    },
+}
+
+
+def _printer_columns() -> list[dict[str, Any]]:
+    def column(name: str, path: str, kind: str = "string", **extra: Any) -> dict[str, Any]:
+        return {"name": name, "type": kind, "jsonPath": path, **extra}
+
+    return [
+        column("Model", ".spec.model.source"),
+        column("Ready", ".status.readyReplicas", "integer"),
+        column("Desired", ".spec.replicas", "integer"),
+        column("Status", '.status.conditions[?(@.type=="Ready")].reason'),
+        column("Endpoint", ".status.endpoint", priority=1),
+        column("Age", ".metadata.creationTimestamp", "date"),
+    ]
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": "llmdeployment",
+                "shortNames": ["llmd"],
+                "categories": ["all", "kubellm"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An LLM served over the OpenAI API by kubellm",
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": SPEC,
+                                "status": STATUS,
+                            },
+                        }
+                    },
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": _printer_columns(),
+                }
+            ],
+        },
+    }
+
+
+def render() -> str:
+    header = "# Generated by `python -m kubellm.operator.crd`; edit operator/crd.py instead.\n"
+    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,62 @@
+"""Names and labels shared by every child of an LLMDeployment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubellm.operator.crd import GROUP, KIND, VERSION
+
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+TEMPLATE_HASH = f"{GROUP}/template-hash"  # on the pod template: changes roll the pods
+RUNTIME_PORT = 8000
+RUNTIME_PORT_NAME = "http"
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """What the Deployment, Service and PDB select pods by (never changes for a CR)."""
+    return {NAME_LABEL: "kubellm", INSTANCE_LABEL: name}
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        **selector_labels(name),
+        "app.kubernetes.io/component": "runtime",
+        "app.kubernetes.io/part-of": "kubellm",
+        "app.kubernetes.io/managed-by": "kubellm-operator",
+    }
+
+
+def selector_string(name: str) -> str:
+    """The scale subresource's label selector (status.selector)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
+
+
+def cache_claim_name(name: str) -> str:
+    return f"{name}-model-cache"
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc/v1"
+
+
+def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
+    """Makes the CR the controller of a child, so Kubernetes deletes the child with it."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": cr["metadata"]["name"],
+        "uid": cr["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def child_metadata(cr: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    meta = cr["metadata"]
+    return {
+        "name": name or meta["name"],
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"]),
+        "ownerReferences": [owner_reference(cr)],
+    }
