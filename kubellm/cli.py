@@ -24,9 +24,16 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _operator(argv: list[str]) -> int:
+    from kubellm.operator.main import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "serve a model over the OpenAI-compatible HTTP API"),
     "generate": (_generate, "generate text offline with the engine (no server)"),
+    "operator": (_operator, "run the Kubernetes operator for LLMDeployment resources"),
 }
 
 

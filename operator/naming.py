@@ -23,8 +23,13 @@ def labels(name: str) -> dict[str, str]:
         **selector_labels(name),
         "app.kubernetes.io/component": "runtime",
         "app.kubernetes.io/part-of": "kubellm",
-        "app.kubernetes.io/managed-by": "kubellm-operator",
+        **managed_by(),
     }
+
+
+def managed_by() -> dict[str, str]:
+    """The label the operator finds its own children by."""
+    return {"app.kubernetes.io/managed-by": "kubellm-operator"}
 
 
 def selector_string(name: str) -> str:

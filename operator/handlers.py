@@ -1,0 +1,165 @@
+"""kopf handlers: converge an LLMDeployment's children, and follow its Deployment's status.
+
+Run by `kubellm operator` (or `kopf run -m kubellm.operator.handlers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from kubellm import __version__
+from kubellm.operator.builders import build_children
+from kubellm.operator.converge import apply, remove
+from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
+from kubellm.operator.defaults import with_defaults
+from kubellm.operator.kube import Kube, object_path
+from kubellm.operator.naming import managed_by
+from kubellm.operator.problems import (
+    CLUSTER_REASONS,
+    Problem,
+    cluster_problems,
+    static_problems,
+)
+from kubellm.operator.status import compute_status, now, same_status, transitions
+
+DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubellm/kubellm-runtime:{__version__}"
+RECHECK_SECONDS = 60  # how often a resource waiting on a missing Secret or claim looks again
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # our own events say what happened
+    memo.kube = Kube.login(settings)
+    memo.image = os.environ.get("KUBELLM_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE)
+    memo.waiting = set()  # (namespace, name) of resources waiting on a Secret or claim
+    memo.rechecker = asyncio.create_task(_recheck(memo))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.rechecker.cancel()
+    await memo.kube.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Create, update and resume all converge on the builders' output."""
+    await reconcile_resource(_plain(body), memo, logger)
+
+
+async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -> None:
+    """A resource that cannot work is reported (Degraded), not retried in a loop: the
+    handler succeeds, so the next spec change is handled at once; one waiting on the
+    cluster (a Secret or claim that may appear) is looked at again by `_recheck`."""
+    spec = with_defaults(cr.get("spec"))
+    key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
+    problems = static_problems(spec)
+    if not problems:
+        problems = await cluster_problems(memo.kube, key[0], spec)
+    if problems:
+        logger.warning("not converging: %s", "; ".join(p.message for p in problems))
+    else:
+        await _converge(memo, cr, logger)
+    if any(p.reason in CLUSTER_REASONS for p in problems):
+        memo.waiting.add(key)
+    else:
+        memo.waiting.discard(key)
+    await refresh_status(memo.kube, cr, spec, problems)
+
+
+async def _recheck(memo: kopf.Memo) -> None:
+    """Every RECHECK_SECONDS, look again at resources waiting on the cluster. (A kopf
+    timer would do this too, but timers put a finalizer on every resource.)"""
+    logger = logging.getLogger("kubellm.operator")
+    while True:
+        await asyncio.sleep(RECHECK_SECONDS)
+        for namespace, name in list(memo.waiting):
+            cr = await memo.kube.get(object_path(KIND, namespace, name))
+            if cr is None:
+                memo.waiting.discard((namespace, name))
+                continue
+            try:
+                await reconcile_resource(cr, memo, logger)
+            except Exception:  # keep looking after the others
+                logger.exception("rechecking %s/%s failed", namespace, name)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=managed_by())
+async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A child Deployment moved (pods became ready, a rollout progressed): update the
+    owner's status."""
+    owner = next((o for o in body.metadata.get("ownerReferences", []) if o["kind"] == KIND), None)
+    if owner is None:
+        return
+    namespace = body.metadata.namespace
+    cr = await memo.kube.get(object_path(KIND, namespace, owner["name"]))
+    if cr is None:
+        return
+    spec = with_defaults(cr.get("spec"))
+    problems = static_problems(spec) or await cluster_problems(memo.kube, namespace, spec)
+    await refresh_status(memo.kube, cr, spec, problems)
+
+
+async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger) -> None:
+    children = build_children(cr, memo.image)
+    for obj in children.desired:
+        result = await apply(memo.kube, obj)
+        if result != "unchanged":
+            logger.info("%s %s %s", obj["kind"], obj["metadata"]["name"], result)
+    meta = cr["metadata"]
+    for kind in children.absent:
+        if await remove(memo.kube, kind, meta["namespace"], meta["name"]):
+            logger.info("%s %s deleted", kind, meta["name"])
+
+
+async def refresh_status(
+    kube: Kube, cr: dict[str, Any], spec: dict[str, Any], problems: list[Problem]
+) -> None:
+    """Write the status if it changed, with an event for each notable transition."""
+    meta = cr["metadata"]
+    deployment = await kube.get(object_path("Deployment", meta["namespace"], meta["name"]))
+    status = compute_status(cr, spec, deployment, problems, now())
+    if same_status(cr.get("status"), status):
+        return
+    path = object_path(KIND, meta["namespace"], meta["name"], "status")
+    await kube.merge_patch(path, {"status": status})
+    for condition in transitions(cr.get("status"), status):
+        _announce(cr, condition)
+
+
+def _announce(cr: dict[str, Any], condition: dict[str, str]) -> None:
+    """An event per notable transition (kopf.event: posted whatever the posting level,
+    which is raised to keep kopf's own handler logs out of the events)."""
+    kind, ok, seen = condition["type"], condition["status"] == "True", bool(cr.get("status"))
+    message = condition["message"]
+    if kind == "Degraded" and ok:
+        kopf.event(cr, type="Warning", reason=condition["reason"], message=message)
+    elif kind == "Degraded" and seen:
+        kopf.event(cr, type="Normal", reason="Recovered", message=message)
+    elif kind == "Ready" and ok:
+        kopf.event(cr, type="Normal", reason="Ready", message=message)
+    elif kind == "Ready" and seen and condition["reason"] != "ScaledToZero":
+        kopf.event(cr, type="Warning", reason="NotReady", message=message)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    """The resource as a plain dict (what the builders take)."""
+    return {
+        "apiVersion": body.get("apiVersion", f"{GROUP}/{VERSION}"),
+        "kind": body.get("kind", KIND),
+        "metadata": dict(body.metadata),
+        "spec": dict(body.spec),
+        "status": dict(body.status),
+    }

@@ -1,0 +1,75 @@
+"""Why an LLMDeployment that passed the schema still cannot work.
+
+Each problem becomes the `Degraded` condition's reason and a warning event; the
+operator then leaves the Deployment alone (its pods could only fail) and checks again
+later, without crash-looping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubellm.operator.kube import Kube, object_path
+from kubellm.operator.source import ModelSource
+
+CLUSTER_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound"})
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str  # CamelCase, as Kubernetes condition reasons are
+    message: str
+
+
+def static_problems(spec: dict[str, Any]) -> list[Problem]:
+    """What the spec alone says (the CRD's CEL rules say some of it too, where enforced)."""
+    try:
+        ModelSource.parse(spec["model"]["source"])
+    except ValueError as exc:
+        return [Problem("InvalidModelSource", str(exc))]
+    gpus = spec["resources"]["gpus"]
+    tensor_parallel = spec["engine"]["tensorParallelSize"]
+    problems = []
+    if tensor_parallel > 1:
+        problems.append(Problem(
+            "TensorParallelUnsupported",
+            f"engine.tensorParallelSize is {tensor_parallel}: this runtime serves a model "
+            f"on one GPU per replica; use tensorParallelSize 1 and resources.gpus 1",
+        ))  # fmt: skip
+    elif gpus > tensor_parallel:
+        problems.append(Problem(
+            "GPUsUnused",
+            f"resources.gpus is {gpus} but engine.tensorParallelSize is {tensor_parallel}: "
+            f"{gpus - tensor_parallel} GPU(s) per pod would sit idle",
+        ))  # fmt: skip
+    return problems
+
+
+async def cluster_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> list[Problem]:
+    """What only the cluster can tell: referenced Secrets, keys and claims that are missing."""
+    problems = []
+    refs = {
+        "spec.model.hfTokenSecretRef": spec["model"].get("hfTokenSecretRef"),
+        "spec.apiKeySecretRef": spec.get("apiKeySecretRef"),
+    }
+    for field, ref in refs.items():
+        if not ref:
+            continue
+        secret = await kube.get(object_path("Secret", namespace, ref["name"]))
+        if secret is None:
+            problems.append(Problem("SecretNotFound", f"{field}: Secret {ref['name']!r} not found"))
+        elif ref["key"] not in {**secret.get("data", {}), **secret.get("stringData", {})}:
+            problems.append(
+                Problem("SecretKeyNotFound",
+                        f"{field}: Secret {ref['name']!r} has no key {ref['key']!r}")
+            )  # fmt: skip
+    source = ModelSource.parse(spec["model"]["source"])
+    if source.claim is not None:
+        claim = await kube.get(object_path("PersistentVolumeClaim", namespace, source.claim))
+        if claim is None:
+            problems.append(Problem(
+                "ClaimNotFound",
+                f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
+            ))  # fmt: skip
+    return problems

@@ -1,0 +1,253 @@
+"""A Kubernetes API for tests: kmock's KubernetesEmulator on 127.0.0.1, in a thread.
+
+kmock 0.8 needs a few fixes to satisfy kopf and kubectl; they live here, and only here:
+- objects get no `metadata.uid`, `resourceVersion`, `creationTimestamp` or `generation`
+  (kopf's patches test `resourceVersion`; owner references need `uid`; our status
+  reports `observedGeneration`): filled on create, bumped on update;
+- `generateName` is ignored, so every kopf event after the first collides: honoured;
+- lists lack `kind` and `apiVersion` (kubectl needs them): added;
+- no server-side printing: LLMDeployment lists render the CRD's printer columns as a
+  Table when kubectl asks for one;
+- `GET /api/v1/namespaces` fails (kopf lists namespaces when given some to watch): served;
+- the LLMDeployment resource is registered the way its CRD declares it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp.web
+import httpx
+import kmock
+import yaml
+from kmock._internal import enums
+
+from kubellm.operator.crd import PLURAL, crd
+
+
+class FixedEmulator(kmock.KubernetesEmulator):
+    _versions = itertools.count(1)
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw_request.path == "/api/v1/namespaces":  # kmock cannot parse this path
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest):
+        """The namespaces objects live in; a watch of them stays open and quiet."""
+        if raw_request.query.get("watch") in ("true", "1"):
+            response = aiohttp.web.StreamResponse()
+            await response.prepare(raw_request)
+            await asyncio.Event().wait()  # until the client goes away
+        names = sorted({ns for (_, ns, _) in list(self.objects.keys()) if ns} | {"default"})
+        items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
+        return aiohttp.web.json_response(
+            {"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
+             "items": items}
+        )  # fmt: skip
+
+    async def _handle(self, request):
+        if request.resource is not None and isinstance(request.data, dict):
+            meta = request.data.setdefault("metadata", {})
+            if request.action == enums.action.CREATE:
+                if "name" not in meta and "generateName" in meta:
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE and request.name is not None:
+                meta["resourceVersion"] = str(next(self._versions))
+                if "spec" in request.data and request.subresource is None:
+                    current = self._current(request)
+                    meta["generation"] = (current or {}).get("metadata", {}).get(
+                        "generation", 0
+                    ) + 1
+        return await super()._handle(request)
+
+    def _current(self, request) -> dict[str, Any] | None:
+        for (resource, namespace, name), obj in list(self.objects.items()):
+            if (resource, namespace, name) == (request.resource, request.namespace, request.name):
+                return None if obj.deleted else obj.raw
+        return None
+
+    async def _serve_fetch(self, request):
+        obj = await super()._serve_fetch(request)
+        if _wants_table(request) and request.resource.plural == PLURAL:
+            return printer_table([obj])
+        return obj
+
+    async def _serve_list(self, request):
+        payload = await super()._serve_list(request)
+        if _wants_table(request) and request.resource.plural == PLURAL:
+            return printer_table(payload["items"])
+        info = self.resources.get(request.resource)
+        kind = info.kind if info is not None and info.kind else "List"
+        group_version = (
+            request.resource.version
+            if not request.resource.group
+            else (f"{request.resource.group}/{request.resource.version}")
+        )
+        return {"kind": f"{kind}List", "apiVersion": group_version, **payload}
+
+
+def _wants_table(request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def printer_table(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Server-side printing, as the API server does it for a CRD's printer columns
+    (what `kubectl get llmd` asks for)."""
+    columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
+    definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0}]
+    definitions += [{"name": c["name"], "type": c["type"], "format": "",
+                     "priority": c.get("priority", 0)} for c in columns]  # fmt: skip
+    rows = [_row(item, columns) for item in items]
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {},
+            "columnDefinitions": definitions, "rows": rows}  # fmt: skip
+
+
+def _row(item: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
+    cells = [item["metadata"]["name"]]
+    for column in columns:
+        value = _json_path(item, column["jsonPath"])
+        cells.append(_age(value) if column["type"] == "date" and value else value)
+    metadata = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                "metadata": item["metadata"]}  # fmt: skip
+    return {"cells": cells, "object": metadata}
+
+
+def _age(timestamp: str) -> str:
+    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc
+    )
+    seconds = int((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _json_path(obj: Any, path: str) -> Any:
+    """The JSONPath forms printer columns use: `.a.b` and `.a[?(@.k=="v")].b`."""
+    for part in re.findall(r'\.(\w+)|\[\?\(@\.(\w+)=="([^"]*)"\)\]', path):
+        field, key, value = part
+        if field:
+            obj = obj.get(field) if isinstance(obj, dict) else None
+        else:
+            obj = next((x for x in obj or [] if x.get(key) == value), None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _register_llmdeployment(emulator: FixedEmulator) -> None:
+    version = crd()["spec"]["versions"][0]
+    names = crd()["spec"]["names"]
+    key = f"{crd()['spec']['group']}/{version['name']}/{names['plural']}"
+    emulator.resources[key] = kmock.ResourceInfo(
+        kind=names["kind"],
+        singular=names["singular"],
+        namespaced=True,
+        shortnames=set(names["shortNames"]),
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        subresources=set(version["subresources"]),
+    )
+
+
+class Cluster:
+    """The running emulator: its URL, a kubeconfig for it, and plain HTTP helpers."""
+
+    def __init__(self, emulator: FixedEmulator, url: str, kubeconfig: Path) -> None:
+        self.emulator, self.url, self.kubeconfig = emulator, url, kubeconfig
+        self.http = httpx.Client(base_url=url, timeout=10)
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        response = self.http.get(path)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/merge-patch+json"}
+        response = self.http.patch(path, json=body, headers=headers)
+        response.raise_for_status()
+        return response.json()
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(METHOD, path) of every request the emulator has served so far."""
+        return [(r.method.value, r.url.path) for r in list(self.emulator._requests)]
+
+    def versions(self, path: str) -> int:
+        """How many versions of the object the emulator has stored (writes to it)."""
+        parts = path.strip("/").split("/")
+        namespace, plural, name = parts[-3], parts[-2], parts[-1]
+        for (resource, ns, obj_name), obj in list(self.emulator.objects.items()):
+            if resource.plural == plural and ns == namespace and obj_name == name:
+                return len(obj.history)
+        return 0
+
+
+@contextmanager
+def emulated_cluster(directory: Path) -> Iterator[Cluster]:
+    """Serve the emulator on 127.0.0.1 from a thread of its own (its own event loop)."""
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        async with FixedEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1") as srv:
+            emulator.resources.load_bundled()
+            _register_llmdeployment(emulator)
+            state["emulator"], state["url"] = emulator, str(srv.url).rstrip("/")
+            state["loop"] = asyncio.get_running_loop()
+            ready.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    assert ready.wait(30), "the emulator did not start"
+    kubeconfig = directory / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(_kubeconfig(state["url"])))
+    cluster = Cluster(state["emulator"], state["url"], kubeconfig)
+    try:
+        yield cluster
+    finally:
+        cluster.http.close()
+        state["loop"].call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+
+
+def _kubeconfig(url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "tester", "user": {"token": "unused"}}],
+        "contexts": [
+            {"name": "emulator", "context": {"cluster": "emulator", "user": "tester",
+                                             "namespace": "default"}}
+        ],
+    }  # fmt: skip

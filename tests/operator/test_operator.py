@@ -1,0 +1,250 @@
+"""The operator run by kopf against kmock's KubernetesEmulator on 127.0.0.1, end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from kopf.testing import KopfRunner
+
+from kubellm.operator.kube import collection_path, object_path
+from kubellm.operator.naming import TEMPLATE_HASH
+from tests.operator.emulator import Cluster, emulated_cluster
+from tests.operator.manifests import ROOT, validate_kubernetes
+
+NS = "ml"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    with emulated_cluster(tmp_path_factory.mktemp("emulator")) as running:
+        yield running
+
+
+@contextmanager
+def operator(cluster: Cluster, monkeypatch) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    monkeypatch.setenv("KUBELLM_RUNTIME_IMAGE", "registry.example/kubellm-runtime:test")
+    args = ["run", "--standalone", "-A", "--verbose", "-m", "kubellm.operator.handlers"]
+    with KopfRunner(args, reraise=False) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert "Traceback" not in runner.output, runner.output
+
+
+def wait_for(what: Callable[[], Any], timeout: float = 30, message: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {message or what}")
+
+
+def create_llmd(cluster: Cluster, name: str, **spec: Any) -> dict[str, Any]:
+    body = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": name, "namespace": NS}, "spec": spec}  # fmt: skip
+    return cluster.create(collection_path("LLMDeployment", NS), body)
+
+
+def child(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | None:
+    return cluster.get(object_path(kind, NS, name))
+
+
+def condition(cr: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    conditions = ((cr or {}).get("status") or {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
+def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    events = cluster.get(f"/api/v1/namespaces/{NS}/events") or {"items": []}
+    return [e for e in events["items"] if e.get("involvedObject", {}).get("name") == name]
+
+
+def test_the_operator_converges_scales_reports_and_survives_a_restart(cluster, monkeypatch):
+    name = "llama"
+    with operator(cluster, monkeypatch):
+        cr = create_llmd(cluster, name, model={"source": "hf://org/model"}, replicas=2)
+        deployment = wait_for(lambda: child(cluster, "Deployment", name), message="Deployment")
+        service = wait_for(lambda: child(cluster, "Service", name), message="Service")
+        claim = wait_for(lambda: child(cluster, "PersistentVolumeClaim", f"{name}-model-cache"))
+        budget = wait_for(lambda: child(cluster, "PodDisruptionBudget", name))
+        for obj in (deployment, service, claim, budget):
+            validate_kubernetes(obj)
+            (owner,) = obj["metadata"]["ownerReferences"]  # deleted with the resource
+            assert owner["uid"] == cr["metadata"]["uid"] and owner["controller"] is True
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == "registry.example/kubellm-runtime:test"
+        assert deployment["spec"]["replicas"] == 2
+
+        path = object_path("LLMDeployment", NS, name)
+        status = wait_for(lambda: (cluster.get(path) or {}).get("status", {}).get("conditions"))
+        cr = cluster.get(path)
+        assert cr["status"]["endpoint"] == f"http://{name}.{NS}.svc/v1"
+        assert "app.kubernetes.io/instance=llama" in cr["status"]["selector"]
+        assert condition(cr, "Ready")["reason"] == "ReplicasNotReady" and status
+
+        # spec.replicas: only the Deployment's replicas change (no new pod template)
+        deployment_path = object_path("Deployment", NS, name)
+        template = cluster.get(deployment_path)["spec"]["template"]
+        cluster.patch(path, {"spec": {"replicas": 3}})
+        scaled = wait_for(
+            lambda: (d := cluster.get(deployment_path))["spec"]["replicas"] == 3 and d
+        )
+        assert scaled["spec"]["template"] == template
+        patches = [p for m, p in cluster.requests() if m == "PATCH" and p == deployment_path]
+        assert len(patches) == 1
+
+        # a controller's status patch on the Deployment flows to the resource
+        ready = {"replicas": 3, "readyReplicas": 3, "updatedReplicas": 3, "availableReplicas": 3}
+        cluster.patch(deployment_path + "/status", {"status": ready})
+        cr = wait_for(
+            lambda: condition(c := cluster.get(path), "Ready").get("status") == "True" and c
+        )
+        assert cr["status"]["readyReplicas"] == 3 and cr["status"]["replicas"] == 3
+        assert condition(cr, "Ready")["reason"] == "AllReplicasReady"
+        assert condition(cr, "Progressing")["status"] == "False"
+        assert condition(cr, "Degraded")["status"] == "False"
+        assert cr["status"]["observedGeneration"] == cr["metadata"]["generation"]
+        assert wait_for(lambda: any(e["reason"] == "Ready" for e in events_for(cluster, name)))
+
+        # an engine change rolls the pods: a new template hash
+        cluster.patch(path, {"spec": {"engine": {"maxNumSeqs": 8}}})
+        rolled = wait_for(
+            lambda: (d := cluster.get(deployment_path))["spec"]["template"] != template and d
+        )
+        annotations = rolled["spec"]["template"]["metadata"]["annotations"]
+        assert annotations[TEMPLATE_HASH] != template["metadata"]["annotations"][TEMPLATE_HASH]
+
+    # restart: the resume handler finds everything in place and writes nothing
+    paths = [path, deployment_path, object_path("Service", NS, name),
+             object_path("PersistentVolumeClaim", NS, f"{name}-model-cache"),
+             object_path("PodDisruptionBudget", NS, name)]  # fmt: skip
+    versions = {p: cluster.versions(p) for p in paths}
+    served = len(cluster.requests())
+    with operator(cluster, monkeypatch):
+        wait_for(lambda: _resumed(cluster, served, deployment_path), message="the resume")
+    assert {p: cluster.versions(p) for p in paths} == versions
+    creates = [p for m, p in cluster.requests()[served:] if m == "POST" and "events" not in p]
+    assert creates == []
+
+
+def _resumed(cluster: Cluster, served: int, deployment_path: str) -> bool:
+    """The resume handler has read the Deployment for its status (its last step)."""
+    since = [p for m, p in cluster.requests()[served:] if m == "GET"]
+    service_path = deployment_path.replace("apis/apps/v1", "api/v1").replace(
+        "deployments", "services"
+    )
+    return service_path in since and deployment_path in since[since.index(service_path) :]
+
+
+def test_a_resource_that_cannot_work_is_degraded_without_a_deployment(cluster, monkeypatch):
+    name = "gated"
+    with operator(cluster, monkeypatch):
+        gated = {"source": "hf://org/gated", "hfTokenSecretRef": {"name": "hf", "key": "token"}}
+        create_llmd(cluster, name, model=gated)
+        path = object_path("LLMDeployment", NS, name)
+        cr = wait_for(lambda: condition(c := cluster.get(path), "Degraded") and c)
+        degraded = condition(cr, "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "SecretNotFound"
+        assert "'hf' not found" in degraded["message"]
+        assert child(cluster, "Deployment", name) is None
+        warnings = wait_for(
+            lambda: [e for e in events_for(cluster, name) if e["type"] == "Warning"]
+        )
+        assert warnings[0]["reason"] == "SecretNotFound"
+
+        # the user fixes the spec: the problem clears and the Deployment appears
+        cluster.patch(path, {"spec": {"model": {"hfTokenSecretRef": None}}})
+        wait_for(lambda: child(cluster, "Deployment", name), message="Deployment after the fix")
+        cr = wait_for(
+            lambda: condition(c := cluster.get(path), "Degraded").get("status") == "False" and c
+        )
+        assert condition(cr, "Degraded")["reason"] == "AsExpected"
+
+
+def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatch):
+    name = "big"
+    with operator(cluster, monkeypatch) as runner:
+        create_llmd(cluster, name, model={"source": "hf://org/big"},
+                    engine={"tensorParallelSize": 4}, resources={"gpus": 4})  # fmt: skip
+        path = object_path("LLMDeployment", NS, name)
+        cr = wait_for(lambda: condition(c := cluster.get(path), "Degraded") and c)
+        assert condition(cr, "Degraded")["reason"] == "TensorParallelUnsupported"
+        assert child(cluster, "Deployment", name) is None
+    assert "Handler 'reconcile' succeeded" in runner.output  # reported, so no retry loop
+    assert "Handler 'reconcile' failed" not in runner.output
+
+
+def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(cluster):
+    port = _free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubellm.cli", "operator", "--namespace", NS,
+         "--liveness", f"http://127.0.0.1:{port}/healthz"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        create_llmd(cluster, "cli", resources={"gpus": 0})
+        wait_for(lambda: child(cluster, "Deployment", "cli"), message="Deployment from the CLI")
+        other = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
+                 "metadata": {"name": "elsewhere", "namespace": "other"}, "spec": {}}  # fmt: skip
+        cluster.create(collection_path("LLMDeployment", "other"), other)
+        assert wait_for(lambda: _live(port), message="liveness") == 200
+        assert cluster.get(object_path("Deployment", "other", "elsewhere")) is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _live(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code
+    except httpx.TransportError:
+        return None
+
+
+KUBECTL = shutil.which("kubectl")
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_kubectl_applies_an_example_and_gets_it_with_printer_columns(cluster, monkeypatch):
+    kubectl = [KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "-n", NS]
+    example = ROOT / "examples" / "cpu-smollm2.yaml"
+    with operator(cluster, monkeypatch):
+        applied = subprocess.run([*kubectl, "apply", "--validate=false", "-f", str(example)],
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert applied.returncode == 0, applied.stderr
+        assert "llmdeployment.kubellm.dev/smollm2 created" in applied.stdout
+        deployment = object_path("Deployment", NS, "smollm2")
+        wait_for(lambda: cluster.get(deployment), message="the example's Deployment")
+        ready = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+        cluster.patch(deployment + "/status", {"status": ready})
+        path = object_path("LLMDeployment", NS, "smollm2")
+        wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
+    listed = subprocess.run([*kubectl, "get", "llmd", "smollm2", "-o", "wide"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    header, row = (line.split() for line in listed.stdout.splitlines()[:2])
+    assert header == ["NAME", "MODEL", "READY", "DESIRED", "STATUS", "ENDPOINT", "AGE"]
+    assert row[:6] == ["smollm2", "builtin://smollm2-135m-instruct", "1", "1",
+                       "AllReplicasReady", f"http://smollm2.{NS}.svc/v1"]  # fmt: skip
