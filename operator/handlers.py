@@ -28,7 +28,7 @@ from kubellm.operator.problems import (
 from kubellm.operator.status import compute_status, now, same_status, transitions
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubellm/kubellm-runtime:{__version__}"
-RECHECK_SECONDS = 60  # how often a resource waiting on a missing Secret or claim looks again
+RECHECK_SECONDS = 60.0  # how often a resource waiting on a Secret or claim looks again
 
 
 @kopf.on.startup()
@@ -41,13 +41,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING  # our own events say what happened
     memo.kube = Kube.login(settings)
     memo.image = os.environ.get("KUBELLM_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE)
-    memo.waiting = set()  # (namespace, name) of resources waiting on a Secret or claim
-    memo.rechecker = asyncio.create_task(_recheck(memo))
+    interval = float(os.environ.get("KUBELLM_OPERATOR_RECHECK_SECONDS", RECHECK_SECONDS))
+    memo.rechecker = Rechecker(interval)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    memo.rechecker.cancel()
+    memo.rechecker.stop()
     await memo.kube.close()
 
 
@@ -62,7 +62,7 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
 async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -> None:
     """A resource that cannot work is reported (Degraded), not retried in a loop: the
     handler succeeds, so the next spec change is handled at once; one waiting on the
-    cluster (a Secret or claim that may appear) is looked at again by `_recheck`."""
+    cluster (a Secret or claim that may appear) is looked at again by the Rechecker."""
     spec = with_defaults(cr.get("spec"))
     key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
     problems = static_problems(spec)
@@ -73,27 +73,44 @@ async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -
     else:
         await _converge(memo, cr, logger)
     if any(p.reason in CLUSTER_REASONS for p in problems):
-        memo.waiting.add(key)
+        memo.rechecker.watch(key, memo)
     else:
-        memo.waiting.discard(key)
+        memo.rechecker.waiting.discard(key)
     await refresh_status(memo.kube, cr, spec, problems)
 
 
-async def _recheck(memo: kopf.Memo) -> None:
-    """Every RECHECK_SECONDS, look again at resources waiting on the cluster. (A kopf
-    timer would do this too, but timers put a finalizer on every resource.)"""
-    logger = logging.getLogger("kubellm.operator")
-    while True:
-        await asyncio.sleep(RECHECK_SECONDS)
-        for namespace, name in list(memo.waiting):
-            cr = await memo.kube.get(object_path(KIND, namespace, name))
-            if cr is None:
-                memo.waiting.discard((namespace, name))
-                continue
-            try:
-                await reconcile_resource(cr, memo, logger)
-            except Exception:  # keep looking after the others
-                logger.exception("rechecking %s/%s failed", namespace, name)
+class Rechecker:
+    """Looks again, every `interval` seconds, at resources waiting on the cluster. (A kopf
+    timer would do this too, but timers put a finalizer on every resource.) Its task is
+    started from a handler, so it inherits the context kopf posts events from."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.waiting: set[tuple[str, str]] = set()  # (namespace, name)
+        self.task: asyncio.Task | None = None
+
+    def watch(self, key: tuple[str, str], memo: kopf.Memo) -> None:
+        self.waiting.add(key)
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(memo))
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def _run(self, memo: kopf.Memo) -> None:
+        logger = logging.getLogger("kubellm.operator")
+        while True:
+            await asyncio.sleep(self.interval)
+            for namespace, name in list(self.waiting):
+                cr = await memo.kube.get(object_path(KIND, namespace, name))
+                if cr is None:
+                    self.waiting.discard((namespace, name))
+                    continue
+                try:
+                    await reconcile_resource(cr, memo, logger)
+                except Exception:  # keep looking after the others
+                    logger.exception("rechecking %s/%s failed", namespace, name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=managed_by())

@@ -35,6 +35,7 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
 def operator(cluster: Cluster, monkeypatch) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     monkeypatch.setenv("KUBELLM_RUNTIME_IMAGE", "registry.example/kubellm-runtime:test")
+    monkeypatch.setenv("KUBELLM_OPERATOR_RECHECK_SECONDS", "0.5")
     args = ["run", "--standalone", "-A", "--verbose", "-m", "kubellm.operator.handlers"]
     with KopfRunner(args, reraise=False) as runner:
         yield runner
@@ -165,13 +166,16 @@ def test_a_resource_that_cannot_work_is_degraded_without_a_deployment(cluster, m
         )
         assert warnings[0]["reason"] == "SecretNotFound"
 
-        # the user fixes the spec: the problem clears and the Deployment appears
-        cluster.patch(path, {"spec": {"model": {"hfTokenSecretRef": None}}})
+        # the Secret appears: the recheck finds it, the Deployment follows, Degraded clears
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": NS},
+                  "data": {"token": "aGZfeHl6"}}  # fmt: skip
+        cluster.create(collection_path("Secret", NS), secret)
         wait_for(lambda: child(cluster, "Deployment", name), message="Deployment after the fix")
         cr = wait_for(
-            lambda: condition(c := cluster.get(path), "Degraded").get("status") == "False" and c
+            lambda: condition(c := cluster.get(path), "Degraded")["status"] == "False" and c
         )
         assert condition(cr, "Degraded")["reason"] == "AsExpected"
+        assert wait_for(lambda: any(e["reason"] == "Recovered" for e in events_for(cluster, name)))
 
 
 def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatch):

@@ -1,0 +1,95 @@
+"""The pure parts of the handlers: minimal patches, and status with its conditions."""
+
+from __future__ import annotations
+
+from kubellm.operator.converge import matches, merge_patch
+from kubellm.operator.defaults import with_defaults
+from kubellm.operator.problems import Problem, static_problems
+from kubellm.operator.status import compute_status, transitions
+from tests.operator.manifests import custom_resource
+
+
+def test_what_the_api_server_adds_does_not_count_as_a_difference():
+    desired = {"spec": {"containers": [{"name": "runtime", "image": "a"}], "replicas": 1}}
+    current = {"spec": {"containers": [{"name": "runtime", "image": "a",
+                                        "imagePullPolicy": "IfNotPresent"}],
+                        "replicas": 1, "revisionHistoryLimit": 10}, "status": {"x": 1}}  # fmt: skip
+    assert matches(desired, current) and merge_patch(current, desired) == {}
+
+
+def test_a_replicas_change_patches_only_replicas():
+    current = {"spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "r"}]}}}}
+    desired = {"spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "r"}]}}}}
+    assert merge_patch(current, desired) == {"spec": {"replicas": 3}}
+
+
+def test_lists_are_replaced_whole_and_owned_maps_lose_dropped_keys():
+    current = {"env": [{"name": "A"}, {"name": "B"}], "nodeSelector": {"gpu": "a", "zone": "x"}}
+    desired = {"env": [{"name": "A"}], "nodeSelector": {"gpu": "a"}}
+    assert merge_patch(current, desired) == {"env": [{"name": "A"}], "nodeSelector": {"zone": None}}
+    assert merge_patch({"affinity": {"x": 1}}, {}) == {"affinity": None}
+
+
+def _status(deployment_status, cr=None, problems=(), timestamp="T1", **spec):
+    cr = cr or custom_resource(**spec)
+    deployment = None if deployment_status is None else {"status": deployment_status}
+    return compute_status(cr, with_defaults(cr["spec"]), deployment, list(problems), timestamp)
+
+
+def _conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_conditions_follow_the_deployment():
+    assert _conditions(_status(None))["Progressing"] == ("True", "Creating")
+    starting = _conditions(_status({"replicas": 2, "updatedReplicas": 2}, replicas=2))
+    assert starting["Ready"] == ("False", "ReplicasNotReady")
+    assert starting["Progressing"] == ("True", "Starting")
+    partial = _status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 1}, replicas=2)
+    assert _conditions(partial)["Ready"] == ("True", "PartiallyReady")
+    done = _conditions(_status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2},
+                               replicas=2))  # fmt: skip
+    assert done == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Complete"),
+                    "Degraded": ("False", "AsExpected")}  # fmt: skip
+    assert _conditions(_status({}, replicas=0))["Ready"] == ("False", "ScaledToZero")
+
+
+def test_a_stuck_rollout_or_a_problem_is_degraded():
+    stuck = {"conditions": [{"type": "Progressing", "status": "False",
+                             "reason": "ProgressDeadlineExceeded", "message": "slow"}]}  # fmt: skip
+    assert _conditions(_status(stuck))["Degraded"] == ("True", "ProgressDeadlineExceeded")
+    problem = Problem("SecretNotFound", "Secret 'hf' not found")
+    status = _status(None, problems=[problem])
+    assert _conditions(status)["Degraded"] == ("True", "SecretNotFound")
+    assert "Secret 'hf' not found" in next(
+        c["message"] for c in status["conditions"] if c["type"] == "Ready"
+    )
+
+
+def test_transition_times_move_only_when_a_status_changes():
+    first = _status({"replicas": 1, "updatedReplicas": 1}, timestamp="T1")
+    cr = custom_resource()
+    cr["status"] = first
+    again = _status({"replicas": 1, "updatedReplicas": 1}, cr=cr, timestamp="T2")
+    assert [c["lastTransitionTime"] for c in again["conditions"]] == ["T1"] * 3
+    assert transitions(first, again) == []
+    ready = _status({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}, cr=cr,
+                    timestamp="T3")  # fmt: skip
+    changed = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
+    assert changed == {"Ready": "T3", "Progressing": "T3", "Degraded": "T1"}
+    assert [c["type"] for c in transitions(first, ready)] == ["Ready", "Progressing"]
+
+
+def test_replicas_sharing_a_read_write_once_cache_are_told_why_they_wait():
+    status = _status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
+                     model={"source": "hf://org/m"}, replicas=2)  # fmt: skip
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "ReadWriteOnce" in ready["message"]
+
+
+def test_static_problems():
+    assert static_problems(with_defaults({})) == []
+    spec = with_defaults({"resources": {"gpus": 2}})
+    assert [p.reason for p in static_problems(spec)] == ["GPUsUnused"]
+    spec = with_defaults({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 2}})
+    assert [p.reason for p in static_problems(spec)] == ["TensorParallelUnsupported"]
