@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve demo test lint bench clean
+.PHONY: serve demo test lint bench crds clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The CRD is generated from operator/crd.py; the chart carries an identical copy.
+crds: $(STAMP)
+	$(BIN)/python -m kubellm.operator.crd > crds/llmdeployment.yaml
+	cp crds/llmdeployment.yaml charts/kubellm/crds/llmdeployment.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,7 +29,7 @@ import aiohttp.web
 import httpx
 import kmock
 import yaml
-from kmock._internal import enums
+from kmock._internal import enums, rendering
 
 from kubellm.operator.crd import PLURAL, crd
 
@@ -39,6 +39,10 @@ class FixedEmulator(kmock.KubernetesEmulator):
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if raw_request.path == "/api/v1/namespaces":  # kmock cannot parse this path
+            self._requests.append(
+                rendering.Request(method=raw_request.method, url=raw_request.url,
+                                  headers=dict(raw_request.headers))
+            )  # fmt: skip
             return await self._serve_namespaces(raw_request)
         return await super().__call__(raw_request)
 
@@ -196,6 +200,14 @@ class Cluster:
     def requests(self) -> list[tuple[str, str]]:
         """(METHOD, path) of every request the emulator has served so far."""
         return [(r.method.value, r.url.path) for r in list(self.emulator._requests)]
+
+    def operator_requests(self, since: int = 0) -> list[tuple[str, str, dict[str, str]]]:
+        """(METHOD, path, query) of the requests not sent by the tests' own clients."""
+        return [
+            (r.method.value, r.url.path, dict(r.url.query))
+            for r in list(self.emulator._requests)[since:]
+            if not r.headers.get("User-Agent", "").startswith(("python-httpx", "kubectl"))
+        ]
 
     def versions(self, path: str) -> int:
         """How many versions of the object the emulator has stored (writes to it)."""

@@ -1,0 +1,94 @@
+"""The chart's RBAC grants exactly what the operator uses: the permissions are derived from
+every request the operator sends while it runs a scenario that exercises each of its
+code paths (kopf against kmock's emulator), never listed by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+
+from kubellm.operator.kube import collection_path, object_path
+from tests.deploy.chart import render
+from tests.deploy.rbac import granted, permission_of
+from tests.operator.emulator import Cluster, emulated_cluster
+from tests.operator.test_operator import condition, create_llmd, wait_for
+
+NS = "ml"
+
+
+def _scenario(cluster: Cluster) -> None:
+    """Every write and read the operator has: create, patch back drift, delete, status,
+    events, Secrets, claims."""
+    for name, key in (("hf", "token"), ("api", "key")):
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
+                  "data": {key: "eHl6"}}  # fmt: skip
+        cluster.create(collection_path("Secret", NS), secret)
+    model = {"source": "hf://org/m", "hfTokenSecretRef": {"name": "hf", "key": "token"}}
+    api_key = {"name": "api", "key": "key"}
+    create_llmd(cluster, "full", replicas=2, apiKeySecretRef=api_key, model=model)
+    path = object_path("LLMDeployment", NS, "full")
+    pdb = object_path("PodDisruptionBudget", NS, "full")
+    wait_for(lambda: cluster.get(pdb), message="the PDB")
+    cluster.patch(pdb, {"spec": {"maxUnavailable": 2}})  # drift the operator must patch back
+    cluster.patch(path, {"spec": {"service": {"port": 8080}}})
+    wait_for(lambda: cluster.get(pdb)["spec"]["maxUnavailable"] == 1, message="PDB restored")
+    service = object_path("Service", NS, "full")
+    wait_for(lambda: cluster.get(service)["spec"]["ports"][0]["port"] == 8080)
+    cluster.patch(path, {"spec": {"replicas": 1}})
+    wait_for(lambda: cluster.get(pdb) is None, message="the PDB deleted")
+    deployment = object_path("Deployment", NS, "full")
+    cluster.patch(deployment + "/status", {"status": {"replicas": 1, "readyReplicas": 1,
+                                                      "updatedReplicas": 1}})  # fmt: skip
+    wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
+    create_llmd(cluster, "claimed", model={"source": "pvc://missing/model"})
+    claimed = object_path("LLMDeployment", NS, "claimed")
+    wait_for(lambda: condition(cluster.get(claimed), "Degraded").get("reason") == "ClaimNotFound")
+    wait_for(lambda: len(cluster.get(f"/api/v1/namespaces/{NS}/events")["items"]) >= 2)
+
+
+def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
+    """(namespaced, cluster-level) permissions the operator used."""
+    with emulated_cluster(tmp_path) as cluster:
+        monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+        args = ["run", "--standalone", "-m", "kubellm.operator.handlers"]
+        args += [f"--namespace={n}" for n in watch] or ["-A"]
+        with KopfRunner(args, reraise=False) as runner:
+            _scenario(cluster)
+            if watch:  # kopf also keeps track of which namespaces exist
+                wait_for(lambda: any(p == "/api/v1/namespaces" and q.get("watch")
+                                     for _, p, q in cluster.operator_requests()))  # fmt: skip
+        assert runner.exception is None, runner.output
+        requests = cluster.operator_requests()
+    namespaced, cluster_level = set(), set()
+    for method, path, query in requests:
+        needed = permission_of(method, path, query)
+        if needed is not None:
+            (namespaced if "/namespaces/" in path else cluster_level).add(needed)
+    return namespaced, cluster_level
+
+
+def _rules(values: dict[str, Any]) -> dict[tuple[str, str | None], set]:
+    """(kind, namespace) -> granted permissions, from the rendered chart."""
+    rendered = yaml.safe_load_all(render(values)["kubellm/templates/rbac.yaml"])
+    return {(d["kind"], d["metadata"].get("namespace")): granted(d["rules"])
+            for d in rendered if d and d["kind"] in ("ClusterRole", "Role")}  # fmt: skip
+
+
+def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(tmp_path, monkeypatch):
+    namespaced, cluster_level = _record(tmp_path, monkeypatch, [])
+    assert ("apps", "deployments", "patch") in namespaced  # the scenario did run
+    rules = _rules({})
+    assert list(rules) == [("ClusterRole", None)]
+    assert rules[("ClusterRole", None)] == namespaced | cluster_level
+
+
+@pytest.mark.parametrize("watch", [[NS]])
+def test_namespaced_rbac_is_a_role_there_and_only_discovery_cluster_wide(tmp_path, monkeypatch,
+                                                                        watch):  # fmt: skip
+    namespaced, cluster_level = _record(tmp_path, monkeypatch, watch)
+    rules = _rules({"watchNamespaces": watch})
+    assert rules[("Role", NS)] == namespaced
+    assert rules[("ClusterRole", None)] == cluster_level
