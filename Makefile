@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve demo test lint bench crds clean
+.PHONY: serve demo test lint bench bench-serve crds clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,5 +36,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_throughput.py
 
+# kubellm vs a plain transformers server vs llama.cpp's llama-server (built on first use);
+# rewrites the serving section of BENCHMARKS.md and benchmarks/results/.
+bench-serve: $(STAMP)
+	$(BIN)/pip install --quiet matplotlib
+	$(BIN)/python benchmarks/compare.py --update-benchmarks-md
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .bench-cache

@@ -84,6 +84,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     device: str = "auto"
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
     seed: int = 0
     revision: str | None = None
 
@@ -106,6 +107,10 @@ class EngineConfig:
             raise ValueError(
                 f"tensor_parallel_size {self.tensor_parallel_size} is not supported: kubellm "
                 f"runs a model on one device per replica (tensor parallelism is not built yet)"
+            )
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}"
             )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(

@@ -42,6 +42,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" else "torch"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return _DTYPES[name]
@@ -51,7 +57,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, attention_backend: str = "torch") -> None:
+    def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
         source = resolve(config.model, config.revision)
@@ -60,9 +66,8 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(source.config)
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        model = ModelRunner.build(
-            source.config, self.max_model_len, attention_backend, device, dtype
-        )
+        backend = resolve_attention_backend(config.attention_backend, device)
+        model = ModelRunner.build(source.config, self.max_model_len, backend, device, dtype)
         load_weights(model, source.tensors())
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(dtype, device)
         config.check_pool_fits(self.max_model_len, num_blocks)

@@ -16,8 +16,8 @@ Prompt = str | list[int]
 class LLM:
     """Loads a model once; `generate` runs prompts to completion with continuous batching."""
 
-    def __init__(self, model: str = BUILTIN_MODEL, attention_backend: str = "torch", **config):
-        self.engine = LLMEngine(EngineConfig(model=model, **config), attention_backend)
+    def __init__(self, model: str = BUILTIN_MODEL, **config):
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
         self._ids = itertools.count()
 
     @property

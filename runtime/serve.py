@@ -45,6 +45,8 @@ def parser() -> argparse.ArgumentParser:
         help="GPUs per replica; only 1 is supported so far",
     )
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+        help="auto: triton on CUDA, torch elsewhere")  # fmt: skip
     add(
         "--shutdown-timeout",
         type=float,
@@ -141,6 +143,7 @@ def main(argv: list[str]) -> int:
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
             dtype=args.dtype,
+            attention_backend=args.attention_backend,
         )
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)

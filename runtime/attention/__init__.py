@@ -3,11 +3,24 @@
 from kubellm.runtime.attention.backend import AttentionBackend, AttentionMetadata
 from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "AttentionBackend",
+    "AttentionMetadata",
+    "TorchAttentionBackend",
+    "get_backend",
+]
+
+
+BACKENDS = ("torch", "triton")
 
 
 def get_backend(name: str) -> AttentionBackend:
-    backends = {"torch": TorchAttentionBackend}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(backends)}")
-    return backends[name]()
+    """ "torch" (the reference, any device) or "triton" (kernels; CUDA, or the interpreter)."""
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from kubellm.runtime.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKENDS)}")

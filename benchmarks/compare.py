@@ -1,0 +1,204 @@
+"""Serving comparison in one run, on one machine, with one model file and one workload:
+kubellm, a plain transformers server (one request at a time, benchmarks/hf_server.py),
+and llama.cpp's own C++ llama-server (parallel slots, continuous batching), all on the
+built-in SmolLM2-135M-Instruct GGUF.
+
+    python benchmarks/compare.py                 # concurrency 1 4 16 64, writes results
+    python benchmarks/compare.py --servers kubellm llama.cpp --concurrency 16
+
+Writes benchmarks/results/serving.json, benchmarks/results/serving.png, prints the table,
+and (with --update-benchmarks-md) rewrites the serving section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llama_server
+import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "smollm2-135m-instruct"
+BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[str]:
+    if name in ("kubellm", "kubellm-bf16"):
+        dtype = "bfloat16" if name == "kubellm-bf16" else "auto"  # auto: fp32 on CPU
+        return [sys.executable, "-m", "kubellm.cli", "serve", "--port", str(port),
+                "--served-model-name", MODEL_NAME, "--log-level", "warning",
+                "--dtype", dtype]  # fmt: skip
+    if name == "transformers":
+        return [sys.executable, str(ROOT / "benchmarks" / "hf_server.py"), "--port", str(port)]
+    if name == "llama.cpp":
+        from kubellm.runtime.model.source import builtin_gguf_path
+
+        binary = llama_server.build(cache_dir)
+        return [str(binary), "-m", str(builtin_gguf_path()), "--host", "127.0.0.1",
+                "--port", str(port), "--alias", MODEL_NAME, "--parallel", str(slots),
+                "--ctx-size", str(slots * 1024), "--threads", str(os.cpu_count() or 2),
+                "--cont-batching"]  # fmt: skip
+    raise ValueError(name)
+
+
+def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{command[0]} did not become healthy; see {log}")
+
+
+def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
+    port = _free_port()
+    log = args.out / f"{name}.log"
+    proc = start(server_command(name, port, args.cache_dir, max(args.concurrency)), port, log)
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        fresh = name == "llama.cpp"  # its streams can break a reused keep-alive connection
+        warmup = serve.synthetic(2, 99, (8, 8), (4, 4))
+        asyncio.run(serve.run(url, MODEL_NAME, warmup, 2, None, 120, True, fresh))
+        for concurrency in args.concurrency:
+            count = max(args.min_requests, args.requests_per_slot * concurrency)
+            requests = serve.synthetic(count, args.seed, tuple(args.prompt_words),
+                                       tuple(args.output_tokens))  # fmt: skip
+            row = asyncio.run(serve.run(url, MODEL_NAME, requests, concurrency, None,
+                                        args.max_seconds, True, fresh))  # fmt: skip
+            row["server"] = name
+            rows.append(row)
+            print(serve.format_table([row]), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.system()}"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for server in dict.fromkeys(r["server"] for r in rows):
+        mine = [r for r in rows if r["server"] == server]
+        levels = [r["concurrency"] for r in mine]
+        throughput.plot(levels, [r["output_tokens_per_s"] for r in mine], marker="o", label=server)
+        ttft.plot(levels, [r["ttft_s"]["p50"] for r in mine], marker="o", label=server)
+    throughput.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
+                   title="Throughput (higher is better)")  # fmt: skip
+    ttft.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds",
+             title="Time to first token, p50 (lower is better)")  # fmt: skip
+    for axis in (throughput, ttft):
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle("SmolLM2-135M-Instruct (Q4_1 GGUF) on this CPU", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, when: str) -> str:
+    command = "python benchmarks/compare.py --update-benchmarks-md"
+    return "\n".join([
+        BEGIN,
+        f"Measured {when} on {machine()} with `{command.strip()}` "
+        f"(`make bench-serve`). Workload: seed {args.seed}, prompts of "
+        f"{args.prompt_words[0]}-{args.prompt_words[1]} words, "
+        f"{args.output_tokens[0]}-{args.output_tokens[1]} output tokens with ignore_eos, "
+        f"max({args.min_requests}, {args.requests_per_slot} x concurrency) requests per level, "
+        f"each level stopped after {args.max_seconds:.0f} s (in-flight requests are then "
+        f"cancelled; their tokens so far count).",
+        "",
+        serve.format_table(rows),
+        "",
+        "![throughput and TTFT against concurrency](benchmarks/results/serving.png)",
+        END,
+    ])  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--servers", nargs="+", default=["kubellm", "kubellm-bf16", "transformers", "llama.cpp"]
+    )
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--requests-per-slot", type=int, default=3)
+    p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-words", type=int, nargs=2, default=(16, 256))
+    p.add_argument("--output-tokens", type=int, nargs=2, default=(32, 128))
+    p.add_argument("--cache-dir", type=Path, default=ROOT / ".bench-cache")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--update-benchmarks-md", action="store_true")
+    p.add_argument("--from-json", type=Path, help="re-render a saved run instead of running")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        when, rows = saved["date"], saved["rows"]
+    else:
+        when = datetime.date.today().isoformat()
+        rows = [row for name in args.servers for row in bench_server(name, args)]
+        (args.out / "serving.json").write_text(
+            json.dumps({"date": when, "machine": machine(), "rows": rows}, indent=2)
+        )
+    plot(rows, args.out / "serving.png")
+    print(serve.format_table(rows))
+    if args.update_benchmarks_md:
+        path = ROOT / "BENCHMARKS.md"
+        text = path.read_text()
+        section = markdown(rows, args, when)
+        if BEGIN in text:
+            text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+        else:
+            text += "\n## Serving: kubellm vs transformers vs llama.cpp\n\n" + section + "\n"
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

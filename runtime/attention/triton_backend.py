@@ -1,0 +1,63 @@
+"""The Triton backend: the paged-attention kernels of `kubellm.kernels`, one launch per
+layer for a whole mixed batch. Decode-only steps with few requests and long contexts
+switch to split-KV (flash-decoding) so the GPU is not left mostly idle.
+
+Selected automatically on CUDA; on CPU it runs under TRITON_INTERPRET=1 (slowly: that
+is how its correctness is tested without a GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kubellm.kernels.paged_attention import paged_attention, paged_decode, write_kv
+from kubellm.runtime.attention.backend import AttentionMetadata
+
+SPLIT_MIN_BLOCKS = 8  # a segment shorter than this is not worth a separate program
+
+
+def decode_splits(num_requests: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> int:
+    """Segments per request for a decode-only step: enough programs to fill the GPU
+    (two per SM), never segments shorter than SPLIT_MIN_BLOCKS blocks; 1 means none."""
+    programs = num_requests * num_kv_heads
+    if programs >= 2 * num_sms:
+        return 1
+    wanted = -(-2 * num_sms // programs)
+    return max(1, min(wanted, max_blocks // SPLIT_MIN_BLOCKS))
+
+
+class TritonAttentionBackend:
+    def __init__(self) -> None:
+        self._num_sms = (
+            torch.cuda.get_device_properties(0).multi_processor_count
+            if torch.cuda.is_available()
+            else 1
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        max_query_len = max(meta.query_lens_cpu, default=0)
+        max_seq_len = max(meta.seq_lens_cpu, default=0)
+        if max_query_len == 1:
+            splits = decode_splits(
+                len(meta.seq_lens_cpu), k_cache.shape[2], -(-max_seq_len // meta.block_size),
+                self._num_sms,
+            )  # fmt: skip
+            if splits > 1:
+                return paged_decode(
+                    query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                    splits, max_seq_len,
+                )  # fmt: skip
+        return paged_attention(
+            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+            scale, max_query_len,
+        )  # fmt: skip

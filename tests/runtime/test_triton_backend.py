@@ -1,0 +1,45 @@
+"""The engine with the Triton backend (the interpreter on CPU) gives the torch backend's
+greedy tokens: chunked prefill, a prefix-cache hit, decodes, GQA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime.attention.triton_backend import decode_splits
+
+
+@pytest.mark.parametrize("name", ["gqa4-untied", "gqa3-llama3-rope"])
+def test_triton_backend_gives_the_torch_backends_tokens(tiny_model_dir, name):
+    shared = list(range(40, 60))
+    prompts = [[*shared, 7, 8, 9], [11, 12, 13], [*shared, 70, 71]]  # the third hits the cache
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model=str(tiny_model_dir(name)), attention_backend=backend, block_size=16,
+                  max_num_batched_tokens=16, kv_cache_memory_gib=0.01)  # fmt: skip
+        first = llm.generate(prompts[:2], params)
+        last = llm.generate(prompts[2:], params)
+        assert llm.engine.kv.prefix_hits > 0
+        outputs[backend] = [o.outputs[0].token_ids for o in first + last]
+    assert outputs["triton"] == outputs["torch"]
+
+
+def test_decode_splits_fill_the_gpu_but_never_cut_short_segments():
+    assert decode_splits(num_requests=256, num_kv_heads=8, max_blocks=256, num_sms=132) == 1
+    assert decode_splits(num_requests=1, num_kv_heads=8, max_blocks=2048, num_sms=132) == 33
+    assert decode_splits(num_requests=1, num_kv_heads=8, max_blocks=16, num_sms=132) == 2
+    assert decode_splits(num_requests=8, num_kv_heads=8, max_blocks=4, num_sms=132) == 1
+
+
+@pytest.mark.cuda
+def test_bf16_on_the_gpu_agrees_with_fp32_on_the_first_tokens():
+    llm_bf16 = LLM(device="cuda", dtype="bfloat16", attention_backend="triton")
+    llm_fp32 = LLM(device="cuda", dtype="float32", attention_backend="torch")
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    bf16 = [o.outputs[0].token_ids[0] for o in llm_bf16.generate(prompts, params)]
+    fp32 = [o.outputs[0].token_ids[0] for o in llm_fp32.generate(prompts, params)]
+    assert bf16 == fp32
+    assert torch.cuda.is_available()
