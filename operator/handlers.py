@@ -19,12 +19,7 @@ from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
 from kubellm.operator.defaults import with_defaults
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.naming import managed_by
-from kubellm.operator.problems import (
-    CLUSTER_REASONS,
-    Problem,
-    cluster_problems,
-    static_problems,
-)
+from kubellm.operator.problems import CLUSTER_REASONS, Problem, find_problems
 from kubellm.operator.status import compute_status, now, same_status, transitions
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubellm/kubellm-runtime:{__version__}"
@@ -65,9 +60,7 @@ async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -
     cluster (a Secret or claim that may appear) is looked at again by the Rechecker."""
     spec = with_defaults(cr.get("spec"))
     key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
-    problems = static_problems(spec)
-    if not problems:
-        problems = await cluster_problems(memo.kube, key[0], spec)
+    problems = await find_problems(memo.kube, key[0], spec)
     if problems:
         logger.warning("not converging: %s", "; ".join(p.message for p in problems))
     else:
@@ -125,7 +118,7 @@ async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     if cr is None:
         return
     spec = with_defaults(cr.get("spec"))
-    problems = static_problems(spec) or await cluster_problems(memo.kube, namespace, spec)
+    problems = await find_problems(memo.kube, namespace, spec)
     await refresh_status(memo.kube, cr, spec, problems)
 
 

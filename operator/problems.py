@@ -73,3 +73,8 @@ async def cluster_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> 
                 f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
             ))  # fmt: skip
     return problems
+
+
+async def find_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> list[Problem]:
+    """The spec's own problems, or else (only then: they cost API calls) the cluster's."""
+    return static_problems(spec) or await cluster_problems(kube, namespace, spec)

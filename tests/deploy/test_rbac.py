@@ -13,8 +13,8 @@ from kopf.testing import KopfRunner
 from kubellm.operator.kube import collection_path, object_path
 from tests.deploy.chart import render
 from tests.deploy.rbac import granted, permission_of
-from tests.operator.emulator import Cluster, emulated_cluster
-from tests.operator.test_operator import condition, create_llmd, wait_for
+from tests.helpers import wait_for
+from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
 
 NS = "ml"
 

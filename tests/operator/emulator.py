@@ -219,6 +219,17 @@ class Cluster:
         return 0
 
 
+def create_llmd(cluster: Cluster, name: str, namespace: str = "ml", **spec: Any) -> dict[str, Any]:
+    body = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}  # fmt: skip
+    return cluster.create(f"/apis/kubellm.dev/v1alpha1/namespaces/{namespace}/llmdeployments", body)
+
+
+def condition(cr: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    conditions = ((cr or {}).get("status") or {}).get("conditions", [])
+    return next((c for c in conditions if c["type"] == kind), {})
+
+
 @contextmanager
 def emulated_cluster(directory: Path) -> Iterator[Cluster]:
     """Serve the emulator on 127.0.0.1 from a thread of its own (its own event loop)."""

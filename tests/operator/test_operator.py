@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +17,8 @@ from kopf.testing import KopfRunner
 
 from kubellm.operator.kube import collection_path, object_path
 from kubellm.operator.naming import TEMPLATE_HASH
-from tests.operator.emulator import Cluster, emulated_cluster
+from tests.helpers import free_port, wait_for
+from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
 from tests.operator.manifests import ROOT, validate_kubernetes
 
 NS = "ml"
@@ -43,29 +42,8 @@ def operator(cluster: Cluster, monkeypatch) -> Iterator[KopfRunner]:
     assert "Traceback" not in runner.output, runner.output
 
 
-def wait_for(what: Callable[[], Any], timeout: float = 30, message: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {message or what}")
-
-
-def create_llmd(cluster: Cluster, name: str, **spec: Any) -> dict[str, Any]:
-    body = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
-            "metadata": {"name": name, "namespace": NS}, "spec": spec}  # fmt: skip
-    return cluster.create(collection_path("LLMDeployment", NS), body)
-
-
 def child(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | None:
     return cluster.get(object_path(kind, NS, name))
-
-
-def condition(cr: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    conditions = ((cr or {}).get("status") or {}).get("conditions", [])
-    return next((c for c in conditions if c["type"] == kind), {})
 
 
 def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
@@ -192,7 +170,7 @@ def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatc
 
 
 def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(cluster):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubellm.cli", "operator", "--namespace", NS,
@@ -212,12 +190,6 @@ def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(c
         output = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _live(port: int) -> int | None:

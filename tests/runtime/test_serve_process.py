@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,15 +12,11 @@ import time
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port
 
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "kubellm.runtime.serve", "--model", str(tiny_model_dir("mha-tied")),
@@ -70,7 +65,7 @@ def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
     missing = tmp_path / "no-such-model.gguf"
     done = subprocess.run(
         [sys.executable, "-m", "kubellm.runtime.serve", "--model", str(missing),
-         "--port", str(_free_port())],
+         "--port", str(free_port())],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 1
