@@ -8,6 +8,15 @@ Baselines, both with transformers on the same dequantized weights:
     output; only each request's own tokens count.
 
     python benchmarks/engine_throughput.py [--requests 64] [--device cpu|cuda]
+
+On a GPU, issue 4's workload:
+    python benchmarks/engine_throughput.py --device cuda --shape llama-3.2-1b \
+        --requests 256 --prompt-range 100 1024 --output-range 100 1024 --generate-batch
+`--shape llama-3.2-1b` builds a model of Llama-3.2-1B's shape (16 layers, hidden 2048,
+32/8 heads, llama3 RoPE scaling) with random bf16 weights and SmolLM2's vocabulary and
+tokenizer (so its ids decode); `--generate-batch` adds transformers' own continuous
+batching (`generate_batch`, all requests at the longest output; only each request's
+own tokens count).
 """
 
 from __future__ import annotations
@@ -17,23 +26,54 @@ import json
 import platform
 import random
 import resource
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
-def make_workload(count: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
+def make_workload(count: int, seed: int, vocab: int, prompt_range=(32, 512),
+                  output_range=(64, 256)) -> list[tuple[list[int], int]]:  # fmt: skip
     rng = random.Random(seed)
     return [
-        ([rng.randrange(100, vocab) for _ in range(rng.randint(32, 512))], rng.randint(64, 256))
+        (
+            [rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_range))],
+            rng.randint(*output_range),
+        )
         for _ in range(count)
     ]
 
 
-def run_kubellm(workload, device: str, dtype: str) -> dict:
+def llama_3_2_1b_shaped(directory: Path) -> Path:
+    """A random-weight model of Llama-3.2-1B's shape, saved as a HF directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from kubellm.runtime.model.source import builtin_gguf_path
+
+    path = builtin_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run_kubellm(workload, device: str, dtype: str, model: str | None = None) -> dict:
     from kubellm.runtime import LLM, SamplingParams
 
-    llm = LLM(device=device, dtype=dtype)
+    context = max(len(prompt) + n for prompt, n in workload)  # not the model's 128k
+    options = {"device": device, "dtype": dtype, "max_model_len": context}
+    llm = LLM(model=model, **options) if model else LLM(**options)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     started = time.perf_counter()
@@ -44,18 +84,21 @@ def run_kubellm(workload, device: str, dtype: str) -> dict:
     return {"tokens": tokens, "seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
 
 
-def load_transformers(device: str, dtype: str):
+def load_transformers(device: str, dtype: str, directory: Path | None = None):
     from transformers import AutoModelForCausalLM
 
     from kubellm.runtime.model.source import builtin_gguf_path
 
-    path = builtin_gguf_path()
     torch_dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16}.get(
         dtype, getattr(torch, dtype, torch.float32)
     )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch_dtype
-    )
+    if directory is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch_dtype)
+    else:
+        path = builtin_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype
+        )
     model.generation_config.eos_token_id = None
     return model.to(device).eval()
 
@@ -98,6 +141,21 @@ def run_static_batches(model, workload, batch: int, device: str) -> dict:
     return {"tokens": tokens, "seconds": time.perf_counter() - started}
 
 
+def run_generate_batch(model, workload) -> dict:
+    """transformers' continuous batching: one max_new_tokens for all (its API), so every
+    request runs to the longest output; only each request's own tokens count."""
+    from transformers import GenerationConfig
+
+    longest = max(n for _, n in workload)
+    config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)  # fmt: skip
+    started = time.perf_counter()
+    outputs = model.generate_batch([p for p, _ in workload], generation_config=config)
+    seconds = time.perf_counter() - started
+    assert len(outputs) == len(workload)
+    return {"tokens": sum(n for _, n in workload), "seconds": seconds}
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -110,23 +168,40 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", choices=["smollm2", "llama-3.2-1b"], default="smollm2")
+    parser.add_argument("--prompt-range", type=int, nargs=2, default=(32, 512))
+    parser.add_argument("--output-range", type=int, nargs=2, default=(64, 256))
+    parser.add_argument("--generate-batch", action="store_true",
+                        help="add transformers' generate_batch as a baseline")  # fmt: skip
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    workload = make_workload(args.requests, args.seed, vocab=49152)
+    workload = make_workload(args.requests, args.seed, 49152, tuple(args.prompt_range),
+                             tuple(args.output_range))  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = llama_3_2_1b_shaped(Path(scratch)) if args.shape != "smollm2" else None
+        results = run_all(args, workload, directory)
+    print_table(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
 
-    results = {"kubellm (continuous batching)": run_kubellm(workload, args.device, args.dtype)}
-    model = load_transformers(args.device, args.dtype)
+
+def run_all(args: argparse.Namespace, workload, directory: Path | None) -> dict:
+    model_path = str(directory) if directory is not None else None
+    results = {
+        "kubellm (continuous batching)": run_kubellm(workload, args.device, args.dtype, model_path)
+    }
+    model = load_transformers(args.device, args.dtype, directory)
+    if args.generate_batch:
+        results["transformers generate_batch"] = run_generate_batch(model, workload)
     results[f"transformers static batches of {args.static_batch}"] = run_static_batches(
         model, workload, args.static_batch, args.device
     )
     results["transformers one at a time"] = run_one_at_a_time(
         model, workload[: args.one_at_a_time_requests], args.device
     )
-    print_table(results, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    return results
 
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
