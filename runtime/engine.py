@@ -11,6 +11,7 @@ import torch
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.detokenizer import IncrementalDetokenizer
 from kubellm.runtime.kv_cache import KVCacheManager
+from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.source import resolve
 from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.model_runner import ModelRunner
@@ -69,7 +70,7 @@ class LLMEngine:
         backend = resolve_attention_backend(config.attention_backend, device)
         model = ModelRunner.build(source.config, self.max_model_len, backend, device, dtype)
         load_weights(model, source.tensors())
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(dtype, device)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(model, dtype, device)
         config.check_pool_fits(self.max_model_len, num_blocks)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
@@ -87,13 +88,30 @@ class LLMEngine:
             num_blocks, config.block_size, num_blocks * config.block_size,
         )  # fmt: skip
 
-    def _blocks_from_memory(self, dtype: torch.dtype, device: torch.device) -> int:
+    def _blocks_from_memory(self, model, dtype: torch.dtype, device: torch.device) -> int:
         """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
-        leaves once the weights (and anything else already allocated) are in."""
+        leaves once the weights are in and the largest step's activations are set aside
+        (measured by a profiling forward pass)."""
         bytes_per_token = self.model_config.kv_bytes_per_token(dtype.itemsize)
         if device.type == "cuda":
+            tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+            activations = activation_peak_bytes(
+                model, tokens, self.config.block_size, device, dtype
+            )
             free, total = torch.cuda.mem_get_info(device)
-            budget = int(total * self.config.gpu_memory_utilization) - (total - free)
+            used = total - free  # weights, CUDA context, other processes
+            budget = int(total * self.config.gpu_memory_utilization) - used - activations
+            logger.info(
+                "KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
+                "%.1f GiB of activations at %d tokens)",
+                budget / 2**30, 100 * self.config.gpu_memory_utilization, total / 2**30,
+                used / 2**30, activations / 2**30, tokens,
+            )  # fmt: skip
+            if budget <= 0:
+                raise ValueError(
+                    "no GPU memory is left for the KV cache: raise gpu_memory_utilization "
+                    "or lower max_num_batched_tokens"
+                )
         else:
             budget = int(self.config.kv_cache_memory_gib * 2**30)
         return max(1, budget // (bytes_per_token * self.config.block_size))
