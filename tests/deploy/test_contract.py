@@ -1,0 +1,34 @@
+"""The operator configures `kubellm serve` only through KUBELLM_* variables: every one it
+sets must be a flag the runtime's parser knows, with a value it accepts."""
+
+from __future__ import annotations
+
+from kubellm.operator.builders import build_children
+from kubellm.runtime.serve import parse_args
+from tests.operator.manifests import custom_resource
+
+
+def test_every_variable_the_operator_sets_is_understood_by_kubellm_serve():
+    spec = {
+        "model": {"source": "hf://org/m", "revision": "v2", "servedName": "m"},
+        "engine": {"maxModelLen": 4096, "gpuMemoryUtilization": 0.8, "blockSize": 32,
+                   "maxNumSeqs": 8, "maxNumBatchedTokens": 1024,
+                   "enablePrefixCaching": False, "dtype": "bfloat16",
+                   "shutdownTimeoutSeconds": 45},
+    }  # fmt: skip
+    deployment = next(
+        o for o in build_children(custom_resource(**spec), "img").desired
+        if o["kind"] == "Deployment"
+    )  # fmt: skip
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    ours = {k: v for k, v in env.items() if k.startswith("KUBELLM_")}
+    args = parse_args([], ours)  # an unknown value would exit here
+    flags = {f"KUBELLM_{name.upper()}" for name in vars(args)}
+    assert set(ours) <= flags, set(ours) - flags
+    assert (args.model, args.revision, args.served_model_name) == ("org/m", "v2", "m")
+    assert (args.host, args.port) == ("0.0.0.0", 8000)
+    assert (args.max_model_len, args.block_size, args.max_num_seqs) == (4096, 32, 8)
+    assert args.max_num_batched_tokens == 1024 and args.enable_prefix_caching is False
+    assert args.gpu_memory_utilization == 0.8 and args.dtype == "bfloat16"
+    assert args.shutdown_timeout == 45 and args.tensor_parallel_size == 1
