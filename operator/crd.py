@@ -157,7 +157,11 @@ CACHE = _obj(
     "The model cache PVC, mounted at HF_HOME (ignored for builtin:// and pvc://)",
     {
         "enabled": _bool("Create the cache PVC", True),
-        "size": _str("Cache PVC size", "50Gi", pattern=QUANTITY),
+        "size": _str(
+            "Cache PVC size, set when the claim is created (an existing claim is not resized)",
+            "50Gi",
+            pattern=QUANTITY,
+        ),
         "storageClassName": _str("StorageClass; default the cluster's", nullable=True),
         "accessMode": _str(
             "ReadWriteMany shares one cache across nodes; with ReadWriteOnce the replicas "
