@@ -59,15 +59,20 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 @triton.jit
 def _attend_blocks(
-    q, acc, m_i, l_i, row_pos, row_ok,
+    q_ptr, row_pos, row_ok,
     k_cache, v_cache, table_row, first_block, last_block, seq_len, scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, kv_head,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, kv_head,
 ):  # fmt: skip
-    """Online softmax of the rows `q` [M, D] over KV blocks [first_block, last_block)."""
+    """Load the query rows at `q_ptr` [M, D] and run their online softmax over the KV
+    blocks [first_block, last_block); returns the unnormalized (acc, max, sum)."""
     d = tl.arange(0, BLOCK_D)
     offsets = tl.arange(0, BLOCK_SIZE)
     in_dim = d < HEAD_DIM
+    q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for b in range(first_block, last_block):
         block = tl.load(table_row + b).to(tl.int64)
         key_pos = b * BLOCK_SIZE + offsets  # [N] positions in the context
@@ -114,16 +119,12 @@ def _paged_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     in_dim = d < HEAD_DIM
     q_ptr = query + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     last_pos = tl.minimum(seq_len - q_len + (tile + 1) * TILE_Q, seq_len)  # causal horizon
     last_block = tl.cdiv(last_pos, BLOCK_SIZE)
-    acc, m_i, l_i = _attend_blocks(
-        q, acc, m_i, l_i, row_pos, row_ok, k_cache, v_cache,
+    acc, _, l_i = _attend_blocks(
+        q_ptr, row_pos, row_ok, k_cache, v_cache,
         block_tables + request * stride_bt, 0, last_block, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, kv_head,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head,
     )  # fmt: skip
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = out + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -178,17 +179,12 @@ def _decode_split_kernel(
     row_ok = r < GROUP
     head = kv_head * GROUP + r
     d = tl.arange(0, BLOCK_D)
-    in_dim = d < HEAD_DIM
     q_ptr = query + request * stride_qt + head[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + seq_len - 1  # a decode sees everything
     acc, m_i, l_i = _attend_blocks(
-        q, acc, m_i, l_i, row_pos, row_ok, k_cache, v_cache,
+        q_ptr, row_pos, row_ok, k_cache, v_cache,
         block_tables + request * stride_bt, first, last, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, kv_head,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head,
     )  # fmt: skip
     base = (request * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split
     tl.store(part_m + base * BLOCK_M + r, m_i)
