@@ -70,11 +70,11 @@ class AsyncEngine:
         return len(self._streams)
 
     def submit(
-        self, request_id: str, prompts: Sequence[str | list[int]], params: SamplingParams
+        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams
     ) -> RequestStream:
-        """Queue every prompt (as `request_id-k`), all or none: bad input raises
+        """Queue every prompt (token ids, as `request_id-k`), all or none: bad input raises
         ValueError and queues nothing. Call from the event loop."""
-        token_ids = [self.tokenize(p) if isinstance(p, str) else list(p) for p in prompts]
+        token_ids = [list(p) for p in prompts]
         for prompt in token_ids:
             self.engine.check_prompt(prompt)
         engine_ids = [f"{request_id}-{k}" for k in range(len(prompts))]
