@@ -57,7 +57,7 @@ def case(batch: int, context: int, num_sms: int) -> dict:
     splits = decode_splits(batch, KV_HEADS, blocks_per_request, num_sms)
     if splits > 1:
         ours = _time(lambda: paged_decode(query, k_cache, v_cache, tables, seq_lens, scale,
-                                          splits, context))  # fmt: skip
+                                          splits))  # fmt: skip
     else:
         ours = _time(lambda: paged_attention(query, k_cache, v_cache, tables, starts, seq_lens,
                                              scale, 1))  # fmt: skip

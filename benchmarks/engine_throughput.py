@@ -11,17 +11,19 @@ Baselines, both with transformers on the same dequantized weights:
 
 On a GPU, issue 4's workload:
     python benchmarks/engine_throughput.py --device cuda --shape llama-3.2-1b \
-        --requests 256 --prompt-range 100 1024 --output-range 100 1024 --generate-batch
+        --requests 256 --prompt-range 100 1024 --output-range 100 1024 --generate-batch \
+        --compare-eager
 `--shape llama-3.2-1b` builds a model of Llama-3.2-1B's shape (16 layers, hidden 2048,
 32/8 heads, llama3 RoPE scaling) with random bf16 weights and SmolLM2's vocabulary and
 tokenizer (so its ids decode); `--generate-batch` adds transformers' own continuous
 batching (`generate_batch`, all requests at the longest output; only each request's
-own tokens count).
+own tokens count); `--compare-eager` adds kubellm with CUDA graphs off.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -68,11 +70,13 @@ def llama_3_2_1b_shaped(directory: Path) -> Path:
     return directory
 
 
-def run_kubellm(workload, device: str, dtype: str, model: str | None = None) -> dict:
+def run_kubellm(workload, device: str, dtype: str, model: str | None = None,
+                enforce_eager: bool = False) -> dict:  # fmt: skip
     from kubellm.runtime import LLM, SamplingParams
 
     context = max(len(prompt) + n for prompt, n in workload)  # not the model's 128k
-    options = {"device": device, "dtype": dtype, "max_model_len": context}
+    options = {"device": device, "dtype": dtype, "max_model_len": context,
+               "enforce_eager": enforce_eager}  # fmt: skip
     llm = LLM(model=model, **options) if model else LLM(**options)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
@@ -81,6 +85,8 @@ def run_kubellm(workload, device: str, dtype: str, model: str | None = None) -> 
     seconds = time.perf_counter() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert tokens == sum(n for _, n in workload)
+    del llm, outputs
+    _release_gpu_memory()  # the KV pool took most of the GPU: give it to the next system
     return {"tokens": tokens, "seconds": seconds, "peak_rss_gib": _peak_rss_gib()}
 
 
@@ -156,6 +162,12 @@ def run_generate_batch(model, workload) -> dict:
     return {"tokens": sum(n for _, n in workload), "seconds": seconds}
 
 
+def _release_gpu_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -173,6 +185,8 @@ def main() -> None:
     parser.add_argument("--output-range", type=int, nargs=2, default=(64, 256))
     parser.add_argument("--generate-batch", action="store_true",
                         help="add transformers' generate_batch as a baseline")  # fmt: skip
+    parser.add_argument("--compare-eager", action="store_true",
+                        help="also run kubellm with enforce_eager (no CUDA graphs)")  # fmt: skip
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -192,6 +206,10 @@ def run_all(args: argparse.Namespace, workload, directory: Path | None) -> dict:
     results = {
         "kubellm (continuous batching)": run_kubellm(workload, args.device, args.dtype, model_path)
     }
+    if args.compare_eager:
+        results["kubellm --enforce-eager"] = run_kubellm(
+            workload, args.device, args.dtype, model_path, enforce_eager=True
+        )
     model = load_transformers(args.device, args.dtype, directory)
     if args.generate_batch:
         results["transformers generate_batch"] = run_generate_batch(model, workload)

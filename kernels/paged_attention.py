@@ -163,7 +163,7 @@ def paged_attention(
 def _decode_split_kernel(
     query, k_cache, v_cache, block_tables, seq_lens, scale,
     part_acc, part_m, part_l,
-    stride_qt, stride_qh, stride_bt, BLOCKS_PER_SPLIT,
+    stride_qt, stride_qh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
@@ -173,8 +173,11 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens + request)
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    first = split * BLOCKS_PER_SPLIT
-    last = tl.minimum(first + BLOCKS_PER_SPLIT, num_blocks)
+    # Each request cuts its own context: the launch depends on no context length, so a
+    # CUDA graph captured once replays for any.
+    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, num_blocks)
     r = tl.arange(0, BLOCK_M)
     row_ok = r < GROUP
     head = kv_head * GROUP + r
@@ -223,10 +226,10 @@ def _decode_merge_kernel(
 
 def paged_decode(
     query, k_cache, v_cache, block_tables, seq_lens, scale: float, num_splits: int,
-    max_seq_len: int, out=None,
+    out=None,
 ) -> torch.Tensor:  # fmt: skip
     """Decode only (one query token per request, query [requests, heads, dim]), with
-    each request's context cut into `num_splits` segments attended in parallel."""
+    each request's context cut into `num_splits` equal segments attended in parallel."""
     requests, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -234,7 +237,6 @@ def paged_decode(
     if requests == 0:
         return out
     block_m, block_d = _rows(1, group), triton.next_power_of_2(head_dim)
-    blocks_per_split = max(1, triton.cdiv(triton.cdiv(max_seq_len, block_size), num_splits))
     shape = (requests, num_kv_heads, num_splits, block_m)
     part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
@@ -243,7 +245,7 @@ def paged_decode(
                 BLOCK_M=block_m, NUM_SPLITS=num_splits)  # fmt: skip
     _decode_split_kernel[(requests, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, scale, part_acc, part_m, part_l,
-        query.stride(0), query.stride(1), block_tables.stride(0), blocks_per_split,
+        query.stride(0), query.stride(1), block_tables.stride(0),
         BLOCK_SIZE=block_size, **meta,
     )  # fmt: skip
     _decode_merge_kernel[(requests, num_kv_heads)](

@@ -85,6 +85,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
     seed: int = 0
     revision: str | None = None
 

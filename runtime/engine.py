@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.detokenizer import IncrementalDetokenizer
 from kubellm.runtime.kv_cache import KVCacheManager
 from kubellm.runtime.memory_profile import activation_peak_bytes
@@ -75,6 +76,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype)
+        if device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs(backend)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(source.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -115,6 +118,18 @@ class LLMEngine:
         else:
             budget = int(self.config.kv_cache_memory_gib * 2**30)
         return max(1, budget // (bytes_per_token * self.config.block_size))
+
+    def _capture_decode_graphs(self, backend: str) -> None:
+        runner = self.runner
+        if not runner.model.attention_backend.supports_cuda_graphs:
+            logger.info("no CUDA graphs: the %s attention backend cannot be captured", backend)
+            return
+        graphs = DecodeGraphs(
+            runner.model, runner.kv_caches, graph_batch_sizes(self.config.max_num_seqs),
+            self.max_model_len, self.config.block_size,
+        )  # fmt: skip
+        graphs.capture()
+        runner.decode_graphs = graphs
 
     # ---- requests in -------------------------------------------------------------------
 

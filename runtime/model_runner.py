@@ -6,6 +6,7 @@ import torch
 
 from kubellm.runtime.attention import AttentionMetadata, get_backend
 from kubellm.runtime.config import ModelConfig
+from kubellm.runtime.cuda_graphs import DecodeGraphs
 from kubellm.runtime.model.llama import LlamaForCausalLM
 from kubellm.runtime.scheduler import SchedulerOutput
 
@@ -30,6 +31,7 @@ class ModelRunner:
         self.kv_caches = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
         ]
+        self.decode_graphs: DecodeGraphs | None = None  # set when CUDA graphs are captured
 
     @staticmethod
     def build(
@@ -51,7 +53,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_requests, vocab] (fp32), in scheduled order."""
         input_ids, positions, meta, logits_indices = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.decode_graphs is not None and self.decode_graphs.covers(meta):
+            hidden = self.decode_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return self.model.compute_logits(hidden[logits_indices])
 
     def _prepare(self, out: SchedulerOutput):
@@ -83,9 +88,11 @@ class ModelRunner:
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            block_size=bs,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
-            block_size=bs,
             contiguous_starts=[_contiguous_start(t) for t in tables],
         )
         return (

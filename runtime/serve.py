@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
         help="auto: triton on CUDA, torch elsewhere")  # fmt: skip
+    add("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
+        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")  # fmt: skip
     add(
         "--shutdown-timeout",
         type=float,
@@ -144,6 +146,7 @@ def main(argv: list[str]) -> int:
             tensor_parallel_size=args.tensor_parallel_size,
             dtype=args.dtype,
             attention_backend=args.attention_backend,
+            enforce_eager=args.enforce_eager,
         )
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)

@@ -22,9 +22,15 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
     seq_lens: torch.Tensor  # [num_reqs] int32, context length including the new tokens
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int64, padded with 0
+    block_size: int
+    # Bounds over the batch; they choose kernel grids. A CUDA graph's metadata gives the
+    # bounds of every step it may replay (one query token, the longest context served).
+    max_query_len: int
+    max_seq_len: int
+    # Host copies for the torch backend, which loops over requests. Empty in a CUDA
+    # graph's metadata (only backends with `supports_cuda_graphs` replay graphs).
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
-    block_size: int
     # Per request: its first block id when its blocks are consecutive ids (the
     # context can then be read in place), else -1.
     contiguous_starts: list[int]
@@ -40,6 +46,10 @@ class AttentionMetadata:
 
 class AttentionBackend(Protocol):
     """`forward` writes the new K/V into the cache, then attends over the cached context."""
+
+    # True when `forward` reads only tensors and the metadata's bounds (no host copies,
+    # no host syncs), so a decode step through it can be captured in a CUDA graph.
+    supports_cuda_graphs: bool
 
     def forward(
         self,

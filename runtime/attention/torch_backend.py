@@ -43,6 +43,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
 
 
 class TorchAttentionBackend:
+    supports_cuda_graphs = False  # it loops over the requests on the host
+
     def forward(
         self,
         query: torch.Tensor,

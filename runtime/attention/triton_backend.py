@@ -27,8 +27,10 @@ def decode_splits(num_requests: int, num_kv_heads: int, max_blocks: int, num_sms
 
 
 class TritonAttentionBackend:
+    supports_cuda_graphs = True
+
     def __init__(self) -> None:
-        self._num_sms = (
+        self.num_sms = (
             torch.cuda.get_device_properties(0).multi_processor_count
             if torch.cuda.is_available()
             else 1
@@ -45,19 +47,16 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        max_query_len = max(meta.query_lens_cpu, default=0)
-        max_seq_len = max(meta.seq_lens_cpu, default=0)
-        if max_query_len == 1:
+        if meta.max_query_len == 1:
             splits = decode_splits(
-                len(meta.seq_lens_cpu), k_cache.shape[2], -(-max_seq_len // meta.block_size),
-                self._num_sms,
+                meta.seq_lens.shape[0], k_cache.shape[2], -(-meta.max_seq_len // meta.block_size),
+                self.num_sms,
             )  # fmt: skip
             if splits > 1:
                 return paged_decode(
-                    query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                    splits, max_seq_len,
-                )  # fmt: skip
+                    query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits
+                )
         return paged_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            scale, max_query_len,
+            scale, meta.max_query_len,
         )  # fmt: skip

@@ -71,17 +71,17 @@ def test_paged_attention_matches_the_reference(shapes, num_kv_heads, group, head
                                rtol=TOLERANCE[dtype])  # fmt: skip
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("splits", [1, 3, 8])
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim", "block_size"), CASES[:3])
 def test_split_kv_decode_matches_the_reference(splits, num_kv_heads, group, head_dim,
                                                block_size):  # fmt: skip
-    shapes = [(1, 70), (1, 5), (1, 33)]  # one context shorter than a segment
+    shapes = [(1, 70), (1, 5), (1, 33)]  # more segments than the short contexts have blocks
     rng = random.Random(splits * 7 + group)
     query, k_cache, v_cache, tables, starts, seq_lens = _batch(
         rng, shapes, num_kv_heads, group, head_dim, block_size, torch.float32
     )
     scale = head_dim**-0.5
-    got = paged_decode(query, k_cache, v_cache, tables, seq_lens, scale, splits, 70)
+    got = paged_decode(query, k_cache, v_cache, tables, seq_lens, scale, splits)
     want = paged_attention_reference(query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(),
                                      starts.cpu(), seq_lens.cpu(), scale)  # fmt: skip
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,110 @@
+"""Decode steps through the CUDA-graph static buffers.
+
+On CPU no graph is captured: `DecodeGraphs.run` executes the same padded step eagerly
+(Triton under the interpreter), which is where padding bugs live: a padding row that
+kept a stale slot would overwrite another request's K/V. On a GPU the real capture and
+replay are compared with eager execution.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from kubellm.runtime.request import Request
+from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
+
+
+def test_graph_batch_sizes_hold_max_num_seqs_with_little_padding():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(5) == [1, 2, 4, 8]
+    assert graph_batch_sizes(100) == [1, 2, 4, 8, *range(16, 113, 16)]
+    assert graph_batch_sizes(256)[-1] == 256
+    assert graph_batch_sizes(10_000)[-1] == 512
+
+
+def _decode_step(requests: list[tuple[int, list[int]]]) -> SchedulerOutput:
+    """One new token for each (context length, block ids) pair."""
+    scheduled = []
+    for i, (seq_len, blocks) in enumerate(requests):
+        tokens = [(31 * i + 7 * j) % 200 + 1 for j in range(seq_len)]
+        request = Request(f"r{i}", tokens, SamplingParams(max_tokens=1), frozenset(), 512)
+        request.num_computed_tokens, request.block_ids = seq_len - 1, blocks
+        scheduled.append(ScheduledRequest(request, 1))
+    return SchedulerOutput(scheduled)
+
+
+@pytest.mark.parametrize("num_sms", [1, 16], ids=["one-launch", "split-kv"])
+def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_dir, num_sms):
+    llm = LLM(model=str(tiny_model_dir("gqa4-untied")), attention_backend="triton",
+              block_size=16, num_kv_blocks=40)  # fmt: skip
+    runner = llm.engine.runner
+    runner.model.attention_backend.num_sms = num_sms  # 16: the graphs' decode splits the KV
+    # Four requests fill a batch of 4; then one is gone and its block belongs to another
+    # request, so a padding row that replayed its stale slot would overwrite live K/V.
+    first = _decode_step([(20, [0, 1]), (5, [2]), (33, [3, 4, 5]), (17, [6, 7])])
+    second = _decode_step([(21, [0, 1]), (6, [2]), (40, [8, 9, 7])])
+    generator = torch.Generator().manual_seed(0)
+    history = [torch.randn(c.shape, generator=generator) for c in runner.kv_caches]
+    reused = [torch.randn(c.shape, generator=generator) for c in runner.kv_caches]
+
+    def run(graphs: DecodeGraphs | None):
+        runner.decode_graphs = graphs
+        for cache, values in zip(runner.kv_caches, history):
+            cache.copy_(values)
+        logits = [runner.execute(first)]
+        for cache, values in zip(runner.kv_caches, reused):
+            cache.copy_(values)
+        logits.append(runner.execute(second))
+        return logits, [cache.clone() for cache in runner.kv_caches]
+
+    eager_logits, eager_caches = run(None)
+    graphs = DecodeGraphs(runner.model, runner.kv_caches, [1, 2, 4, 8], 512, 16)
+    padded_logits, padded_caches = run(graphs)
+    assert graphs.steps_run == 2
+    for got, want in zip(padded_logits + padded_caches, eager_logits + eager_caches):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
+    llm = LLM(model=str(tiny_model_dir("gqa3-llama3-rope")), attention_backend="triton",
+              block_size=16, max_num_batched_tokens=32, kv_cache_memory_gib=0.01)  # fmt: skip
+    runner = llm.engine.runner
+    prompts = [list(range(3, 3 + n)) for n in (5, 19, 2, 40, 11)]
+    # Staggered lengths: the decode batch shrinks 5 -> 1 through padded sizes, and the
+    # second wave reuses the first wave's freed blocks.
+    waves = [(prompts, (3, 9, 6, 3, 9)), (prompts[::-1], (6, 3, 9, 6, 3))]
+
+    def generate() -> list[list[int]]:
+        tokens = []
+        for wave_prompts, lengths in waves:
+            params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
+                      for m in lengths]  # fmt: skip
+            tokens += [o.outputs[0].token_ids for o in llm.generate(wave_prompts, params)]
+        return tokens
+
+    eager = generate()
+    runner.decode_graphs = DecodeGraphs(
+        runner.model, runner.kv_caches, graph_batch_sizes(8), llm.engine.max_model_len, 16
+    )
+    assert generate() == eager
+    assert runner.decode_graphs.steps_run > 0
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+
+
+@pytest.mark.cuda
+def test_captured_graphs_replay_the_eager_tokens():
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=8)
+        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        graphs = llm.engine.runner.decode_graphs
+        if eager:
+            assert graphs is None
+        else:
+            assert sorted(graphs.graphs) == [1, 2, 4, 8] and graphs.steps_run > 0
+    assert outputs[False] == outputs[True]
