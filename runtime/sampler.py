@@ -3,9 +3,11 @@
 Order of operations (as vLLM): raw log-probabilities are kept for logprobs; then
 min_tokens masking, penalties, and either argmax (greedy) or temperature, top-k,
 top-p and min-p filtering followed by a draw. Draws use the exponential race
-(argmax of p / E with E ~ Exp(1)), one noise vector per request from that
-request's own generator, so a seeded request gives the same tokens whatever
-else is in the batch.
+(argmax of p / E with E ~ Exp(1)). A seeded request's noise comes from its own
+(CPU) generator, so it gives the same tokens whatever else is in the batch and on
+any device; the noise of all unseeded requests is one draw on the logits' device
+(on a GPU, per-request CPU noise of a whole vocabulary would cost more than the
+forward pass).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class SamplerOutput:
 
 class Sampler:
     def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}  # unseeded draws, per device
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         logits = logits.float()
@@ -47,18 +50,25 @@ class Sampler:
         chosen = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows)
-            probs = filtered_probs(logits[rows], [requests[i] for i in random_rows])
-            noise = torch.stack(
-                [
-                    torch.empty(logits.shape[1]).exponential_(
-                        generator=requests[i].generator or self.generator
-                    )
-                    for i in random_rows
-                ]
-            ).to(probs.device)
-            chosen[rows] = (probs / noise).argmax(dim=-1)
+            drawing = [requests[i] for i in random_rows]
+            rows = torch.tensor(random_rows, device=logits.device)
+            probs = filtered_probs(logits[rows], drawing)
+            chosen[rows] = (probs / self._noise(probs, drawing)).argmax(dim=-1)
         return chosen.tolist()
+
+    def _noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Exp(1) noise per row: seeded rows from their own generators, the rest at once."""
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
+        for row, request in enumerate(requests):
+            if request.generator is not None:
+                own = torch.empty(probs.shape[1]).exponential_(generator=request.generator)
+                noise[row] = own.to(probs.device)
+        return noise
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.generators[device]
 
 
 def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -102,6 +102,15 @@ def test_same_seed_same_draws_whatever_the_batch():
     assert len(set(draws[0])) > 1
 
 
+def test_unseeded_draws_in_one_batch_are_independent_and_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    rows = 4000
+    requests = [req(temperature=1.0) for _ in range(rows)]
+    tokens = Sampler(seed=0)(probs.log().expand(rows, -1), requests).token_ids
+    frequencies = torch.bincount(torch.tensor(tokens), minlength=3) / rows
+    torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
+
+
 def test_top_k_1_equals_greedy():
     torch.manual_seed(1)
     logits = torch.randn(8, 300)
