@@ -6,6 +6,7 @@ sends `tools` or `response_format` must learn we do not do them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -46,23 +47,14 @@ class _SamplingFields(BaseModel):
         """`max_tokens` and `logprobs` as the endpoint resolved them (None: up to the
         context length; no logprobs)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(
-            n=self.n,
-            max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            stop=stop,
-            stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
+        same = self.model_dump(include=_SAME_AS_ENGINE)
+        return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs)
+
+
+# Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
+_SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
+    f.name for f in dataclasses.fields(SamplingParams)
+} - {"max_tokens", "stop", "logprobs"}
 
 
 class CompletionRequest(_SamplingFields):
