@@ -62,14 +62,19 @@ def _attend_blocks(
     q_ptr, row_pos, row_ok,
     k_cache, v_cache, table_row, first_block, last_block, seq_len, scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, kv_head,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, kv_head, NATIVE_DOT: tl.constexpr,
 ):  # fmt: skip
     """Load the query rows at `q_ptr` [M, D] and run their online softmax over the KV
-    blocks [first_block, last_block); returns the unnormalized (acc, max, sum)."""
+    blocks [first_block, last_block); returns the unnormalized (acc, max, sum).
+
+    NATIVE_DOT (fp16/bf16 on a GPU): the dots take the cache's dtype, accumulating in
+    fp32, as flash attention does. Otherwise everything is fp32 and the dots exact
+    ("ieee", not TF32): fp32 caches, and the interpreter, which mishandles bf16."""
     d = tl.arange(0, BLOCK_D)
     offsets = tl.arange(0, BLOCK_SIZE)
     in_dim = d < HEAD_DIM
-    q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
+    q = q.to(k_cache.dtype.element_ty) if NATIVE_DOT else q.to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -79,9 +84,14 @@ def _attend_blocks(
         rows = (block * BLOCK_SIZE + offsets) * NUM_KV_HEADS + kv_head
         kv_ptr = rows[:, None] * HEAD_DIM + d[None, :]
         kv_ok = (key_pos < seq_len)[:, None] & in_dim[None, :]
-        k = tl.load(k_cache + kv_ptr, mask=kv_ok, other=0.0).to(tl.float32)
-        v = tl.load(v_cache + kv_ptr, mask=kv_ok, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [M, N]
+        k = tl.load(k_cache + kv_ptr, mask=kv_ok, other=0.0)
+        v = tl.load(v_cache + kv_ptr, mask=kv_ok, other=0.0)
+        if NATIVE_DOT:
+            scores = tl.dot(q, tl.trans(k))
+        else:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        scores = scores * scale  # [M, N]
         visible = (key_pos[None, :] <= row_pos[:, None]) & row_ok[:, None]
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -89,7 +99,10 @@ def _attend_blocks(
         p = tl.exp(scores - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        if NATIVE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     return acc, m_i, l_i
 
@@ -100,7 +113,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):  # fmt: skip
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,16 +137,32 @@ def _paged_attention_kernel(
     acc, _, l_i = _attend_blocks(
         q_ptr, row_pos, row_ok, k_cache, v_cache,
         block_tables + request * stride_bt, 0, last_block, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head, NATIVE_DOT,
     )  # fmt: skip
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = out + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
 
 
+def _native_dot(k_cache: torch.Tensor) -> bool:
+    return k_cache.is_cuda and k_cache.dtype in (torch.float16, torch.bfloat16)
+
+
 def _rows(tile_q: int, group: int) -> int:
     """tl.dot wants at least 16 rows, and tile shapes are powers of two."""
     return max(16, triton.next_power_of_2(tile_q * group))
+
+
+def attention_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                        max_query_len: int, native_dot: bool) -> dict[str, int | bool]:  # fmt: skip
+    """The compile-time constants `paged_attention` launches its kernel with."""
+    group = num_heads // num_kv_heads
+    tile_q = max(1, min(triton.next_power_of_2(max_query_len), max(1, 64 // group)))
+    return dict(
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, TILE_Q=tile_q,
+        BLOCK_M=_rows(tile_q, group), NATIVE_DOT=native_dot,
+    )  # fmt: skip
 
 
 def paged_attention(
@@ -143,18 +172,16 @@ def paged_attention(
     """query [tokens, heads, dim] -> [tokens, heads, dim]; see `reference.py`."""
     tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
     if tokens == 0:
         return out
-    tile_q = max(1, min(triton.next_power_of_2(max_query_len), max(1, 64 // group)))
-    grid = (len(seq_lens), num_kv_heads, triton.cdiv(max_query_len, tile_q))
+    constants = attention_constants(num_heads, num_kv_heads, head_dim, block_size,
+                                    max_query_len, _native_dot(k_cache))  # fmt: skip
+    grid = (len(seq_lens), num_kv_heads, triton.cdiv(max_query_len, constants["TILE_Q"]))
     _paged_attention_kernel[grid](
         query, out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, TILE_Q=tile_q,
-        BLOCK_M=_rows(tile_q, group),
+        **constants,
     )  # fmt: skip
     return out
 
@@ -166,7 +193,7 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):  # fmt: skip
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -187,7 +214,7 @@ def _decode_split_kernel(
     acc, m_i, l_i = _attend_blocks(
         q_ptr, row_pos, row_ok, k_cache, v_cache,
         block_tables + request * stride_bt, first, last, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head,
+        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head, NATIVE_DOT,
     )  # fmt: skip
     base = (request * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split
     tl.store(part_m + base * BLOCK_M + r, m_i)
@@ -224,6 +251,16 @@ def _decode_merge_kernel(
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=ok)
 
 
+def merge_constants(num_heads: int, num_kv_heads: int, head_dim: int,
+                    num_splits: int) -> dict[str, int]:  # fmt: skip
+    """The compile-time constants of `paged_decode`'s merge kernel; its split kernel
+    takes these and BLOCK_SIZE and NATIVE_DOT."""
+    group = num_heads // num_kv_heads
+    return dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+                BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=_rows(1, group),
+                NUM_SPLITS=num_splits)  # fmt: skip
+
+
 def paged_decode(
     query, k_cache, v_cache, block_tables, seq_lens, scale: float, num_splits: int,
     out=None,
@@ -232,23 +269,20 @@ def paged_decode(
     each request's context cut into `num_splits` equal segments attended in parallel."""
     requests, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(query) if out is None else out
     if requests == 0:
         return out
-    block_m, block_d = _rows(1, group), triton.next_power_of_2(head_dim)
-    shape = (requests, num_kv_heads, num_splits, block_m)
+    merge = merge_constants(num_heads, num_kv_heads, head_dim, num_splits)
+    shape = (requests, num_kv_heads, num_splits, merge["BLOCK_M"])
     part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
-    part_acc = torch.empty((*shape, block_d), dtype=torch.float32, device=query.device)
-    meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                BLOCK_M=block_m, NUM_SPLITS=num_splits)  # fmt: skip
+    part_acc = torch.empty((*shape, merge["BLOCK_D"]), dtype=torch.float32, device=query.device)
     _decode_split_kernel[(requests, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, scale, part_acc, part_m, part_l,
         query.stride(0), query.stride(1), block_tables.stride(0),
-        BLOCK_SIZE=block_size, **meta,
+        BLOCK_SIZE=block_size, NATIVE_DOT=_native_dot(k_cache), **merge,
     )  # fmt: skip
     _decode_merge_kernel[(requests, num_kv_heads)](
-        out, part_acc, part_m, part_l, out.stride(0), out.stride(1), **meta
+        out, part_acc, part_m, part_l, out.stride(0), out.stride(1), **merge
     )
     return out

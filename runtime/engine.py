@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class _Group:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: $KUBELLM_DEVICE when set (as for `kubellm serve --device`), else CUDA when
+    there is a GPU, else CPU."""
+    if name == "auto":
+        name = os.environ.get("KUBELLM_DEVICE", "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="GPUs per replica; only 1 is supported so far",
     )
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when there is a GPU")  # fmt: skip
     add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
         help="auto: triton on CUDA, torch elsewhere")  # fmt: skip
@@ -144,6 +146,7 @@ def main(argv: list[str]) -> int:
             kv_cache_memory_gib=args.kv_cache_memory_gib,
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
+            device=args.device,
             dtype=args.dtype,
             attention_backend=args.attention_backend,
             enforce_eager=args.enforce_eager,

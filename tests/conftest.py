@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -9,9 +10,21 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on CPU (its oracles are fp32 CPU runs), also on a machine with a GPU;
+# the cuda-marked tests and the Triton tests (tests/helpers.TRITON_DEVICE) name their device.
+os.environ.setdefault("KUBELLM_DEVICE", "cpu")
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory(request):
+    """An engine takes most of the GPU for its KV pool: give it back after each cuda test."""
+    yield
+    if "cuda" in request.keywords and torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+# Where Triton kernels run in tests: the GPU when there is one, else the interpreter on CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""

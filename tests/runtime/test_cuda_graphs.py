@@ -15,6 +15,7 @@ from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.request import Request
 from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
+from tests.helpers import TRITON_DEVICE
 
 
 def test_graph_batch_sizes_hold_max_num_seqs_with_little_padding():
@@ -39,7 +40,8 @@ def _decode_step(requests: list[tuple[int, list[int]]]) -> SchedulerOutput:
 @pytest.mark.parametrize("num_sms", [1, 16], ids=["one-launch", "split-kv"])
 def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_dir, num_sms):
     llm = LLM(model=str(tiny_model_dir("gqa4-untied")), attention_backend="triton",
-              block_size=16, num_kv_blocks=40)  # fmt: skip
+              block_size=16, num_kv_blocks=40, device=TRITON_DEVICE, dtype="float32",
+              enforce_eager=True)  # fmt: skip
     runner = llm.engine.runner
     runner.model.attention_backend.num_sms = num_sms  # 16: the graphs' decode splits the KV
     # Four requests fill a batch of 4; then one is gone and its block belongs to another
@@ -47,8 +49,8 @@ def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_
     first = _decode_step([(20, [0, 1]), (5, [2]), (33, [3, 4, 5]), (17, [6, 7])])
     second = _decode_step([(21, [0, 1]), (6, [2]), (40, [8, 9, 7])])
     generator = torch.Generator().manual_seed(0)
-    history = [torch.randn(c.shape, generator=generator) for c in runner.kv_caches]
-    reused = [torch.randn(c.shape, generator=generator) for c in runner.kv_caches]
+    history = [torch.randn(c.shape, generator=generator).to(c.device) for c in runner.kv_caches]
+    reused = [torch.randn(c.shape, generator=generator).to(c.device) for c in runner.kv_caches]
 
     def run(graphs: DecodeGraphs | None):
         runner.decode_graphs = graphs
@@ -70,7 +72,8 @@ def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_
 
 def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
     llm = LLM(model=str(tiny_model_dir("gqa3-llama3-rope")), attention_backend="triton",
-              block_size=16, max_num_batched_tokens=32, kv_cache_memory_gib=0.01)  # fmt: skip
+              block_size=16, max_num_batched_tokens=32, num_kv_blocks=40, device=TRITON_DEVICE,
+              dtype="float32", enforce_eager=True)  # fmt: skip
     runner = llm.engine.runner
     prompts = [list(range(3, 3 + n)) for n in (5, 19, 2, 40, 11)]
     # Staggered lengths: the decode batch shrinks 5 -> 1 through padded sizes, and the
@@ -100,7 +103,13 @@ def test_captured_graphs_replay_the_eager_tokens():
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
     outputs = {}
     for eager in (True, False):
-        llm = LLM(device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=8)
+        llm = LLM(
+            device="cuda",
+            dtype="float32",
+            enforce_eager=eager,
+            max_num_seqs=8,
+            gpu_memory_utilization=0.4,
+        )  # the previous engine may still be alive
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         graphs = llm.engine.runner.decode_graphs
         if eager:

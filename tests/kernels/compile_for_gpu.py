@@ -1,0 +1,100 @@
+"""Compile every kernel configuration the Triton backend launches for a GPU architecture,
+with no GPU: Triton lowers to PTX and the `ptxas` shipped in its wheel assembles it.
+
+The interpreter, which runs the kernels on CPU, checks what they compute but never
+compiles them; this checks the other half (dot shapes and dtypes, layouts, shared
+memory). Run without TRITON_INTERPRET, which replaces `triton.jit` with the interpreter:
+
+    python -m tests.kernels.compile_for_gpu [--arch 90]
+
+Prints one JSON object per compiled kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+# (query heads, KV heads, head dim): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B, Qwen2-7B, MHA
+SHAPES = [(9, 3, 64), (32, 8, 64), (32, 8, 128), (28, 4, 128), (16, 16, 128)]
+DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
+BLOCK_SIZE = 16
+SPLITS = 33  # a loop bound only: any count compiles alike
+
+
+def _pointers(dtype: str, names: str) -> dict[str, str]:
+    return {name: f"*{dtype}" for name in names.split()}
+
+
+def _ints(names: str) -> dict[str, str]:
+    return {name: "i32" for name in names.split()}
+
+
+def jobs() -> list[tuple[str, str, dict]]:
+    """(kernel, dtype, constants) for every launch configuration of the shapes above."""
+    from kubellm.kernels.paged_attention import attention_constants, merge_constants
+
+    out: list[tuple[str, str, dict]] = []
+    for dtype, native in DTYPES.items():
+        out.append(("write_kv", dtype, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_D=128)))
+        for (heads, kv_heads, dim), query_len in itertools.product(SHAPES, (1, 2048)):
+            constants = attention_constants(heads, kv_heads, dim, BLOCK_SIZE, query_len, native)
+            out.append(("attention", dtype, constants))
+        for heads, kv_heads, dim in SHAPES:
+            merge = merge_constants(heads, kv_heads, dim, SPLITS)
+            out.append(("decode_split", dtype, dict(merge, BLOCK_SIZE=BLOCK_SIZE,
+                                                     NATIVE_DOT=native)))  # fmt: skip
+            out.append(("decode_merge", dtype, merge))
+    return out
+
+
+def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kubellm.kernels import paged_attention as kernels
+
+    name, dtype, constants = job
+    kernel, types = {
+        "write_kv": (kernels._write_kv_kernel, {
+            **_pointers(dtype, "key value k_cache v_cache"), "slots": "*i64",
+            **_ints("stride_kt stride_kh stride_vt stride_vh")}),
+        "attention": (kernels._paged_attention_kernel, {
+            **_pointers(dtype, "query out k_cache v_cache"), "block_tables": "*i64",
+            "query_start_loc": "*i32", "seq_lens": "*i32", "scale": "fp32",
+            **_ints("stride_qt stride_qh stride_ot stride_oh stride_bt")}),
+        "decode_split": (kernels._decode_split_kernel, {
+            **_pointers(dtype, "query k_cache v_cache"), "block_tables": "*i64",
+            "seq_lens": "*i32", "scale": "fp32", **_pointers("fp32", "part_acc part_m part_l"),
+            **_ints("stride_qt stride_qh stride_bt")}),
+        "decode_merge": (kernels._decode_merge_kernel, {
+            **_pointers(dtype, "out"), **_pointers("fp32", "part_acc part_m part_l"),
+            **_ints("stride_ot stride_oh")}),
+    }[name]  # fmt: skip
+    signature = {arg: "constexpr" if arg in constants else types[arg] for arg in kernel.arg_names}
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32)
+    )
+    return {"kernel": name, "dtype": dtype, "constants": constants, "arch": arch,
+            "cubin_bytes": len(compiled.asm["cubin"]),
+            "shared_bytes": compiled.metadata.shared}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    all_jobs = jobs()
+    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for result in pool.map(compile_one, all_jobs, itertools.repeat(args.arch)):
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

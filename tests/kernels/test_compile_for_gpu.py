@@ -1,0 +1,31 @@
+"""Every kernel configuration the Triton backend launches compiles for Hopper (sm_90)
+and fits its shared memory, checked without a GPU (see compile_for_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.kernels.compile_for_gpu import SHAPES, jobs
+
+HOPPER_SHARED_PER_BLOCK = 227 * 1024
+
+
+def test_every_launch_configuration_compiles_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.compile_for_gpu", "--arch", "90"],
+        cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(results) == len(jobs()) == 3 * (1 + 2 * len(SHAPES) + 2 * len(SHAPES))
+    for result in results:
+        assert result["cubin_bytes"] > 0, result
+        assert result["shared_bytes"] <= HOPPER_SHARED_PER_BLOCK, result
+    prefill = {r["constants"]["TILE_Q"] for r in results if r["kernel"] == "attention"}
+    assert 1 in prefill and max(prefill) > 1  # decode tiles and prefill tiles both built
