@@ -12,8 +12,9 @@ import torch
 
 from kubellm.kernels.paged_attention import paged_attention, paged_decode, write_kv
 from kubellm.kernels.reference import paged_attention_reference, write_kv_reference
+from tests.helpers import TRITON_DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 # fp32 and fp16 are exact enough in the interpreter; bf16 only on a GPU (see REFERENCE.md)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
