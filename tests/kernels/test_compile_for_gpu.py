@@ -16,7 +16,6 @@ HOPPER_SHARED_PER_BLOCK = 227 * 1024
 
 def test_every_launch_configuration_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
     run = subprocess.run(
         [sys.executable, "-m", "tests.kernels.compile_for_gpu", "--arch", "90"],
         cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=600,
