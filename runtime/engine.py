@@ -162,6 +162,10 @@ class LLMEngine:
             )
             self._sequences[sequence_id] = (group, index)
         self._groups[request_id] = group
+        leader, *siblings = group.sequences
+        if self.kv.enable_prefix_caching and len(token_ids) > self.config.block_size:
+            for sibling in siblings:  # the prompt fills a block: compute it once
+                sibling.prompt_leader = leader
         for request in group.sequences:
             self.scheduler.add(request)
 

@@ -54,6 +54,9 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.logprobs: list[TokenLogprobs] = []
+        # n > 1: the first sequence of the prompt, whose prefill this one waits for so it
+        # can take the prompt's full blocks from the prefix cache instead of recomputing.
+        self.prompt_leader: Request | None = None
         self.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_token_ids
         )
@@ -89,6 +92,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def waits_for_prompt_leader(self) -> bool:
+        leader = self.prompt_leader
+        return (
+            leader is not None
+            and not leader.is_finished
+            and leader.num_computed_tokens < len(leader.prompt_token_ids)
+        )
 
     def append_token(self, token_id: int) -> None:
         """Add a sampled token and finish the request if a token-level stop condition holds."""

@@ -81,6 +81,8 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.waits_for_prompt_leader:
+                return  # its prompt is in the cache once the leader's prefill is done
             cached = self.kv.find_cached_prefix(request)
             num_cached_tokens = len(cached) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget)

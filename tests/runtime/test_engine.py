@@ -130,6 +130,41 @@ def test_max_model_len_larger_than_the_pool_fails_with_both_numbers(tiny_model_d
         LLM(model=str(tiny_model_dir("mha-tied")), num_kv_blocks=8)
 
 
+def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_model_dir):
+    prompt = [(7 * i) % 300 + 1 for i in range(100)]  # 6 full blocks of 16, then 4 tokens
+    params = SamplingParams(n=4, temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
+    outputs = {}
+    for caching in (True, False):
+        llm = LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256,
+                  num_kv_blocks=64, enable_prefix_caching=caching)  # fmt: skip
+        out = llm.generate([prompt], params)[0]
+        outputs[caching] = [o.token_ids for o in out.outputs]
+        computed = llm.engine.scheduler.num_computed_tokens - 4 * 5  # less the decodes
+        # shared: the leader's 100, then each sibling's last 4 (its 96 come from the cache)
+        assert computed == (100 + 3 * 4 if caching else 4 * 100)
+        assert out.num_cached_tokens == 0  # the group reports its first sequence's hits
+        check_all_free(llm.engine.kv)
+    assert outputs[True] == outputs[False]
+    assert len({tuple(tokens) for tokens in outputs[True]}) > 1
+
+
+def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
+    llm = LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256, num_kv_blocks=64,
+              max_num_batched_tokens=32)  # fmt: skip
+    engine, prompt = llm.engine, list(range(1, 101))  # a prefill of four steps
+    engine.add_request("g", prompt, SamplingParams(n=3, max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.waiting] == ["g#1", "g#2"]
+    leader = engine.scheduler.running[0]
+    engine.scheduler.abort(leader)
+    for _ in range(20):
+        engine.step()
+    assert not engine.has_unfinished_requests()  # nobody waits for the aborted leader
+    out = engine.take_output("g")
+    assert [o.finish_reason for o in out.outputs] == ["abort", "length", "length"]
+    check_all_free(engine.kv)
+
+
 workload = st.lists(
     st.tuples(
         st.integers(1, 70),  # prompt length
@@ -137,6 +172,7 @@ workload = st.lists(
         st.integers(0, 5),  # arrival step
         st.one_of(st.none(), st.integers(0, 12)),  # abort step
         st.booleans(),  # shares a prefix
+        st.integers(1, 3),  # n
     ),
     min_size=1,
     max_size=10,
@@ -167,10 +203,10 @@ def test_random_workloads_on_the_real_engine(
     )
     shared = list(range(500, 540))
     for step in range(1000):
-        for i, (length, max_tokens, arrival, abort_at, share) in enumerate(requests):
+        for i, (length, max_tokens, arrival, abort_at, share, n) in enumerate(requests):
             if arrival == step:
                 prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
-                params = SamplingParams(temperature=0.7, seed=i, max_tokens=max_tokens)
+                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens)
                 engine.add_request(f"r{i}", prompt or [1], params)
             if abort_at == step and arrival <= step:
                 engine.abort_request(f"r{i}")
@@ -178,8 +214,10 @@ def test_random_workloads_on_the_real_engine(
         check_kv_consistent(engine.kv, engine.scheduler)
         if step > 5 and not engine.has_unfinished_requests():
             break
-    for i, (_, max_tokens, _, _, _) in enumerate(requests):
-        output = engine.take_output(f"r{i}").outputs[0]
-        assert output.finish_reason in ("stop", "length", "abort")
-        assert len(output.token_ids) <= max_tokens
+    for i, (_, max_tokens, _, _, _, n) in enumerate(requests):
+        outputs = engine.take_output(f"r{i}").outputs
+        assert len(outputs) == n
+        for output in outputs:
+            assert output.finish_reason in ("stop", "length", "abort")
+            assert len(output.token_ids) <= max_tokens
     check_all_free(engine.kv)
