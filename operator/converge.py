@@ -7,12 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from kubellm.operator.kube import Kube, collection_path, object_path
+from kubellm.operator.quantity import parse_quantity
 
 # Maps the operator owns whole: a key the spec dropped must go (set to null in the patch).
 OWNED_MAPS = frozenset({"nodeSelector", "affinity"})
-# Kinds whose spec the API server will not change after creation (a PVC's size can only
-# grow where the storage class allows it, which we leave to the user).
-CREATE_ONLY = frozenset({"PersistentVolumeClaim"})
 
 
 def matches(desired: Any, current: Any) -> bool:
@@ -51,6 +49,16 @@ def merge_patch(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, A
     return patch
 
 
+def claim_growth(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
+    """The patch that grows a claim to the desired size; empty if it is as large already.
+    A claim's other fields cannot change after creation, and it never shrinks."""
+    want = desired["spec"]["resources"]["requests"]["storage"]
+    have = current["spec"]["resources"]["requests"]["storage"]
+    if parse_quantity(want) <= parse_quantity(have):
+        return {}
+    return {"spec": {"resources": {"requests": {"storage": want}}}}
+
+
 async def apply(kube: Kube, desired: dict[str, Any]) -> str:
     """Create or patch one object; returns "created", "patched" or "unchanged"."""
     meta = desired["metadata"]
@@ -59,9 +67,10 @@ async def apply(kube: Kube, desired: dict[str, Any]) -> str:
     if current is None:
         await kube.create(collection_path(desired["kind"], meta["namespace"]), desired)
         return "created"
-    if desired["kind"] in CREATE_ONLY:
-        return "unchanged"
-    patch = merge_patch(current, desired)
+    if desired["kind"] == "PersistentVolumeClaim":
+        patch = claim_growth(current, desired)
+    else:
+        patch = merge_patch(current, desired)
     if not patch:
         return "unchanged"
     await kube.merge_patch(path, patch)

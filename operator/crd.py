@@ -158,7 +158,8 @@ CACHE = _obj(
     {
         "enabled": _bool("Create the cache PVC", True),
         "size": _str(
-            "Cache PVC size, set when the claim is created (an existing claim is not resized)",
+            "Cache PVC size; raising it grows an existing claim where its StorageClass "
+            "allows volume expansion (a claim never shrinks)",
             "50Gi",
             pattern=QUANTITY,
         ),

@@ -17,7 +17,7 @@ from kubellm.operator.builders import build_children
 from kubellm.operator.converge import apply, remove
 from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
 from kubellm.operator.defaults import with_defaults
-from kubellm.operator.kube import Kube, object_path
+from kubellm.operator.kube import Kube, KubeError, object_path
 from kubellm.operator.naming import managed_by
 from kubellm.operator.problems import CLUSTER_REASONS, Problem, find_problems
 from kubellm.operator.status import compute_status, now, same_status, transitions
@@ -125,13 +125,29 @@ async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
 async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger) -> None:
     children = build_children(cr, memo.image)
     for obj in children.desired:
-        result = await apply(memo.kube, obj)
+        try:
+            result = await apply(memo.kube, obj)
+        except KubeError as exc:
+            if obj["kind"] != "PersistentVolumeClaim" or exc.status not in (403, 422):
+                raise
+            _cache_not_resized(cr, obj, exc, logger)
+            continue
         if result != "unchanged":
             logger.info("%s %s %s", obj["kind"], obj["metadata"]["name"], result)
     meta = cr["metadata"]
     for kind in children.absent:
         if await remove(memo.kube, kind, meta["namespace"], meta["name"]):
             logger.info("%s %s deleted", kind, meta["name"])
+
+
+def _cache_not_resized(cr: dict[str, Any], claim: dict[str, Any], exc: KubeError,
+                       logger: Any) -> None:  # fmt: skip
+    """The API server refused to grow the cache claim (its StorageClass does not allow
+    volume expansion): the model still serves from the claim as it is, so say so and go on."""
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    message = f"the cache claim {claim['metadata']['name']} was not resized to {size}: {exc}"
+    logger.warning(message)
+    kopf.event(cr, type="Warning", reason="CacheNotResized", message=message)
 
 
 async def refresh_status(

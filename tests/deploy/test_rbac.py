@@ -21,7 +21,7 @@ NS = "ml"
 
 def _scenario(cluster: Cluster) -> None:
     """Every write and read the operator has: create, patch back drift, delete, status,
-    events, Secrets, claims."""
+    events, Secrets, claims (created, looked up, grown)."""
     for name, key in (("hf", "token"), ("api", "key")):
         secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
                   "data": {key: "eHl6"}}  # fmt: skip
@@ -37,8 +37,10 @@ def _scenario(cluster: Cluster) -> None:
     wait_for(lambda: cluster.get(pdb)["spec"]["maxUnavailable"] == 1, message="PDB restored")
     service = object_path("Service", NS, "full")
     wait_for(lambda: cluster.get(service)["spec"]["ports"][0]["port"] == 8080)
-    cluster.patch(path, {"spec": {"replicas": 1}})
+    cluster.patch(path, {"spec": {"replicas": 1, "cache": {"size": "80Gi"}}})
     wait_for(lambda: cluster.get(pdb) is None, message="the PDB deleted")
+    claim = object_path("PersistentVolumeClaim", NS, "full-model-cache")
+    wait_for(lambda: cluster.get(claim)["spec"]["resources"]["requests"]["storage"] == "80Gi")
     deployment = object_path("Deployment", NS, "full")
     cluster.patch(deployment + "/status", {"status": {"replicas": 1, "readyReplicas": 1,
                                                       "updatedReplicas": 1}})  # fmt: skip

@@ -10,6 +10,9 @@ kmock 0.8 needs a few fixes to satisfy kopf and kubectl; they live here, and onl
   Table when kubectl asks for one;
 - `GET /api/v1/namespaces` fails (kopf lists namespaces when given some to watch): served;
 - the LLMDeployment resource is registered the way its CRD declares it.
+
+And one switch the real API server has: `refuse_claim_resize` answers a PATCH of a
+PersistentVolumeClaim as it does when the claim's StorageClass does not allow expansion.
 """
 
 from __future__ import annotations
@@ -36,8 +39,15 @@ from kubellm.operator.crd import PLURAL, crd
 
 class FixedEmulator(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
+    refuse_claim_resize = False
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if (
+            self.refuse_claim_resize
+            and raw_request.method == "PATCH"
+            and "/persistentvolumeclaims/" in raw_request.path
+        ):
+            return _forbidden_resize(raw_request.path.rsplit("/", 1)[-1])
         if raw_request.path == "/api/v1/namespaces":  # kmock cannot parse this path
             self._requests.append(
                 rendering.Request(method=raw_request.method, url=raw_request.url,
@@ -102,6 +112,16 @@ class FixedEmulator(kmock.KubernetesEmulator):
             else (f"{request.resource.group}/{request.resource.version}")
         )
         return {"kind": f"{kind}List", "apiVersion": group_version, **payload}
+
+
+def _forbidden_resize(name: str) -> aiohttp.web.Response:
+    message = (
+        f'persistentvolumeclaims "{name}" is forbidden: only dynamically provisioned pvc can '
+        "be resized and the storageclass that provisions the pvc must support resize"
+    )
+    status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+              "message": message, "reason": "Forbidden", "code": 403}  # fmt: skip
+    return aiohttp.web.json_response(status, status=403)
 
 
 def _wants_table(request) -> bool:

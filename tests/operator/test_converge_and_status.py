@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from kubellm.operator.converge import matches, merge_patch
+import pytest
+
+from kubellm.operator.converge import claim_growth, matches, merge_patch
 from kubellm.operator.defaults import with_defaults
 from kubellm.operator.problems import Problem, static_problems
+from kubellm.operator.quantity import parse_quantity
 from kubellm.operator.status import compute_status, transitions
 from tests.operator.manifests import custom_resource
 
@@ -38,6 +41,26 @@ def _status(deployment_status, cr=None, problems=(), timestamp="T1", **spec):
 
 def _conditions(status):
     return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_quantities_compare_as_numbers():
+    assert parse_quantity("1Ki") == 1024 and parse_quantity("1.5Gi") == 1536 * 2**20
+    assert parse_quantity("500M") == 500 * 10**6 and parse_quantity("1e3") == 1000
+    assert parse_quantity("100m") * 10 == 1
+    assert parse_quantity("1536Mi") == parse_quantity("1.5Gi") < parse_quantity("2G")
+    for bad in ("", "Gi", "10 GB", "ten", "1.2.3Gi"):
+        with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+            parse_quantity(bad)
+
+
+def test_a_claim_only_grows_and_only_its_size_is_patched():
+    def claim(size: str, mode: str = "ReadWriteOnce") -> dict:
+        return {"spec": {"accessModes": [mode], "resources": {"requests": {"storage": size}}}}
+
+    grow = {"spec": {"resources": {"requests": {"storage": "100Gi"}}}}
+    assert claim_growth(claim("50Gi"), claim("100Gi", "ReadWriteMany")) == grow
+    assert claim_growth(claim("1536Mi"), claim("1.5Gi")) == {}  # the same size, spelt anew
+    assert claim_growth(claim("100Gi"), claim("50Gi")) == {}
 
 
 def test_conditions_follow_the_deployment():

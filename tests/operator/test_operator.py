@@ -169,6 +169,40 @@ def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatc
     assert "Handler 'reconcile' failed" not in runner.output
 
 
+def test_a_bigger_cache_grows_the_claim_and_a_refused_resize_is_reported(cluster, monkeypatch):
+    name = "cached"
+    claim_path = object_path("PersistentVolumeClaim", NS, f"{name}-model-cache")
+    path = object_path("LLMDeployment", NS, name)
+
+    def storage() -> str | None:
+        claim = cluster.get(claim_path) or {"spec": {"resources": {"requests": {}}}}
+        return claim["spec"]["resources"]["requests"].get("storage")
+
+    def replicas() -> int:
+        return (child(cluster, "Deployment", name) or {"spec": {}})["spec"].get("replicas")
+
+    with operator(cluster, monkeypatch):
+        create_llmd(cluster, name, model={"source": "hf://org/cached"}, cache={"size": "10Gi"})
+        wait_for(lambda: storage() == "10Gi", message="the claim")
+        cluster.patch(path, {"spec": {"cache": {"size": "20Gi"}}})
+        wait_for(lambda: storage() == "20Gi", message="the claim grown")
+        cluster.patch(path, {"spec": {"cache": {"size": "15000Mi"}, "replicas": 2}})
+        wait_for(lambda: replicas() == 2, message="the smaller size handled")
+        assert storage() == "20Gi"  # a claim never shrinks
+        cluster.emulator.refuse_claim_resize = True
+        try:
+            cluster.patch(path, {"spec": {"cache": {"size": "40Gi"}, "replicas": 3}})
+            wait_for(lambda: replicas() == 3, message="the rest converged anyway")
+            refused = wait_for(
+                lambda: [e for e in events_for(cluster, name) if e["reason"] == "CacheNotResized"]
+            )
+        finally:
+            cluster.emulator.refuse_claim_resize = False
+        assert refused[0]["type"] == "Warning" and "40Gi" in refused[0]["message"]
+        assert "storageclass that provisions the pvc must support resize" in refused[0]["message"]
+        assert storage() == "20Gi"
+
+
 def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(cluster):
     port = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
