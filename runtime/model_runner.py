@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kubellm.runtime.attention import AttentionMetadata, get_backend
@@ -82,12 +83,12 @@ class ModelRunner:
         max_blocks = max(-(-s // bs) for s in seq_lens)
         tables = [item.request.block_ids[:max_blocks] for item in out.scheduled]
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        device = self.device
+        tensor = self._tensor
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int64, device=device),
+            slot_mapping=tensor(slots, np.int64),
+            query_start_loc=tensor(query_start, np.int32),
+            seq_lens=tensor(seq_lens, np.int32),
+            block_tables=tensor(padded, np.int64),
             block_size=bs,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
@@ -96,11 +97,16 @@ class ModelRunner:
             contiguous_starts=[_contiguous_start(t) for t in tables],
         )
         return (
-            torch.tensor(input_ids, dtype=torch.int64, device=device),
-            torch.tensor(positions, dtype=torch.int64, device=device),
+            tensor(input_ids, np.int64),
+            tensor(positions, np.int64),
             meta,
-            torch.tensor(logits_indices, dtype=torch.int64, device=device),
+            tensor(logits_indices, np.int64),
         )
+
+    def _tensor(self, values: list, dtype: type) -> torch.Tensor:
+        """Python ints to a tensor on the device (through numpy: ~4x faster than
+        torch.tensor on nested lists, which matters at hundreds of requests a step)."""
+        return torch.from_numpy(np.array(values, dtype=dtype)).to(self.device)
 
 
 def _contiguous_start(block_ids: list[int]) -> int:
