@@ -104,16 +104,16 @@ class LLMEngine:
         if device.type == "cuda":
             tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
             activations = activation_peak_bytes(
-                model, tokens, self.config.block_size, device, dtype
+                model, tokens, self.config.max_num_seqs, self.config.block_size, device, dtype
             )
             free, total = torch.cuda.mem_get_info(device)
             used = total - free  # weights, CUDA context, other processes
             budget = int(total * self.config.gpu_memory_utilization) - used - activations
             logger.info(
                 "KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
-                "%.1f GiB of activations at %d tokens)",
+                "%.1f GiB of activations at %d tokens over %d sequences)",
                 budget / 2**30, 100 * self.config.gpu_memory_utilization, total / 2**30,
-                used / 2**30, activations / 2**30, tokens,
+                used / 2**30, activations / 2**30, tokens, self.config.max_num_seqs,
             )  # fmt: skip
             if budget <= 0:
                 raise ValueError(
