@@ -84,8 +84,13 @@ class DecodeGraphs:
         self.steps_run = 0  # decode steps that went through the static buffers
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        """A decode-only step (one new token per request) of a size that was prepared."""
-        return meta.max_query_len == 1 and meta.seq_lens.shape[0] <= self.sizes[-1]
+        """A decode-only step (one new token per request) of a size and context length
+        that were prepared."""
+        return (
+            meta.max_query_len == 1
+            and meta.seq_lens.shape[0] <= self.sizes[-1]
+            and meta.block_tables.shape[1] <= self.block_tables.shape[1]
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
