@@ -77,6 +77,7 @@ class AsyncEngine:
         token_ids = [list(p) for p in prompts]
         for prompt in token_ids:
             self.engine.check_prompt(prompt)
+        self.engine.check_logit_bias(params)
         engine_ids = [f"{request_id}-{k}" for k in range(len(prompts))]
         stream = RequestStream(self, engine_ids, params.n)
         for engine_id in engine_ids:

@@ -149,6 +149,7 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(token_ids)
+        self.check_logit_bias(params)
         group = _Group(request_id, text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -181,6 +182,12 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens. "
                 f"However, your prompt contains {len(token_ids)} input tokens."
             )
+
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        """Raise ValueError unless every biased token is in this model's vocabulary."""
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         """Stop generating for a request (all its sequences) and free its blocks."""

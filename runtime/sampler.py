@@ -1,7 +1,7 @@
 """Batched next-token selection.
 
 Order of operations (as vLLM): raw log-probabilities are kept for logprobs; then
-min_tokens masking, penalties, and either argmax (greedy) or temperature, top-k,
+logit_bias, min_tokens masking, penalties, and either argmax (greedy) or temperature, top-k,
 top-p and min-p filtering followed by a draw. Draws use the exponential race
 (argmax of p / E with E ~ Exp(1)). A seeded request's noise comes from its own
 (CPU) generator, so it gives the same tokens whatever else is in the batch and on
@@ -35,6 +35,7 @@ class Sampler:
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone()
+        _add_logit_bias(logits, requests)
         _mask_stops_before_min_tokens(logits, requests)
         _apply_penalties(logits, requests)
         token_ids = self._choose(logits, requests)
@@ -100,6 +101,14 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     drop_sorted = mass_before >= top_p[:, None]
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return probs.masked_fill(drop, 0.0)
+
+
+def _add_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
+    for i, r in enumerate(requests):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), device=logits.device)
+            bias = torch.tensor(list(r.params.logit_bias.values()), device=logits.device)
+            logits[i, ids] += bias
 
 
 def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:

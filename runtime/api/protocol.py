@@ -36,6 +36,9 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string, as OpenAI) -> bias in [-100, 100]"
+    )
     n: int = Field(1, le=MAX_N)
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -48,13 +51,20 @@ class _SamplingFields(BaseModel):
         context length; no logprobs)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         same = self.model_dump(include=_SAME_AS_ENGINE)
-        return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs)
+        return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                              logit_bias=self._logit_bias())  # fmt: skip
+
+    def _logit_bias(self) -> dict[int, float]:
+        try:
+            return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
 
 
 # Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
 _SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
     f.name for f in dataclasses.fields(SamplingParams)
-} - {"max_tokens", "stop", "logprobs"}
+} - {"max_tokens", "stop", "logprobs", "logit_bias"}
 
 
 class CompletionRequest(_SamplingFields):

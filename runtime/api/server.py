@@ -164,6 +164,10 @@ async def _respond(
     for prompt in prompts:
         _check_context(len(prompt), params.max_tokens, engine.engine.max_model_len)
     try:
+        engine.engine.check_logit_bias(params)
+    except ValueError as exc:
+        raise APIError(400, str(exc), "logit_bias") from None
+    try:
         stream = engine.submit(request_id, prompts, params)
     except ValueError as exc:
         raise APIError(400, str(exc), "prompt") from None

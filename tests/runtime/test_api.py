@@ -178,6 +178,23 @@ def test_64_concurrent_streaming_clients_get_their_own_outputs(server, offline):
     assert_server_idle(server.engine)
 
 
+def test_logit_bias_bans_and_forces_tokens(client, offline):
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = offline.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids[0]
+    banned_params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                   logit_bias={first: -100})  # fmt: skip
+    expected = offline.generate([[5, 6, 7]], banned_params)[0].outputs[0]
+    assert expected.token_ids[0] != first
+    banned = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4,
+                                       logit_bias={str(first): -100}, **GREEDY)  # fmt: skip
+    assert banned.choices[0].text == expected.text
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        logit_bias={"42": 100}, **GREEDY,
+    )  # fmt: skip
+    assert chat.choices[0].message.content == offline.tokenizer.decode([42] * 3)
+
+
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -203,6 +220,11 @@ def test_tokenize_uses_the_model_tokenizer(server):
         ("completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ("completions", {"model": MODEL, "prompt": "x", "n": 1000}, 400, "n"),
         ("completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
+        ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+        ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400,
+         "logit_bias"),
+        ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400,
+         "logit_bias"),
         ("completions", {"model": MODEL, "prompt": "x", "tools": []}, 400, "not supported"),
         ("completions", {"model": MODEL, "prompt": list(range(1, 300))}, 400, "context length"),
         ("completions", {"model": MODEL, "prompt": ["ok", []]}, 400, "empty"),

@@ -91,6 +91,15 @@ def test_bad_prompts_raise_and_the_engine_keeps_serving(tiny, prompt, message):
     assert len(tiny.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids) == 12
 
 
+def test_a_logit_bias_outside_the_vocabulary_is_refused_before_anything_runs(tiny):
+    vocab = tiny.engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=3, logit_bias={vocab: 5.0})
+    with pytest.raises(ValueError, match=rf"logit_bias keys must be token ids in \[0, {vocab}\)"):
+        tiny.generate([[1, 2, 3], [4, 5]], [GREEDY, params])
+    assert not tiny.engine.has_unfinished_requests()
+    check_all_free(tiny.engine.kv)
+
+
 def test_abort_frees_blocks_mid_generation(tiny):
     engine = tiny.engine
     engine.add_request("keep", [1, 2, 3], GREEDY)

@@ -111,6 +111,14 @@ def test_unseeded_draws_in_one_batch_are_independent_and_follow_the_distribution
     torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
 
 
+def test_logit_bias_moves_only_its_own_row():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    requests = [req(temperature=0.0, logit_bias={0: -100}), req(temperature=0.0),
+                req(temperature=0.0, logit_bias={2: 2.5})]  # fmt: skip
+    out = Sampler(seed=0)(logits, requests)
+    assert out.token_ids == [1, 0, 2]
+
+
 def test_top_k_1_equals_greedy():
     torch.manual_seed(1)
     logits = torch.randn(8, 300)
@@ -142,6 +150,8 @@ def test_logprobs_are_of_the_raw_distribution_with_top_n():
         dict(n=0),
         dict(presence_penalty=3.0),
         dict(frequency_penalty=-2.5),
+        dict(logit_bias={3: 150.0}),
+        dict(logit_bias={-1: 1.0}),
         dict(repetition_penalty=0.0),
         dict(stop=[""]),
         dict(logprobs=21),
