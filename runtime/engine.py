@@ -19,9 +19,9 @@ from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.model_runner import ModelRunner
 from kubellm.runtime.outputs import CompletionOutput, RequestOutput, StepDelta
 from kubellm.runtime.request import Request, TokenLogprobs
-from kubellm.runtime.sampler import Sampler
+from kubellm.runtime.sampler import Sampler, score_tokens
 from kubellm.runtime.sampling_params import SamplingParams
-from kubellm.runtime.scheduler import Scheduler
+from kubellm.runtime.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class LLMEngine:
             self._sequences[sequence_id] = (group, index)
         self._groups[request_id] = group
         leader, *siblings = group.sequences
-        if self.kv.enable_prefix_caching and len(token_ids) > self.config.block_size:
+        shares_prompt = self.kv.enable_prefix_caching and params.prompt_logprobs is None
+        if shares_prompt and len(token_ids) > self.config.block_size:
             for sibling in siblings:  # the prompt fills a block: compute it once
                 sibling.prompt_leader = leader
         for request in group.sequences:
@@ -207,7 +208,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits = self.runner.execute(out)
+        logits, prompt_logits = self.runner.execute(out)
+        if prompt_logits is not None:
+            self._record_prompt_logprobs(out, prompt_logits)
         to_sample = [s.request for s in out.scheduled if s.samples]
         tokens: dict[str, int] = {}
         logprobs: dict[str, TokenLogprobs | None] = {}
@@ -222,6 +225,21 @@ class LLMEngine:
         deltas = [self._advance_text(r, logprobs[r.request_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
+
+    @staticmethod
+    def _record_prompt_logprobs(out: SchedulerOutput, prompt_logits: torch.Tensor) -> None:
+        """Score each prompt token from the logits of the position before it."""
+        row = 0
+        for item in out.scheduled:
+            positions = item.prompt_positions
+            if not positions:
+                continue
+            request = item.request
+            targets = [request.prompt_token_ids[p + 1] for p in positions]
+            scored = score_tokens(prompt_logits[row : row + len(targets)], targets,
+                                  request.params.prompt_logprobs)  # fmt: skip
+            request.prompt_logprobs[positions.start + 1 : positions.stop + 1] = scored
+            row += len(targets)
 
     def _advance_text(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
         group, index = self._sequences[request.request_id]
@@ -241,6 +259,7 @@ class LLMEngine:
             new_token_ids=[token_id],
             new_text=detokenizer.take_delta(request.is_finished),
             new_logprobs=[logprobs] if logprobs is not None else [],
+            prompt_logprobs=request.prompt_logprobs if request.num_output_tokens == 1 else None,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
             num_prompt_tokens=len(request.prompt_token_ids),
@@ -269,6 +288,7 @@ class LLMEngine:
             group.prompt_token_ids,
             outputs,
             num_cached_tokens=min(r.num_cached_tokens for r in group.sequences),
+            prompt_logprobs=group.sequences[0].prompt_logprobs,
         )
         if result.finished:
             del self._groups[request_id]

@@ -56,9 +56,11 @@ class KVCacheManager:
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Blocks already holding this request's longest cached prefix.
 
-        At least the last token is always left to compute: its logits are needed.
+        At least the last token is always left to compute: its logits are needed. A request
+        that wants its prompt's logprobs computes the whole prompt (cached blocks hold K/V,
+        not logits).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
             return []
         self._extend_hashes(request, (request.num_tokens - 1) // self.block_size)
         hits: list[int] = []

@@ -41,7 +41,9 @@ def profile_batch(
 
 def run_profile_step(runner: ModelRunner, requests: list[Request]) -> list[int]:
     """The forward pass and the sampler over the profile batch; the tokens drawn."""
-    logits = runner.execute(SchedulerOutput([ScheduledRequest(r, r.num_tokens) for r in requests]))
+    logits, _ = runner.execute(
+        SchedulerOutput([ScheduledRequest(r, r.num_tokens) for r in requests])
+    )
     return Sampler(seed=0)(logits, requests).token_ids
 
 

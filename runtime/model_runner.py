@@ -51,14 +51,19 @@ class ModelRunner:
         return model
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits [num_sampling_requests, vocab] (fp32), in scheduled order."""
-        input_ids, positions, meta, logits_indices = self._prepare(out)
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (fp32) of the sampling requests [num_sampling, vocab], in scheduled order,
+        and of the prompt positions that requests asked to score (`prompt_positions`, in
+        scheduled order; None when none did)."""
+        input_ids, positions, meta, logits_indices, prompt_indices = self._prepare(out)
         if self.decode_graphs is not None and self.decode_graphs.covers(meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[logits_indices])
+        logits = self.model.compute_logits(hidden[logits_indices])
+        if prompt_indices is None:
+            return logits, None
+        return logits, self.model.compute_logits(hidden[prompt_indices])
 
     def _prepare(self, out: SchedulerOutput):
         input_ids: list[int] = []
@@ -67,6 +72,7 @@ class ModelRunner:
         query_start = [0]
         seq_lens: list[int] = []
         logits_indices: list[int] = []
+        prompt_indices: list[int] = []
         bs = self.block_size
         for item in out.scheduled:
             request, start = item.request, item.request.num_computed_tokens
@@ -79,6 +85,8 @@ class ModelRunner:
             seq_lens.append(end)
             if item.samples:
                 logits_indices.append(query_start[-1] - 1)
+            first_row = query_start[-2] - start
+            prompt_indices += (first_row + p for p in item.prompt_positions)
         query_lens = [item.num_new_tokens for item in out.scheduled]
         max_blocks = max(-(-s // bs) for s in seq_lens)
         tables = [item.request.block_ids[:max_blocks] for item in out.scheduled]
@@ -101,6 +109,7 @@ class ModelRunner:
             tensor(positions, np.int64),
             meta,
             tensor(logits_indices, np.int64),
+            tensor(prompt_indices, np.int64) if prompt_indices else None,
         )
 
     def _tensor(self, values: list, dtype: type) -> torch.Tensor:

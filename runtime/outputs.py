@@ -32,6 +32,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: per prompt position (None at 0: nothing predicts it)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,3 +53,4 @@ class StepDelta:
     stop_reason: int | str | None
     num_prompt_tokens: int
     queue_seconds: float  # from arrival until first scheduled
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a sequence's first token

@@ -54,6 +54,11 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0
         self.logprobs: list[TokenLogprobs] = []
+        # params.prompt_logprobs: per prompt position, how likely that token was given the
+        # ones before it (None at 0: nothing predicts the first token).
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(prompt_token_ids)
+        )
         # n > 1: the first sequence of the prompt, whose prefill this one waits for so it
         # can take the prompt's full blocks from the prefix cache instead of recomputing.
         self.prompt_leader: Request | None = None

@@ -137,6 +137,13 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
+def score_tokens(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
+    """Each row's log-probability of its given token, with the row's `top_n` best (the
+    prompt's logprobs: row i holds the logits that predict token_ids[i])."""
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    return [_logprobs_of(row, token_id, top_n) for row, token_id in zip(raw, token_ids)]
+
+
 def _logprobs_of(raw: torch.Tensor, token_id: int, top_n: int) -> TokenLogprobs:
     top = raw.topk(top_n) if top_n > 0 else None
     top_dict = {} if top is None else dict(zip(top.indices.tolist(), top.values.tolist()))

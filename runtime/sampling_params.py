@@ -28,6 +28,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +78,10 @@ class SamplingParams:
                 f"logprobs must be in [0, 20], got {self.logprobs}",
             ),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
+            ),
             (
                 all(t >= 0 for t in self.logit_bias),
                 "logit_bias keys must be non-negative token ids",

@@ -28,6 +28,15 @@ class ScheduledRequest:
         """True when this step computes the request's last known token, so it samples."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
+    @property
+    def prompt_positions(self) -> range:
+        """Positions whose logits score the next prompt token this step (prompt_logprobs)."""
+        if self.request.params.prompt_logprobs is None:
+            return range(0)
+        start = self.request.num_computed_tokens
+        end = min(start + self.num_new_tokens, len(self.request.prompt_token_ids) - 1)
+        return range(start, max(start, end))
+
 
 @dataclass
 class SchedulerOutput:

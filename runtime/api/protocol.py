@@ -46,13 +46,15 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
         """`max_tokens` and `logprobs` as the endpoint resolved them (None: up to the
-        context length; no logprobs)."""
+        context length; no logprobs), and the prompt's logprobs (completions' echo)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         same = self.model_dump(include=_SAME_AS_ENGINE)
         return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                              logit_bias=self._logit_bias())  # fmt: skip
+                              logit_bias=self._logit_bias(),
+                              prompt_logprobs=prompt_logprobs)  # fmt: skip
 
     def _logit_bias(self) -> dict[int, float]:
         try:
@@ -64,7 +66,7 @@ class _SamplingFields(BaseModel):
 # Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
 _SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
     f.name for f in dataclasses.fields(SamplingParams)
-} - {"max_tokens", "stop", "logprobs", "logit_bias"}
+} - {"max_tokens", "stop", "logprobs", "logit_bias", "prompt_logprobs"}
 
 
 class CompletionRequest(_SamplingFields):
@@ -72,7 +74,7 @@ class CompletionRequest(_SamplingFields):
         description="text, token ids, or a list of either (n choices per prompt, in order)"
     )
     logprobs: int | None = None
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="prefix each choice with its prompt (and its logprobs)")
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -25,7 +25,17 @@ class ResponseShape:
     num_choices: int
     logprobs: bool
     token_text: TokenText
+    # completions' echo: per prompt, its text and token ids, put before each of its choices
+    echo: list[tuple[str, list[int]]] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def echoed(self, index: int, delta: StepDelta) -> tuple[str, list[TokenLogprobs | int]]:
+        """What goes before choice `index`'s first delta: the prompt's text and logprob
+        entries (its first token, which nothing predicts, as a bare id)."""
+        text, ids = self.echo[index * len(self.echo) // self.num_choices]
+        if not self.logprobs:
+            return text, []
+        return text, [ids[0], *delta.prompt_logprobs[1:]]
 
 
 class TokenText:
@@ -42,14 +52,17 @@ class TokenText:
         return text
 
 
-def completion_logprobs(entries: list[TokenLogprobs], text: TokenText, offset: int) -> dict:
-    """The legacy completions shape; `offset` is where the first token starts in the text."""
-    tokens = [text(e.token_id) for e in entries]
+def completion_logprobs(entries: list[TokenLogprobs | int], text: TokenText, offset: int) -> dict:
+    """The legacy completions shape; `offset` is where the first token starts in the text.
+    A bare token id (an echoed prompt's first token) has null logprobs, as OpenAI's."""
+    scored = [e if isinstance(e, TokenLogprobs) else None for e in entries]
+    tokens = [text(e.token_id if isinstance(e, TokenLogprobs) else e) for e in entries]
     return {
         "tokens": tokens,
-        "token_logprobs": [max(e.logprob, _MIN_LOGPROB) for e in entries],
+        "token_logprobs": [None if e is None else max(e.logprob, _MIN_LOGPROB) for e in scored],
         "top_logprobs": [
-            {text(t): max(lp, _MIN_LOGPROB) for t, lp in e.top.items()} for e in entries
+            None if e is None else {text(t): max(lp, _MIN_LOGPROB) for t, lp in e.top.items()}
+            for e in scored
         ],
         "text_offset": list(accumulate((len(t) for t in tokens[:-1]), initial=offset)),
     }
@@ -85,7 +98,7 @@ class _Choice:
     text: str = ""
     num_tokens: int = 0
     finish_reason: str | None = None
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | int] = field(default_factory=list)
 
 
 async def collect(
@@ -96,6 +109,8 @@ async def collect(
     prompt_tokens: dict[str, int] = {}
     async for index, delta in stream:
         choice = choices[index]
+        if shape.echo is not None and choice.num_tokens == 0:
+            choice.text, choice.logprobs = shape.echoed(index, delta)
         choice.text += delta.new_text
         choice.num_tokens += len(delta.new_token_ids)
         choice.finish_reason = delta.finish_reason
@@ -145,13 +160,17 @@ async def sse(
             role = {"role": "assistant", "content": ""}
             yield _chunk(shape, [{"index": i, "delta": role} for i in range(shape.num_choices)])
         text_length = [0] * shape.num_choices
+        started: set[int] = set()  # choices that sent their first chunk (echo goes there)
         prompt_tokens: dict[str, int] = {}
         async for index, delta in stream:
             record.completion_tokens += len(delta.new_token_ids)
             prompt_tokens[delta.request_id] = delta.num_prompt_tokens
             record.prompt_tokens = sum(prompt_tokens.values())
-            yield _chunk(shape, [_delta_choice(index, delta, shape, text_length[index])])
-            text_length[index] += len(delta.new_text)
+            first = shape.echo is not None and index not in started
+            started.add(index)
+            choice = _delta_choice(index, delta, shape, text_length[index], first)
+            yield _chunk(shape, [choice])
+            text_length[index] += len(choice.get("text", delta.new_text))
         if include_usage:
             yield _chunk(shape, [], usage(record.prompt_tokens, record.completion_tokens))
         yield "data: [DONE]\n\n"
@@ -159,16 +178,19 @@ async def sse(
         on_close()
 
 
-def _delta_choice(index: int, delta: StepDelta, shape: ResponseShape, offset: int) -> dict:
+def _delta_choice(index: int, delta: StepDelta, shape: ResponseShape, offset: int,
+                  first: bool) -> dict:  # fmt: skip
     logprobs = None
     if shape.chat:
         if shape.logprobs:
             logprobs = chat_logprobs(delta.new_logprobs, shape.token_text)
         choice = {"index": index, "delta": {"content": delta.new_text}, "logprobs": logprobs}
     else:
+        text, entries = shape.echoed(index, delta) if first else ("", [])
         if shape.logprobs:
-            logprobs = completion_logprobs(delta.new_logprobs, shape.token_text, offset)
-        choice = {"index": index, "text": delta.new_text, "logprobs": logprobs}
+            entries = [*entries, *delta.new_logprobs]
+            logprobs = completion_logprobs(entries, shape.token_text, offset)
+        choice = {"index": index, "text": text + delta.new_text, "logprobs": logprobs}
     choice["finish_reason"] = delta.finish_reason
     return choice
 

@@ -88,14 +88,15 @@ def build_app(
     async def completions(body: CompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         engine = app.state.engine
-        prompts = [
-            engine.tokenize(p) if isinstance(p, str) else p for p in _prompt_list(body.prompt)
-        ]
+        given = _prompt_list(body.prompt)
+        prompts = [engine.tokenize(p) if isinstance(p, str) else p for p in given]
         max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
-        params = _params(body, max_tokens, body.logprobs)
-        return await _respond(engine, metrics, raw, "cmpl", body, prompts, params)
+        echo = [p if isinstance(p, str) else None for p in given] if body.echo else None
+        prompt_logprobs = body.logprobs if body.echo else None
+        params = _params(body, max_tokens, body.logprobs, prompt_logprobs)
+        return await _respond(engine, metrics, raw, "cmpl", body, prompts, params, echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
@@ -130,11 +131,18 @@ def _prompt_list(prompt: str | list[int] | list[str | list[int]]) -> list:
     return list(prompt) or [[]]  # [] is an empty prompt: the engine says so
 
 
-def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _params(body, max_tokens: int | None, logprobs: int | None,
+            prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
     try:
-        return body.sampling_params(max_tokens, logprobs)
+        return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
+
+
+def _echo_texts(given: list[str | None], prompts: list[list[int]], tokenizer) -> list:
+    """Each prompt's text as sent (token ids decoded) with its ids."""
+    decoded = [tokenizer.decode(ids) if text is None else text for text, ids in zip(given, prompts)]
+    return list(zip(decoded, prompts))
 
 
 def _check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
@@ -158,7 +166,10 @@ async def _respond(
     body: CompletionRequest | ChatCompletionRequest,
     prompts: list[list[int]],
     params: SamplingParams,
+    echo: list[str | None] | None = None,
 ):
+    """`echo`: completions' prompts to put before their choices, as sent (None: token ids,
+    decoded once they are known to be valid)."""
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     record = raw.state.access = AccessRecord(request_id)
     for prompt in prompts:
@@ -178,6 +189,7 @@ async def _respond(
         num_choices=len(prompts) * params.n,
         logprobs=params.logprobs is not None,
         token_text=TokenText(engine.engine.tokenizer),
+        echo=None if echo is None else _echo_texts(echo, prompts, engine.engine.tokenizer),
     )
     observed = metrics.observe(stream, params.n)
 

@@ -195,6 +195,44 @@ def test_logit_bias_bans_and_forces_tokens(client, offline):
     assert chat.choices[0].message.content == offline.tokenizer.decode([42] * 3)
 
 
+def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(client, offline):
+    prompt = [5, 6, 7, 8, 9, 10]
+    # lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1,
+                                    echo=True, **GREEDY)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=1)  # fmt: skip
+    expected = offline.generate([prompt], params)[0]
+    prompt_text = offline.tokenizer.decode(prompt)
+    choice = out.choices[0]
+    assert choice.text == prompt_text + expected.outputs[0].text
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(prompt) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    scored = [e.logprob for e in expected.prompt_logprobs[1:]] + [
+        expected.outputs[0].logprobs[0].logprob
+    ]
+    assert logprobs.token_logprobs[1:] == pytest.approx(scored, abs=1e-5)
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+
+
+def test_echo_streams_the_prompt_first_for_every_choice(client, offline):
+    prompts = ["One two", [11, 12, 13]]
+    stream = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2,
+                                       echo=True, stream=True, **GREEDY)  # fmt: skip
+    texts = ["" for _ in range(4)]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2,
+                                      echo=True, **GREEDY)  # fmt: skip
+    assert texts == [c.text for c in whole.choices]
+    echoed = ["One two", offline.tokenizer.decode([11, 12, 13])]
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    completions = [o.outputs[0].text for o in offline.generate(prompts, greedy)]
+    assert texts == [echoed[i // 2] + completions[i // 2] for i in range(4)]
+
+
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 

@@ -56,10 +56,10 @@ def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_
         runner.decode_graphs = graphs
         for cache, values in zip(runner.kv_caches, history):
             cache.copy_(values)
-        logits = [runner.execute(first)]
+        logits = [runner.execute(first)[0]]
         for cache, values in zip(runner.kv_caches, reused):
             cache.copy_(values)
-        logits.append(runner.execute(second))
+        logits.append(runner.execute(second)[0])
         return logits, [cache.clone() for cache in runner.kv_caches]
 
     eager_logits, eager_caches = run(None)

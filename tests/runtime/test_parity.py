@@ -58,3 +58,27 @@ def test_tiny_models_match_transformers(name, tiny_model_dir):
     ours = llm.generate(prompts, GREEDY_32)
     for prompt, output in zip(prompts, ours):
         assert output.outputs[0].token_ids == hf_greedy(oracle, prompt, 32), len(prompt)
+
+
+def test_prompt_logprobs_match_transformers_across_chunks_and_the_prefix_cache(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = tiny_model_dir("gqa4-untied")
+    oracle = AutoModelForCausalLM.from_pretrained(directory).eval()
+    prompt = [(11 * j) % 3000 + 50 for j in range(40)]  # three prefill chunks of 16
+    with torch.no_grad():
+        expected = torch.log_softmax(oracle(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    llm = LLM(model=str(directory), max_num_batched_tokens=16, num_kv_blocks=32)
+    llm.generate([prompt], SamplingParams(max_tokens=1))  # the prompt is now cached
+    params = SamplingParams(max_tokens=1, prompt_logprobs=3)
+    out = llm.generate([prompt], params)[0]
+    assert out.num_cached_tokens == 0  # cached blocks hold no logits: all recomputed
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        row = expected[position - 1]
+        assert entry.token_id == prompt[position]
+        assert entry.logprob == pytest.approx(float(row[prompt[position]]), abs=1e-4)
+        top = row.topk(3)
+        assert list(entry.top) == top.indices.tolist()
+        assert list(entry.top.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
