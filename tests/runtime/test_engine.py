@@ -182,6 +182,7 @@ workload = st.lists(
         st.one_of(st.none(), st.integers(0, 12)),  # abort step
         st.booleans(),  # shares a prefix
         st.integers(1, 3),  # n
+        st.booleans(),  # scores its prompt (prompt_logprobs)
     ),
     min_size=1,
     max_size=10,
@@ -212,10 +213,11 @@ def test_random_workloads_on_the_real_engine(
     )
     shared = list(range(500, 540))
     for step in range(1000):
-        for i, (length, max_tokens, arrival, abort_at, share, n) in enumerate(requests):
+        for i, (length, max_tokens, arrival, abort_at, share, n, scored) in enumerate(requests):
             if arrival == step:
                 prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
-                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens)
+                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens,
+                                        prompt_logprobs=0 if scored else None)  # fmt: skip
                 engine.add_request(f"r{i}", prompt or [1], params)
             if abort_at == step and arrival <= step:
                 engine.abort_request(f"r{i}")
@@ -223,9 +225,12 @@ def test_random_workloads_on_the_real_engine(
         check_kv_consistent(engine.kv, engine.scheduler)
         if step > 5 and not engine.has_unfinished_requests():
             break
-    for i, (_, max_tokens, _, _, _, n) in enumerate(requests):
-        outputs = engine.take_output(f"r{i}").outputs
+    for i, (_, max_tokens, _, _, _, n, scored) in enumerate(requests):
+        result = engine.take_output(f"r{i}")
+        outputs = result.outputs
         assert len(outputs) == n
+        if scored and outputs[0].finish_reason != "abort":  # every prompt token scored
+            assert all(e is not None for e in result.prompt_logprobs[1:])
         for output in outputs:
             assert output.finish_reason in ("stop", "length", "abort")
             assert len(output.token_ids) <= max_tokens
