@@ -66,7 +66,7 @@ class _SamplingFields(BaseModel):
 # Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
 _SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
     f.name for f in dataclasses.fields(SamplingParams)
-} - {"max_tokens", "stop", "logprobs", "logit_bias", "prompt_logprobs"}
+} - {"max_tokens", "stop", "logprobs", "logit_bias"}
 
 
 class CompletionRequest(_SamplingFields):
