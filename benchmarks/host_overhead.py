@@ -55,6 +55,7 @@ def _timed(totals: dict[str, float], name: str, fn):
 def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
     """Milliseconds per decode step of `batch` running requests, per stage."""
     from kubellm.runtime import LLM, SamplingParams
+    from kubellm.runtime.step_plan import StepPlan
 
     llm = LLM(model=str(model_dir), device="cpu", max_num_seqs=batch, kv_cache_memory_gib=0.2)
     engine, totals = llm.engine, defaultdict(float)
@@ -67,22 +68,28 @@ def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
         r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running
     ):
         engine.step()  # prefill everything first: what follows is decode only
-    stages = {
+    stages = {  # prepare: the step's plan, then its tensors
         "schedule": (engine.scheduler, "schedule"),
-        "prepare": (engine.runner, "_prepare"),
+        "prepare": (StepPlan, "from_schedule"),
+        "inputs": (engine.runner, "_inputs"),
         "model": (engine.runner.model, "forward"),
         "logits": (engine.runner.model, "compute_logits"),
         "sampler": (engine, "sampler"),
         "update": (engine.scheduler, "update"),
         "detokenize": (engine, "_advance_text"),
     }
+    plan_builder = StepPlan.__dict__["from_schedule"]  # a class attribute: put back after
     for name, (owner, attribute) in stages.items():
-        setattr(owner, attribute, _timed(totals, name, getattr(owner, attribute)))
-    started = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    total = time.perf_counter() - started
-    result = {name: 1e3 * totals[name] / steps for name in stages}
+        stage = "prepare" if name == "inputs" else name
+        setattr(owner, attribute, _timed(totals, stage, getattr(owner, attribute)))
+    try:
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        total = time.perf_counter() - started
+    finally:
+        StepPlan.from_schedule = plan_builder
+    result = {name: 1e3 * totals[name] / steps for name in (*HOST_STAGES, *DEVICE_STAGES)}
     result["step"] = 1e3 * total / steps
     return result
 

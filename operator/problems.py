@@ -31,11 +31,12 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
     gpus = spec["resources"]["gpus"]
     tensor_parallel = spec["engine"]["tensorParallelSize"]
     problems = []
-    if tensor_parallel > 1:
+    if tensor_parallel > max(gpus, 1) or (gpus == 0 and tensor_parallel > 1):
         problems.append(Problem(
-            "TensorParallelUnsupported",
-            f"engine.tensorParallelSize is {tensor_parallel}: this runtime serves a model "
-            f"on one GPU per replica; use tensorParallelSize 1 and resources.gpus 1",
+            "TooFewGPUs",
+            f"engine.tensorParallelSize is {tensor_parallel} but resources.gpus is {gpus}: "
+            f"each rank needs a GPU of its own; set resources.gpus to {tensor_parallel} "
+            f"or lower engine.tensorParallelSize",
         ))  # fmt: skip
     elif gpus > tensor_parallel:
         problems.append(Problem(

@@ -5,6 +5,12 @@ loop, then hand it over as a command the step thread applies between two steps; 
 a stream is a command too. (A lock shared with a busy step loop is not fair: a handler
 waiting on it could wait for many steps.) Each API request gets a `RequestStream`, one
 asyncio queue fed with the `StepDelta`s of all its prompts and sequences.
+
+A failure the engine cannot recover from (a step that raises, a tensor-parallel worker
+that died) kills it loudly: every open stream raises `EngineDeadError`, new requests are
+refused with it, and the listeners (`kubellm serve`: health 503, then a non-zero exit)
+are told. The engine's state after such a failure is unknown (a step may have half
+updated the scheduler, the ranks may disagree), so nothing is retried.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ from kubellm.runtime.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class EngineDeadError(RuntimeError):
+    """The engine failed and serves nothing more; the message says why."""
+
+
 class RequestStream:
     """The deltas of one API request (k prompts x n sequences) as (choice index, delta),
     where choice index = prompt index * n + sequence index, as OpenAI numbers choices.
@@ -33,7 +43,7 @@ class RequestStream:
     def __init__(self, owner: AsyncEngine, engine_ids: list[str], n: int) -> None:
         self._owner = owner
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[StepDelta] = asyncio.Queue()
+        self.queue: asyncio.Queue[StepDelta | EngineDeadError] = asyncio.Queue()
         self.engine_ids = engine_ids
         self._prompt_index = {request_id: k for k, request_id in enumerate(engine_ids)}
         self.n = n
@@ -47,6 +57,8 @@ class RequestStream:
         if not self.remaining:
             raise StopAsyncIteration
         delta = await self.queue.get()
+        if isinstance(delta, EngineDeadError):
+            raise delta
         self.remaining -= delta.finish_reason is not None
         return self._prompt_index[delta.request_id] * self.n + delta.index, delta
 
@@ -61,8 +73,18 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # engine request id -> its stream
         self._stopping = False
+        self.failure: str | None = None  # why the engine died, once it has
+        self._failure_lock = threading.Lock()
+        self._failure_listeners: list[Callable[[str], None]] = []
         self._thread = threading.Thread(target=self._run, name="kubellm-engine", daemon=True)
         self._thread.start()
+        engine.on_worker_lost(self._fail)
+
+    def on_failure(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` (from the thread that saw it) when the engine dies."""
+        self._failure_listeners.append(listener)
+        if self.failure is not None:
+            listener(self.failure)
 
     @property
     def num_in_flight(self) -> int:
@@ -73,7 +95,10 @@ class AsyncEngine:
         self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams
     ) -> RequestStream:
         """Queue every prompt (token ids, as `request_id-k`), all or none: bad input raises
-        ValueError and queues nothing. Call from the event loop."""
+        ValueError and queues nothing; a dead engine raises EngineDeadError. Call from
+        the event loop."""
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
         token_ids = [list(p) for p in prompts]
         for prompt in token_ids:
             self.engine.check_prompt(prompt)
@@ -82,6 +107,10 @@ class AsyncEngine:
         stream = RequestStream(self, engine_ids, params.n)
         for engine_id in engine_ids:
             self._streams[engine_id] = stream
+        if self.failure is not None:  # died while this was registered: nobody would answer
+            for engine_id in engine_ids:
+                self._streams.pop(engine_id, None)
+            raise EngineDeadError(self.failure)
 
         def add() -> None:
             for engine_id, prompt in zip(engine_ids, token_ids):
@@ -94,9 +123,11 @@ class AsyncEngine:
         return self.engine.tokenize(text)
 
     def shutdown(self) -> None:
+        """Stop the step thread, then the tensor-parallel workers."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _close(self, stream: RequestStream) -> None:
         """Forget the stream now; the step thread aborts what is unfinished."""
@@ -129,13 +160,36 @@ class AsyncEngine:
                 logger.exception("engine command failed")
 
     def _run(self) -> None:
-        while not self._stopping:
+        try:
+            self._loop()
+        except Exception as exc:
+            logger.exception("engine step failed")
+            self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+
+    def _loop(self) -> None:
+        while not self._stopping and self.failure is None:
             self._wake.wait()
             self._wake.clear()
             self._apply_commands()
             while self.engine.has_unfinished_requests() and not self._stopping:
+                if self.failure is not None:
+                    return
                 self._dispatch(self.engine.step())
                 self._apply_commands()
+
+    def _fail(self, reason: str) -> None:
+        """The engine is dead: fail every open stream, tell the listeners (once)."""
+        with self._failure_lock:
+            if self.failure is not None:
+                return
+            self.failure = reason
+        logger.error("the engine is dead: %s", reason)
+        streams = {id(s): s for s in list(self._streams.values())}.values()
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDeadError(reason))
+        self._wake.set()
+        for listener in self._failure_listeners:
+            listener(reason)
 
     def _dispatch(self, deltas: list[StepDelta]) -> None:
         for delta in deltas:

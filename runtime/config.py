@@ -50,8 +50,37 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
-    def kv_bytes_per_token(self, dtype_size: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
+    def kv_bytes_per_token(self, dtype_size: int, tensor_parallel_size: int = 1) -> int:
+        """One token's K and V over all layers, on one rank (its KV heads only)."""
+        kv_heads = max(1, self.num_kv_heads // tensor_parallel_size)
+        return 2 * self.num_layers * kv_heads * self.head_dim * dtype_size
+
+    def tensor_parallel_sizes(self) -> list[int]:
+        """The TP sizes this model can be split into: heads, KV heads (or their replicas),
+        MLP columns and vocabulary divide evenly."""
+        return [size for size in range(1, self.num_heads + 1) if not self._indivisible(size)]
+
+    def check_tensor_parallel(self, size: int) -> None:
+        """Raise ValueError, naming the numbers, unless the model splits over `size` ranks."""
+        problems = self._indivisible(size)
+        if problems:
+            sizes = ", ".join(map(str, self.tensor_parallel_sizes()))
+            raise ValueError(
+                f"tensor_parallel_size {size} does not divide this model's {'; '.join(problems)}: "
+                f"choose one of {sizes}"
+            )
+
+    def _indivisible(self, size: int) -> list[str]:
+        problems = []
+        if self.num_heads % size:
+            problems.append(f"{self.num_heads} attention heads")
+        if self.num_kv_heads % size and size % self.num_kv_heads:
+            problems.append(f"{self.num_kv_heads} KV heads (nor does {size} divide by them)")
+        if self.intermediate_size % size:
+            problems.append(f"intermediate size {self.intermediate_size}")
+        if self.vocab_size % size:
+            problems.append(f"vocabulary of {self.vocab_size}")
+        return problems
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
@@ -90,7 +119,7 @@ class EngineConfig:
     revision: str | None = None
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -103,11 +132,6 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size {self.tensor_parallel_size} is not supported: kubellm "
-                f"runs a model on one device per replica (tensor parallelism is not built yet)"
             )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(

@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.detokenizer import IncrementalDetokenizer
+from kubellm.runtime.distributed import SINGLE_RANK
 from kubellm.runtime.kv_cache import KVCacheManager
-from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.source import resolve
-from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.model_runner import ModelRunner
 from kubellm.runtime.outputs import CompletionOutput, RequestOutput, StepDelta
+from kubellm.runtime.placement import resolve_placement
 from kubellm.runtime.request import Request, TokenLogprobs
 from kubellm.runtime.sampler import Sampler, score_tokens
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.scheduler import Scheduler, SchedulerOutput
+from kubellm.runtime.step_plan import StepPlan
+from kubellm.runtime.workers import WorkerGroup
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -39,50 +38,30 @@ class _Group:
     detokenizers: list[IncrementalDetokenizer]
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: $KUBELLM_DEVICE when set (as for `kubellm serve --device`), else CUDA when
-    there is a GPU, else CPU."""
-    if name == "auto":
-        name = os.environ.get("KUBELLM_DEVICE", "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_attention_backend(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    return "triton" if device.type == "cuda" else "torch"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 class LLMEngine:
+    """Rank 0: the scheduler, the sampler, the detokenizers and the requests. With
+    `tensor_parallel_size` N it starts N - 1 worker processes that run the other shards."""
+
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
         source = resolve(config.model, config.revision)
         self.model_config = source.config
+        source.config.check_tensor_parallel(config.tensor_parallel_size)
+        placement = resolve_placement(config)
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = config.resolve_max_model_len(source.config)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        backend = resolve_attention_backend(config.attention_backend, device)
-        model = ModelRunner.build(source.config, self.max_model_len, backend, device, dtype)
-        load_weights(model, source.tensors())
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(model, dtype, device)
-        config.check_pool_fits(self.max_model_len, num_blocks)
+        self.workers = self._start_workers(config, placement)
+        try:
+            tp = self.workers.tp if self.workers else SINGLE_RANK
+            self.runner = ModelRunner(config, source, self.max_model_len, placement, tp)
+        except BaseException:
+            if self.workers:
+                self.workers.kill()
+            raise
+        num_blocks = self.runner.num_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, device, dtype)
-        if device.type == "cuda" and not config.enforce_eager:
-            self._capture_decode_graphs(backend)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(source.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
@@ -91,50 +70,34 @@ class LLMEngine:
         self._sequences: dict[str, tuple[_Group, int]] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "loaded %s in %.1f s on %s (%s); KV cache: %d blocks x %d tokens = %d tokens",
-            config.model, self.load_seconds, device, str(dtype).removeprefix("torch."),
+            "loaded %s in %.1f s on %s (%s, tensor parallel %d); KV cache: %d blocks x %d "
+            "tokens = %d tokens",
+            config.model, self.load_seconds, placement.device,
+            str(placement.dtype).removeprefix("torch."), config.tensor_parallel_size,
             num_blocks, config.block_size, num_blocks * config.block_size,
         )  # fmt: skip
 
-    def _blocks_from_memory(self, model, dtype: torch.dtype, device: torch.device) -> int:
-        """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
-        leaves once the weights are in and the largest step's activations are set aside
-        (measured by a profiling forward pass)."""
-        bytes_per_token = self.model_config.kv_bytes_per_token(dtype.itemsize)
-        if device.type == "cuda":
-            tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-            activations = activation_peak_bytes(
-                model, tokens, self.config.max_num_seqs, self.config.block_size, device, dtype
+    @staticmethod
+    def _start_workers(config: EngineConfig, placement) -> WorkerGroup | None:
+        if config.tensor_parallel_size == 1:
+            return None
+        if torch.distributed.is_initialized():
+            raise ValueError(
+                "a tensor-parallel engine is already running in this process: shut it down "
+                "(LLM.shutdown()) before starting another"
             )
-            free, total = torch.cuda.mem_get_info(device)
-            used = total - free  # weights, CUDA context, other processes
-            budget = int(total * self.config.gpu_memory_utilization) - used - activations
-            logger.info(
-                "KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
-                "%.1f GiB of activations at %d tokens over %d sequences)",
-                budget / 2**30, 100 * self.config.gpu_memory_utilization, total / 2**30,
-                used / 2**30, activations / 2**30, tokens, self.config.max_num_seqs,
-            )  # fmt: skip
-            if budget <= 0:
-                raise ValueError(
-                    "no GPU memory is left for the KV cache: raise gpu_memory_utilization "
-                    "or lower max_num_batched_tokens"
-                )
-        else:
-            budget = int(self.config.kv_cache_memory_gib * 2**30)
-        return max(1, budget // (bytes_per_token * self.config.block_size))
+        return WorkerGroup(config, placement)
 
-    def _capture_decode_graphs(self, backend: str) -> None:
-        runner = self.runner
-        if not runner.model.attention_backend.supports_cuda_graphs:
-            logger.info("no CUDA graphs: the %s attention backend cannot be captured", backend)
-            return
-        graphs = DecodeGraphs(
-            runner.model, runner.kv_caches, graph_batch_sizes(self.config.max_num_seqs),
-            self.max_model_len, self.config.block_size,
-        )  # fmt: skip
-        graphs.capture()
-        runner.decode_graphs = graphs
+    def on_worker_lost(self, callback: Callable[[str], None]) -> None:
+        """Have `callback(reason)` called (from another thread) if a worker process dies."""
+        if self.workers:
+            self.workers.watch(callback)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        if self.workers:
+            self.workers.shutdown()
+            self.workers = None
 
     # ---- requests in -------------------------------------------------------------------
 
@@ -208,7 +171,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits, prompt_logits = self.runner.execute(out)
+        logits, prompt_logits = self._execute(StepPlan.from_schedule(out, self.config.block_size))
         if prompt_logits is not None:
             self._record_prompt_logprobs(out, prompt_logits)
         to_sample = [s.request for s in out.scheduled if s.samples]
@@ -225,6 +188,12 @@ class LLMEngine:
         deltas = [self._advance_text(r, logprobs[r.request_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
+
+    def _execute(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every rank runs the plan; rank 0 gets the logits."""
+        if self.workers:
+            self.workers.send("execute", plan)
+        return self.runner.execute(plan)
 
     @staticmethod
     def _record_prompt_logprobs(out: SchedulerOutput, prompt_logits: torch.Tensor) -> None:

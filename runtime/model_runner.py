@@ -1,126 +1,153 @@
-"""Turns a scheduled step into one flat, unpadded batch and runs the model on it."""
+"""The model runner: one per tensor-parallel rank, each running the same code on its shard.
+
+It owns its whole life, as nano-vllm's does: build the model, load this rank's shard of
+the weights, size the KV pool (on CUDA after a profiling pass at the largest step; every
+rank then takes the smallest count any rank can hold), allocate this rank's KV cache
+(its heads only), capture CUDA graphs for decode, and run steps. A step is a `StepPlan`
+turned into one flat, unpadded batch.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+
 import torch
 
 from kubellm.runtime.attention import AttentionMetadata, get_backend
-from kubellm.runtime.config import ModelConfig
-from kubellm.runtime.cuda_graphs import DecodeGraphs
+from kubellm.runtime.config import EngineConfig, ModelConfig
+from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.llama import LlamaForCausalLM
-from kubellm.runtime.scheduler import SchedulerOutput
+from kubellm.runtime.model.source import ModelSource
+from kubellm.runtime.model.weights import load_weights
+from kubellm.runtime.placement import Placement
+from kubellm.runtime.step_plan import StepPlan
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    """Owns the model and the KV cache tensors (one per layer)."""
-
     def __init__(
         self,
-        model: LlamaForCausalLM,
-        num_blocks: int,
-        block_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
+        config: EngineConfig,
+        source: ModelSource,
+        max_model_len: int,
+        placement: Placement,
+        tp: TensorParallel = SINGLE_RANK,
     ) -> None:
-        cfg: ModelConfig = model.config
-        self.model = model
-        self.block_size = block_size
-        self.device = device
-        shape = (2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        # Zeros, not empty: masked-out slots are still multiplied by zero weights.
-        self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
-        ]
-        self.decode_graphs: DecodeGraphs | None = None  # set when CUDA graphs are captured
+        self.config, self.tp, self.max_model_len = config, tp, max_model_len
+        self.block_size = config.block_size
+        self.device = placement.device_of(tp.rank, tp.size)
+        self.dtype = placement.dtype
+        self.model = build_model(source.config, max_model_len, placement.attention_backend,
+                                 self.device, self.dtype, tp)  # fmt: skip
+        load_weights(self.model, source.tensors())
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
+        config.check_pool_fits(max_model_len, self.num_blocks)
+        self.kv_caches = self.allocate_kv(self.num_blocks)
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
 
-    @staticmethod
-    def build(
-        cfg: ModelConfig,
-        max_positions: int,
-        attention_backend: str,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> LlamaForCausalLM:
-        """The model with uninitialized weights (the loader fills them) on `device`."""
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend))
-        model = model.to_empty(device=device).to(dtype).eval()
-        model.tie_weights()
-        model.rope.to(torch.float32).reset()
-        return model
+    def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
+        """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""
+        attention = self.model.layers[0].self_attn
+        shape = (2, num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
+        # Zeros, not empty: masked-out slots are still multiplied by zero weights.
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in self.model.layers]  # fmt: skip
+
+    def _blocks_from_memory(self) -> int:
+        """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
+        leaves once the weights are in and the largest step's activations are set aside
+        (measured by a profiling forward pass, on every rank)."""
+        cfg: ModelConfig = self.model.config
+        per_token = cfg.kv_bytes_per_token(self.dtype.itemsize, self.tp.size)
+        bytes_per_block = per_token * self.block_size
+        if self.device.type != "cuda":
+            return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        activations = activation_peak_bytes(self, tokens, self.config.max_num_seqs)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free  # weights, CUDA context, other processes
+        budget = int(total * self.config.gpu_memory_utilization) - used - activations
+        logger.info(
+            "rank %d KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
+            "%.1f GiB of activations at %d tokens over %d sequences)",
+            self.tp.rank, budget / 2**30, 100 * self.config.gpu_memory_utilization,
+            total / 2**30, used / 2**30, activations / 2**30, tokens, self.config.max_num_seqs,
+        )  # fmt: skip
+        if budget <= 0:
+            raise ValueError(
+                "no GPU memory is left for the KV cache: raise gpu_memory_utilization "
+                "or lower max_num_batched_tokens"
+            )
+        return max(1, budget // bytes_per_block)
+
+    def _capture_decode_graphs(self) -> None:
+        if not self.model.attention_backend.supports_cuda_graphs:
+            logger.info("no CUDA graphs: the %s attention backend cannot be captured",
+                        type(self.model.attention_backend).__name__)  # fmt: skip
+            return
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, graph_batch_sizes(self.config.max_num_seqs),
+            self.max_model_len, self.block_size,
+        )  # fmt: skip
+        graphs.capture()
+        self.decode_graphs = graphs
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (fp32) of the sampling requests [num_sampling, vocab], in scheduled order,
-        and of the prompt positions that requests asked to score (`prompt_positions`, in
-        scheduled order; None when none did)."""
-        input_ids, positions, meta, logits_indices, prompt_indices = self._prepare(out)
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """On rank 0: fp32 logits of the sampling rows [num_sampling, vocab] in plan
+        order, and of the prompt rows to score (None when there are none). On the other
+        ranks (None, None): their shards of the logits went to rank 0."""
+        input_ids, positions, meta = self._inputs(plan)
         if self.decode_graphs is not None and self.decode_graphs.covers(meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[logits_indices])
-        if prompt_indices is None:
+        num_sampling = len(plan.logits_indices)
+        rows = self._tensor(plan.logits_indices)
+        if len(plan.prompt_indices):
+            rows = torch.cat([rows, self._tensor(plan.prompt_indices)])
+        logits = self.model.compute_logits(hidden[rows])  # one gather for both kinds of rows
+        if logits is None:
+            return None, None
+        if not len(plan.prompt_indices):
             return logits, None
-        return logits, self.model.compute_logits(hidden[prompt_indices])
+        return logits[:num_sampling], logits[num_sampling:]
 
-    def _prepare(self, out: SchedulerOutput):
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        prompt_indices: list[int] = []
-        bs = self.block_size
-        for item in out.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids += request.token_ids[start:end]
-            positions += range(start, end)
-            table = request.block_ids
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start.append(query_start[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                logits_indices.append(query_start[-1] - 1)
-            first_row = query_start[-2] - start
-            prompt_indices += (first_row + p for p in item.prompt_positions)
-        query_lens = [item.num_new_tokens for item in out.scheduled]
-        max_blocks = max(-(-s // bs) for s in seq_lens)
-        tables = [item.request.block_ids[:max_blocks] for item in out.scheduled]
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        tensor = self._tensor
+    def _inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        seq_lens = plan.seq_lens.tolist()
+        query_lens = plan.query_lens
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, np.int64),
-            query_start_loc=tensor(query_start, np.int32),
-            seq_lens=tensor(seq_lens, np.int32),
-            block_tables=tensor(padded, np.int64),
-            block_size=bs,
+            slot_mapping=self._tensor(plan.slot_mapping),
+            query_start_loc=self._tensor(plan.query_start_loc),
+            seq_lens=self._tensor(plan.seq_lens),
+            block_tables=self._tensor(plan.block_tables),
+            block_size=self.block_size,
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
-            contiguous_starts=[_contiguous_start(t) for t in tables],
+            contiguous_starts=plan.contiguous_starts,
         )
-        return (
-            tensor(input_ids, np.int64),
-            tensor(positions, np.int64),
-            meta,
-            tensor(logits_indices, np.int64),
-            tensor(prompt_indices, np.int64) if prompt_indices else None,
-        )
+        return self._tensor(plan.input_ids), self._tensor(plan.positions), meta
 
-    def _tensor(self, values: list, dtype: type) -> torch.Tensor:
-        """Python ints to a tensor on the device (through numpy: ~4x faster than
-        torch.tensor on nested lists, which matters at hundreds of requests a step)."""
-        return torch.from_numpy(np.array(values, dtype=dtype)).to(self.device)
+    def _tensor(self, values) -> torch.Tensor:
+        """A numpy array on the device (numpy is ~4x faster than torch.tensor on lists)."""
+        return torch.from_numpy(values).to(self.device)
 
 
-def _contiguous_start(block_ids: list[int]) -> int:
-    """The first block id if the ids are consecutive, else -1."""
-    first = block_ids[0]
-    if block_ids[-1] - first != len(block_ids) - 1:
-        return -1
-    return first if block_ids == list(range(first, first + len(block_ids))) else -1
+def build_model(cfg: ModelConfig, max_positions: int, attention_backend: str,
+                device: torch.device, dtype: torch.dtype,
+                tp: TensorParallel = SINGLE_RANK) -> LlamaForCausalLM:  # fmt: skip
+    """This rank's shard of the model with uninitialized weights (the loader fills them)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend), tp)
+    model = model.to_empty(device=device).to(dtype).eval()
+    model.tie_weights()
+    model.rope.to(torch.float32).reset()
+    return model

@@ -16,6 +16,11 @@ from kubellm.runtime.config import BUILTIN_MODEL
 
 logger = logging.getLogger("kubellm.serve")
 
+# After the engine dies: the error responses go out for this long, then the server stops;
+# if stopping itself hangs (a step stuck in a collective), the process exits regardless.
+FAILURE_GRACE_SECONDS = 2.0
+FAILURE_EXIT_SECONDS = 15.0
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubellm serve", description=__doc__)
@@ -42,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
         "--tensor-parallel-size",
         type=int,
         default=1,
-        help="GPUs per replica; only 1 is supported so far",
+        help="ranks (GPUs on CUDA, processes on CPU) one model is split over",
     )
     add("--device", default="auto", choices=["auto", "cpu", "cuda"],
         help="auto: cuda when there is a GPU")  # fmt: skip
@@ -115,7 +120,9 @@ def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
 
     def load() -> None:
         try:
-            app.state.engine = AsyncEngine(LLMEngine(config))
+            engine = AsyncEngine(LLMEngine(config))
+            engine.on_failure(lambda reason: stop_after_failure(server))
+            app.state.engine = engine
         except Exception as exc:  # any failure: say why, and exit non-zero
             logger.error("kubellm serve: could not load %s: %s", config.model, exc)
             app.state.load_failed = True
@@ -124,6 +131,20 @@ def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
     thread = threading.Thread(target=load, name="kubellm-load", daemon=True)
     thread.start()
     return thread
+
+
+def stop_after_failure(server: uvicorn.Server) -> None:
+    """The engine died: stop the server after a grace period (the process then exits 1),
+    and exit at once should that not finish in time."""
+
+    def stop() -> None:
+        time.sleep(FAILURE_GRACE_SECONDS)
+        server.should_exit = True
+        time.sleep(FAILURE_EXIT_SECONDS)
+        logger.error("kubellm serve: shutdown after the engine failure hangs; exiting")
+        os._exit(1)
+
+    threading.Thread(target=stop, name="kubellm-failure-exit", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
@@ -168,9 +189,11 @@ def main(argv: list[str]) -> int:
     server = DrainingServer(uv_config, app, args.shutdown_timeout)
     load_in_background(config, app, server)
     server.run()
-    if app.state.engine is not None:
-        app.state.engine.shutdown()
-    return 1 if app.state.load_failed else 0
+    engine = app.state.engine
+    if engine is not None:
+        engine.shutdown()
+    failed = app.state.load_failed or (engine is not None and engine.failure is not None)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,10 +26,13 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = _KINDS.get(status, "BadRequestError")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status)
 
 
 def install_error_handlers(app: FastAPI) -> None:

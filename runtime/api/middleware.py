@@ -18,14 +18,17 @@ ALWAYS_OPEN = ("/health", "/metrics", "/version")  # probes and scrapers: no key
 
 
 def refuse_work_until_ready(app: FastAPI) -> None:
-    """503 for everything but probes while the model loads (`app.state.engine` is None)
-    and while draining (in-flight requests finish; new ones are refused)."""
+    """503 for everything but probes while the model loads (`app.state.engine` is None),
+    once the engine died, and while draining (in-flight requests finish; new ones are
+    refused)."""
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
         if request.url.path not in ALWAYS_OPEN:
             if app.state.engine is None:
                 return error_response(503, "the model is still loading")
+            if app.state.engine.failure is not None:
+                return error_response(503, f"the engine failed: {app.state.engine.failure}")
             if app.state.draining:
                 return error_response(503, "the server is shutting down")
         return await call_next(request)

@@ -30,7 +30,7 @@ from kubellm.runtime.api.protocol import (
     TokenizeResponse,
 )
 from kubellm.runtime.api.responses import ResponseShape, TokenText, collect, sse
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError
 from kubellm.runtime.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions only
@@ -56,9 +56,13 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 once the model is loaded; 503 while loading and while draining."""
-        if app.state.engine is None:
+        """200 once the model is loaded; 503 while loading, once the engine died, and
+        while draining."""
+        engine = app.state.engine
+        if engine is None:
             return JSONResponse({"status": "loading"}, 503)
+        if engine.failure is not None:
+            return JSONResponse({"status": "failed", "reason": engine.failure}, 503)
         if app.state.draining:
             return JSONResponse({"status": "draining"}, 503)
         return JSONResponse({"status": "ok"})
@@ -182,6 +186,8 @@ async def _respond(
         stream = engine.submit(request_id, prompts, params)
     except ValueError as exc:
         raise APIError(400, str(exc), "prompt") from None
+    except EngineDeadError as exc:
+        raise APIError(503, f"the engine failed: {exc}") from None
     shape = ResponseShape(
         request_id=request_id,
         model=body.model,
@@ -204,6 +210,8 @@ async def _respond(
         return StreamingResponse(events, media_type="text/event-stream")
     try:
         return await _unless_client_leaves(raw, collect(observed, shape, record))
+    except EngineDeadError as exc:
+        raise APIError(500, f"the engine failed: {exc}") from None
     finally:
         release()
 

@@ -30,8 +30,9 @@ class TritonAttentionBackend:
     supports_cuda_graphs = True
 
     def __init__(self) -> None:
+        # The current device: a tensor-parallel rank r has made GPU r current.
         self.num_sms = (
-            torch.cuda.get_device_properties(0).multi_processor_count
+            torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             if torch.cuda.is_available()
             else 1
         )

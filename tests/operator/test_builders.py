@@ -24,6 +24,12 @@ VARIANTS = {
         "resources": {"gpus": 1, "cpu": "8", "memory": "64Gi"},
         "replicas": 3,
     },
+    "hf-tp2": {
+        "model": {"source": "hf://meta-llama/Llama-2-13b-chat-hf",
+                  "hfTokenSecretRef": {"name": "hf", "key": "token"}},
+        "engine": {"tensorParallelSize": 2},
+        "resources": {"gpus": 2, "memory": "64Gi"},
+    },
     "pvc-tp4": {
         "model": {"source": "pvc://models/llama-70b"},
         "engine": {"tensorParallelSize": 4, "maxModelLen": 8192, "extraArgs": ["--x", "1"]},
@@ -132,6 +138,7 @@ def test_hf_models_cache_on_the_claim_mounted_at_hf_home():
     ("spec", "size"),
     [
         ({}, "1Gi"),
+        ({"engine": {"tensorParallelSize": 2}, "resources": {"gpus": 2}}, "16Gi"),
         ({"engine": {"tensorParallelSize": 4}, "resources": {"gpus": 4}}, "32Gi"),
         ({"shm": {"sizeLimit": "3Gi"}}, "3Gi"),
     ],

@@ -115,4 +115,8 @@ def test_static_problems():
     spec = with_defaults({"resources": {"gpus": 2}})
     assert [p.reason for p in static_problems(spec)] == ["GPUsUnused"]
     spec = with_defaults({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 2}})
-    assert [p.reason for p in static_problems(spec)] == ["TensorParallelUnsupported"]
+    assert static_problems(spec) == []
+    for gpus in (0, 2):  # what CEL refuses, for API servers that do not enforce it
+        spec = with_defaults({"resources": {"gpus": gpus}, "engine": {"tensorParallelSize": 4}})
+        (problem,) = static_problems(spec)
+        assert problem.reason == "TooFewGPUs" and "set resources.gpus to 4" in problem.message

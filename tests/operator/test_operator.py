@@ -19,7 +19,7 @@ from kubellm.operator.kube import collection_path, object_path
 from kubellm.operator.naming import TEMPLATE_HASH
 from tests.helpers import free_port, wait_for
 from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
-from tests.operator.manifests import ROOT, validate_kubernetes
+from tests.operator.manifests import ROOT, load_yaml_documents, validate_kubernetes
 
 NS = "ml"
 
@@ -160,13 +160,45 @@ def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatc
     name = "big"
     with operator(cluster, monkeypatch) as runner:
         create_llmd(cluster, name, model={"source": "hf://org/big"},
-                    engine={"tensorParallelSize": 4}, resources={"gpus": 4})  # fmt: skip
+                    engine={"tensorParallelSize": 4}, resources={"gpus": 2})  # fmt: skip
         path = object_path("LLMDeployment", NS, name)
         cr = wait_for(lambda: condition(c := cluster.get(path), "Degraded") and c)
-        assert condition(cr, "Degraded")["reason"] == "TensorParallelUnsupported"
+        assert condition(cr, "Degraded")["reason"] == "TooFewGPUs"
         assert child(cluster, "Deployment", name) is None
     assert "Handler 'reconcile' succeeded" in runner.output  # reported, so no retry loop
     assert "Handler 'reconcile' failed" not in runner.output
+
+
+@pytest.mark.parametrize("example", ["gpu-tp2-13b.yaml", "gpu-tp4-70b.yaml"])
+def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, cluster,
+                                                                    monkeypatch):  # fmt: skip
+    (cr,) = load_yaml_documents(ROOT / "examples" / example)
+    name, spec = cr["metadata"]["name"], cr["spec"]
+    ranks = spec["engine"]["tensorParallelSize"]
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token",
+              "namespace": NS}, "data": {"token": "aGZfeHl6"}}  # fmt: skip
+    if cluster.get(object_path("Secret", NS, "hf-token")) is None:
+        cluster.create(collection_path("Secret", NS), secret)
+    with operator(cluster, monkeypatch):
+        create_llmd(cluster, name, **spec)
+        deployment = wait_for(lambda: child(cluster, "Deployment", name), message="Deployment")
+        claim = wait_for(lambda: child(cluster, "PersistentVolumeClaim", f"{name}-model-cache"))
+        validate_kubernetes(deployment)
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(ranks)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["KUBELLM_TENSOR_PARALLEL_SIZE"] == str(ranks)
+        shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+        assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": spec["shm"]["sizeLimit"]}
+        assert container["startupProbe"]["httpGet"]["path"] == "/health"
+        assert claim["spec"]["resources"]["requests"]["storage"] == spec["cache"]["size"]
+        ready = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+        cluster.patch(object_path("Deployment", NS, name) + "/status", {"status": ready})
+        path = object_path("LLMDeployment", NS, name)
+        cr = wait_for(lambda: condition(c := cluster.get(path), "Ready").get("status") == "True"
+                      and c, message="Ready")  # fmt: skip
+        assert condition(cr, "Degraded")["status"] == "False"
 
 
 def test_a_bigger_cache_grows_the_claim_and_a_refused_resize_is_reported(cluster, monkeypatch):

@@ -58,6 +58,20 @@ def smollm2_oracle():
 
 
 @pytest.fixture(scope="session")
+def smollm2_oracle_greedy(smollm2_oracle):
+    """transformers' greedy tokens on the built-in model, computed once per prompt."""
+    memo: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def greedy(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt_ids), max_new_tokens)
+        if key not in memo:
+            memo[key] = hf_greedy(smollm2_oracle, prompt_ids, max_new_tokens)
+        return memo[key]
+
+    return greedy
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2):
     """Factory: name in TINY_CONFIGS -> a Hugging Face directory with random weights."""
     made: dict[str, Path] = {}

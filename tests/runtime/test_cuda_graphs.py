@@ -15,6 +15,7 @@ from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.request import Request
 from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
+from kubellm.runtime.step_plan import StepPlan
 from tests.helpers import TRITON_DEVICE
 
 
@@ -26,7 +27,7 @@ def test_graph_batch_sizes_hold_max_num_seqs_with_little_padding():
     assert graph_batch_sizes(10_000)[-1] == 512
 
 
-def _decode_step(requests: list[tuple[int, list[int]]]) -> SchedulerOutput:
+def _decode_step(requests: list[tuple[int, list[int]]]) -> StepPlan:
     """One new token for each (context length, block ids) pair."""
     scheduled = []
     for i, (seq_len, blocks) in enumerate(requests):
@@ -34,7 +35,7 @@ def _decode_step(requests: list[tuple[int, list[int]]]) -> SchedulerOutput:
         request = Request(f"r{i}", tokens, SamplingParams(max_tokens=1), frozenset(), 512)
         request.num_computed_tokens, request.block_ids = seq_len - 1, blocks
         scheduled.append(ScheduledRequest(request, 1))
-    return SchedulerOutput(scheduled)
+    return StepPlan.from_schedule(SchedulerOutput(scheduled), 16)
 
 
 @pytest.mark.parametrize("num_sms", [1, 16], ids=["one-launch", "split-kv"])

@@ -10,6 +10,7 @@ from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.model.source import ModelNotFoundError
 
 from .invariants import check_all_free, check_kv_consistent
+from .workloads import run_workload, workload
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -174,21 +175,6 @@ def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
     check_all_free(engine.kv)
 
 
-workload = st.lists(
-    st.tuples(
-        st.integers(1, 70),  # prompt length
-        st.integers(1, 10),  # max_tokens
-        st.integers(0, 5),  # arrival step
-        st.one_of(st.none(), st.integers(0, 12)),  # abort step
-        st.booleans(),  # shares a prefix
-        st.integers(1, 3),  # n
-        st.booleans(),  # scores its prompt (prompt_logprobs)
-    ),
-    min_size=1,
-    max_size=10,
-)
-
-
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -211,27 +197,4 @@ def test_random_workloads_on_the_real_engine(
             enable_prefix_caching=prefix_caching,
         )
     )
-    shared = list(range(500, 540))
-    for step in range(1000):
-        for i, (length, max_tokens, arrival, abort_at, share, n, scored) in enumerate(requests):
-            if arrival == step:
-                prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
-                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens,
-                                        prompt_logprobs=0 if scored else None)  # fmt: skip
-                engine.add_request(f"r{i}", prompt or [1], params)
-            if abort_at == step and arrival <= step:
-                engine.abort_request(f"r{i}")
-        engine.step()
-        check_kv_consistent(engine.kv, engine.scheduler)
-        if step > 5 and not engine.has_unfinished_requests():
-            break
-    for i, (_, max_tokens, _, _, _, n, scored) in enumerate(requests):
-        result = engine.take_output(f"r{i}")
-        outputs = result.outputs
-        assert len(outputs) == n
-        if scored and outputs[0].finish_reason != "abort":  # every prompt token scored
-            assert all(e is not None for e in result.prompt_logprobs[1:])
-        for output in outputs:
-            assert output.finish_reason in ("stop", "length", "abort")
-            assert len(output.token_ids) <= max_tokens
-    check_all_free(engine.kv)
+    run_workload(engine, requests)

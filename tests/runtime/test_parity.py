@@ -27,12 +27,12 @@ GREEDY_32 = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_transformers(smollm2, smollm2_oracle):
+def test_smollm2_greedy_matches_transformers(smollm2, smollm2_oracle_greedy):
     prompt_ids = [smollm2.tokenizer.encode(p) for p in PROMPTS]
     assert max(len(p) for p in prompt_ids) > 64
     ours = smollm2.generate(prompt_ids, GREEDY_32)
     for prompt, ids, output in zip(PROMPTS, prompt_ids, ours):
-        expected = hf_greedy(smollm2_oracle, ids, 32)
+        expected = smollm2_oracle_greedy(ids, 32)
         assert output.outputs[0].token_ids == expected, prompt
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kubellm.runtime.engine import resolve_device
+from kubellm.runtime.placement import resolve_device
 from kubellm.runtime.serve import parse_args
 
 

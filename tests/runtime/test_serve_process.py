@@ -14,24 +14,15 @@ import pytest
 
 from tests.helpers import free_port
 
+from .serve_process import ServeProcess
+
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubellm.runtime.serve", "--model", str(tiny_model_dir("mha-tied")),
-         "--served-model-name", "tiny", "--port", str(port), "--max-model-len", "512",
-         "--shutdown-timeout", "60", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
+                      "--max-model-len", "512", "--shutdown-timeout", "60",
+                      "--log-level", "warning") as server:  # fmt: skip
+        server.wait_healthy()
+        url, proc = server.url, server.proc
         chunks: list[dict] = []
         first_chunk = threading.Event()
 
@@ -57,8 +48,6 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for c in chunks if c["choices"]) == 400
         assert proc.wait(60) == 0
-    finally:
-        proc.kill()
 
 
 def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
@@ -72,10 +61,21 @@ def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
     assert f"could not load {missing}" in done.stderr and "does not exist" in done.stderr
 
 
+def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it():
+    done = subprocess.run(
+        [sys.executable, "-m", "kubellm.runtime.serve", "--tensor-parallel-size", "2",
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "tensor_parallel_size 2 does not divide this model's 9 attention heads" in done.stderr
+    assert "choose one of 1, 3" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("flag", "needle"),
     [
-        (["--tensor-parallel-size", "2"], "tensor_parallel_size 2 is not supported"),
+        (["--tensor-parallel-size", "0"], "tensor_parallel_size must be at least 1"),
         (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
         (["--max-num-seqs", "0"], "max_num_seqs must be at least 1"),
     ],

@@ -1,0 +1,129 @@
+"""Tensor-parallel layers: each rank holds a shard and loads only that shard.
+
+Column-parallel layers keep some output rows (QKV by heads, gate/up by columns) and need
+no communication; row-parallel layers keep the matching input columns and all-reduce
+their partial sums (o_proj, down_proj: one all-reduce each). The embedding and the
+output head split the vocabulary: ids outside a rank's range embed to zero before the
+all-reduce, and the head's logits are gathered to rank 0, which samples. With one rank
+every collective is a no-op and these are plain linear layers.
+
+`load(kind, part, tensor)` copies this rank's slice of a checkpoint tensor into `kind`
+("weight" or "bias") and returns the rows it filled, so the loader can tell a complete
+checkpoint from one with missing tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubellm.runtime.distributed import TensorParallel
+from kubellm.runtime.model.lazy_tensor import LazyTensor
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, start + size) of a checkpoint tensor with `total` rows."""
+
+    total: int
+    start: int
+    size: int
+
+    @classmethod
+    def even(cls, total: int, tp: TensorParallel) -> Shard:
+        return cls(total, *tp.shard(total))
+
+
+def _check_rows(tensor: LazyTensor, dim: int, expected: int, what: str) -> None:
+    if tensor.shape[dim] != expected:
+        raise ValueError(
+            f"{what}: the checkpoint tensor has shape {list(tensor.shape)}, "
+            f"expected {expected} along dimension {dim}"
+        )
+
+
+def _copy(param: torch.Tensor, dim: int, offset: int, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.narrow(dim, offset, value.shape[dim]).copy_(value)
+
+
+class ColumnParallelLinear(nn.Module):
+    """This rank's output rows of one or several fused projections (one `Shard` each)."""
+
+    def __init__(self, in_features: int, shards: list[Shard], bias: bool) -> None:
+        super().__init__()
+        self.shards = shards
+        self.offsets = [sum(s.size for s in shards[:i]) for i in range(len(shards))]
+        rows = sum(s.size for s in shards)
+        self.weight = nn.Parameter(torch.empty(rows, in_features))
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
+        shard = self.shards[part]
+        _check_rows(tensor, 0, shard.total, f"{kind} part {part}")
+        _copy(getattr(self, kind), 0, self.offsets[part], tensor.narrow(0, shard.start, shard.size))
+        return shard.size
+
+
+class RowParallelLinear(nn.Module):
+    """This rank's input columns; the partial products are summed over the ranks."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.shard = Shard.even(in_features, tp)
+        self.weight = nn.Parameter(torch.empty(out_features, self.shard.size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+    def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
+        _check_rows(tensor, 1, self.shard.total, kind)
+        _copy(self.weight, 1, 0, tensor.narrow(1, self.shard.start, self.shard.size))
+        return self.weight.shape[0]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of the vocabulary; other ids embed to zero, then all ranks sum."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        self.tp = tp
+        self.shard = Shard.even(vocab_size, tp)
+        self.weight = nn.Parameter(torch.empty(self.shard.size, hidden_size))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.shard.start
+        mine = (local >= 0) & (local < self.shard.size)
+        x = F.embedding(local.masked_fill(~mine, 0), self.weight)
+        return self.tp.all_reduce(x.masked_fill(~mine[:, None], 0))
+
+    def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
+        _check_rows(tensor, 0, self.shard.total, kind)
+        _copy(self.weight, 0, 0, tensor.narrow(0, self.shard.start, self.shard.size))
+        return self.shard.size
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's vocabulary rows, gathered to rank 0 (None elsewhere)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.tp.gather_last_dim(F.linear(hidden, self.weight))
+
+
+class Replicated(nn.Module):
+    """Mixin for modules every rank holds whole (norms): `load` copies the tensor."""
+
+    def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
+        param = getattr(self, kind)
+        _check_rows(tensor, 0, param.shape[0], kind)
+        _copy(param, 0, 0, tensor.full())
+        return param.shape[0]

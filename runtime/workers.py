@@ -1,0 +1,166 @@
+"""Tensor-parallel workers: ranks 1..N-1 as processes of their own, driven by rank 0.
+
+The engine (rank 0) spawns them; each joins the group, builds its own `ModelRunner` (the
+same code as rank 0's, on its shard) and then runs whatever rank 0 sends: a method name
+and its arguments, in practice `execute(plan)` once per step. Commands travel over one
+pipe per worker: a worker waits on it for as long as the server is idle (no collective
+timeout), and it reads EOF when rank 0 is gone, so no worker outlives its engine. The
+collectives inside the model keep the ranks in lockstep.
+
+A worker that dies is a dead engine: rank 0's next collective fails (gloo notices a
+closed peer at once), and a watchdog thread that waits on the workers' process
+sentinels reports the loss even while rank 0 waits elsewhere (NCCL would hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.distributed import TensorParallel, join_group, leave_group, open_store
+from kubellm.runtime.placement import Placement
+
+logger = logging.getLogger(__name__)
+
+STOP = "stop"
+
+
+def ready_key(process_name: str) -> str:
+    return f"started/{process_name}"
+
+
+class WorkerGroup:
+    """Rank 0's handle on the other ranks; constructing it joins rank 0 to the group."""
+
+    def __init__(self, config: EngineConfig, placement: Placement) -> None:
+        size = config.tensor_parallel_size
+        store = open_store(size)
+        context = mp.get_context("spawn")
+        self.processes: list[mp.process.BaseProcess] = []
+        self._pipes: list[Connection] = []
+        self._stopping = False
+        for rank in range(1, size):
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(
+                target=worker_main, name=f"kubellm-tp-rank{rank}", daemon=True,
+                args=(config, placement, rank, store.port, receive, logging.getLogger().level),
+            )  # fmt: skip
+            process.start()
+            receive.close()
+            self.processes.append(process)
+            self._pipes.append(send)
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self._pipes)
+        try:
+            self._wait_for_workers(store)
+            self.tp: TensorParallel = join_group(0, size, store.port,
+                                                 placement.device_of(0, size), store)  # fmt: skip
+        except BaseException:
+            self.kill()
+            raise
+        self._store = store  # kept alive: the workers rendezvous through it
+        logger.info("tensor-parallel group of %d ranks: worker pids %s", size,
+                    " ".join(str(pid) for pid in self.pids))  # fmt: skip
+
+    def _wait_for_workers(self, store) -> None:
+        """Every worker has started and is about to join the group; a worker that died on
+        the way (a bad import, no memory) fails the start instead of leaving rank 0
+        waiting for it until the collective timeout."""
+        keys = [ready_key(p.name) for p in self.processes]
+        while not store.check(keys):
+            dead = [p for p in self.processes if not p.is_alive()]
+            if dead:
+                raise RuntimeError(
+                    f"tensor-parallel worker {dead[0].name} exited with code "
+                    f"{dead[0].exitcode} before joining the group (see its log above)"
+                )
+            time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def send(self, method: str, *args) -> None:
+        """Have every worker run `runner.<method>(*args)` (rank 0 runs it itself)."""
+        message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        for pipe in self._pipes:
+            pipe.send_bytes(message)
+
+    def watch(self, on_lost: Callable[[str], None]) -> None:
+        """Call `on_lost(reason)` from a thread of its own if a worker ends unasked."""
+
+        def watchdog() -> None:
+            wait([p.sentinel for p in self.processes])
+            if self._stopping:
+                return
+            gone = next(p for p in self.processes if not p.is_alive())
+            on_lost(f"tensor-parallel worker {gone.name} (pid {gone.pid}) exited "
+                    f"with code {gone.exitcode}")  # fmt: skip
+
+        threading.Thread(target=watchdog, name="kubellm-tp-watchdog", daemon=True).start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the workers (killed if they do not stop within `timeout`), leave the group."""
+        self._stopping = True
+        self._finalizer.detach()
+        _stop(self.processes, self._pipes, timeout)
+        leave_group()
+
+    def kill(self) -> None:
+        """For a start that failed half-way: no worker may wait for a peer that is gone."""
+        self._stopping = True
+        self._finalizer.detach()
+        for process in self.processes:
+            process.kill()
+            process.join(timeout=5)
+        leave_group()
+
+
+def _stop(processes, pipes: list[Connection], timeout: float = 10.0) -> None:
+    message = pickle.dumps((STOP, ()))
+    for pipe in pipes:
+        try:
+            pipe.send_bytes(message)
+            pipe.close()
+        except OSError:  # that worker is already gone
+            pass
+    for process in processes:
+        process.join(timeout=timeout)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int,
+                commands: Connection, log_level: int) -> None:  # fmt: skip
+    """A worker process: join the group, build this rank's runner, run rank 0's commands."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kubellm.runtime.model.source import resolve
+    from kubellm.runtime.model_runner import ModelRunner
+
+    size = config.tensor_parallel_size
+    if placement.device.type == "cpu":  # the ranks share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    tp = join_group(rank, size, port, placement.device_of(rank, size),
+                    ready_key=ready_key(mp.current_process().name))  # fmt: skip
+    source = resolve(config.model, config.revision)
+    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config),
+                         placement, tp)  # fmt: skip
+    while True:
+        try:
+            method, args = pickle.loads(commands.recv_bytes())
+        except EOFError:  # rank 0 is gone
+            break
+        if method == STOP:
+            break
+        getattr(runner, method)(*args)
+    leave_group()

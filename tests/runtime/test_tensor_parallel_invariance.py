@@ -1,0 +1,46 @@
+"""Random engine workloads give the same tokens and logprobs over two ranks as over one:
+arrivals, aborts, preemption (a small pool), prefix hits, n > 1, prompt logprobs and
+seeded sampling. Both engines live for the whole module (one tensor-parallel engine per
+process) and run every example side by side."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubellm.runtime import EngineConfig, LLMEngine
+
+from .workloads import run_workload, workload
+
+
+@pytest.fixture(scope="module")
+def single_and_split(tiny_model_dir):
+    config = dict(model=str(tiny_model_dir("gqa3-llama3-rope")), max_model_len=128,
+                  num_kv_blocks=14, max_num_seqs=6)  # fmt: skip
+    single = LLMEngine(EngineConfig(**config))
+    split = LLMEngine(EngineConfig(**config, tensor_parallel_size=2))
+    yield single, split
+    split.shutdown()
+    assert single.scheduler.num_preemptions > 0, "no example preempted: a bigger workload"
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(requests=workload, budget=st.integers(1, 64))
+def test_two_ranks_give_the_tokens_and_logprobs_of_one(single_and_split, requests, budget):
+    single, split = single_and_split
+    for engine in (single, split):
+        engine.scheduler.max_num_batched_tokens = budget
+    expected = run_workload(single, requests)
+    got = run_workload(split, requests)
+    # the same schedule: rank 0 alone decides it, whatever the number of ranks
+    assert split.scheduler.num_preemptions == single.scheduler.num_preemptions
+    for want, have in zip(expected, got):
+        assert have.num_cached_tokens == want.num_cached_tokens
+        for a, b in zip(want.outputs, have.outputs):
+            assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
+            for x, y in zip(a.logprobs or [], b.logprobs or []):
+                assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+        for x, y in zip(want.prompt_logprobs or [], have.prompt_logprobs or []):
+            if x is not None:
+                assert y.logprob == pytest.approx(x.logprob, abs=1e-4)

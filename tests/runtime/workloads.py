@@ -1,0 +1,58 @@
+"""Random engine workloads: arrivals, aborts, shared prefixes, n > 1, prompt logprobs and
+seeded sampling, run step by step with the KV bookkeeping checked after every step."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from kubellm.runtime import LLMEngine, SamplingParams
+from kubellm.runtime.outputs import RequestOutput
+
+from .invariants import check_all_free, check_kv_consistent
+
+workload = st.lists(
+    st.tuples(
+        st.integers(1, 70),  # prompt length
+        st.integers(1, 10),  # max_tokens
+        st.integers(0, 5),  # arrival step
+        st.one_of(st.none(), st.integers(0, 12)),  # abort step
+        st.booleans(),  # shares a prefix
+        st.integers(1, 3),  # n
+        st.booleans(),  # scores its prompt (prompt_logprobs)
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> list[RequestOutput]:
+    """Run `requests` (drawn from `workload`) to the end; every request finishes, the KV
+    cache stays consistent and ends all free. Returns each request's output."""
+    shared = list(range(500, 540))
+    for step in range(1000):
+        for i, (length, max_tokens, arrival, abort_at, share, n, scored) in enumerate(requests):
+            if arrival == step:
+                prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
+                scoring = 0 if scored else None
+                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens,
+                                        logprobs=1, prompt_logprobs=scoring)  # fmt: skip
+                engine.add_request(f"{tag}{i}", prompt or [1], params)
+            if abort_at == step and arrival <= step:
+                engine.abort_request(f"{tag}{i}")
+        engine.step()
+        check_kv_consistent(engine.kv, engine.scheduler)
+        if step > 5 and not engine.has_unfinished_requests():
+            break
+    results = []
+    for i, (_, max_tokens, _, _, _, n, scored) in enumerate(requests):
+        result = engine.take_output(f"{tag}{i}")
+        outputs = result.outputs
+        assert len(outputs) == n
+        if scored and outputs[0].finish_reason != "abort":  # every prompt token scored
+            assert all(e is not None for e in result.prompt_logprobs[1:])
+        for output in outputs:
+            assert output.finish_reason in ("stop", "length", "abort")
+            assert len(output.token_ids) <= max_tokens
+        results.append(result)
+    check_all_free(engine.kv)
+    return results
