@@ -125,7 +125,7 @@ def decode_step_ms(tensor_parallel_size: int, batch: int, steps: int) -> float:
     from kubellm.runtime import LLM, SamplingParams
 
     with LLM(tensor_parallel_size=tensor_parallel_size, max_num_seqs=batch,
-             kv_cache_memory_gib=0.3) as llm:  # fmt: skip
+             max_model_len=1024, kv_cache_memory_gib=0.3) as llm:  # fmt: skip
         engine = llm.engine
         params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
         for i in range(batch):
