@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubellm.operator.kube import Kube, collection_path, object_path
+from kubellm.operator.kube import Kube, KubeError, collection_path, object_path
 from kubellm.operator.quantity import parse_quantity
 
 # Maps the operator owns whole: a key the spec dropped must go (set to null in the patch).
@@ -65,8 +65,15 @@ async def apply(kube: Kube, desired: dict[str, Any]) -> str:
     path = object_path(desired["kind"], meta["namespace"], meta["name"])
     current = await kube.get(path)
     if current is None:
-        await kube.create(collection_path(desired["kind"], meta["namespace"]), desired)
-        return "created"
+        try:
+            await kube.create(collection_path(desired["kind"], meta["namespace"]), desired)
+            return "created"
+        except KubeError as exc:  # 409: created meanwhile (or our read was stale): patch it
+            if exc.status != 409:
+                raise
+            current = await kube.get(path)
+            if current is None:
+                raise
     if desired["kind"] == "PersistentVolumeClaim":
         patch = claim_growth(current, desired)
     else:

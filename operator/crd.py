@@ -110,7 +110,8 @@ MODEL = _obj(
 )
 
 ENGINE = _obj(
-    "Runtime settings; each becomes a KUBELLM_* variable of `kubellm serve`",
+    "Runtime settings; each one set to other than its default (the runtime's own) "
+    "becomes a KUBELLM_* variable of `kubellm serve`",
     {
         "maxModelLen": _int("Context length; default the model's own", nullable=True, minimum=2),
         "gpuMemoryUtilization": {
@@ -123,7 +124,7 @@ ENGINE = _obj(
         },
         "blockSize": _int("Tokens per KV-cache block", 16, minimum=1, maximum=256),
         "maxNumSeqs": _int("Most requests in one batch", 256, minimum=1),
-        "maxNumBatchedTokens": _int("Token budget of one step", 8192, minimum=1),
+        "maxNumBatchedTokens": _int("Token budget of one step", 2048, minimum=1),
         "enablePrefixCaching": _bool("Reuse KV blocks of shared prompt prefixes", True),
         "tensorParallelSize": _int("GPUs one replica spreads the model over", 1, minimum=1),
         "dtype": _str(

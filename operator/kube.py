@@ -1,15 +1,15 @@
 """A small async Kubernetes REST client over aiohttp (kopf's own HTTP stack).
 
-It logs in the way kopf does (in-cluster service account, else kubeconfig), so the
-operator needs no client library beside kopf. Only what the handlers use: get,
-create, JSON merge patch, delete, and events.
+It logs in the way kopf does (in-cluster service account, else kubeconfig), with kopf's
+TLS context and headers, so the operator needs no client library beside kopf. Only what
+the handlers use: get, create, JSON merge patch, delete. It rides out API server
+trouble: 429s, 5xx and dropped connections are retried with backoff, a 401 logs in again.
 """
 
 from __future__ import annotations
 
-import base64
-import ssl
-import tempfile
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -45,48 +45,96 @@ class KubeError(Exception):
         self.status = status
 
 
+# Answers that say "not now": retried with backoff (Retry-After honoured, up to a cap),
+# as are refused and dropped connections (an API server restarting).
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+ATTEMPTS = 8
+MAX_DELAY_SECONDS = 5.0
+
+
 class Kube:
-    def __init__(self, info: kopf.ConnectionInfo) -> None:
-        headers = {"Accept": "application/json"}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        self.server = info.server.rstrip("/")
-        self.session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(ssl=_ssl_context(info))
-        )
+    """Logged in as kopf logs in (in-cluster service account, else kubeconfig), with
+    kopf's own TLS context and auth headers; a 401 (a rotated token) logs in again."""
+
+    def __init__(self, login: Callable[[], kopf.ConnectionInfo]) -> None:
+        self._login = login
+        self.session: aiohttp.ClientSession | None = None
+        self.server = ""
 
     @classmethod
     def login(cls, settings: kopf.OperatorSettings) -> Kube:
-        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
-            settings=settings
-        )
-        if info is None:
-            raise kopf.PermanentError("no in-cluster service account and no kubeconfig")
-        return cls(info)
+        def login() -> kopf.ConnectionInfo:
+            info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(
+                settings=settings
+            )
+            if info is None:
+                raise kopf.PermanentError("no in-cluster service account and no kubeconfig")
+            return info
+
+        kube = cls(login)
+        login()  # fail at start-up, not at the first request
+        return kube
+
+    async def _connect(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            info = self._login()
+            self.server = info.server.rstrip("/")
+            tls = info.as_ssl_context() if self.server.startswith("https") else False
+            self.session = aiohttp.ClientSession(
+                headers={"Accept": "application/json", **info.as_http_headers()},
+                connector=aiohttp.TCPConnector(ssl=tls),
+            )
+        return self.session
 
     async def close(self) -> None:
-        await self.session.close()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
     async def get(self, path: str) -> dict[str, Any] | None:
         """The object, or None if it does not exist."""
-        async with self.session.get(self.server + path) as response:
-            if response.status == 404:
-                return None
-            return await _json(response)
+        return await self._request("GET", path, missing_ok=True)
 
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with self.session.post(self.server + path, json=body) as response:
-            return await _json(response)
+        return await self._request("POST", path, json=body)
 
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(self.server + path, json=patch, headers=headers) as response:
-            return await _json(response)
+        return await self._request("PATCH", path, json=patch, headers=headers)
 
     async def delete(self, path: str) -> None:
-        async with self.session.delete(self.server + path) as response:
-            if response.status != 404:
-                await _json(response)
+        await self._request("DELETE", path, missing_ok=True)
+
+    async def _request(self, method: str, path: str, missing_ok: bool = False, **kwargs: Any):
+        """The response's JSON (None for a 404 when `missing_ok`); transient failures are
+        retried, the last one raised as a KubeError."""
+        relogged = False
+        for attempt in range(ATTEMPTS):
+            session = await self._connect()
+            last = attempt == ATTEMPTS - 1
+            try:
+                async with session.request(method, self.server + path, **kwargs) as response:
+                    if response.status == 401 and not relogged:
+                        relogged = True
+                        await self.close()  # a rotated token: log in again, once
+                        continue
+                    if response.status in TRANSIENT_STATUSES and not last:
+                        await asyncio.sleep(_delay(attempt, response.headers.get("Retry-After")))
+                        continue
+                    if response.status == 404 and missing_ok:
+                        return None
+                    return await _json(response)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                if last:
+                    raise KubeError(503, f"{method} {path}: {exc!r}") from None
+                await asyncio.sleep(_delay(attempt, None))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _delay(attempt: int, retry_after: str | None) -> float:
+    if retry_after is not None and retry_after.isdigit():
+        return min(float(retry_after), MAX_DELAY_SECONDS)
+    return min(0.1 * 2**attempt, MAX_DELAY_SECONDS)
 
 
 async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
@@ -97,30 +145,3 @@ async def _json(response: aiohttp.ClientResponse) -> dict[str, Any]:
             message = response.reason or ""
         raise KubeError(response.status, f"{response.method} {response.url.path}: {message}")
     return await response.json()
-
-
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if not info.server.startswith("https"):
-        return False
-    if info.insecure:
-        return False
-    context = ssl.create_default_context(cafile=info.ca_path)
-    if info.ca_data:
-        context.load_verify_locations(cadata=_decoded(info.ca_data).decode())
-    if info.certificate_path or info.certificate_data:
-        cert = info.certificate_path or _to_file(_decoded(info.certificate_data))
-        key = info.private_key_path or _to_file(_decoded(info.private_key_data))
-        context.load_cert_chain(cert, key)
-    return context
-
-
-def _decoded(data: str | bytes | None) -> bytes:
-    """kubeconfig's *-data fields are base64 of PEM."""
-    raw = data.encode() if isinstance(data, str) else (data or b"")
-    return raw if raw.startswith(b"-----") else base64.b64decode(raw)
-
-
-def _to_file(pem: bytes) -> str:
-    with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as handle:
-        handle.write(pem)
-        return handle.name

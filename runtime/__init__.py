@@ -1,7 +1,5 @@
 """The kubellm runtime: a continuous-batching engine over a paged KV cache."""
 
-import logging
-
 from kubellm.runtime.config import BUILTIN_MODEL, EngineConfig, ModelConfig
 from kubellm.runtime.engine import LLMEngine
 from kubellm.runtime.llm import LLM
@@ -18,10 +16,3 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
 ]
-
-_logger = logging.getLogger("kubellm")
-if not _logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    _logger.addHandler(_handler)
-    _logger.setLevel(logging.INFO)

@@ -19,17 +19,37 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from kubellm.runtime.engine import LLMEngine
-from kubellm.runtime.outputs import StepDelta
+from kubellm.runtime.outputs import EngineStats, StepDelta
 from kubellm.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
-    """The engine failed and serves nothing more; the message says why."""
+class GenerationError(RuntimeError):
+    """A request could not be completed (a server-side failure, not the client's input)."""
+
+
+class RequestFailedError(GenerationError):
+    """This request alone failed (e.g. its text could not be decoded); the engine serves on."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"this request failed: {reason}")
+
+
+class EngineDeadError(GenerationError):
+    """The engine failed and serves nothing more."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the engine failed: {reason}")
+
+
+# A step running longer than this is taken as hung (a device or a collective that never
+# returns): /live and /health say so, and the pod's liveness probe restarts it.
+STEP_STALL_SECONDS = 120.0
 
 
 class RequestStream:
@@ -59,6 +79,8 @@ class RequestStream:
         delta = await self.queue.get()
         if isinstance(delta, EngineDeadError):
             raise delta
+        if delta.error is not None:
+            raise RequestFailedError(delta.error)
         self.remaining -= delta.finish_reason is not None
         return self._prompt_index[delta.request_id] * self.n + delta.index, delta
 
@@ -67,8 +89,15 @@ class RequestStream:
 
 
 class AsyncEngine:
+    """The HTTP layer's only door to the engine: the tokenizer and context length (fixed
+    at load), validation, submitting and closing requests, and a stats snapshot that the
+    step thread takes (nothing reads the engine's live state from the event loop)."""
+
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.stats: EngineStats = engine.stats()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # engine request id -> its stream
@@ -76,9 +105,17 @@ class AsyncEngine:
         self.failure: str | None = None  # why the engine died, once it has
         self._failure_lock = threading.Lock()
         self._failure_listeners: list[Callable[[str], None]] = []
+        self._step_started: float | None = None  # monotonic time, while a step runs
         self._thread = threading.Thread(target=self._run, name="kubellm-engine", daemon=True)
         self._thread.start()
         engine.on_worker_lost(self._fail)
+
+    def stalled_seconds(self) -> float | None:
+        """How long the running step has taken, if longer than STEP_STALL_SECONDS."""
+        started = self._step_started
+        if started is None or time.monotonic() - started < STEP_STALL_SECONDS:
+            return None
+        return time.monotonic() - started
 
     def on_failure(self, listener: Callable[[str], None]) -> None:
         """Call `listener(reason)` (from the thread that saw it) when the engine dies."""
@@ -122,6 +159,10 @@ class AsyncEngine:
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
 
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        """Raise ValueError unless every biased token is in the vocabulary."""
+        self.engine.check_logit_bias(params)
+
     def shutdown(self) -> None:
         """Stop the step thread, then the tensor-parallel workers."""
         self._stopping = True
@@ -149,33 +190,37 @@ class AsyncEngine:
         self._wake.set()
 
     def _apply_commands(self) -> None:
+        """Apply what the handlers handed over. One that raises is a bug (bad input was
+        refused in `submit`) and leaves the engine in an unknown state: fatal."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            try:
-                command()
-            except Exception:  # a bug, not bad input (that is refused in submit)
-                logger.exception("engine command failed")
+            command()
 
     def _run(self) -> None:
         try:
             self._loop()
         except Exception as exc:
-            logger.exception("engine step failed")
-            self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+            logger.exception("the engine loop raised")
+            self._fail(f"{type(exc).__name__}: {exc}")
 
     def _loop(self) -> None:
         while not self._stopping and self.failure is None:
             self._wake.wait()
             self._wake.clear()
             self._apply_commands()
+            self.stats = self.engine.stats()
             while self.engine.has_unfinished_requests() and not self._stopping:
                 if self.failure is not None:
                     return
-                self._dispatch(self.engine.step())
+                self._step_started = time.monotonic()
+                deltas = self.engine.step()
+                self._step_started = None
+                self._dispatch(deltas)
                 self._apply_commands()
+                self.stats = self.engine.stats()
 
     def _fail(self, reason: str) -> None:
         """The engine is dead: fail every open stream, tell the listeners (once)."""

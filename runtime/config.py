@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
@@ -97,26 +97,58 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None if kind in (None, "default") else dict(scaling, rope_type=kind)
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("torch", "triton")
+DEVICES = ("cpu", "cuda")
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """An EngineConfig field: its default, help and choices live here once; `kubellm
+    serve` makes its flag (and KUBELLM_* variable) from them."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class EngineConfig:
     """The engine's knobs, named after vLLM's where they mean the same."""
 
-    model: str = BUILTIN_MODEL
-    max_model_len: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_gib: float = 2.0  # the KV pool on CPU
-    gpu_memory_utilization: float = 0.9  # on CUDA: share of the GPU's memory we may use
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    dtype: str = "auto"
-    device: str = "auto"
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere
-    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps
-    seed: int = 0
-    revision: str | None = None
+    model: str = setting(BUILTIN_MODEL, "the built-in model, a .gguf file, an HF directory "
+                         "or a hub id (org/name)")  # fmt: skip
+    revision: str | None = setting(None, "hub revision (branch, tag or commit) of the model")
+    download_dir: str | None = setting(None, "where hub models are downloaded (default: "
+                                       "the Hugging Face cache under HF_HOME)")  # fmt: skip
+    max_model_len: int | None = setting(None, "context length (default: the model's own)")
+    block_size: int = setting(16, "tokens per KV-cache block")
+    num_kv_blocks: int | None = setting(None, "KV-cache blocks per rank (default: from "
+                                        "memory, see the next two)")  # fmt: skip
+    kv_cache_memory_gib: float = setting(2.0, "on CPU, GiB of KV cache per rank")
+    gpu_memory_utilization: float = setting(0.9, "on CUDA, the share of each GPU's memory "
+                                            "for weights, activations and KV cache")  # fmt: skip
+    tensor_parallel_size: int = setting(1, "ranks one model is split over (GPUs on CUDA, "
+                                        "processes on CPU)")  # fmt: skip
+    pipeline_parallel_size: int = setting(1, "only 1: kubellm runs a model within one pod "
+                                          "(use tensor parallelism over its GPUs)")  # fmt: skip
+    max_num_seqs: int = setting(256, "most requests in one batch")
+    max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks "
+                                          "and decodes together)")  # fmt: skip
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of shared prompt prefixes")
+    swap_space: float = setting(0, "only 0: preempted requests are recomputed (mostly from "
+                                "the prefix cache), never swapped to host memory")  # fmt: skip
+    dtype: str = setting("auto", "weights and activations; auto: bfloat16 on GPUs that have "
+                         "it, else float32", ("auto", *DTYPES))  # fmt: skip
+    quantization: str | None = setting(None, "only none: quantized checkpoints are not read yet",
+                                       ("none",))  # fmt: skip
+    device: str = setting("auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)",
+                          ("auto", *DEVICES))  # fmt: skip
+    attention_backend: str = setting("auto", "auto: triton on CUDA, torch elsewhere",
+                                     ("auto", *ATTENTION_BACKENDS))  # fmt: skip
+    enforce_eager: bool = setting(False, "on CUDA, run decode steps eagerly instead of "
+                                  "replaying CUDA graphs")  # fmt: skip
+    tokenizer_mode: str = setting("auto", "only auto: the checkpoint's fast tokenizer",
+                                  ("auto",))  # fmt: skip
+    trust_remote_code: bool = setting(False, "accepted for vLLM's command lines: kubellm "
+                                      "never runs a checkpoint's own code")  # fmt: skip
+    seed: int = setting(0, "seed of the unseeded requests' sampling")
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
@@ -133,13 +165,29 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.quantization == "none":
+            self.quantization = None
+        for f in fields(self):
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+        self._refuse_what_kubellm_does_differently()
+
+    def _refuse_what_kubellm_does_differently(self) -> None:
+        """vLLM settings users copy whose meaning kubellm does not have: refused, saying
+        what kubellm does instead (never accepted and ignored)."""
+        if self.pipeline_parallel_size != 1:
             raise ValueError(
-                f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}"
+                f"pipeline_parallel_size {self.pipeline_parallel_size} is not supported: kubellm "
+                f"serves a model within one pod; split it over that pod's GPUs with "
+                f"tensor_parallel_size instead"
             )
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        if self.swap_space:
             raise ValueError(
-                f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}"
+                f"swap_space {self.swap_space:g} is not supported: kubellm preempts by "
+                f"recomputation (a preempted request's full blocks stay in the prefix cache, "
+                f"so little is recomputed), not by swapping KV blocks to host memory; drop "
+                f"--swap-space"
             )
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:

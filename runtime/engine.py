@@ -15,7 +15,7 @@ from kubellm.runtime.distributed import SINGLE_RANK
 from kubellm.runtime.kv_cache import KVCacheManager
 from kubellm.runtime.model.source import resolve
 from kubellm.runtime.model_runner import ModelRunner
-from kubellm.runtime.outputs import CompletionOutput, RequestOutput, StepDelta
+from kubellm.runtime.outputs import CompletionOutput, EngineStats, RequestOutput, StepDelta
 from kubellm.runtime.placement import resolve_placement
 from kubellm.runtime.request import Request, TokenLogprobs
 from kubellm.runtime.sampler import Sampler, score_tokens
@@ -45,7 +45,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
-        source = resolve(config.model, config.revision)
+        source = resolve(config.model, config.revision, config.download_dir)
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
         placement = resolve_placement(config)
@@ -164,6 +164,17 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=1 - kv.num_free_blocks / kv.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+        )
+
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> list[StepDelta]:
@@ -185,9 +196,26 @@ class LLMEngine:
                 tokens[request.request_id] = token_id
                 logprobs[request.request_id] = token_logprobs
         advanced = self.scheduler.update(out, tokens)
-        deltas = [self._advance_text(r, logprobs[r.request_id]) for r in advanced]
+        deltas = [self._advance(r, logprobs[r.request_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
+
+    def _advance(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
+        """The sequence's delta. Its text is its own business: when detokenizing it fails
+        (a tokenizer bug on some token), that sequence ends with the error and the batch
+        goes on; its blocks are freed with the step's other finished requests."""
+        try:
+            return self._advance_text(request, logprobs)
+        except Exception as exc:
+            logger.exception("sequence %s failed", request.request_id)
+            request.finish("abort")
+            group, index = self._sequences[request.request_id]
+            return StepDelta(
+                request_id=group.request_id, index=index, new_token_ids=[], new_text="",
+                new_logprobs=[], finish_reason="abort", stop_reason=None,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                queue_seconds=request.queue_seconds, error=f"{type(exc).__name__}: {exc}",
+            )  # fmt: skip
 
     def _execute(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every rank runs the plan; rank 0 gets the logits."""

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from kubellm.runtime.config import BUILTIN_MODEL
+from kubellm.runtime.logs import LEVELS, configure_logging
 
 DEMO_PROMPTS = [
     "What is the capital of France?",
@@ -22,11 +23,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=LEVELS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    configure_logging(args.log_level)
     from kubellm.runtime import LLM, SamplingParams
 
     llm = LLM(model=args.model)

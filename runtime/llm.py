@@ -10,7 +10,9 @@ from kubellm.runtime.engine import LLMEngine
 from kubellm.runtime.outputs import RequestOutput
 from kubellm.runtime.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+# Text, token ids, or vLLM's dict forms: {"prompt": text} (TextPrompt) and
+# {"prompt_token_ids": ids} (TokensPrompt)
+Prompt = str | list[int] | dict
 
 
 class LLM:
@@ -39,8 +41,9 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts are text or token-id lists."""
-        prompt_list = _as_prompt_list(prompts)
+        """One RequestOutput per prompt, in order. Prompts are text, token-id lists, or
+        vLLM's {"prompt": ...} / {"prompt_token_ids": ...} dictionaries."""
+        prompt_list = [_unwrap(p) for p in _as_prompt_list(prompts)]
         params = _as_params_list(sampling_params, len(prompt_list))
         request_ids: list[str] = []
         try:
@@ -67,8 +70,20 @@ class LLM:
         return self.generate(prompt, sampling_params)[0]
 
 
+def _unwrap(prompt: Prompt) -> str | list[int]:
+    if not isinstance(prompt, dict):
+        return prompt
+    if set(prompt) == {"prompt_token_ids"}:
+        return list(prompt["prompt_token_ids"])
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    raise ValueError(
+        f"a prompt dictionary holds 'prompt' (text) or 'prompt_token_ids'; got {sorted(prompt)}"
+    )
+
+
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, str | dict):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):

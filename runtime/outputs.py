@@ -54,3 +54,16 @@ class StepDelta:
     num_prompt_tokens: int
     queue_seconds: float  # from arrival until first scheduled
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # with a sequence's first token
+    error: str | None = None  # this sequence could not be processed (it ended; the rest run on)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counters at one moment, taken by the thread that steps it."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # prompt tokens found

@@ -10,8 +10,6 @@ import torch
 
 from kubellm.runtime.config import EngineConfig
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class Placement:
@@ -59,7 +57,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
-        return DTYPES[name]
+        return getattr(torch, name)  # one of DTYPES: EngineConfig checked it
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

@@ -9,10 +9,12 @@ import os
 import sys
 import threading
 import time
+from dataclasses import fields
 
 import uvicorn
 
-from kubellm.runtime.config import BUILTIN_MODEL
+from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.logs import FORMATS, LEVELS, configure_logging
 
 logger = logging.getLogger("kubellm.serve")
 
@@ -22,49 +24,51 @@ FAILURE_GRACE_SECONDS = 2.0
 FAILURE_EXIT_SECONDS = 15.0
 
 
+_TYPES = {"str": str, "int": int, "float": float}
+
+
 def parser() -> argparse.ArgumentParser:
+    """The server's own flags, then one flag per EngineConfig field (its name, default,
+    help and choices come from the dataclass)."""
     p = argparse.ArgumentParser(prog="kubellm serve", description=__doc__)
     add = p.add_argument
-    add("--model", default=BUILTIN_MODEL)
-    add("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
     add("--served-model-name", default=None, help="the name clients send (default: --model)")
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
     add("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
-    add("--max-model-len", type=int, default=None)
-    add("--block-size", type=int, default=16)
-    add("--max-num-seqs", type=int, default=256)
-    add("--max-num-batched-tokens", type=int, default=2048)
-    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    add("--kv-cache-memory-gib", type=float, default=2.0, help="KV pool size on CPU")
-    add(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="on CUDA, the share of GPU memory for weights and KV pool together",
-    )
-    add(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="ranks (GPUs on CUDA, processes on CPU) one model is split over",
-    )
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"],
-        help="auto: cuda when there is a GPU")  # fmt: skip
-    add("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    add("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-        help="auto: triton on CUDA, torch elsewhere")  # fmt: skip
-    add("--enforce-eager", action=argparse.BooleanOptionalAction, default=False,
-        help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")  # fmt: skip
     add(
         "--shutdown-timeout",
         type=float,
         default=30.0,
         help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
     )
-    add("--log-level", default="info", type=str.lower,
-        choices=["critical", "error", "warning", "info", "debug"])  # fmt: skip
-    return p
+    add("--log-level", default="info", type=str.lower, choices=LEVELS)
+    add(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="json: one JSON object per line (with the request id on access lines)",
+    )
+    for f in fields(EngineConfig):
+        flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
+        kind = f.type.removesuffix(" | None")
+        if kind == "bool":
+            add(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f.metadata["help"],
+            )
+        else:
+            add(
+                flag, type=_TYPES[kind], default=f.default, choices=choices, help=f.metadata["help"]
+            )
+    return p  # fmt: skip
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the flags describe (ValueError for a refused setting)."""
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
 
 
 def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
@@ -149,29 +153,11 @@ def stop_after_failure(server: uvicorn.Server) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     from kubellm.runtime.api.server import build_app
-    from kubellm.runtime.config import EngineConfig
 
     try:
-        config = EngineConfig(
-            model=args.model,
-            revision=args.revision,
-            max_model_len=args.max_model_len,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enable_prefix_caching=args.enable_prefix_caching,
-            kv_cache_memory_gib=args.kv_cache_memory_gib,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size,
-            device=args.device,
-            dtype=args.dtype,
-            attention_backend=args.attention_backend,
-            enforce_eager=args.enforce_eager,
-        )
+        config = engine_config(args)
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
@@ -182,7 +168,8 @@ def main(argv: list[str]) -> int:
         app,
         host=args.host,
         port=args.port,
-        log_level=args.log_level.lower(),
+        log_config=None,  # uvicorn's records go through our handler, once
+        log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=1,
     )  # fmt: skip

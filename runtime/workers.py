@@ -28,6 +28,7 @@ import torch
 
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.distributed import TensorParallel, join_group, leave_group, open_store
+from kubellm.runtime.logs import JSONFormatter, configure_logging
 from kubellm.runtime.placement import Placement
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class WorkerGroup:
             receive, send = context.Pipe(duplex=False)
             process = context.Process(
                 target=worker_main, name=f"kubellm-tp-rank{rank}", daemon=True,
-                args=(config, placement, rank, store.port, receive, logging.getLogger().level),
+                args=(config, placement, rank, store.port, receive, _log_settings()),
             )  # fmt: skip
             process.start()
             receive.close()
@@ -140,10 +141,18 @@ def _stop(processes, pipes: list[Connection], timeout: float = 10.0) -> None:
             process.join(timeout=5)
 
 
+def _log_settings() -> tuple[str, str]:
+    """The level and format rank 0 logs with, for the workers to log alike."""
+    root = logging.getLogger()
+    formatter = root.handlers[0].formatter if root.handlers else None
+    log_format = "json" if isinstance(formatter, JSONFormatter) else "text"
+    return logging.getLevelName(root.getEffectiveLevel()).lower(), log_format
+
+
 def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int,
-                commands: Connection, log_level: int) -> None:  # fmt: skip
+                commands: Connection, log_settings: tuple[str, str]) -> None:  # fmt: skip
     """A worker process: join the group, build this rank's runner, run rank 0's commands."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(*log_settings)
     from kubellm.runtime.model.source import resolve
     from kubellm.runtime.model_runner import ModelRunner
 
@@ -152,7 +161,7 @@ def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = join_group(rank, size, port, placement.device_of(rank, size),
                     ready_key=ready_key(mp.current_process().name))  # fmt: skip
-    source = resolve(config.model, config.revision)
+    source = resolve(config.model, config.revision, config.download_dir)
     runner = ModelRunner(config, source, config.resolve_max_model_len(source.config),
                          placement, tp)  # fmt: skip
     while True:

@@ -7,6 +7,7 @@ import json
 import math
 from typing import Any
 
+from kubellm.operator.crd import ENGINE
 from kubellm.operator.naming import (
     RUNTIME_PORT,
     RUNTIME_PORT_NAME,
@@ -113,7 +114,8 @@ def _container(name: str, spec: dict[str, Any], source: ModelSource, image: str)
         "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS,
                                math.ceil(startup_budget / STARTUP_PERIOD_SECONDS)),
         "readinessProbe": _probe("/health", 5, 3),
-        "livenessProbe": _probe("/version", 15, 4),  # cheap; /health is 503 while draining
+        # /live: 503 once the engine died or hangs; unlike /health, 200 while draining
+        "livenessProbe": _probe("/live", 15, 4),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -148,7 +150,8 @@ def _env(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[str,
         values["KUBELLM_REVISION"] = spec["model"]["revision"]
     for field, variable in ENGINE_ENV.items():
         value = engine.get(field)
-        if value is not None:
+        if value is not None and value != ENGINE["properties"][field].get("default"):
+            # a default is the runtime's own (tested): leave it to the runtime
             values[variable] = str(value).lower() if isinstance(value, bool) else str(value)
     env = [{"name": k, "value": v} for k, v in values.items()]
     secrets = {"HF_TOKEN": spec["model"].get("hfTokenSecretRef"),

@@ -29,22 +29,22 @@ class _EngineState:
         engine = self.engine()
         if engine is None:
             return
-        scheduler, kv = engine.engine.scheduler, engine.engine.kv
+        stats = engine.stats  # the step thread's last snapshot
         gauges = {
-            "num_requests_running": ("Requests in the running batch", len(scheduler.running)),
-            "num_requests_waiting": ("Requests waiting to be scheduled", len(scheduler.waiting)),
-            "kv_cache_usage_perc": (
-                "Fraction of KV blocks in use (1 = full)",
-                1 - kv.num_free_blocks / kv.num_blocks,
-            ),
+            "num_requests_running": ("Requests in the running batch", stats.num_running),
+            "num_requests_waiting": ("Requests waiting to be scheduled", stats.num_waiting),
+            "kv_cache_usage_perc": ("Fraction of KV blocks in use (1 = full)", stats.kv_usage),
         }
         counters = {
-            "num_preemptions": ("Preemptions of running requests", scheduler.num_preemptions),
+            "num_preemptions": ("Preemptions of running requests", stats.num_preemptions),
             "prefix_cache_queries": (
                 "Prompt tokens looked up in the prefix cache",
-                kv.prefix_queries,
+                stats.prefix_cache_queries,
             ),
-            "prefix_cache_hits": ("Prompt tokens found in the prefix cache", kv.prefix_hits),
+            "prefix_cache_hits": (
+                "Prompt tokens found in the prefix cache",
+                stats.prefix_cache_hits,
+            ),
         }
         for family, metrics in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
             for name, (documentation, value) in metrics.items():

@@ -14,7 +14,7 @@ from kubellm.runtime.api.errors import error_response
 
 access_logger = logging.getLogger("kubellm.access")
 
-ALWAYS_OPEN = ("/health", "/metrics", "/version")  # probes and scrapers: no key, no gate
+ALWAYS_OPEN = ("/health", "/live", "/metrics", "/version")  # probes and scrapers: no key, no gate
 
 
 def refuse_work_until_ready(app: FastAPI) -> None:
@@ -86,4 +86,5 @@ class AccessLog:
                 record.request_id, scope["method"], scope["path"], status,
                 record.prompt_tokens, record.completion_tokens,
                 time.perf_counter() - started, client[0],
+                extra={"request_id": record.request_id},
             )  # fmt: skip

@@ -10,7 +10,7 @@ from itertools import accumulate
 
 from kubellm.runtime.api.errors import error_body
 from kubellm.runtime.api.middleware import AccessRecord
-from kubellm.runtime.async_engine import EngineDeadError
+from kubellm.runtime.async_engine import GenerationError
 from kubellm.runtime.outputs import StepDelta
 from kubellm.runtime.request import TokenLogprobs
 
@@ -176,8 +176,8 @@ async def sse(
         if include_usage:
             yield _chunk(shape, [], usage(record.prompt_tokens, record.completion_tokens))
         yield "data: [DONE]\n\n"
-    except EngineDeadError as exc:  # the status line went out long ago: say it in-band
-        yield f"data: {json.dumps(error_body(500, f'the engine failed: {exc}'))}\n\n"
+    except GenerationError as exc:  # the status line went out long ago: say it in-band
+        yield f"data: {json.dumps(error_body(500, str(exc)))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         on_close()

@@ -30,7 +30,7 @@ from kubellm.runtime.api.protocol import (
     TokenizeResponse,
 )
 from kubellm.runtime.api.responses import ResponseShape, TokenText, collect, sse
-from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError
+from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError, GenerationError
 from kubellm.runtime.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions only
@@ -56,16 +56,25 @@ def build_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 once the model is loaded; 503 while loading, once the engine died, and
-        while draining."""
+        """Readiness: 200 once the model is loaded; 503 while loading, once the engine
+        died or hangs, and while draining."""
         engine = app.state.engine
         if engine is None:
             return JSONResponse({"status": "loading"}, 503)
-        if engine.failure is not None:
-            return JSONResponse({"status": "failed", "reason": engine.failure}, 503)
+        trouble = _engine_trouble(engine)
+        if trouble is not None:
+            return trouble
         if app.state.draining:
             return JSONResponse({"status": "draining"}, 503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/live")
+    async def live() -> JSONResponse:
+        """Liveness: 503 only once the engine died or hangs in a step (loading and
+        draining are alive: restarting would not help them)."""
+        engine = app.state.engine
+        trouble = None if engine is None else _engine_trouble(engine)
+        return trouble or JSONResponse({"status": "ok"})
 
     @app.get("/version")
     async def version() -> dict:
@@ -81,11 +90,9 @@ def build_app(
         if body.model is not None:
             _check_model(body.model, served_model_name)
         engine = app.state.engine
-        tokens = engine.engine.tokenizer.encode(
-            body.prompt, add_special_tokens=body.add_special_tokens
-        )
+        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(
-            tokens=tokens, count=len(tokens), max_model_len=engine.engine.max_model_len
+            tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len
         )
 
     @app.post("/v1/completions")
@@ -106,7 +113,7 @@ def build_app(
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         engine = app.state.engine
-        tokenizer = engine.engine.tokenizer
+        tokenizer = engine.tokenizer
         prompt = tokenizer.apply_chat_template(
             [m.model_dump(exclude_none=True) for m in body.messages],
             tokenize=False,
@@ -121,6 +128,17 @@ def build_app(
         return await _respond(engine, metrics, raw, "chatcmpl", body, [prompt_ids], params)
 
     return app
+
+
+def _engine_trouble(engine: AsyncEngine) -> JSONResponse | None:
+    """503 when the engine died or a step hangs; None when it works."""
+    if engine.failure is not None:
+        return JSONResponse({"status": "failed", "reason": engine.failure}, 503)
+    stalled = engine.stalled_seconds()
+    if stalled is not None:
+        reason = f"a step has been running for {stalled:.0f} s"
+        return JSONResponse({"status": "stalled", "reason": reason}, 503)
+    return None
 
 
 def _check_model(model: str, served: str) -> None:
@@ -177,9 +195,9 @@ async def _respond(
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     record = raw.state.access = AccessRecord(request_id)
     for prompt in prompts:
-        _check_context(len(prompt), params.max_tokens, engine.engine.max_model_len)
+        _check_context(len(prompt), params.max_tokens, engine.max_model_len)
     try:
-        engine.engine.check_logit_bias(params)
+        engine.check_logit_bias(params)
     except ValueError as exc:
         raise APIError(400, str(exc), "logit_bias") from None
     try:
@@ -187,15 +205,15 @@ async def _respond(
     except ValueError as exc:
         raise APIError(400, str(exc), "prompt") from None
     except EngineDeadError as exc:
-        raise APIError(503, f"the engine failed: {exc}") from None
+        raise APIError(503, str(exc)) from None
     shape = ResponseShape(
         request_id=request_id,
         model=body.model,
         chat=prefix == "chatcmpl",
         num_choices=len(prompts) * params.n,
         logprobs=params.logprobs is not None,
-        token_text=TokenText(engine.engine.tokenizer),
-        echo=None if echo is None else _echo_texts(echo, prompts, engine.engine.tokenizer),
+        token_text=TokenText(engine.tokenizer),
+        echo=None if echo is None else _echo_texts(echo, prompts, engine.tokenizer),
     )
     observed = metrics.observe(stream, params.n)
 
@@ -210,8 +228,8 @@ async def _respond(
         return StreamingResponse(events, media_type="text/event-stream")
     try:
         return await _unless_client_leaves(raw, collect(observed, shape, record))
-    except EngineDeadError as exc:
-        raise APIError(500, f"the engine failed: {exc}") from None
+    except GenerationError as exc:
+        raise APIError(500, str(exc)) from None
     finally:
         release()
 

@@ -2,17 +2,14 @@
 
 from kubellm.runtime.attention.backend import AttentionBackend, AttentionMetadata
 from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
+from kubellm.runtime.config import ATTENTION_BACKENDS
 
 __all__ = [
-    "BACKENDS",
     "AttentionBackend",
     "AttentionMetadata",
     "TorchAttentionBackend",
     "get_backend",
 ]
-
-
-BACKENDS = ("torch", "triton")
 
 
 def get_backend(name: str) -> AttentionBackend:
@@ -23,4 +20,6 @@ def get_backend(name: str) -> AttentionBackend:
         from kubellm.runtime.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}; choose one of {list(BACKENDS)}")
+    raise ValueError(
+        f"unknown attention backend {name!r}; choose one of {list(ATTENTION_BACKENDS)}"
+    )

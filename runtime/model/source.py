@@ -59,8 +59,10 @@ def builtin_gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
 
 
-def resolve(model: str, revision: str | None = None) -> ModelSource:
-    """Find the model named `model`: builtin, a .gguf file, an HF directory, or a hub id."""
+def resolve(model: str, revision: str | None = None, download_dir: str | None = None
+            ) -> ModelSource:  # fmt: skip
+    """Find the model named `model`: builtin, a .gguf file, an HF directory, or a hub id
+    (downloaded into `download_dir`, default the Hugging Face cache)."""
     name = model.removeprefix("builtin://")
     if name == BUILTIN_MODEL:
         return _gguf_source(model, builtin_gguf_path())
@@ -76,7 +78,7 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
             f"model {model!r} is not the built-in {BUILTIN_MODEL!r}, a .gguf file, a directory "
             f"with config.json, or a Hugging Face hub id (org/name)"
         )
-    return _hf_source(model, _download(model.removeprefix("hf://"), revision))
+    return _hf_source(model, _download(model.removeprefix("hf://"), revision, download_dir))
 
 
 def _gguf_source(name: str, path: Path) -> ModelSource:
@@ -99,11 +101,12 @@ def _hf_source(name: str, directory: Path) -> ModelSource:
     return ModelSource(name, config, directory)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
+                                      allow_patterns=_HUB_PATTERNS))  # fmt: skip
     except Exception as exc:  # network, auth, missing repo: one line that says what to do
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

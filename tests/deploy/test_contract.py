@@ -32,3 +32,33 @@ def test_every_variable_the_operator_sets_is_understood_by_kubellm_serve():
     assert args.max_num_batched_tokens == 1024 and args.enable_prefix_caching is False
     assert args.gpu_memory_utilization == 0.8 and args.dtype == "bfloat16"
     assert args.shutdown_timeout == 45 and args.tensor_parallel_size == 1
+
+
+def test_the_crd_engine_defaults_are_the_runtime_defaults():
+    from dataclasses import fields
+
+    from kubellm.operator.builders.deployment import ENGINE_ENV
+    from kubellm.operator.crd import ENGINE
+    from kubellm.runtime.config import DTYPES, EngineConfig
+
+    runtime = parse_args([], {})
+    for field, variable in ENGINE_ENV.items():
+        flag = variable.removeprefix("KUBELLM_").lower()
+        assert ENGINE["properties"][field].get("default") == getattr(runtime, flag), field
+    assert ENGINE["properties"]["dtype"]["enum"] == ["auto", *DTYPES]
+    engine_flags = {f.name for f in fields(EngineConfig)}
+    assert engine_flags <= set(vars(runtime))  # every engine setting is a flag, made once
+
+
+def test_the_operator_passes_only_what_differs_from_the_default():
+    deployment = next(
+        o for o in build_children(custom_resource(engine={"maxNumSeqs": 8}), "img").desired
+        if o["kind"] == "Deployment"
+    )  # fmt: skip
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    engine_env = {e["name"] for e in container["env"]} & {
+        f"KUBELLM_{n}" for n in ("MAX_NUM_SEQS", "BLOCK_SIZE", "DTYPE", "MAX_NUM_BATCHED_TOKENS",
+                                 "ENABLE_PREFIX_CACHING", "TENSOR_PARALLEL_SIZE",
+                                 "GPU_MEMORY_UTILIZATION", "SHUTDOWN_TIMEOUT")
+    }  # fmt: skip
+    assert engine_env == {"KUBELLM_MAX_NUM_SEQS"}

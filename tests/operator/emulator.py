@@ -11,8 +11,13 @@ kmock 0.8 needs a few fixes to satisfy kopf and kubectl; they live here, and onl
 - `GET /api/v1/namespaces` fails (kopf lists namespaces when given some to watch): served;
 - the LLMDeployment resource is registered the way its CRD declares it.
 
-And one switch the real API server has: `refuse_claim_resize` answers a PATCH of a
-PersistentVolumeClaim as it does when the claim's StorageClass does not allow expansion.
+And the trouble a real API server has: `refuse_claim_resize` answers a PATCH of a
+PersistentVolumeClaim as it does when the claim's StorageClass does not allow expansion;
+`inject(method, fragment, status, times)` answers the next matching requests with an
+error status (409 conflicts, 429s with Retry-After, 500s, 401s); `Cluster.restart()`
+stops listening (every open connection and watch stream cut, new ones refused for a
+while) and comes back on the same port with the same objects, as a restarted API
+server does.
 """
 
 from __future__ import annotations
@@ -36,12 +41,48 @@ from kmock._internal import enums, rendering
 
 from kubellm.operator.crd import PLURAL, crd
 
+TEST_CLIENTS = ("python-httpx", "kubectl")  # user agents of the tests' own requests
+
 
 class FixedEmulator(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
     refuse_claim_resize = False
+    faults: list[list[Any]]  # [method, path fragment, status, times left, applied]
+    faults_served: int = 0
+
+    def inject(self, method: str, fragment: str, status: int, times: int,
+               applied: bool = False) -> None:  # fmt: skip
+        """Answer the next `times` requests `method` to a path containing `fragment`
+        with `status` (an API-server-shaped Status body). `applied`: the request is
+        carried out first, only its answer is lost (a create whose 201 never arrived,
+        so the retry meets 409 AlreadyExists)."""
+        self.faults.append([method, fragment, status, times, applied])
+
+    def _fault(self, raw_request: aiohttp.web.BaseRequest) -> list[Any] | None:
+        """The operator's requests only: the tests' own clients always get through."""
+        if raw_request.headers.get("User-Agent", "").startswith(TEST_CLIENTS):
+            return None
+        for fault in self.faults:
+            method, fragment, _, left, _ = fault
+            if left and raw_request.method == method and fragment in raw_request.path:
+                fault[3] -= 1
+                self.faults_served += 1
+                return fault
+        return None
 
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        fault = self._fault(raw_request)
+        if fault is not None:
+            status, applied = fault[2], fault[4]
+            if applied:
+                await self._answer(raw_request)
+            body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "message": f"injected {status}", "code": status}  # fmt: skip
+            headers = {"Retry-After": "1"} if status == 429 else None
+            return aiohttp.web.json_response(body, status=status, headers=headers)
+        return await self._answer(raw_request)
+
+    async def _answer(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if (
             self.refuse_claim_resize
             and raw_request.method == "PATCH"
@@ -195,9 +236,15 @@ def _register_llmdeployment(emulator: FixedEmulator) -> None:
 class Cluster:
     """The running emulator: its URL, a kubeconfig for it, and plain HTTP helpers."""
 
-    def __init__(self, emulator: FixedEmulator, url: str, kubeconfig: Path) -> None:
+    def __init__(self, emulator: FixedEmulator, url: str, kubeconfig: Path,
+                 restart: Any = None) -> None:  # fmt: skip
         self.emulator, self.url, self.kubeconfig = emulator, url, kubeconfig
         self.http = httpx.Client(base_url=url, timeout=10)
+        self._restart = restart
+
+    def restart(self, down_seconds: float = 2.0) -> None:
+        """Stop listening (open connections cut), then listen again on the same port."""
+        self._restart(down_seconds)
 
     def get(self, path: str) -> dict[str, Any] | None:
         response = self.http.get(path)
@@ -226,7 +273,7 @@ class Cluster:
         return [
             (r.method.value, r.url.path, dict(r.url.query))
             for r in list(self.emulator._requests)[since:]
-            if not r.headers.get("User-Agent", "").startswith(("python-httpx", "kubectl"))
+            if not r.headers.get("User-Agent", "").startswith(TEST_CLIENTS)
         ]
 
     def versions(self, path: str) -> int:
@@ -254,32 +301,59 @@ def condition(cr: dict[str, Any] | None, kind: str) -> dict[str, Any]:
 def emulated_cluster(directory: Path) -> Iterator[Cluster]:
     """Serve the emulator on 127.0.0.1 from a thread of its own (its own event loop)."""
     ready = threading.Event()
-    stop: asyncio.Event | None = None
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"down": 0.0}
 
     async def serve() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
-        async with FixedEmulator() as emulator, kmock.Server(emulator, host="127.0.0.1") as srv:
+        stop, restart = asyncio.Event(), asyncio.Event()
+        state.update(loop=asyncio.get_running_loop(), stop=stop, restart=restart)
+        async with FixedEmulator() as emulator:
+            emulator.faults = []
             emulator.resources.load_bundled()
             _register_llmdeployment(emulator)
-            state["emulator"], state["url"] = emulator, str(srv.url).rstrip("/")
-            state["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await stop.wait()
+            port = None
+            while not stop.is_set():
+                async with kmock.Server(emulator, host="127.0.0.1", port=port) as srv:
+                    port = srv.url.port
+                    state["emulator"], state["url"] = emulator, str(srv.url).rstrip("/")
+                    ready.set()
+                    await _first(stop.wait(), restart.wait())
+                    restart.clear()
+                    await _cut_connections(srv)
+                await asyncio.sleep(0 if stop.is_set() else state["down"])
+
+    def restart(down_seconds: float) -> None:
+        state["down"] = down_seconds
+        state["loop"].call_soon_threadsafe(state["restart"].set)
 
     thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
     thread.start()
     assert ready.wait(30), "the emulator did not start"
     kubeconfig = directory / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(_kubeconfig(state["url"])))
-    cluster = Cluster(state["emulator"], state["url"], kubeconfig)
+    cluster = Cluster(state["emulator"], state["url"], kubeconfig, restart)
     try:
         yield cluster
     finally:
         cluster.http.close()
-        state["loop"].call_soon_threadsafe(stop.set)
+        state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(timeout=10)
+
+
+async def _first(*waits) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+
+
+async def _cut_connections(server: kmock.Server) -> None:
+    """Drop every open connection now (watch streams too), as a dying API server does,
+    instead of waiting for aiohttp's graceful shutdown."""
+    web_server = server._managed_server.runner.server  # aiohttp's low-level Server
+    for connection in list(web_server.connections):
+        connection.force_close()
+        if connection.transport is not None:
+            connection.transport.abort()
 
 
 def _kubeconfig(url: str) -> dict[str, Any]:

@@ -105,7 +105,8 @@ def test_engine_settings_and_model_become_kubellm_environment():
     env = _env(_children(**VARIANTS["hf-gpu-secrets"]))
     assert env["KUBELLM_MODEL"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert env["KUBELLM_REVISION"] == "main" and env["KUBELLM_SERVED_MODEL_NAME"] == "llama"
-    assert env["KUBELLM_ENABLE_PREFIX_CACHING"] == "true" and env["KUBELLM_PORT"] == "8000"
+    assert env["KUBELLM_PORT"] == "8000"
+    assert "KUBELLM_ENABLE_PREFIX_CACHING" not in env  # the default: the runtime's own
     assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert env["KUBELLM_API_KEY"] == {"secretKeyRef": {"name": "api", "key": "key"}}
     pvc = _children(**VARIANTS["pvc-tp4"])
@@ -158,7 +159,7 @@ def test_probes_give_a_long_load_its_budget_and_drain_its_time():
     assert startup["httpGet"]["path"] == "/health"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert container["livenessProbe"]["httpGet"]["path"] != "/health"  # 503 while draining
+    assert container["livenessProbe"]["httpGet"]["path"] == "/live"  # /health: 503 while draining
     pod = children["Deployment"]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > 60 + 5  # drain plus preStop
     assert _env(children)["KUBELLM_SHUTDOWN_TIMEOUT"] == "60"

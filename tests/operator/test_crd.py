@@ -49,7 +49,7 @@ def test_the_schema_is_structural_and_described():
 def test_an_empty_spec_defaults_to_a_working_builtin_cpu_less_deployment():
     spec = with_defaults({})
     assert spec["model"]["source"] == "builtin://smollm2-135m-instruct"
-    assert spec["replicas"] == 1 and spec["engine"]["maxNumBatchedTokens"] == 8192
+    assert spec["replicas"] == 1 and spec["engine"]["maxNumBatchedTokens"] == 2048
     assert spec["probes"]["startupTimeoutSeconds"] == 1800
     assert spec["cache"] == {"enabled": True, "size": "50Gi", "accessMode": "ReadWriteOnce"}
     llmd_validator().validate(custom_resource(**spec))

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -199,6 +200,37 @@ def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, clu
         cr = wait_for(lambda: condition(c := cluster.get(path), "Ready").get("status") == "True"
                       and c, message="Ready")  # fmt: skip
         assert condition(cr, "Degraded")["status"] == "False"
+
+
+def test_the_operator_rides_out_api_server_trouble(cluster, monkeypatch):
+    """429s, 500s, a lost create answer (409 on the retry), a 401 (rotated token), and
+    the API server restarting mid-run: the operator keeps running, converges, and writes
+    no child twice."""
+    first, second = "sturdy", "after-restart"
+    emulator, start = cluster.emulator, len(cluster.requests())
+    with operator(cluster, monkeypatch):
+        emulator.inject("POST", f"/namespaces/{NS}/deployments", 500, 3)
+        emulator.inject("POST", f"/namespaces/{NS}/services", 429, 2)
+        emulator.inject("POST", f"/namespaces/{NS}/persistentvolumeclaims", 409, 1, applied=True)
+        emulator.inject("GET", f"/deployments/{first}", 401, 1)
+        create_llmd(cluster, first, model={"source": "hf://org/sturdy"})
+        for kind, child_name in (("Deployment", first), ("Service", first),
+                                 ("PersistentVolumeClaim", f"{first}-model-cache")):  # fmt: skip
+            wait_for(lambda k=kind, n=child_name: child(cluster, k, n), message=kind)
+        assert emulator.faults_served == 7  # each fault was met and ridden out
+        cluster.restart(down_seconds=2)  # watch streams cut; requests refused for 2 s
+        time.sleep(3)
+        create_llmd(cluster, second, model={"source": "hf://org/sturdy"})
+        wait_for(lambda: child(cluster, "Deployment", second), timeout=60,
+                 message="a resource created after the restart")  # fmt: skip
+        cluster.patch(object_path("LLMDeployment", NS, first), {"spec": {"replicas": 2}})
+        wait_for(lambda: child(cluster, "Deployment", first)["spec"]["replicas"] == 2,
+                 timeout=60, message="an edit after the restart")  # fmt: skip
+    # the creates that reached the store (a fault answers before it): one per resource
+    # and kind; the claim whose 201 was lost is not created again (409: it exists)
+    creates = [p for m, p in cluster.requests()[start:] if m == "POST"]
+    for plural in ("deployments", "services", "persistentvolumeclaims"):
+        assert sum(p.endswith(f"/namespaces/{NS}/{plural}") for p in creates) == 2, plural
 
 
 def test_a_bigger_cache_grows_the_claim_and_a_refused_resize_is_reported(cluster, monkeypatch):

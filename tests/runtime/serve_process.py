@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -14,15 +15,18 @@ from tests.helpers import free_port
 
 
 class ServeProcess:
-    """Start `python -m kubellm.runtime.serve ARGS --port <free>`; killed on exit."""
+    """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or another module with
+    the same command line); killed on exit."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, module: str = "kubellm.runtime.serve",
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubellm.runtime.serve", *args, "--port", str(port)],
+            [sys.executable, "-m", module, *args, "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})},
         )  # fmt: skip
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

@@ -420,3 +420,47 @@ def test_the_access_log_has_id_status_tokens_and_latency(client, server, caplog)
 def _access_lines(caplog) -> list[str]:
     """Only our access log (other tests may have turned other loggers up)."""
     return [r.getMessage() for r in caplog.records if r.name == "kubellm.access"]
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offline,
+                                                            monkeypatch):  # fmt: skip
+    """A fault injected into one request's detokenizer: that request gets a 500 (a stream,
+    an error event), a concurrent one gets its usual text, and the server serves on."""
+    from kubellm.runtime.detokenizer import IncrementalDetokenizer
+
+    add = IncrementalDetokenizer.add
+
+    def faulty_add(self, token_id, check_stop=True):
+        if "boom" in self._stop:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected fault")
+        return add(self, token_id, check_stop)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", faulty_add)
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    async def both():
+        async def failing():
+            with pytest.raises(openai.InternalServerError) as error:
+                await aclient.completions.create(model=MODEL, prompt="x", max_tokens=20,
+                                                 stop=["boom"], **GREEDY)  # fmt: skip
+            return error.value
+
+        async def failing_stream():
+            stream = await aclient.completions.create(
+                model=MODEL, prompt="y", max_tokens=20, stop=["boom"], stream=True, **GREEDY
+            )
+            with pytest.raises(openai.APIError) as error:
+                async for _ in stream:
+                    pass
+            return error.value
+
+        healthy = aclient.completions.create(model=MODEL, prompt="z", max_tokens=20, **GREEDY)
+        return await asyncio.gather(failing(), failing_stream(), healthy)
+
+    plain_error, stream_error, healthy = asyncio.run(both())
+    assert plain_error.status_code == 500 and "this request failed" in plain_error.message
+    assert "UnicodeDecodeError" in plain_error.message
+    assert "this request failed" in str(stream_error)
+    assert healthy.choices[0].text == _offline_text(offline, "z", 20)
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert_server_idle(server.engine)

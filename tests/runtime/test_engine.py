@@ -198,3 +198,35 @@ def test_random_workloads_on_the_real_engine(
         )
     )
     run_workload(engine, requests)
+
+
+def test_vllms_offline_call_runs_unchanged(tiny_model_dir, tmp_path):
+    from kubellm.runtime import LLM as VLLMStyleLLM  # as `from vllm import LLM` would
+
+    llm = VLLMStyleLLM(model=str(tiny_model_dir("mha-tied")), trust_remote_code=True,
+                       dtype="auto", download_dir=str(tmp_path), tokenizer_mode="auto",
+                       quantization=None, enforce_eager=False, enable_prefix_caching=True,
+                       block_size=16, max_model_len=256, kv_cache_memory_gib=0.01)  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=6, skip_special_tokens=True)
+    as_ids = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
+    tokens_prompt = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0]
+    assert tokens_prompt.outputs[0].token_ids == as_ids
+    text_prompt = llm.generate({"prompt": "Hello"}, params)[0]
+    assert text_prompt.outputs[0].text == llm.generate("Hello", params)[0].outputs[0].text
+    with pytest.raises(ValueError, match="'prompt' \\(text\\) or 'prompt_token_ids'"):
+        llm.generate([{"prompt_ids": [1]}], params)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"quantization": "awq"}, "quantization must be one of none"),
+        ({"tokenizer_mode": "slow"}, "tokenizer_mode must be one of auto"),
+        ({"swap_space": 4}, "swap_space 4 is not supported"),
+        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size 2 is not supported"),
+        ({"dtype": "float64"}, "dtype must be one of auto, float32, float16, bfloat16"),
+    ],
+)
+def test_vllm_settings_kubellm_does_not_have_are_refused_saying_why(setting, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**setting)

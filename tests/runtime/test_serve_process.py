@@ -10,6 +10,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from tests.helpers import free_port
@@ -86,3 +87,106 @@ def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and needle in done.stderr
+
+
+def _in_flight_pair(client, results: dict, streaming: threading.Event) -> list[threading.Thread]:
+    """A plain and a streaming completion, long enough to be running when a fault comes."""
+    long = dict(model="tiny", prompt=[5, 6, 7], max_tokens=400, extra_body={"ignore_eos": True})
+
+    def plain() -> None:
+        try:
+            results["plain"] = client.completions.create(**long)
+        except openai.APIError as exc:
+            results["plain"] = exc
+
+    def streamed() -> None:
+        try:
+            for chunk in client.completions.create(**long, stream=True):
+                streaming.set()
+                results.setdefault("chunks", []).append(chunk)
+        except openai.APIError as exc:
+            results["stream"] = exc
+
+    readers = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for reader in readers:
+        reader.start()
+    return readers
+
+
+def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_model_dir):
+    with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
+                      "--max-model-len", "512", module="tests.runtime.faulty_serve",
+                      env={"KUBELLM_TEST_FAIL_FORWARD_AT": "30"}) as server:  # fmt: skip
+        server.wait_healthy()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        results: dict = {}
+        streaming = threading.Event()
+        readers = _in_flight_pair(client, results, streaming)
+        for reader in readers:
+            reader.join(30)
+        assert not any(reader.is_alive() for reader in readers), "a request hangs"
+        assert streaming.is_set()  # the stream had started when the step failed
+        plain = results["plain"]
+        assert isinstance(plain, openai.InternalServerError) and plain.status_code == 500
+        assert plain.body["type"] == "InternalServerError"
+        assert "injected fault in forward pass 30" in plain.body["message"]
+        assert "the engine failed" in str(results["stream"])
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "injected fault" in health.json()["reason"]
+        assert httpx.get(server.url + "/live").status_code == 503
+        refused = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert refused.status_code == 503 and "the engine failed" in refused.text
+        assert server.proc.wait(30) == 1
+    assert "Traceback" in server.output  # the failure is logged with its trace
+
+
+def test_log_level_warning_prints_no_info_and_json_lines_carry_the_request_id(tiny_model_dir):
+    model = str(tiny_model_dir("mha-tied"))
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
+    with ServeProcess("--model", model, "--served-model-name", "tiny",
+                      "--log-level", "warning") as quiet:  # fmt: skip
+        quiet.wait_healthy()
+        assert httpx.post(quiet.url + "/v1/completions", json=body).status_code == 200
+        quiet.proc.send_signal(signal.SIGTERM)
+        assert quiet.proc.wait(60) == 0
+    assert " INFO " not in quiet.output, quiet.output
+    with ServeProcess("--model", model, "--served-model-name", "tiny",
+                      "--log-format", "json") as loud:  # fmt: skip
+        loud.wait_healthy()
+        replies = [httpx.post(loud.url + "/v1/completions", json=body) for _ in range(3)]
+        loud.proc.send_signal(signal.SIGTERM)
+        assert loud.proc.wait(60) == 0
+    records = [json.loads(line) for line in loud.lines if line.strip()]  # every line is JSON
+    access = [r for r in records if r["logger"] == "kubellm.access"]
+    assert sorted(r["request_id"] for r in access) == sorted(r.json()["id"] for r in replies)
+    assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's too, once
+    assert len({(r["logger"], r["message"]) for r in records}) == len(records)
+
+
+# Command lines from the vLLM deployment guides our users copy (with --model and --port
+# ours): each runs unchanged or is refused at start saying what kubellm does instead.
+VLLM_COMMAND_LINES = {
+    "tp1-guide": (["--host", "0.0.0.0", "--tensor-parallel-size", "1",
+                   "--gpu-memory-utilization", "0.90", "--max-model-len", "4096"], None),
+    "swap-space": (["--gpu-memory-utilization", "0.90", "--max-num-batched-tokens", "32768",
+                    "--max-num-seqs", "256", "--block-size", "16", "--swap-space", "4",
+                    "--enforce-eager"],
+                   "swap_space 4 is not supported: kubellm preempts by recomputation"),
+    "pipeline": (["--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"],
+                 "pipeline_parallel_size 2 is not supported: kubellm serves a model within "
+                 "one pod"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_COMMAND_LINES))
+def test_vllm_command_lines_run_or_are_refused_saying_why(name):
+    flags, refusal = VLLM_COMMAND_LINES[name]
+    with ServeProcess("--model", "smollm2-135m-instruct", *flags) as server:
+        if refusal is None:
+            server.wait_healthy()
+            reply = httpx.post(server.url + "/v1/completions", timeout=60, json={
+                "model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 3})  # fmt: skip
+            assert reply.status_code == 200, reply.text
+        else:
+            assert server.proc.wait(60) == 2
+            assert refusal in server.output, server.output

@@ -114,4 +114,4 @@ def test_a_killed_worker_fails_in_flight_requests_and_the_server_exits_non_zero(
         assert new_request.value.status_code == 503
         code = server.proc.wait(FAILURE_BOUND_SECONDS)
         assert code != 0 and time.monotonic() - killed < FAILURE_BOUND_SECONDS
-    assert "worker kubellm-tp-rank1" in server.output or "engine step failed" in server.output
+    assert "the engine is dead" in server.output  # logged, with the reason
