@@ -75,55 +75,68 @@ class Soak:
         words = " ".join(self.rng.choice(["data", "pods", "cache", "token"]) for _ in range(20))
         completions, chat = self.url + "/v1/completions", self.url + "/v1/chat/completions"
         if kind == "plain":
-            await self._expect(client, completions, self._body(prompt=words, max_tokens=24), 200)
+            await self._expect(
+                client, kind, completions, self._body(prompt=words, max_tokens=24), 200
+            )
         elif kind == "stream":
             await self._stream(
-                client, completions, self._body(prompt=words, max_tokens=32, stream=True), None
+                client,
+                kind,
+                completions,
+                self._body(prompt=words, max_tokens=32, stream=True),
+                None,
             )
         elif kind == "chat":
             messages = [{"role": "user", "content": words}]
-            await self._expect(client, chat, self._body(messages=messages, max_tokens=16), 200)
+            await self._expect(
+                client, kind, chat, self._body(messages=messages, max_tokens=16), 200
+            )
         elif kind == "n":
             await self._expect(
-                client, completions, self._body(prompt=words, n=3, max_tokens=8), 200
+                client, kind, completions, self._body(prompt=words, n=3, max_tokens=8), 200
             )
         elif kind == "hangup":
             await self._stream(
-                client, completions, self._body(prompt=words, max_tokens=200, stream=True), 3
+                client, kind, completions, self._body(prompt=words, max_tokens=200, stream=True), 3
             )
         elif kind == "hangup-prefill":  # a long prompt, gone before its first token
             prompt = [self.rng.randrange(100, 40000) for _ in range(MAX_MODEL_LEN - 8)]
             await self._stream(
-                client, completions, self._body(prompt=prompt, max_tokens=4, stream=True), 0
+                client, kind, completions, self._body(prompt=prompt, max_tokens=4, stream=True), 0
             )
         elif kind == "at-limit":
             prompt = [self.rng.randrange(100, 40000) for _ in range(MAX_MODEL_LEN - 4)]
-            await self._expect(client, completions, self._body(prompt=prompt, max_tokens=4), 200)
+            await self._expect(
+                client, kind, completions, self._body(prompt=prompt, max_tokens=4), 200
+            )
         elif kind == "over-limit":
             prompt = [self.rng.randrange(100, 40000) for _ in range(MAX_MODEL_LEN)]
-            await self._expect(client, completions, self._body(prompt=prompt, max_tokens=4), 400)
+            await self._expect(
+                client, kind, completions, self._body(prompt=prompt, max_tokens=4), 400
+            )
         elif kind == "bad-value":
             body = self._body(prompt=words, max_tokens=4)
-            await self._expect(client, completions, dict(body, temperature=-1), 400)
+            await self._expect(client, kind, completions, dict(body, temperature=-1), 400)
         elif kind == "bad-model":
             body = dict(self._body(prompt=words, max_tokens=4), model="nope")
-            await self._expect(client, completions, body, 404)
+            await self._expect(client, kind, completions, body, 404)
         else:
             response = await client.post(
                 completions, content=b"{not json", headers={"content-type": "application/json"}
             )
-            self._note("bad-json", response.status_code, 400)
+            self._note(kind, response.status_code, 400)
 
-    async def _expect(self, client, url: str, body: dict, status: int) -> None:
+    async def _expect(self, client, kind: str, url: str, body: dict, status: int) -> None:
         response = await client.post(url, json=body)
-        self._note(url.rsplit("/", 1)[1], response.status_code, status)
+        self._note(kind, response.status_code, status)
         if status == 200 and response.status_code == 200:
             json.loads(response.text)  # a whole JSON body
 
-    async def _stream(self, client, url: str, body: dict, hang_up_after: int | None) -> None:
+    async def _stream(self, client, kind: str, url: str, body: dict,
+                      hang_up_after: int | None) -> None:  # fmt: skip
         """Read a stream to its end, or hang up after `hang_up_after` chunks."""
         async with client.stream("POST", url, json=body) as response:
-            self._note("stream", response.status_code, 200)
+            self._note(kind, response.status_code, 200)
             chunks = 0
             async for line in response.aiter_lines():
                 if hang_up_after is not None and chunks >= hang_up_after:
@@ -165,7 +178,7 @@ def main() -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "kubellm.runtime.serve", "--model", args.model,
          "--served-model-name", "soak", "--port", str(args.port), "--max-model-len",
-         str(MAX_MODEL_LEN), "--kv-cache-memory-gib", "0.25", "--log-level", "warning"],
+         str(MAX_MODEL_LEN), "--kv-cache-memory-gib", "0.05", "--log-level", "warning"],
     )  # fmt: skip
     try:
         for _ in range(600):
