@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 
 from tests.helpers import free_port
 
@@ -68,3 +69,30 @@ def is_running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+def start_long_requests(client, results: dict, streaming: threading.Event
+                        ) -> list[threading.Thread]:  # fmt: skip
+    """A plain and a streaming completion (openai SDK), long enough to be running when a
+    fault comes: `results["plain"]` gets the response or the APIError, `results["stream"]`
+    the stream's APIError; `streaming` is set at the first chunk."""
+    long = dict(model="tiny", prompt=[5, 6, 7], max_tokens=400, extra_body={"ignore_eos": True})
+
+    def plain() -> None:
+        try:
+            results["plain"] = client.completions.create(**long)
+        except openai.APIError as exc:
+            results["plain"] = exc
+
+    def streamed() -> None:
+        try:
+            for _ in client.completions.create(**long, stream=True):
+                streaming.set()
+                time.sleep(0.005)  # a slow reader keeps the request in flight
+        except openai.APIError as exc:
+            results["stream"] = exc
+
+    readers = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for reader in readers:
+        reader.start()
+    return readers

@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import free_port
 
-from .serve_process import ServeProcess
+from .serve_process import ServeProcess, start_long_requests
 
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
@@ -89,30 +89,6 @@ def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
     assert done.returncode == 2 and needle in done.stderr
 
 
-def _in_flight_pair(client, results: dict, streaming: threading.Event) -> list[threading.Thread]:
-    """A plain and a streaming completion, long enough to be running when a fault comes."""
-    long = dict(model="tiny", prompt=[5, 6, 7], max_tokens=400, extra_body={"ignore_eos": True})
-
-    def plain() -> None:
-        try:
-            results["plain"] = client.completions.create(**long)
-        except openai.APIError as exc:
-            results["plain"] = exc
-
-    def streamed() -> None:
-        try:
-            for chunk in client.completions.create(**long, stream=True):
-                streaming.set()
-                results.setdefault("chunks", []).append(chunk)
-        except openai.APIError as exc:
-            results["stream"] = exc
-
-    readers = [threading.Thread(target=plain), threading.Thread(target=streamed)]
-    for reader in readers:
-        reader.start()
-    return readers
-
-
 def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_model_dir):
     with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
                       "--max-model-len", "512", module="tests.runtime.faulty_serve",
@@ -121,7 +97,7 @@ def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_mod
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         results: dict = {}
         streaming = threading.Event()
-        readers = _in_flight_pair(client, results, streaming)
+        readers = start_long_requests(client, results, streaming)
         for reader in readers:
             reader.join(30)
         assert not any(reader.is_alive() for reader in readers), "a request hangs"

@@ -16,7 +16,7 @@ import pytest
 
 from kubellm.runtime import SamplingParams
 
-from .serve_process import ServeProcess, is_running
+from .serve_process import ServeProcess, is_running, start_long_requests
 
 FAILURE_BOUND_SECONDS = 30  # kill -> errors out, /health 503, exit non-zero; measured ~3 s
 
@@ -76,36 +76,18 @@ def test_a_killed_worker_fails_in_flight_requests_and_the_server_exits_non_zero(
         server.wait_healthy()
         (worker,) = _worker_pids(server)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        long = dict(model="tiny", prompt=[5, 6, 7], max_tokens=480, extra_body={"ignore_eos": True})
-        errors: dict[str, Exception] = {}
+        results: dict = {}
         streaming = threading.Event()
-
-        def plain() -> None:
-            try:
-                client.completions.create(**long)
-            except openai.APIError as exc:
-                errors["plain"] = exc
-
-        def streamed() -> None:
-            try:
-                for _ in client.completions.create(**long, stream=True):
-                    streaming.set()
-                    time.sleep(0.005)
-            except openai.APIError as exc:
-                errors["stream"] = exc
-
-        readers = [threading.Thread(target=plain), threading.Thread(target=streamed)]
-        for reader in readers:
-            reader.start()
+        readers = start_long_requests(client, results, streaming)
         assert streaming.wait(60)
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         for reader in readers:
             reader.join(FAILURE_BOUND_SECONDS)
         assert not any(reader.is_alive() for reader in readers), "a request hangs"
-        assert isinstance(errors.get("plain"), openai.InternalServerError), errors
-        assert "the engine failed" in str(errors["plain"])
-        assert "the engine failed" in str(errors.get("stream")), errors
+        assert isinstance(results.get("plain"), openai.InternalServerError), results
+        assert "the engine failed" in str(results["plain"])
+        assert "the engine failed" in str(results.get("stream")), results
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and health.json()["status"] == "failed"
         refused = client.with_options(max_retries=0).completions
