@@ -3,12 +3,19 @@ resolved once from the engine's settings (every tensor-parallel rank resolves th
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from kubellm.runtime.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+# CPU features whose bf16 matrix multiplies beat fp32 (as vLLM's CPU backend decides)
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,35 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
+    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX; else float32.
+    The choice and its reason are logged."""
+    if name == "auto":
+        name = os.environ.get("KUBELLM_DTYPE", "auto")
     if name != "auto":
         return getattr(torch, name)  # one of DTYPES: EngineConfig checked it
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+        why = "the GPU has bf16" if fast else "the GPU has no bf16"
+    else:
+        found = sorted(cpu_flags() & BF16_CPU_FLAGS)
+        fast = bool(found)
+        why = (
+            f"the CPU has {', '.join(found)}"
+            if fast
+            else "the CPU has neither AVX-512-BF16 nor AMX"
+        )
+    chosen = torch.bfloat16 if fast else torch.float32
+    logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
+    return chosen
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux: /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite runs on CPU (its oracles are fp32 CPU runs), also on a machine with a GPU;
 # the cuda-marked tests and the Triton tests (tests/helpers.TRITON_DEVICE) name their device.
 os.environ.setdefault("KUBELLM_DEVICE", "cpu")
+# ... in fp32, whatever `--dtype auto` would choose on this CPU (bf16 where it has AMX)
+os.environ.setdefault("KUBELLM_DTYPE", "float32")
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")

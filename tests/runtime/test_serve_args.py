@@ -33,3 +33,18 @@ def test_kubellm_device_also_pins_the_offline_engine(monkeypatch):
 def test_defaults_without_environment():
     args = parse_args([], {})
     assert args.port == 8000 and args.model == "smollm2-135m-instruct" and args.api_key is None
+
+
+def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
+    from kubellm.runtime import placement
+
+    monkeypatch.delenv("KUBELLM_DTYPE")
+    cpu = torch.device("cpu")
+    for flags, expected in (({"avx2", "fma"}, torch.float32),
+                            ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                            ({"amx_tile", "amx_bf16"}, torch.bfloat16)):  # fmt: skip
+        monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
+        assert placement.resolve_dtype("auto", cpu) == expected
+    assert placement.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
+    monkeypatch.setenv("KUBELLM_DTYPE", "float32")
+    assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
