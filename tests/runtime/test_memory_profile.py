@@ -21,7 +21,9 @@ def test_the_largest_step_runs_on_a_throwaway_cache(tiny_model_dir):
 
 @pytest.mark.cuda
 def test_the_pool_leaves_room_for_the_largest_step():
-    llm = LLM(device="cuda", max_num_batched_tokens=4096, gpu_memory_utilization=0.5)
+    llm = LLM(
+        device="cuda", dtype="bfloat16", max_num_batched_tokens=4096, gpu_memory_utilization=0.5
+    )
     runner = llm.engine.runner
     assert runner.dtype == torch.bfloat16
     one_row = activation_peak_bytes(runner, 4096, 1)
