@@ -7,9 +7,10 @@ sends `tools` or `response_format` must learn we do not do them.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -89,11 +90,87 @@ class CompletionRequest(_SamplingFields):
         return prompt
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    type: Literal["text"]
+    text: str
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    """A message as OpenAI's clients send it: content as text or a list of text parts
+    (None for an assistant turn that only called tools); `tool` messages carry a tool's
+    result for `tool_call_id`; `developer` is OpenAI's newer name for `system`."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """One clear message for a part we cannot read (images, audio, files)."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part type {kind!r} is not supported: this "
+                                     f"model reads text parts only")  # fmt: skip
+        return content
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only for an assistant "
+                             "message with tool_calls)")  # fmt: skip
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def for_template(self, template_knows_developer: bool) -> dict[str, Any]:
+        """The message as chat templates take it: text content, tool calls' arguments
+        as objects; `developer` as `system` for templates that do not know it."""
+        role = self.role
+        if role == "developer" and not template_knows_developer:
+            role = "system"
+        text = self.content
+        if isinstance(text, list):
+            text = "".join(part.text for part in text)
+        message: dict[str, Any] = {"role": role, "content": text or ""}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {
+                    "name": call.function.name,
+                    "arguments": _json_or_text(call.function.arguments)}}
+                for call in self.tool_calls
+            ]  # fmt: skip
+        return message
+
+
+def _json_or_text(arguments: str) -> Any:
+    """Templates render a call's arguments from an object; keep text that is not JSON."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class ChatCompletionRequest(_SamplingFields):

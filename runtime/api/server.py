@@ -114,8 +114,9 @@ def build_app(
         _check_model(body.model, served_model_name)
         engine = app.state.engine
         tokenizer = engine.tokenizer
+        knows_developer = "developer" in (tokenizer.chat_template or "")
         prompt = tokenizer.apply_chat_template(
-            [m.model_dump(exclude_none=True) for m in body.messages],
+            [m.for_template(knows_developer) for m in body.messages],
             tokenize=False,
             add_generation_prompt=True,
         )

@@ -270,12 +270,16 @@ def test_tokenize_uses_the_model_tokenizer(server):
         ("completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),
         ("completions", {"model": MODEL}, 400, "prompt"),
         ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        (
-            "chat/completions",
-            {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
-            400,
-            "role",
-        ),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+         400, "role"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+         400, "tool_call_id"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+         400, "content part type 'image_url' is not supported"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "assistant",
+                                                             "content": None}]},
+         400, "content is required"),
         (
             "chat/completions",
             {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
@@ -463,4 +467,38 @@ def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offl
     assert "this request failed" in str(stream_error)
     assert healthy.choices[0].text == _offline_text(offline, "z", 20)
     assert httpx.get(server.url + "/health").status_code == 200
+    assert_server_idle(server.engine)
+
+
+def test_agent_framework_messages_reach_the_template(client, server):
+    """Text parts, the developer role, an assistant turn that only called a tool, and the
+    tool's result: what agent frameworks send. Parts read as their joined text and
+    `developer` as `system` (this template does not know it)."""
+
+    def reply(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                              **GREEDY).choices[0].message.content  # fmt: skip
+
+    plain = reply([{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": "Name a colour."}])  # fmt: skip
+    parts = reply(
+        [
+            {
+                "role": "developer",
+                "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}],
+            },
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+        ]
+    )
+    assert parts == plain
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "colour", "arguments": '{"kind": "warm"}'}}  # fmt: skip
+    after_tool = reply(
+        [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "red"},
+        ]
+    )
+    assert isinstance(after_tool, str)  # the conversation goes on
     assert_server_idle(server.engine)
