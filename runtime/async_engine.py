@@ -128,9 +128,14 @@ class AsyncEngine:
         """Engine requests (prompts) submitted and not yet closed."""
         return len(self._streams)
 
+    def compile_grammar(self, spec):
+        """A structured-output constraint compiled (cached); call from a worker thread."""
+        return self.engine.compile_grammar(spec)
+
     def submit(
-        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams
-    ) -> RequestStream:
+        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
+        grammar=None,
+    ) -> RequestStream:  # fmt: skip
         """Queue every prompt (token ids, as `request_id-k`), all or none: bad input raises
         ValueError and queues nothing; a dead engine raises EngineDeadError. Call from
         the event loop."""
@@ -151,7 +156,7 @@ class AsyncEngine:
 
         def add() -> None:
             for engine_id, prompt in zip(engine_ids, token_ids):
-                self.engine.add_request(engine_id, prompt, params)
+                self.engine.add_request(engine_id, prompt, params, grammar)
 
         self._command(add)
         return stream

@@ -22,6 +22,7 @@ from kubellm.runtime.sampler import Sampler, score_tokens
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.step_plan import StepPlan
+from kubellm.runtime.structured_output import GrammarCompiler, GrammarSpec
 from kubellm.runtime.workers import WorkerGroup
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,12 @@ class LLMEngine:
         num_blocks = self.runner.num_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(source.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         )
+        self.grammars = GrammarCompiler(self.tokenizer, source.config.vocab_size,
+                                        sorted(self.eos_token_ids))  # fmt: skip
+        self.sampler = Sampler(config.seed, self.grammars)
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, int]] = {}
         self.load_seconds = time.perf_counter() - started
@@ -104,15 +107,24 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def compile_grammar(self, spec: GrammarSpec):
+        """The compiled grammar of a structured-output request (cached; ValueError when
+        it cannot be compiled). Slow for a new schema: callers run it off the step thread."""
+        return self.grammars.compile(spec)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    grammar=None) -> None:  # fmt: skip
         """Queue a prompt (text or token ids) for `params.n` sequences. Bad input raises
-        ValueError and changes nothing."""
+        ValueError and changes nothing. `grammar`: `params.structured_output` compiled
+        (compiled here when not given)."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(token_ids)
         self.check_logit_bias(params)
+        if params.structured_output is not None and grammar is None:
+            grammar = self.compile_grammar(params.structured_output)
         group = _Group(request_id, text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -120,6 +132,8 @@ class LLMEngine:
             request = Request(
                 sequence_id, token_ids, params, self.eos_token_ids, self.max_model_len, seed
             )
+            if grammar is not None:
+                request.matcher = self.grammars.matcher(grammar)
             group.sequences.append(request)
             group.detokenizers.append(
                 IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
@@ -196,9 +210,20 @@ class LLMEngine:
                 tokens[request.request_id] = token_id
                 logprobs[request.request_id] = token_logprobs
         advanced = self.scheduler.update(out, tokens)
+        for request in advanced:
+            if request.matcher is not None:
+                self._advance_grammar(request)
         deltas = [self._advance(r, logprobs[r.request_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
+
+    @staticmethod
+    def _advance_grammar(request: Request) -> None:
+        """The sampled token moves the sequence's grammar on; a grammar that has ended
+        (it accepted a stop token) ends the sequence."""
+        request.matcher.accept_token(request.token_ids[-1])
+        if request.matcher.is_terminated() and not request.is_finished:
+            request.finish("stop")
 
     def _advance(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
         """The sequence's delta. Its text is its own business: when detokenizing it fails

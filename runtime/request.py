@@ -62,6 +62,7 @@ class Request:
         # n > 1: the first sequence of the prompt, whose prefill this one waits for so it
         # can take the prompt's full blocks from the prefix cache instead of recomputing.
         self.prompt_leader: Request | None = None
+        self.matcher = None  # structured output: this sequence's xgrammar GrammarMatcher
         self.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_token_ids
         )

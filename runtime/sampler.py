@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.runtime.request import Request, TokenLogprobs
+from kubellm.runtime.structured_output import GrammarCompiler
 
 
 @dataclass
@@ -26,8 +27,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, grammars: GrammarCompiler | None = None) -> None:
         self.seed = seed
+        self.grammars = grammars  # masks the rows of structured-output requests
         self.generators: dict[torch.device, torch.Generator] = {}  # unseeded draws, per device
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
@@ -36,6 +38,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone()
         _add_logit_bias(logits, requests)
+        matchers = {i: r.matcher for i, r in enumerate(requests) if r.matcher is not None}
+        if matchers:
+            self.grammars.mask(logits, matchers)
         _mask_stops_before_min_tokens(logits, requests)
         _apply_penalties(logits, requests)
         token_ids = self._choose(logits, requests)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kubellm.runtime.structured_output import GrammarSpec
+
 GREEDY_EPSILON = 1e-5
 
 
@@ -29,6 +31,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
+    structured_output: GrammarSpec | None = None  # what the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, as far as we implement them.
 
 Unknown fields are refused (400) rather than silently ignored: a client that
-sends `tools` or `response_format` must learn we do not do them.
+sends `tools` must learn we do not do them yet.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.structured_output import GrammarSpec
 
 MAX_N = 128  # choices per prompt: bounds what one request can ask of the engine
 
@@ -22,8 +23,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
     model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     model: str
     max_tokens: int | None = None
@@ -46,6 +71,33 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The one output constraint the request names (ValueError for two)."""
+        given = self._constraints()
+        if len(given) > 1:
+            names = ", ".join(field for field, _ in given)
+            raise ValueError(f"give one output constraint, not several: {names}")
+        return given[0][1] if given else None
+
+    def _constraints(self) -> list[tuple[str, GrammarSpec]]:
+        out = self.structured_outputs or StructuredOutputs()
+        candidates = [
+            ("structured_outputs.json", out.json_, GrammarSpec.json_schema),
+            ("structured_outputs.regex", out.regex, lambda r: GrammarSpec("regex", r)),
+            ("structured_outputs.choice", out.choice, GrammarSpec.choice),
+            ("structured_outputs.grammar", out.grammar, lambda g: GrammarSpec("grammar", g)),
+            ("guided_json", self.guided_json, GrammarSpec.json_schema),
+            ("guided_regex", self.guided_regex, lambda r: GrammarSpec("regex", r)),
+            ("guided_choice", self.guided_choice, GrammarSpec.choice),
+            ("guided_grammar", self.guided_grammar, lambda g: GrammarSpec("grammar", g)),
+        ]
+        return [(name, make(value)) for name, value, make in candidates if value is not None]
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
@@ -54,8 +106,8 @@ class _SamplingFields(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         same = self.model_dump(include=_SAME_AS_ENGINE)
         return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                              logit_bias=self._logit_bias(),
-                              prompt_logprobs=prompt_logprobs)  # fmt: skip
+                              logit_bias=self._logit_bias(), prompt_logprobs=prompt_logprobs,
+                              structured_output=self.grammar_spec())  # fmt: skip
 
     def _logit_bias(self) -> dict[int, float]:
         try:
@@ -67,7 +119,7 @@ class _SamplingFields(BaseModel):
 # Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
 _SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
     f.name for f in dataclasses.fields(SamplingParams)
-} - {"max_tokens", "stop", "logprobs", "logit_bias"}
+} - {"max_tokens", "stop", "logprobs", "logit_bias", "structured_output"}
 
 
 class CompletionRequest(_SamplingFields):
@@ -178,6 +230,19 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+
+    def _constraints(self) -> list[tuple[str, GrammarSpec]]:
+        given = super()._constraints()
+        response_format = self.response_format
+        if response_format is None or response_format.type == "text":
+            return given
+        if response_format.type == "json_object":
+            return [("response_format", GrammarSpec("json_object")), *given]
+        if response_format.json_schema is None:
+            raise ValueError("response_format of type json_schema needs its json_schema")
+        schema = response_format.json_schema.schema_ or {"type": "object"}
+        return [("response_format", GrammarSpec.json_schema(schema)), *given]
 
 
 class TokenizeRequest(BaseModel):

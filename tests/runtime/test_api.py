@@ -282,8 +282,7 @@ def test_tokenize_uses_the_model_tokenizer(server):
          400, "content is required"),
         (
             "chat/completions",
-            {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-             "response_format": {"type": "json_object"}},
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []},
             400,
             "not supported",
         ),

@@ -7,8 +7,12 @@ from hypothesis import strategies as st
 
 from kubellm.runtime import LLMEngine, SamplingParams
 from kubellm.runtime.outputs import RequestOutput
+from kubellm.runtime.structured_output import GrammarSpec
 
 from .invariants import check_all_free, check_kv_consistent
+
+CHOICES = ["alpha beta", "gamma", "delta epsilon zeta"]
+CONSTRAINED = GrammarSpec.choice(CHOICES)
 
 workload = st.lists(
     st.tuples(
@@ -19,6 +23,7 @@ workload = st.lists(
         st.booleans(),  # shares a prefix
         st.integers(1, 3),  # n
         st.booleans(),  # scores its prompt (prompt_logprobs)
+        st.booleans(),  # constrained to one of CHOICES (structured output)
     ),
     min_size=1,
     max_size=10,
@@ -30,12 +35,16 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
     cache stays consistent and ends all free. Returns each request's output."""
     shared = list(range(500, 540))
     for step in range(1000):
-        for i, (length, max_tokens, arrival, abort_at, share, n, scored) in enumerate(requests):
+        for i, (length, max_tokens, arrival, abort_at, share, n, scored, constrained) in enumerate(
+            requests
+        ):
             if arrival == step:
                 prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
                 scoring = 0 if scored else None
+                grammar = CONSTRAINED if constrained else None
                 params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens,
-                                        logprobs=1, prompt_logprobs=scoring)  # fmt: skip
+                                        logprobs=1, prompt_logprobs=scoring,
+                                        structured_output=grammar)  # fmt: skip
                 engine.add_request(f"{tag}{i}", prompt or [1], params)
             if abort_at == step and arrival <= step:
                 engine.abort_request(f"{tag}{i}")
@@ -44,7 +53,7 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
         if step > 5 and not engine.has_unfinished_requests():
             break
     results = []
-    for i, (_, max_tokens, _, _, _, n, scored) in enumerate(requests):
+    for i, (_, max_tokens, _, _, _, n, scored, constrained) in enumerate(requests):
         result = engine.take_output(f"{tag}{i}")
         outputs = result.outputs
         assert len(outputs) == n
@@ -53,6 +62,10 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
         for output in outputs:
             assert output.finish_reason in ("stop", "length", "abort")
             assert len(output.token_ids) <= max_tokens
+            if constrained:  # one of the choices, or a prefix of one where it was cut
+                whole = output.finish_reason == "stop"
+                assert any(output.text == c if whole else c.startswith(output.text)
+                           for c in CHOICES), output.text  # fmt: skip
         results.append(result)
     check_all_free(engine.kv)
     return results
