@@ -3,8 +3,9 @@ against 16 unconstrained ones, in the same run, on the same `kubellm serve`.
 
     python benchmarks/structured_output.py [--clients 16] [--rounds 2]
 
-Both sides stream chat replies from the built-in model; the unconstrained side asks for
-as many tokens as the constrained replies took on average, so both decode alike. Prints
+Both sides stream chat replies from the built-in model; each unconstrained reply is made
+exactly as long as the constrained reply to the same question, so both sides decode the
+same batches and only the constraint differs. Prints
 output tokens per second of each and their ratio (issue 14's target: constrained
 >= 90% of unconstrained).
 """
@@ -35,19 +36,24 @@ SCHEMA = {
 QUESTIONS = [f"Describe city number {i} of Europe as JSON, with some facts." for i in range(64)]
 
 
-async def run(client: openai.AsyncOpenAI, clients: int, rounds: int, constrained: bool,
-              max_tokens: int) -> tuple[int, float]:  # fmt: skip
-    """(completion tokens, seconds) of `rounds` waves of `clients` concurrent streams."""
-    extra = {"response_format": {"type": "json_schema",
-                                 "json_schema": {"name": "city", "schema": SCHEMA}}}  # fmt: skip
-    if not constrained:
-        extra = {"extra_body": {"ignore_eos": True, "min_tokens": max_tokens}}
+async def run(url: str, clients: int, rounds: int, lengths: list[int] | None
+              ) -> tuple[list[int], float]:  # fmt: skip
+    """Tokens of each reply and the seconds of `rounds` waves of `clients` concurrent
+    streams: constrained by SCHEMA (`lengths` None), or unconstrained with exactly these
+    reply lengths, so both sides decode the same number of tokens per stream."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
 
-    async def one(question: str) -> int:
+    async def one(index: int) -> int:
+        if lengths is None:
+            extra = {"response_format": {"type": "json_schema", "json_schema": {
+                "name": "city", "schema": SCHEMA}}, "max_tokens": 300}  # fmt: skip
+        else:
+            extra = {"max_tokens": lengths[index],
+                     "extra_body": {"ignore_eos": True, "min_tokens": lengths[index]}}  # fmt: skip
         stream = await client.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": question}], stream=True,
-            max_tokens=max_tokens, temperature=0.7, seed=1,
-            stream_options={"include_usage": True}, **extra,
+            model="bench", messages=[{"role": "user", "content": QUESTIONS[index]}],
+            stream=True, temperature=0.7, seed=1, stream_options={"include_usage": True},
+            **extra,
         )  # fmt: skip
         tokens = 0
         async for chunk in stream:
@@ -56,11 +62,12 @@ async def run(client: openai.AsyncOpenAI, clients: int, rounds: int, constrained
         return tokens
 
     started = time.perf_counter()
-    total = 0
+    counts: list[int] = []
     for r in range(rounds):
-        batch = QUESTIONS[r * clients : (r + 1) * clients]
-        total += sum(await asyncio.gather(*(one(q) for q in batch)))
-    return total, time.perf_counter() - started
+        counts += await asyncio.gather(*(one(i) for i in range(r * clients, (r + 1) * clients)))
+    seconds = time.perf_counter() - started
+    await client.close()
+    return counts, seconds
 
 
 def main() -> None:
@@ -83,19 +90,17 @@ def main() -> None:
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", timeout=600)
-        asyncio.run(run(client, 2, 1, True, 300))  # warm-up (and the schema's compilation)
-        tokens, seconds = asyncio.run(run(client, args.clients, args.rounds, True, 300))
-        per_reply = max(1, tokens // (args.clients * args.rounds))
-        free_tokens, free_seconds = asyncio.run(
-            run(client, args.clients, args.rounds, False, per_reply)
-        )
+        asyncio.run(run(url, 2, 1, None))  # warm-up (and the schema's compilation)
+        lengths, seconds = asyncio.run(run(url, args.clients, args.rounds, None))
+        free_lengths, free_seconds = asyncio.run(run(url, args.clients, args.rounds, lengths))
+        tokens, free_tokens = sum(lengths), sum(free_lengths)
     finally:
         server.terminate()
         server.wait(60)
     constrained, free = tokens / seconds, free_tokens / free_seconds
     print(f"\n{args.clients} concurrent streams x {args.rounds} rounds, "
-          f"{per_reply} tokens per reply on average\n")  # fmt: skip
+          f"{tokens / len(lengths):.0f} tokens per reply on average (the same lengths on "
+          f"both sides)\n")  # fmt: skip
     print("| streams | output tokens | seconds | tok/s |\n|---|---|---|---|")
     print(f"| json_schema | {tokens} | {seconds:.1f} | {constrained:.1f} |")
     print(f"| unconstrained | {free_tokens} | {free_seconds:.1f} | {free:.1f} |")
