@@ -135,3 +135,19 @@ def test_a_constraint_that_cannot_work_is_a_400_naming_its_field(server, body, p
     error = response.json()["error"]
     assert needle in error["message"] and error["param"] == param
     assert_server_idle(engine)
+
+
+@pytest.mark.slow
+def test_langchain_with_structured_output_returns_a_valid_model(server):
+    """A real agent-framework client: langchain-openai's ChatOpenAI against the server."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Capital(BaseModel):
+        city: str = Field(max_length=24)
+        country: str = Field(max_length=24)
+
+    llm = ChatOpenAI(base_url=server[0] + "/v1", api_key="unused", model=MODEL,
+                     temperature=0, max_tokens=60)  # fmt: skip
+    answer = llm.with_structured_output(Capital).invoke("What is the capital of France?")
+    assert isinstance(answer, Capital) and answer.city
