@@ -55,8 +55,8 @@ class GrammarCompiler:
         try:
             if spec.kind == "json":
                 return self._compiler.compile_json_schema(spec.text)
-            if spec.kind == "json_object":
-                return self._compiler.compile_builtin_json_grammar()
+            if spec.kind == "json_object":  # OpenAI's JSON mode: an object, not any value
+                return self._compiler.compile_json_schema('{"type": "object"}')
             if spec.kind == "regex":
                 return self._compiler.compile_regex(spec.text)
             if spec.kind == "choice":
