@@ -50,11 +50,6 @@ class ModelConfig:
             eos_token_ids=eos_ids,
         )
 
-    def kv_bytes_per_token(self, dtype_size: int, tensor_parallel_size: int = 1) -> int:
-        """One token's K and V over all layers, on one rank (its KV heads only)."""
-        kv_heads = max(1, self.num_kv_heads // tensor_parallel_size)
-        return 2 * self.num_layers * kv_heads * self.head_dim * dtype_size
-
     def tensor_parallel_sizes(self) -> list[int]:
         """The TP sizes this model can be split into: heads, KV heads (or their replicas),
         MLP columns and vocabulary divide evenly."""

@@ -61,8 +61,7 @@ def activation_peak_bytes(runner: ModelRunner, num_tokens: int, num_seqs: int) -
     (the throwaway cache not counted: the real pool is sized separately)."""
     device = runner.device
     _, _, num_blocks = profile_batch(num_tokens, num_seqs, runner.block_size)
-    bytes_per_token = runner.model.config.kv_bytes_per_token(runner.dtype.itemsize, runner.tp.size)
-    throwaway_cache = num_blocks * runner.block_size * bytes_per_token
+    throwaway_cache = num_blocks * runner.kv_block_bytes()
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -59,13 +59,17 @@ class ModelRunner:
         return [torch.zeros(shape, dtype=self.dtype, device=self.device)
                 for _ in self.model.layers]  # fmt: skip
 
+    def kv_block_bytes(self) -> int:
+        """Bytes one block of `allocate_kv`'s caches takes on this rank, over all layers."""
+        attention = self.model.layers[0].self_attn
+        per_layer = 2 * self.block_size * attention.num_kv_heads * attention.head_dim
+        return len(self.model.layers) * per_layer * self.dtype.itemsize
+
     def _blocks_from_memory(self) -> int:
         """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
         leaves once the weights are in and the largest step's activations are set aside
         (measured by a profiling forward pass, on every rank)."""
-        cfg: ModelConfig = self.model.config
-        per_token = cfg.kv_bytes_per_token(self.dtype.itemsize, self.tp.size)
-        bytes_per_block = per_token * self.block_size
+        bytes_per_block = self.kv_block_bytes()
         if self.device.type != "cuda":
             return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len)

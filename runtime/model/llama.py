@@ -43,10 +43,8 @@ def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
     use it (as vLLM does)."""
     dim = cfg.head_dim
     heads = cfg.num_heads // tp.size
-    if cfg.num_kv_heads >= tp.size:
-        kv_heads, first_kv = cfg.num_kv_heads // tp.size, tp.rank * cfg.num_kv_heads // tp.size
-    else:
-        kv_heads, first_kv = 1, tp.rank * cfg.num_kv_heads // tp.size
+    kv_heads = max(1, cfg.num_kv_heads // tp.size)
+    first_kv = tp.rank * cfg.num_kv_heads // tp.size
     kv = Shard(cfg.num_kv_heads * dim, first_kv * dim, kv_heads * dim)
     return [Shard(cfg.num_heads * dim, tp.rank * heads * dim, heads * dim), kv, kv]
 
