@@ -32,6 +32,18 @@ class StructuredOutputs(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
 
+    def specs(self, prefix: str) -> list[tuple[str, GrammarSpec]]:
+        """(request field, constraint) for each constraint given, fields named `prefix` +
+        json / regex / choice / grammar."""
+        makers = {
+            "json": (self.json_, GrammarSpec.json_schema),
+            "regex": (self.regex, lambda r: GrammarSpec("regex", r)),
+            "choice": (self.choice, GrammarSpec.choice),
+            "grammar": (self.grammar, lambda g: GrammarSpec("grammar", g)),
+        }
+        return [(prefix + name, make(value)) for name, (value, make) in makers.items()
+                if value is not None]  # fmt: skip
+
 
 class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -48,7 +60,7 @@ class ResponseFormat(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
@@ -85,19 +97,17 @@ class _SamplingFields(BaseModel):
             raise ValueError(f"give one output constraint, not several: {names}")
         return given[0][1] if given else None
 
+    def constraint_field(self) -> str:
+        """The top-level request field that carries the output constraint."""
+        return self._constraints()[0][0].split(".")[0]
+
     def _constraints(self) -> list[tuple[str, GrammarSpec]]:
+        guided = StructuredOutputs.model_validate({
+            "json": self.guided_json, "regex": self.guided_regex,
+            "choice": self.guided_choice, "grammar": self.guided_grammar,
+        })  # fmt: skip
         out = self.structured_outputs or StructuredOutputs()
-        candidates = [
-            ("structured_outputs.json", out.json_, GrammarSpec.json_schema),
-            ("structured_outputs.regex", out.regex, lambda r: GrammarSpec("regex", r)),
-            ("structured_outputs.choice", out.choice, GrammarSpec.choice),
-            ("structured_outputs.grammar", out.grammar, lambda g: GrammarSpec("grammar", g)),
-            ("guided_json", self.guided_json, GrammarSpec.json_schema),
-            ("guided_regex", self.guided_regex, lambda r: GrammarSpec("regex", r)),
-            ("guided_choice", self.guided_choice, GrammarSpec.choice),
-            ("guided_grammar", self.guided_grammar, lambda g: GrammarSpec("grammar", g)),
-        ]
-        return [(name, make(value)) for name, value, make in candidates if value is not None]
+        return [*out.specs("structured_outputs."), *guided.specs("guided_")]  # fmt: skip
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip

@@ -142,15 +142,6 @@ def _engine_trouble(engine: AsyncEngine) -> JSONResponse | None:
     return None
 
 
-def _constraint_field(body) -> str:
-    """The request field that carried the output constraint."""
-    if getattr(body, "response_format", None) is not None:
-        return "response_format"
-    given = [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-             if getattr(body, f) is not None]  # fmt: skip
-    return given[0] if given else "structured_outputs"
-
-
 def _check_model(model: str, served: str) -> None:
     if model != served:
         raise APIError(404, f"The model `{model}` does not exist.", "model")
@@ -215,7 +206,7 @@ async def _respond(
         try:
             grammar = await asyncio.to_thread(engine.compile_grammar, params.structured_output)
         except ValueError as exc:
-            raise APIError(400, str(exc), _constraint_field(body)) from None
+            raise APIError(400, str(exc), body.constraint_field()) from None
     try:
         stream = engine.submit(request_id, prompts, params, grammar)
     except ValueError as exc:
