@@ -113,9 +113,8 @@ class AsyncEngine:
     def stalled_seconds(self) -> float | None:
         """How long the running step has taken, if longer than STEP_STALL_SECONDS."""
         started = self._step_started
-        if started is None or time.monotonic() - started < STEP_STALL_SECONDS:
-            return None
-        return time.monotonic() - started
+        running = 0.0 if started is None else time.monotonic() - started
+        return running if running >= STEP_STALL_SECONDS else None
 
     def on_failure(self, listener: Callable[[str], None]) -> None:
         """Call `listener(reason)` (from the thread that saw it) when the engine dies."""

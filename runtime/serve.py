@@ -50,20 +50,13 @@ def parser() -> argparse.ArgumentParser:
         help="json: one JSON object per line (with the request id on access lines)",
     )
     for f in fields(EngineConfig):
-        flag, choices = "--" + f.name.replace("_", "-"), f.metadata["choices"]
         kind = f.type.removesuffix(" | None")
         if kind == "bool":
-            add(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=f.default,
-                help=f.metadata["help"],
-            )
+            how = {"action": argparse.BooleanOptionalAction}
         else:
-            add(
-                flag, type=_TYPES[kind], default=f.default, choices=choices, help=f.metadata["help"]
-            )
-    return p  # fmt: skip
+            how = {"type": _TYPES[kind], "choices": f.metadata["choices"]}
+        add("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **how)
+    return p
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
