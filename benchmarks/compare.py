@@ -18,27 +18,18 @@ import datetime
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llama_server
 import serve
+from launch import free_port, start
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "smollm2-135m-instruct"
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[str]:
@@ -60,25 +51,8 @@ def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[st
     raise ValueError(name)
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
-    handle = log.open("w")
-    proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{command[0]} did not become healthy; see {log}")
-
-
 def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     log = args.out / f"{name}.log"
     proc = start(server_command(name, port, args.cache_dir, max(args.concurrency)), port, log)
     rows = []

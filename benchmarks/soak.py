@@ -18,13 +18,14 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+from launch import free_port, start
 
 MAX_MODEL_LEN = 512
 PHASES = (4, 16, 32, 8)  # concurrent clients, one phase after another
@@ -171,23 +172,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=180)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen(
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.gettempdir()) / "kubellm-soak-server.log"
+    server = start(
         [sys.executable, "-m", "kubellm.runtime.serve", "--model", args.model,
-         "--served-model-name", "soak", "--port", str(args.port), "--max-model-len",
+         "--served-model-name", "soak", "--port", str(port), "--max-model-len",
          str(MAX_MODEL_LEN), "--kv-cache-memory-gib", "0.05", "--log-level", "warning"],
+        port, log,
     )  # fmt: skip
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
         soak = Soak(url, "soak", args.seed)
         asyncio.run(soak.run(5))  # warm-up, not counted
         soak = Soak(url, "soak", args.seed)

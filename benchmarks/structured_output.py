@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import httpx
 import openai
+from launch import free_port, start
 
 SCHEMA = {
     "type": "object",
@@ -74,22 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--port", type=int, default=8124)
     args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}"
-    server = subprocess.Popen(
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.gettempdir()) / "kubellm-structured-output-server.log"
+    server = start(
         [sys.executable, "-m", "kubellm.runtime.serve", "--served-model-name", "bench",
-         "--port", str(args.port), "--max-model-len", "2048", "--kv-cache-memory-gib", "1",
+         "--port", str(port), "--max-model-len", "2048", "--kv-cache-memory-gib", "1",
          "--log-level", "warning"],
+        port, log,
     )  # fmt: skip
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
         asyncio.run(run(url, 2, 1, None))  # warm-up (and the schema's compilation)
         lengths, seconds = asyncio.run(run(url, args.clients, args.rounds, None))
         free_lengths, free_seconds = asyncio.run(run(url, args.clients, args.rounds, lengths))
