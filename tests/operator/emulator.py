@@ -30,6 +30,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,22 @@ from kubellm.operator.crd import PLURAL, crd
 TEST_CLIENTS = ("python-httpx", "kubectl")  # user agents of the tests' own requests
 
 
+@dataclass
+class Fault:
+    """Answer the next `left` requests `method` to a path containing `fragment` with
+    `status`; `applied`: carry the request out first, so only its answer is lost."""
+
+    method: str
+    fragment: str
+    status: int
+    left: int
+    applied: bool
+
+
 class FixedEmulator(kmock.KubernetesEmulator):
     _versions = itertools.count(1)
     refuse_claim_resize = False
-    faults: list[list[Any]]  # [method, path fragment, status, times left, applied]
+    faults: list[Fault]
     faults_served: int = 0
 
     def inject(self, method: str, fragment: str, status: int, times: int,
@@ -56,16 +69,19 @@ class FixedEmulator(kmock.KubernetesEmulator):
         with `status` (an API-server-shaped Status body). `applied`: the request is
         carried out first, only its answer is lost (a create whose 201 never arrived,
         so the retry meets 409 AlreadyExists)."""
-        self.faults.append([method, fragment, status, times, applied])
+        self.faults.append(Fault(method, fragment, status, times, applied))
 
-    def _fault(self, raw_request: aiohttp.web.BaseRequest) -> list[Any] | None:
+    def _fault(self, raw_request: aiohttp.web.BaseRequest) -> Fault | None:
         """The operator's requests only: the tests' own clients always get through."""
         if raw_request.headers.get("User-Agent", "").startswith(TEST_CLIENTS):
             return None
         for fault in self.faults:
-            method, fragment, _, left, _ = fault
-            if left and raw_request.method == method and fragment in raw_request.path:
-                fault[3] -= 1
+            if (
+                fault.left
+                and raw_request.method == fault.method
+                and (fault.fragment in raw_request.path)
+            ):
+                fault.left -= 1
                 self.faults_served += 1
                 return fault
         return None
@@ -73,13 +89,12 @@ class FixedEmulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         fault = self._fault(raw_request)
         if fault is not None:
-            status, applied = fault[2], fault[4]
-            if applied:
+            if fault.applied:
                 await self._answer(raw_request)
             body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": f"injected {status}", "code": status}  # fmt: skip
-            headers = {"Retry-After": "1"} if status == 429 else None
-            return aiohttp.web.json_response(body, status=status, headers=headers)
+                    "message": f"injected {fault.status}", "code": fault.status}  # fmt: skip
+            headers = {"Retry-After": "1"} if fault.status == 429 else None
+            return aiohttp.web.json_response(body, status=fault.status, headers=headers)
         return await self._answer(raw_request)
 
     async def _answer(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
