@@ -130,6 +130,12 @@ ENGINE = _obj(
         "dtype": _str(
             "Weights and activations", "auto", enum=["auto", "float32", "float16", "bfloat16"]
         ),
+        "toolCallParser": _str(
+            'The model\'s tool-call format, read for tool_choice "auto" (hermes: Qwen2.5, '
+            "Hermes, and models whose template knows no tools); unset: auto is refused",
+            nullable=True,
+            enum=["hermes", "llama3_json", "mistral"],
+        ),
         "shutdownTimeoutSeconds": _int(
             "On pod termination, how long in-flight requests get to finish", 30, minimum=0
         ),

@@ -13,6 +13,7 @@ from dataclasses import fields
 
 import uvicorn
 
+from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.logs import FORMATS, LEVELS, configure_logging
 
@@ -42,6 +43,20 @@ def parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds in-flight requests get to finish before they are aborted",
     )
+    add(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='read the calls of tool_choice "auto" (the default with tools) with '
+        "--tool-call-parser; without it such requests are refused, as vLLM's",
+    )
+    add(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(AUTO_PARSERS),
+        help="the model's tool-call format: hermes (Qwen2.5, Hermes; also what the fallback "
+        "prompt of templates without tools asks for), llama3_json, mistral",
+    )
     add("--log-level", default="info", type=str.lower, choices=LEVELS)
     add(
         "--log-format",
@@ -62,6 +77,16 @@ def parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the flags describe (ValueError for a refused setting)."""
     return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
+
+
+def auto_tool_parser(args: argparse.Namespace) -> str | None:
+    """The parser of `tool_choice: auto`, if the flags enable it (vLLM's pair)."""
+    if not args.enable_auto_tool_choice:
+        return None
+    if args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME: one of "
+                         + ", ".join(sorted(AUTO_PARSERS)))  # fmt: skip
+    return args.tool_call_parser
 
 
 def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
@@ -151,10 +176,11 @@ def main(argv: list[str]) -> int:
 
     try:
         config = engine_config(args)
+        tool_call_parser = auto_tool_parser(args)
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(None, args.served_model_name or args.model, args.api_key)
+    app = build_app(None, args.served_model_name or args.model, args.api_key, tool_call_parser)
     app.state.load_failed = False
     # access_log off: ours (kubellm.access) has request ids and token counts
     uv_config = uvicorn.Config(

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API, as far as we implement them.
 
-Unknown fields are refused (400) rather than silently ignored: a client that
-sends `tools` must learn we do not do them yet.
+Unknown fields are refused (400) rather than silently ignored: a client that sends
+`functions` (OpenAI's predecessor of `tools`) must learn we do not read it.
 """
 
 from __future__ import annotations
@@ -235,15 +235,86 @@ def _json_or_text(arguments: str) -> Any:
         return arguments
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+    def arguments_schema(self) -> dict[str, Any]:
+        return self.parameters or {"type": "object"}
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto when tools are given, none otherwise (OpenAI's)"
+    )
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_shape(cls, choice: Any) -> Any:
+        """One clear message instead of pydantic's one per union branch."""
+        if not isinstance(choice, dict) and choice not in (None, "none", "auto", "required"):
+            raise ValueError('must be "none", "auto", "required" or '
+                             '{"type": "function", "function": {"name": ...}}')  # fmt: skip
+        return choice
+
+    def chosen_tool_use(self) -> str | NamedToolChoice:
+        """`tool_choice` with OpenAI's default filled in."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def tool_calls_grammar(self) -> GrammarSpec | None:
+        """`required` and a named function constrain the reply to calls, as vLLM does:
+        a named function's arguments object, or a list of `{"name", "arguments"}`
+        objects (one only without `parallel_tool_calls`)."""
+        choice = self.chosen_tool_use()
+        tools = {tool.function.name: tool.function for tool in self.tools or []}
+        if isinstance(choice, NamedToolChoice):
+            return GrammarSpec.json_schema(tools[choice.function.name].arguments_schema())
+        if choice != "required":
+            return None
+        calls = [{"type": "object", "properties": {
+                      "name": {"type": "string", "enum": [name]},
+                      "arguments": function.arguments_schema()},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+                 for name, function in tools.items()]  # fmt: skip
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return GrammarSpec.json_schema(schema)
 
     def _constraints(self) -> list[tuple[str, GrammarSpec]]:
         given = super()._constraints()
+        tool_calls = self.tool_calls_grammar()
+        if tool_calls is not None:
+            given = [("tool_choice", tool_calls), *given]
         response_format = self.response_format
         if response_format is None or response_format.type == "text":
             return given

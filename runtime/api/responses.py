@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from itertools import accumulate
 
 from kubellm.runtime.api.errors import error_body
 from kubellm.runtime.api.middleware import AccessRecord
+from kubellm.runtime.api.tool_parsers import ParsedCall, ToolParser
 from kubellm.runtime.async_engine import GenerationError
 from kubellm.runtime.outputs import StepDelta
 from kubellm.runtime.request import TokenLogprobs
@@ -29,6 +31,7 @@ class ResponseShape:
     token_text: TokenText
     # completions' echo: per prompt, its text and token ids, put before each of its choices
     echo: list[tuple[str, list[int]]] | None = None
+    tool_parser: ToolParser | None = None  # chat: reads the reply's tool calls
     created: int = field(default_factory=lambda: int(time.time()))
 
     def echoed(self, index: int, delta: StepDelta) -> tuple[str, list[TokenLogprobs | int]]:
@@ -52,6 +55,53 @@ class TokenText:
         if text is None:
             text = self._cache[token_id] = self.tokenizer.decode([token_id])
         return text
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _finish_reason(reason: str | None, called: bool) -> str | None:
+    """OpenAI's: a reply that ended by calling tools says so."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+class ToolCallStream:
+    """One choice's reply as OpenAI streams it with tools: content deltas, then per call
+    its index, id, type and name first, then its arguments in fragments."""
+
+    def __init__(self, parser: ToolParser) -> None:
+        self.parser = parser
+        self.text = ""
+        self.content_sent = 0
+        self.ids: list[str] = []
+        self.arguments_sent: list[int] = []
+
+    def delta(self, new_text: str, finished: bool) -> dict:
+        self.text += new_text
+        parsed = self.parser(self.text, finished)
+        delta: dict = {}
+        if len(parsed.content) > self.content_sent:
+            delta["content"] = parsed.content[self.content_sent :]
+            self.content_sent = len(parsed.content)
+        calls = [self._call_delta(index, call) for index, call in enumerate(parsed.calls)]
+        calls = [call for call in calls if call is not None]
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    def _call_delta(self, index: int, call: ParsedCall) -> dict | None:
+        if index == len(self.ids):
+            self.ids.append(_call_id())
+            self.arguments_sent.append(len(call.arguments))
+            function = {"name": call.name, "arguments": call.arguments}
+            return {"index": index, "id": self.ids[index], "type": "function",
+                    "function": function}  # fmt: skip
+        sent = self.arguments_sent[index]
+        if len(call.arguments) <= sent:
+            return None
+        self.arguments_sent[index] = len(call.arguments)
+        return {"index": index, "function": {"arguments": call.arguments[sent:]}}
 
 
 def completion_logprobs(entries: list[TokenLogprobs | int], text: TokenText, offset: int) -> dict:
@@ -133,11 +183,18 @@ async def collect(
 def _whole_choice(index: int, choice: _Choice, shape: ResponseShape) -> dict:
     if shape.chat:
         logprobs = chat_logprobs(choice.logprobs, shape.token_text) if shape.logprobs else None
+        parsed = shape.tool_parser(choice.text, True) if shape.tool_parser else None
+        message: dict = {"role": "assistant", "content": choice.text}
+        if parsed and parsed.calls:
+            message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
+                {"id": _call_id(), "type": "function",
+                 "function": {"name": call.name, "arguments": call.arguments}}
+                for call in parsed.calls]}  # fmt: skip
         return {
             "index": index,
-            "message": {"role": "assistant", "content": choice.text},
+            "message": message,
             "logprobs": logprobs,
-            "finish_reason": choice.finish_reason,
+            "finish_reason": _finish_reason(choice.finish_reason, "tool_calls" in message),
         }
     logprobs = completion_logprobs(choice.logprobs, shape.token_text, 0) if shape.logprobs else None
     return {
@@ -162,6 +219,8 @@ async def sse(
             role = {"role": "assistant", "content": ""}
             yield _chunk(shape, [{"index": i, "delta": role} for i in range(shape.num_choices)])
         text_length = [0] * shape.num_choices
+        tools = [ToolCallStream(shape.tool_parser) for _ in range(shape.num_choices)
+                 if shape.tool_parser]  # fmt: skip
         started: set[int] = set()  # choices that sent their first chunk (echo goes there)
         prompt_tokens: dict[str, int] = {}
         async for index, delta in stream:
@@ -171,6 +230,15 @@ async def sse(
             first = shape.echo is not None and index not in started
             started.add(index)
             choice = _delta_choice(index, delta, shape, text_length[index], first)
+            if tools:
+                choice["delta"] = tools[index].delta(
+                    delta.new_text, finished=delta.finish_reason is not None
+                )
+                choice["finish_reason"] = _finish_reason(
+                    delta.finish_reason, bool(tools[index].ids)
+                )
+                if not (choice["delta"] or choice["finish_reason"] or shape.logprobs):
+                    continue  # text held back (a call's marker may be starting): nothing new
             yield _chunk(shape, [choice])
             text_length[index] += len(choice.get("text", delta.new_text))
         if include_usage:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kubellm import __version__
+from kubellm.runtime.api.chat_prompt import render_chat
 from kubellm.runtime.api.errors import APIError, install_error_handlers
 from kubellm.runtime.api.metrics import ServerMetrics
 from kubellm.runtime.api.middleware import (
@@ -26,10 +27,18 @@ from kubellm.runtime.api.middleware import (
 from kubellm.runtime.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    NamedToolChoice,
     TokenizeRequest,
     TokenizeResponse,
 )
 from kubellm.runtime.api.responses import ResponseShape, TokenText, collect, sse
+from kubellm.runtime.api.tool_parsers import (
+    AUTO_PARSERS,
+    ToolParser,
+    mistral,
+    named_function,
+    required_calls,
+)
 from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError, GenerationError
 from kubellm.runtime.sampling_params import SamplingParams
 
@@ -37,9 +46,14 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions only
 
 
 def build_app(
-    engine: AsyncEngine | None, served_model_name: str, api_key: str | None = None
+    engine: AsyncEngine | None,
+    served_model_name: str,
+    api_key: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """`engine` may be None and set later as `app.state.engine` (503 until then)."""
+    """`engine` may be None and set later as `app.state.engine` (503 until then).
+    `tool_call_parser` (a name in AUTO_PARSERS) reads the calls of `tool_choice: auto`;
+    without one, `auto` is refused (as vLLM without --enable-auto-tool-choice)."""
     app = FastAPI(title="kubellm", version=__version__)
     app.state.engine = engine
     app.state.draining = False  # set on SIGTERM by `kubellm serve`
@@ -113,20 +127,18 @@ def build_app(
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         engine = app.state.engine
-        tokenizer = engine.tokenizer
-        knows_developer = "developer" in (tokenizer.chat_template or "")
-        prompt = tokenizer.apply_chat_template(
-            [m.for_template(knows_developer) for m in body.messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        tool_parser = _tool_parser(body, tool_call_parser)
+        prompt = render_chat(engine.tokenizer, body.messages, body.tools)
+        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = body.max_tokens  # None: up to the context length, as vLLM
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = _params(body, max_tokens, logprobs)
-        return await _respond(engine, metrics, raw, "chatcmpl", body, [prompt_ids], params)
+        if tool_parser is mistral:
+            params.skip_special_tokens = False  # its [TOOL_CALLS] marker is a special token
+        return await _respond(engine, metrics, raw, "chatcmpl", body, [prompt_ids], params,
+                              tool_parser=tool_parser)  # fmt: skip
 
     return app
 
@@ -145,6 +157,32 @@ def _engine_trouble(engine: AsyncEngine) -> JSONResponse | None:
 def _check_model(model: str, served: str) -> None:
     if model != served:
         raise APIError(404, f"The model `{model}` does not exist.", "model")
+
+
+def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None) -> ToolParser | None:
+    """What reads the reply's tool calls (None: the reply is text), once the request's
+    tools and tool_choice are known to agree."""
+    names = [tool.function.name for tool in body.tools or []]
+    if len(set(names)) < len(names):
+        raise APIError(400, f"tools must have distinct names, got {names}", "tools")
+    choice = body.chosen_tool_use()
+    if choice != "none" and not names:
+        raise APIError(400, "tool_choice needs tools to choose from", "tool_choice")
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            message = f"tool_choice names {choice.function.name!r}, not among the tools {names}"
+            raise APIError(400, message, "tool_choice")
+        return named_function(choice.function.name)
+    if choice == "required":
+        return required_calls
+    if choice == "auto":
+        if auto_parser is None:
+            raise APIError(400, '"auto" tool choice needs the server started with '
+                                "--enable-auto-tool-choice and --tool-call-parser NAME; "
+                                'or send tool_choice "required" or a named function',
+                           "tool_choice")  # fmt: skip
+        return AUTO_PARSERS[auto_parser]
+    return None
 
 
 def _prompt_list(prompt: str | list[int] | list[str | list[int]]) -> list:
@@ -190,9 +228,10 @@ async def _respond(
     prompts: list[list[int]],
     params: SamplingParams,
     echo: list[str | None] | None = None,
+    tool_parser: ToolParser | None = None,
 ):
     """`echo`: completions' prompts to put before their choices, as sent (None: token ids,
-    decoded once they are known to be valid)."""
+    decoded once they are known to be valid); `tool_parser` reads chat replies' calls."""
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     record = raw.state.access = AccessRecord(request_id)
     for prompt in prompts:
@@ -221,6 +260,7 @@ async def _respond(
         logprobs=params.logprobs is not None,
         token_text=TokenText(engine.tokenizer),
         echo=None if echo is None else _echo_texts(echo, prompts, engine.tokenizer),
+        tool_parser=tool_parser,
     )
     observed = metrics.observe(stream, params.n)
 

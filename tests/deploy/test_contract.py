@@ -4,7 +4,7 @@ sets must be a flag the runtime's parser knows, with a value it accepts."""
 from __future__ import annotations
 
 from kubellm.operator.builders import build_children
-from kubellm.runtime.serve import parse_args
+from kubellm.runtime.serve import auto_tool_parser, parse_args
 from tests.operator.manifests import custom_resource
 
 
@@ -39,6 +39,7 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
 
     from kubellm.operator.builders.deployment import ENGINE_ENV
     from kubellm.operator.crd import ENGINE
+    from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
     from kubellm.runtime.config import DTYPES, EngineConfig
 
     runtime = parse_args([], {})
@@ -46,6 +47,7 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
         flag = variable.removeprefix("KUBELLM_").lower()
         assert ENGINE["properties"][field].get("default") == getattr(runtime, flag), field
     assert ENGINE["properties"]["dtype"]["enum"] == ["auto", *DTYPES]
+    assert ENGINE["properties"]["toolCallParser"]["enum"] == sorted(AUTO_PARSERS)
     engine_flags = {f.name for f in fields(EngineConfig)}
     assert engine_flags <= set(vars(runtime))  # every engine setting is a flag, made once
 
@@ -62,3 +64,14 @@ def test_the_operator_passes_only_what_differs_from_the_default():
                                  "GPU_MEMORY_UTILIZATION", "SHUTDOWN_TIMEOUT")
     }  # fmt: skip
     assert engine_env == {"KUBELLM_MAX_NUM_SEQS"}
+
+
+def test_a_tool_call_parser_turns_auto_tool_choice_on():
+    deployment = next(
+        o for o in build_children(custom_resource(engine={"toolCallParser": "hermes"}), "img")
+        .desired if o["kind"] == "Deployment"
+    )  # fmt: skip
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}  # fmt: skip
+    args = parse_args([], {k: v for k, v in env.items() if k.startswith("KUBELLM_")})
+    assert auto_tool_parser(args) == "hermes"

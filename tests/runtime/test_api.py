@@ -280,12 +280,8 @@ def test_tokenize_uses_the_model_tokenizer(server):
         ("chat/completions", {"model": MODEL, "messages": [{"role": "assistant",
                                                              "content": None}]},
          400, "content is required"),
-        (
-            "chat/completions",
-            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []},
-            400,
-            "not supported",
-        ),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "functions": [{"name": "f"}]}, 400, "not supported"),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_shaped_errors_and_change_nothing(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kubellm.runtime.placement import resolve_device
-from kubellm.runtime.serve import parse_args
+from kubellm.runtime.serve import auto_tool_parser, parse_args
 
 
 def test_environment_sets_flags_and_flags_win():
@@ -48,3 +49,15 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
     assert placement.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
     monkeypatch.setenv("KUBELLM_DTYPE", "float32")
     assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
+
+
+def test_auto_tool_choice_needs_both_flags_as_vllm():
+    args = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], {})
+    assert auto_tool_parser(args) == "hermes"
+    assert auto_tool_parser(parse_args(["--tool-call-parser", "mistral"], {})) is None
+    env = {"KUBELLM_ENABLE_AUTO_TOOL_CHOICE": "true", "KUBELLM_TOOL_CALL_PARSER": "llama3_json"}
+    assert auto_tool_parser(parse_args([], env)) == "llama3_json"
+    with pytest.raises(
+        ValueError, match="needs --tool-call-parser NAME: one of hermes, llama3_json"
+    ):
+        auto_tool_parser(parse_args(["--enable-auto-tool-choice"], {}))

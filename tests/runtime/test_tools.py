@@ -1,0 +1,272 @@
+"""Tool calling through the `openai` SDK (and langchain-openai) on the built-in model:
+`required` and named choices write valid calls (by grammar), `none` writes text, the
+`auto` parsers read calls the model was made to write in their formats, a tool's result
+continues the conversation, and requests that cannot work are 400s that change nothing."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from kubellm.runtime.api.chat_prompt import render_chat
+from kubellm.runtime.api.protocol import ChatMessage, Tool
+from kubellm.runtime.api.server import build_app
+from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
+from kubellm.runtime.async_engine import AsyncEngine
+from tests.runtime.invariants import assert_server_idle
+from tests.runtime.live_server import live_server
+
+MODEL = "smol"
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+CLOCK = {
+    "type": "object",
+    "properties": {"timezone": {"type": "string", "maxLength": 30}},
+    "required": ["timezone"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather "
+     "in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a "
+     "timezone", "parameters": CLOCK}},
+]  # fmt: skip
+PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+GREEDY = {"temperature": 0.0, "max_tokens": 120}
+
+
+@pytest.fixture(scope="module")
+def servers(smollm2):
+    """One engine behind one app per `--tool-call-parser` (and one without)."""
+    engine = AsyncEngine(smollm2.engine)
+    with (
+        live_server(build_app(engine, MODEL)) as plain,
+        live_server(build_app(engine, MODEL, tool_call_parser="hermes")) as hermes,
+        live_server(build_app(engine, MODEL, tool_call_parser="llama3_json")) as llama3_json,
+        live_server(build_app(engine, MODEL, tool_call_parser="mistral")) as mistral,
+    ):
+        urls = {None: plain, "hermes": hermes, "llama3_json": llama3_json, "mistral": mistral}
+        yield urls, engine
+    engine.shutdown()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(servers):
+    return _client(servers[0][None])
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    """(name, arguments) of each call, each call's arguments valid for its tool."""
+    calls = []
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, PARAMETERS[call.function.name])
+        calls.append((call.function.name, arguments))
+    return calls
+
+
+def _streamed(chunks) -> tuple[str, list[tuple[str, dict]], str]:
+    """Content, calls and finish reason reassembled from a stream as OpenAI's clients do."""
+    content, calls, finish = "", [], None
+    for chunk in chunks:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            if call.index == len(calls):
+                calls.append([call.function.name, call.function.arguments or ""])
+            else:
+                assert call.id is None and call.function.name is None
+                calls[call.index][1] += call.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    return content, [(name, json.loads(arguments)) for name, arguments in calls], finish
+
+
+@pytest.mark.slow
+def test_a_named_function_is_called_with_valid_arguments_streamed_as_whole(client):
+    request = dict(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=NAMED, **GREEDY)
+    reply = client.chat.completions.create(**request).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    calls = _calls(reply.message)
+    assert [name for name, _ in calls] == ["get_weather"]
+    streamed = _streamed(client.chat.completions.create(**request, stream=True))
+    assert streamed == ("", calls, "tool_calls")
+
+
+@pytest.mark.slow
+def test_required_gives_valid_calls_greedy_and_sampled(client, servers):
+    for temperature, seed in ((0.0, None), (1.0, 0), (1.0, 1)):
+        reply = client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
+            temperature=temperature, seed=seed, max_tokens=200, n=2,
+        )  # fmt: skip
+        for choice in reply.choices:
+            assert choice.finish_reason == "tool_calls"
+            assert _calls(choice.message)
+    single = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
+        parallel_tool_calls=False, **GREEDY,
+    )  # fmt: skip
+    assert len(_calls(single.choices[0].message)) == 1
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required", stream=True,
+        parallel_tool_calls=False, **GREEDY,
+    )  # fmt: skip
+    assert _streamed(streamed) == ("", _calls(single.choices[0].message), "tool_calls")
+    assert_server_idle(servers[1])
+
+
+@pytest.mark.slow
+def test_none_writes_text_and_a_tool_result_continues_the_conversation(client):
+    text = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=16
+    ).choices[0]  # fmt: skip
+    assert text.message.tool_calls is None and text.message.content
+    assert text.finish_reason in ("stop", "length")
+    called = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=NAMED, **GREEDY
+    ).choices[0].message  # fmt: skip
+    after = client.chat.completions.create(
+        model=MODEL, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0.0,
+        messages=[*QUESTION, called.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": called.tool_calls[0].id,
+                   "content": json.dumps({"temperature": 18, "sky": "clear"})}],
+    ).choices[0]  # fmt: skip
+    assert after.message.content and after.message.tool_calls is None
+
+
+# What each parser's format looks like, as a regex the model is held to (the model knows
+# none of them: the grammar makes it write the format, the parser must read it).
+FORCED = {
+    "hermes": r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": '
+              r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>',
+    "llama3_json": r'\{"name": "get_weather", "parameters": \{"city": "[A-Z][a-z]{2,8}", '
+                   r'"unit": "(celsius|fahrenheit)"\}\}',
+    "mistral": r'\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": \{"city": '
+               r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\]',
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parser", sorted(FORCED))
+def test_each_auto_parser_reads_the_calls_written_in_its_format(servers, parser):
+    client = _client(servers[0][parser])
+    forced = {"structured_outputs": {"regex": FORCED[parser]}}
+    request = dict(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="auto",
+                   extra_body=forced, **GREEDY)  # fmt: skip
+    reply = client.chat.completions.create(**request).choices[0]
+    assert reply.finish_reason == "tool_calls"
+    calls = _calls(reply.message)
+    assert [name for name, _ in calls] == ["get_weather"]
+    expected_content = "Checking." if parser == "hermes" else None
+    assert reply.message.content == expected_content
+    streamed = _streamed(client.chat.completions.create(**request, stream=True))
+    assert streamed == (expected_content or "", calls, "tool_calls")
+
+
+@pytest.mark.slow
+def test_auto_without_a_call_is_text(servers):
+    reply = _client(servers[0]["hermes"]).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], tools=TOOLS,
+        max_tokens=12, temperature=0.0,
+    ).choices[0]  # fmt: skip
+    assert reply.message.tool_calls is None and reply.message.content
+    assert reply.finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_langchain_bind_tools_returns_a_valid_tool_call(servers):
+    """A real agent-framework client: langchain-openai's ChatOpenAI.bind_tools."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """Current weather in a city."""
+
+        city: str = Field(max_length=20)
+
+    llm = ChatOpenAI(base_url=servers[0][None] + "/v1", api_key="unused", model=MODEL,
+                     temperature=0, max_tokens=60)  # fmt: skip
+    message = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke(
+        "What is the weather in Paris?"
+    )
+    [call] = message.tool_calls
+    assert call["name"] == "GetWeather" and call["id"].startswith("call_")
+    assert GetWeather.model_validate(call["args"]).city
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "needle"),
+    [
+        ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
+         "tool_choice", "'fly', not among the tools"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "'function'"),
+        ({"tools": [TOOLS[0], TOOLS[0]], "tool_choice": "required"}, "tools", "distinct"),
+        ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
+            "type": "objekt"}}}], "tool_choice": "required"}, "tool_choice", "cannot be compiled"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {
+            "type": "json_object"}}, None, "not several"),
+        ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice", "tool_choice"),
+    ],
+)  # fmt: skip
+def test_tools_that_cannot_work_are_a_400_naming_the_field(servers, body, param, needle):
+    urls, engine = servers
+    request = {"model": MODEL, "messages": QUESTION, **body}
+    response = httpx.post(urls[None] + "/v1/chat/completions", json=request)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["param"] == param, error
+    assert_server_idle(engine)
+
+
+def _tools() -> list[Tool]:
+    return [Tool.model_validate(tool) for tool in TOOLS]
+
+
+def test_a_template_without_tools_gets_the_fallback_prompt(smollm2):
+    """The built-in model's template knows no tools: signatures go into the system
+    message, a past call and its result are written as Hermes text."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    messages = [ChatMessage.model_validate(m) for m in [
+        {"role": "system", "content": "Be brief."}, *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]]  # fmt: skip
+    prompt = render_chat(smollm2.engine.tokenizer, messages, _tools())
+    system = prompt.split("<|im_end|>")[0]
+    assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
+    assert json.dumps(TOOLS[1]) in system and "<tool_call></tool_call> XML tags" in system
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n' in prompt
+    assert "<|im_start|>user\n<tool_response>\n18 C\n</tool_response>" in prompt
+    assert AUTO_PARSERS["hermes"](prompt.split("<|im_start|>assistant\n")[1], True).calls
+
+
+def test_a_template_with_tools_gets_them_itself(smollm2):
+    tokenizer = smollm2.engine.tokenizer
+    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }};{% endfor %}")  # fmt: skip
+    original, tokenizer.chat_template = tokenizer.chat_template, template
+    try:
+        prompt = render_chat(tokenizer, [ChatMessage.model_validate(QUESTION[0])], _tools())
+    finally:
+        tokenizer.chat_template = original
+    assert prompt == "[get_weather][get_time]user: What is the weather in Paris?;"
