@@ -31,6 +31,9 @@ RECORDED = [
      [("get_weather", WEATHER), ("get_time", TIME)]),
     ("hermes", "<tool_call>\n" + json.dumps({"name": "search", "arguments": TRICKY})
      + "\n</tool_call>", "", [("search", TRICKY)]),
+    ("hermes", 'Voilà ☀️\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
+     '"note": "東京 \\u00e9"}}\n</tool_call>', "Voilà ☀️",
+     [("get_weather", {"city": "Zürich", "note": "東京 é"})]),
     ("hermes", "It is sunny in Paris, 3 < 4 and <b>warm</b>.\n", "It is sunny in Paris, 3 < 4 "
      "and <b>warm</b>.\n", []),
     # Llama 3.1-3.3 JSON calls
