@@ -1,58 +1,64 @@
-"""Offline decode speed of the built-in model on CPU with different weight formats:
-fp32, bf16, and weight-only int8 (torch._weight_int8pack_mm) with fp32 or bf16
-activations. A measurement for BENCHMARKS.md, not a feature: int8 swaps each
-nn.Linear's forward in place.
+"""Offline decode speed of the built-in model on CPU by weight format, each in its own
+process: its Q4_1 blocks dequantized at load (`--quantization none`) in fp32 or bf16, or
+kept packed (`--quantization gguf`) with fp32 or bf16 activations; and the weights'
+bytes resident in the runner.
 
-    python benchmarks/cpu_weight_formats.py fp32|bf16|int8-fp32|int8-bf16
+    python benchmarks/cpu_weight_formats.py
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 import time
 
-import torch
+MODES = {  # name -> (quantization, dtype)
+    "dense fp32": ("none", "float32"),
+    "dense bf16": ("none", "bfloat16"),
+    "Q4_1 packed, fp32 activations": ("gguf", "float32"),
+    "Q4_1 packed, bf16 activations (auto)": ("gguf", "bfloat16"),
+}
+BATCHES = (1, 16)
+TOKENS = 32
 
-from kubellm.runtime import LLM, SamplingParams
 
+def measure(quantization: str, dtype: str) -> str:
+    import torch
 
-def int8_weights(model: torch.nn.Module, activations: torch.dtype) -> None:
-    """Per-output-channel symmetric int8 weights; activations cast to `activations`."""
-    for module in model.modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        weight = module.weight.detach().float()
-        scales = (weight.abs().amax(1) / 127).clamp(min=1e-8)
-        module.register_buffer("wq", (weight / scales[:, None]).round().to(torch.int8))
-        module.register_buffer("sq", scales.to(activations))
+    from kubellm.runtime import LLM, SamplingParams
 
-        def forward(x: torch.Tensor, m: torch.nn.Linear = module) -> torch.Tensor:
-            flat = x.reshape(-1, x.shape[-1]).to(activations)
-            y = torch._weight_int8pack_mm(flat, m.wq, m.sq)
-            y = y if m.bias is None else y + m.bias
-            return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-        module.forward = forward
-        module.weight = None
+    torch.set_num_threads(2)
+    llm = LLM(quantization=quantization, dtype=dtype)
+    model = llm.engine.runner.model
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() for t in (getattr(m, "int4pack", None) or ())[:2]]
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
+               for _ in range(max(BATCHES))]  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
+    speeds = []
+    for batch in BATCHES:
+        started = time.perf_counter()
+        llm.generate(prompts[:batch], params)
+        speeds.append(batch * TOKENS / (time.perf_counter() - started))
+    cells = " | ".join(f"{s:.1f}" for s in speeds)
+    return f"{cells} | {weight_bytes / 2**20:.0f} MiB"
 
 
 def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "fp32"
-    dtype = "bfloat16" if mode.endswith("bf16") else "float32"
-    llm = LLM(dtype=dtype)
-    if mode.startswith("int8"):
-        int8_weights(llm.engine.runner.model, getattr(torch, dtype))
-    rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
-               for _ in range(16)]  # fmt: skip
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
-    for batch in (1, 16):
-        started = time.perf_counter()
-        llm.generate(prompts[:batch], params)
-        seconds = time.perf_counter() - started
-        print(f"| {mode} | {batch} | {batch * 32 / seconds:.1f} |")
+    if len(sys.argv) == 3:  # one mode, in a fresh process
+        print(measure(sys.argv[1], sys.argv[2]))
+        return
+    print("| weights | " + " | ".join(f"{b} requests, tok/s" for b in BATCHES)
+          + " | weight bytes |")  # fmt: skip
+    print("|---" * (len(BATCHES) + 2) + "|")
+    for name, (quantization, dtype) in MODES.items():
+        run = [sys.executable, __file__, quantization, dtype]
+        line = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+        print(f"| {name} | {line.strip().splitlines()[-1]} |", flush=True)
 
 
 if __name__ == "__main__":

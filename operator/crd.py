@@ -130,6 +130,12 @@ ENGINE = _obj(
         "dtype": _str(
             "Weights and activations", "auto", enum=["auto", "float32", "float16", "bfloat16"]
         ),
+        "quantization": _str(
+            "How quantized weights are read; unset: the checkpoint's own (GPTQ, AWQ, GGUF "
+            "4-bit kept packed); none: dequantized at load",
+            nullable=True,
+            enum=["none", "gptq", "awq", "gguf"],
+        ),
         "toolCallParser": _str(
             'The model\'s tool-call format, read for tool_choice "auto" (hermes: Qwen2.5, '
             "Hermes, and models whose template knows no tools); unset: auto is refused",

@@ -93,6 +93,7 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATION_METHODS = ("gptq", "awq", "gguf")  # vLLM's names
 ATTENTION_BACKENDS = ("torch", "triton")
 DEVICES = ("cpu", "cuda")
 
@@ -131,8 +132,10 @@ class EngineConfig:
                                 "the prefix cache), never swapped to host memory")  # fmt: skip
     dtype: str = setting("auto", "weights and activations; auto: bfloat16 on GPUs that have "
                          "it, else float32", ("auto", *DTYPES))  # fmt: skip
-    quantization: str | None = setting(None, "only none: quantized checkpoints are not read yet",
-                                       ("none",))  # fmt: skip
+    quantization: str | None = setting(None, "default: the checkpoint's own, its 4-bit "
+                                       "weights kept packed ($KUBELLM_QUANTIZATION "
+                                       "overrides); none: dequantized at load",
+                                       ("none", *QUANTIZATION_METHODS))  # fmt: skip
     device: str = setting("auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)",
                           ("auto", *DEVICES))  # fmt: skip
     attention_backend: str = setting("auto", "auto: triton on CUDA, torch elsewhere",
@@ -160,8 +163,6 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.quantization == "none":
-            self.quantization = None
         for f in fields(self):
             choices, value = f.metadata["choices"], getattr(self, f.name)
             if choices and value is not None and value not in choices:

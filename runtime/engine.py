@@ -46,10 +46,12 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
-        source = resolve(config.model, config.revision, config.download_dir)
+        source = resolve(config.model, config.revision, config.download_dir,
+                     config.quantization)  # fmt: skip
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
-        placement = resolve_placement(config)
+        placement = resolve_placement(config, quantized=source.keep_packed and bool(
+            source.quantization))  # fmt: skip
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = config.resolve_max_model_len(source.config)
         self.workers = self._start_workers(config, placement)

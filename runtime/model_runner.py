@@ -19,6 +19,7 @@ from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
 from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.llama import LlamaForCausalLM
+from kubellm.runtime.model.quantized import QuantizedWeight, WeightLayouts, all_dense
 from kubellm.runtime.model.source import ModelSource
 from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.placement import Placement
@@ -41,8 +42,11 @@ class ModelRunner:
         self.device = placement.device_of(tp.rank, tp.size)
         self.dtype = placement.dtype
         self.model = build_model(source.config, max_model_len, placement.attention_backend,
-                                 self.device, self.dtype, tp)  # fmt: skip
+                                 self.device, self.dtype, tp, source.layouts())  # fmt: skip
         load_weights(self.model, source.tensors())
+        for module in self.model.modules():
+            if isinstance(module, QuantizedWeight):
+                module.prepare(self.dtype, placement.dense_dtype)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)
@@ -146,11 +150,12 @@ class ModelRunner:
 
 
 def build_model(cfg: ModelConfig, max_positions: int, attention_backend: str,
-                device: torch.device, dtype: torch.dtype,
-                tp: TensorParallel = SINGLE_RANK) -> LlamaForCausalLM:  # fmt: skip
+                device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE_RANK,
+                layouts: WeightLayouts = all_dense) -> LlamaForCausalLM:  # fmt: skip
     """This rank's shard of the model with uninitialized weights (the loader fills them)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend), tp)
+        model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend), tp,
+                                 layouts)  # fmt: skip
     model = model.to_empty(device=device).to(dtype).eval()
     model.tie_weights()
     model.rope.to(torch.float32).reset()

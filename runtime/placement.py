@@ -23,6 +23,7 @@ class Placement:
     device: torch.device  # rank 0's; rank r of a CUDA group runs on GPU r
     dtype: torch.dtype
     attention_backend: str
+    dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
 
     def device_of(self, rank: int, world_size: int) -> torch.device:
         if world_size == 1 or self.device.type != "cuda":
@@ -30,8 +31,10 @@ class Placement:
         return torch.device("cuda", rank)
 
 
-def resolve_placement(config: EngineConfig) -> Placement:
-    """Raise ValueError when the tensor-parallel size asks for more GPUs than are visible."""
+def resolve_placement(config: EngineConfig, quantized: bool = False) -> Placement:
+    """Raise ValueError when the tensor-parallel size asks for more GPUs than are visible.
+    `quantized`: some weights are kept quantized (dtype auto then weighs torch's CPU int4
+    kernel, which takes bf16 activations)."""
     device = resolve_device(config.device)
     tp = config.tensor_parallel_size
     if device.type == "cuda" and tp > torch.cuda.device_count():
@@ -39,11 +42,10 @@ def resolve_placement(config: EngineConfig) -> Placement:
             f"tensor_parallel_size {tp} needs {tp} GPUs, but {torch.cuda.device_count()} "
             f"are visible: lower tensor_parallel_size or give the pod more GPUs"
         )
-    return Placement(
-        device,
-        resolve_dtype(config.dtype, device),
-        resolve_attention_backend(config.attention_backend, device),
-    )
+    dtype = resolve_dtype(config.dtype, device, quantized)
+    dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
+    backend = resolve_attention_backend(config.attention_backend, device)
+    return Placement(device, dtype, backend, dense)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,9 +64,10 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> torch.dtype:
     """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
-    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX; else float32.
+    bfloat16 on GPUs that have it, on CPUs with AVX-512-BF16 or AMX, and on any CPU for
+    quantized weights (torch's int4 kernel takes bf16 activations); else float32.
     The choice and its reason are logged."""
     if name == "auto":
         name = os.environ.get("KUBELLM_DTYPE", "auto")
@@ -73,6 +76,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         fast = torch.cuda.is_bf16_supported()
         why = "the GPU has bf16" if fast else "the GPU has no bf16"
+    elif quantized:
+        fast, why = True, "quantized weights: torch's int4 CPU kernel takes bf16 activations"
     else:
         found = sorted(cpu_flags() & BF16_CPU_FLAGS)
         fast = bool(found)
@@ -84,6 +89,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     chosen = torch.bfloat16 if fast else torch.float32
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """bf16 matrix products at least as fast as fp32 (GPUs; CPUs with AVX-512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & BF16_CPU_FLAGS)
 
 
 def cpu_flags() -> set[str]:

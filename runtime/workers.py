@@ -161,7 +161,8 @@ def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = join_group(rank, size, port, placement.device_of(rank, size),
                     ready_key=ready_key(mp.current_process().name))  # fmt: skip
-    source = resolve(config.model, config.revision, config.download_dir)
+    source = resolve(config.model, config.revision, config.download_dir,
+                     config.quantization)  # fmt: skip
     runner = ModelRunner(config, source, config.resolve_max_model_len(source.config),
                          placement, tp)  # fmt: skip
     while True:

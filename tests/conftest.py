@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KUBELLM_DEVICE", "cpu")
 # ... in fp32, whatever `--dtype auto` would choose on this CPU (bf16 where it has AMX)
 os.environ.setdefault("KUBELLM_DTYPE", "float32")
+# ... with quantized weights dequantized at load, unless a test names the method (the
+# quantized path's own tests compare it with these dense fp32 runs)
+os.environ.setdefault("KUBELLM_QUANTIZATION", "none")
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton loads.
     os.environ.setdefault("TRITON_INTERPRET", "1")

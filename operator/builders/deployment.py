@@ -34,6 +34,7 @@ ENGINE_ENV = {
     "enablePrefixCaching": "KUBELLM_ENABLE_PREFIX_CACHING",
     "tensorParallelSize": "KUBELLM_TENSOR_PARALLEL_SIZE",
     "dtype": "KUBELLM_DTYPE",
+    "quantization": "KUBELLM_QUANTIZATION",
     "toolCallParser": "KUBELLM_TOOL_CALL_PARSER",
     "shutdownTimeoutSeconds": "KUBELLM_SHUTDOWN_TIMEOUT",
 }

@@ -1,4 +1,5 @@
-"""Read a GGUF file: its Llama-family config and its tensors, dequantized, under HF names."""
+"""Read a GGUF file: its Llama-family config and its tensors under HF names, Q4_0, Q4_1,
+Q4_K and Q8_0 ones kept as blocks (`GroupQuantized`), the others dequantized."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from kubellm.runtime.config import ModelConfig
+from kubellm.runtime.model.quant_formats import GGUF_PACKED, from_gguf_blocks
+from kubellm.runtime.model.quantized import GroupQuantized
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -69,16 +72,26 @@ class GGUFModel:
             eos_token_ids=() if eos is None else (eos,),
         )
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, fp32 tensor) for every weight, dequantized and in HF's layout."""
+    def tensor_types(self) -> dict[str, str]:
+        """HF name -> GGUF tensor type name (Q4_1, F32, ...)."""
+        names = ((_hf_name(t.name), t.tensor_type.name) for t in self.reader.tensors)
+        return {name: kind for name, kind in names if name is not None}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor | GroupQuantized]]:
+        """(HF name, tensor) for every weight in HF's layout: a kept block type as
+        `GroupQuantized`, any other dequantized to fp32."""
         cfg = self.config()
         permuted = self.architecture != "qwen2"  # llama.cpp permutes Q/K rows for llama only
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
-            array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            tensor = torch.from_numpy(array.reshape(tuple(reversed(t.shape.tolist()))).copy())
+            shape = tuple(reversed(t.shape.tolist()))
+            if t.tensor_type.name in GGUF_PACKED:
+                tensor = from_gguf_blocks(t.data, t.tensor_type.name, shape[0])
+            else:
+                array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                tensor = torch.from_numpy(array.reshape(shape).copy())
             if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
                 tensor = _unpermute_rotary(tensor, cfg.num_heads)
             elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -95,8 +108,10 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
 
 
-def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _unpermute_rotary(weight: torch.Tensor | GroupQuantized, num_heads: int
+                      ) -> torch.Tensor | GroupQuantized:  # fmt: skip
     """llama.cpp stores Q/K rows interleaved for its rotary layout; undo it for HF's halves."""
-    half = weight.shape[0] // num_heads // 2
-    rows = weight.reshape(num_heads, half, 2, *weight.shape[1:])
-    return rows.transpose(1, 2).reshape(weight.shape)
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    order = torch.arange(rows).reshape(num_heads, half, 2).transpose(1, 2).reshape(rows)
+    return weight.rows(order) if isinstance(weight, GroupQuantized) else weight[order]

@@ -21,6 +21,7 @@ from kubellm.runtime.model.parallel import (
     Shard,
     VocabParallelEmbedding,
 )
+from kubellm.runtime.model.quantized import WeightLayouts, all_dense
 from kubellm.runtime.model.rope import RotaryEmbedding
 
 
@@ -52,7 +53,7 @@ def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
 class Attention(nn.Module):
     def __init__(
         self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel,
+        tp: TensorParallel, layouts: WeightLayouts, prefix: str,
     ) -> None:  # fmt: skip
         super().__init__()
         shards = qkv_shards(cfg, tp)
@@ -60,8 +61,10 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = shards[0].size, shards[1].size
         self.num_heads = self.q_size // cfg.head_dim  # this rank's
         self.num_kv_heads = self.kv_size // cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, shards, cfg.attention_bias)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, shards, cfg.attention_bias,
+                                             layouts(prefix + "qkv_proj"))  # fmt: skip
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp,
+                                        layouts(prefix + "o_proj"))  # fmt: skip
         self.scale = cfg.head_dim**-0.5
         self.rope = rope
         self.backend = backend
@@ -83,12 +86,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layouts: WeightLayouts,
+                 prefix: str) -> None:  # fmt: skip
         super().__init__()
         shard = Shard.even(cfg.intermediate_size, tp)
         self.intermediate_size = shard.size
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [shard, shard], bias=False)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+        self.gate_up_proj = ColumnParallelLinear(
+            cfg.hidden_size, [shard, shard], False, layouts(prefix + "gate_up_proj")
+        )
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp,
+                                           layouts(prefix + "down_proj"))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -98,13 +105,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(
         self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel,
+        tp: TensorParallel, layouts: WeightLayouts, prefix: str,
     ) -> None:  # fmt: skip
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope, backend, tp)
+        self.self_attn = Attention(cfg, rope, backend, tp, layouts, prefix + "self_attn.")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.")
 
     def forward(self, x, positions, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
@@ -112,11 +119,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """One rank's shard of the model (the whole model with one rank)."""
+    """One rank's shard of the model (the whole model with one rank); `layouts` says
+    which linear layers keep quantized weights (by our module names)."""
 
     def __init__(
         self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
-        tp: TensorParallel = SINGLE_RANK,
+        tp: TensorParallel = SINGLE_RANK, layouts: WeightLayouts = all_dense,
     ) -> None:  # fmt: skip
         super().__init__()
         self.config = cfg
@@ -127,7 +135,8 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rope, backend, tp) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, rope, backend, tp, layouts, f"layers.{i}.")
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)

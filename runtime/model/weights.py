@@ -24,28 +24,38 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, LazyTensor]]) -> None:
-    """Copy this rank's slice of every tensor in; fail if any parameter was left unset."""
+    """Copy this rank's slice of every tensor in; fail if any weight was left unset."""
     modules = dict(model.named_modules())
-    params = dict(model.named_parameters(remove_duplicate=False))
+    rows_needed = _loadable_rows(modules)
     tied = model.config.tie_word_embeddings
-    rows_filled = dict.fromkeys(params, 0)
+    rows_filled = dict.fromkeys(rows_needed, 0)
     for hf_name, tensor in tensors:
         target = _target(hf_name)
         if target is None or (tied and target[0] == "lm_head"):
             continue
         module_name, kind, part = target
-        module = modules.get(module_name)
-        if module is None or f"{module_name}.{kind}" not in params:
+        if f"{module_name}.{kind}" not in rows_needed:
             raise ValueError(f"weight {hf_name!r} has no place in this model")
         try:
-            rows_filled[f"{module_name}.{kind}"] += _load(module, kind, part, tensor)
+            rows_filled[f"{module_name}.{kind}"] += _load(modules[module_name], kind, part, tensor)
         except ValueError as exc:
             raise ValueError(f"weight {hf_name!r}: {exc}") from None
     if tied:
         rows_filled.pop("lm_head.weight", None)
-    missing = sorted(name for name, rows in rows_filled.items() if rows < params[name].shape[0])
+    missing = sorted(name for name, rows in rows_filled.items() if rows < rows_needed[name])
     if missing:
         raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
+
+
+def _loadable_rows(modules: dict[str, nn.Module]) -> dict[str, int]:
+    """'<module>.weight' / '.bias' -> its rows, for every dense or quantized one."""
+    rows = {}
+    for name, module in modules.items():
+        for kind in ("weight", "bias"):
+            value = module._parameters.get(kind, module._modules.get(kind))
+            if value is not None:
+                rows[f"{name}.{kind}" if name else kind] = value.shape[0]
+    return rows
 
 
 def _load(module: nn.Module, kind: str, part: int, tensor: LazyTensor) -> int:
@@ -53,6 +63,17 @@ def _load(module: nn.Module, kind: str, part: int, tensor: LazyTensor) -> int:
     if load is None:
         raise ValueError(f"{type(module).__name__} takes no checkpoint tensor")
     return load(kind, part, tensor)
+
+
+def hf_parts(module: str) -> list[str]:
+    """The checkpoint's module names (model.layers.0.self_attn.q_proj, ...) that our
+    module (layers.0.self_attn.qkv_proj) is made of."""
+    layer = _LAYER.match(module)
+    if layer is None:
+        return [f"model.{module}"]
+    index, suffix = layer.groups()
+    parts = [hf for hf, (ours, _) in _FUSED.items() if ours == suffix] or [suffix]
+    return [f"model.layers.{index}.{part}" for part in parts]
 
 
 def _target(hf_name: str) -> tuple[str, str, int] | None:

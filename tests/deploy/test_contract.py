@@ -40,7 +40,7 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
     from kubellm.operator.builders.deployment import ENGINE_ENV
     from kubellm.operator.crd import ENGINE
     from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
-    from kubellm.runtime.config import DTYPES, EngineConfig
+    from kubellm.runtime.config import DTYPES, QUANTIZATION_METHODS, EngineConfig
 
     runtime = parse_args([], {})
     for field, variable in ENGINE_ENV.items():
@@ -48,6 +48,7 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
         assert ENGINE["properties"][field].get("default") == getattr(runtime, flag), field
     assert ENGINE["properties"]["dtype"]["enum"] == ["auto", *DTYPES]
     assert ENGINE["properties"]["toolCallParser"]["enum"] == sorted(AUTO_PARSERS)
+    assert ENGINE["properties"]["quantization"]["enum"] == ["none", *QUANTIZATION_METHODS]
     engine_flags = {f.name for f in fields(EngineConfig)}
     assert engine_flags <= set(vars(runtime))  # every engine setting is a flag, made once
 

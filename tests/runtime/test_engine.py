@@ -220,7 +220,7 @@ def test_vllms_offline_call_runs_unchanged(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ({"quantization": "awq"}, "quantization must be one of none"),
+        ({"quantization": "fp8"}, "quantization must be one of none, gptq, awq, gguf"),
         ({"tokenizer_mode": "slow"}, "tokenizer_mode must be one of auto"),
         ({"swap_space": 4}, "swap_space 4 is not supported"),
         ({"pipeline_parallel_size": 2}, "pipeline_parallel_size 2 is not supported"),

@@ -1,0 +1,216 @@
+"""Group-quantized weights: the one internal form every 4-bit (and GGUF 8-bit) checkpoint
+format is converted into at load, and the layer storage that multiplies by it.
+
+A weight [N out, K in] is integer codes q (4-bit: two per byte along K, the even k in the
+low nibble; 8-bit: one per byte), and per row and group of `group_size` inputs a scale s
+and an offset o: `W[n, k] = q[n, k] * s[n, g] + o[n, g]` with `g = k // group_size`
+(GPTQ and AWQ's `(q - z) * s` is `o = -z * s`; GGUF's `d * q + m` is `o = m`). A
+GPTQ act-order weight keeps its inputs sorted by group: `perm` says which input each
+stored column is, and the layer reads `x[:, perm]`.
+
+On CPU the product at decode-sized M goes through torch's int4 weight-only kernel
+(`_weight_int4pack_mm_for_cpu`, bf16 activations); above `INT4PACK_MAX_ROWS` rows, and
+for fp32 activations (where that kernel is 10-30x slower, and exactness is wanted), the
+weight is dequantized into the activations' dtype for one dense product.
+BENCHMARKS.md ("Quantized GEMMs on CPU") has the measurements behind the crossover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4PACK_MAX_ROWS = 32  # at most this many rows per product through torch's int4 kernel
+
+
+@dataclass
+class GroupQuantized:
+    """A group-quantized matrix (or this rank's slice of one), on the host."""
+
+    codes: torch.Tensor  # uint8 [N, K/2] (4-bit) or [N, K] (8-bit)
+    scales: torch.Tensor  # float32 [N, K/group_size]
+    offsets: torch.Tensor  # float32 [N, K/group_size]
+    bits: int
+    group_size: int
+    perm: torch.Tensor | None = None  # int64 [K]: the input each stored column is
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * 8 // self.bits
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """uint8 [N, K], one code per element."""
+        if self.bits == 8:
+            return self.codes
+        low, high = self.codes & 15, self.codes >> 4
+        return torch.stack((low, high), dim=-1).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense [N, K] weight in the checkpoint's input order."""
+        rows, cols = self.shape
+        groups = self.unpacked_codes().view(rows, cols // self.group_size, self.group_size)
+        dense = (groups.float() * self.scales[..., None] + self.offsets[..., None]).view(rows, cols)
+        if self.perm is not None:
+            dense = torch.empty_like(dense).index_copy_(1, self.perm, dense)
+        return dense.to(dtype)
+
+    def rows(self, index: torch.Tensor | slice) -> GroupQuantized:
+        """The weight of some output rows (a shard, or rows reordered)."""
+        return GroupQuantized(self.codes[index], self.scales[index], self.offsets[index],
+                              self.bits, self.group_size, self.perm)  # fmt: skip
+
+    def columns(self, start: int, length: int) -> GroupQuantized:
+        """The weight of inputs [start, start + length) (a row-parallel shard): whole
+        groups only, and never of an act-order weight (its groups are spread over K)."""
+        if (start, length) == (0, self.shape[1]):
+            return self
+        if self.perm is not None:
+            raise ValueError("an act-order (desc_act) weight cannot be split along its "
+                             "inputs: use tensor_parallel_size 1 for this checkpoint")  # fmt: skip
+        if start % self.group_size or length % self.group_size:
+            raise ValueError(
+                f"quantization groups of {self.group_size} inputs do not fall on the "
+                f"shard boundaries [{start}, {start + length}): choose a "
+                f"tensor_parallel_size that splits the inputs into whole groups"
+            )
+        per_byte = 8 // self.bits
+        groups = slice(start // self.group_size, (start + length) // self.group_size)
+        codes = self.codes[:, start // per_byte : (start + length) // per_byte]
+        return GroupQuantized(codes, self.scales[:, groups], self.offsets[:, groups],
+                              self.bits, self.group_size)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantizedLayout:
+    """How one layer's weight is stored: what the model builder allocates."""
+
+    bits: int
+    group_size: int
+    act_order: bool = False
+
+
+# our module name ("layers.0.self_attn.qkv_proj") -> its layout, None for a dense weight
+WeightLayouts = Callable[[str], "QuantizedLayout | None"]
+
+
+def all_dense(module: str) -> None:
+    """The layouts of a model without quantized weights."""
+    return None
+
+
+class QuantizedWeight(nn.Module):
+    """A layer's group-quantized weight [out_features, in_features] and its products.
+    Parts are put in row ranges (fused projections); `prepare()` runs once loaded."""
+
+    def __init__(self, out_features: int, in_features: int, layout: QuantizedLayout) -> None:
+        super().__init__()
+        if in_features % layout.group_size:
+            raise ValueError(f"quantization group size {layout.group_size} does not divide "
+                             f"the layer's {in_features} inputs")  # fmt: skip
+        self.layout = layout
+        self.shape = (out_features, in_features)
+        groups = in_features // layout.group_size
+        packed = in_features * layout.bits // 8
+        code_dtype = torch.uint8 if layout.bits == 4 else torch.int8
+        self.register_buffer("codes", torch.zeros(out_features, packed, dtype=code_dtype))
+        self.register_buffer("scales", torch.zeros(out_features, groups))
+        self.register_buffer("offsets", torch.zeros(out_features, groups))
+        self.perm: torch.Tensor | None = None
+        self.int4pack: tuple[torch.Tensor, torch.Tensor, int] | None = None  # and its block
+        self.dense_dtype: torch.dtype | None = None  # of the dense product; None: x's
+
+    def _apply(self, fn, recurse: bool = True):
+        """Scales and offsets stay fp32 when the model is cast to its dtype (which the
+        builder does before anything is loaded)."""
+        super()._apply(fn, recurse)
+        self.scales, self.offsets = self.scales.float(), self.offsets.float()
+        return self
+
+    def put(self, row: int, value: GroupQuantized) -> None:
+        """Copy `value` into rows [row, row + its rows)."""
+        if (value.bits, value.group_size) != (self.layout.bits, self.layout.group_size):
+            raise ValueError(
+                f"a {value.bits}-bit tensor in groups of {value.group_size} cannot join a "
+                f"layer of {self.layout.bits}-bit groups of {self.layout.group_size}"
+            )
+        if value.shape[1] != self.shape[1]:
+            raise ValueError(f"has {value.shape[1]} inputs, expected {self.shape[1]}")
+        rows = slice(row, row + value.shape[0])
+        with torch.no_grad():
+            self.codes[rows] = value.codes
+            self.scales[rows] = value.scales.float()
+            self.offsets[rows] = value.offsets.float()
+        if value.perm is not None:
+            if self.perm is not None and not torch.equal(self.perm, value.perm):
+                raise ValueError("the parts of one fused layer have different act-order "
+                                 "permutations; this checkpoint cannot be fused")  # fmt: skip
+            self.perm = value.perm
+
+    def stored(self) -> GroupQuantized:
+        return GroupQuantized(self.codes, self.scales, self.offsets, self.layout.bits,
+                              self.layout.group_size, self.perm)  # fmt: skip
+
+    def prepare(self, dtype: torch.dtype, dense_dtype: torch.dtype) -> None:
+        """Once loaded: the dtype of the dense product (fp32 where the CPU has no fast
+        bf16); on CPU with bf16 activations, the weight moves into torch's int4 kernel's
+        own layout (its form is `(q - 8) * s + z`, so `z = o + 8 s`, in bf16), which then
+        also feeds the dense product, so both kernels multiply by the same weight."""
+        self.dense_dtype = dense_dtype
+        if self.codes.device.type != "cpu" or dtype != torch.bfloat16 or self.layout.bits != 4:
+            return
+        if self.shape[0] % 16 or self.layout.group_size not in (32, 64, 128, 256):
+            return  # the kernel's own limits: such layers take the dense product
+        codes = self.stored().unpacked_codes()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        block = next((b for b in (64, 32, 16) if self.shape[0] % b == 0
+                      and torch.equal(_int4pack_codes(packed, b), codes)), None)  # fmt: skip
+        if block is None:
+            return  # a layout we cannot read back: keep ours, take the dense product
+        zeros = self.offsets + 8 * self.scales
+        scales_and_zeros = torch.stack((self.scales, zeros), dim=-1).transpose(0, 1)
+        self.int4pack = (packed, scales_and_zeros.contiguous().to(torch.bfloat16), block)
+        empty = torch.empty(0)
+        self.codes, self.scales, self.offsets = empty.to(torch.uint8), empty, empty
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS:
+            packed, scales_and_zeros, _ = self.int4pack
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16), packed, self.layout.group_size, scales_and_zeros
+            ).to(x.dtype)
+            return y if bias is None else y + bias
+        dtype = self.dense_dtype or x.dtype
+        weight = self._dense_in_stored_order().to(dtype)
+        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        return y.to(x.dtype)
+
+    def _dense_in_stored_order(self) -> torch.Tensor:
+        """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
+        computes it (the same values, bit for bit), or from the int4 kernel's layout."""
+        rows, cols = self.shape
+        group = self.layout.group_size
+        if self.int4pack is None:
+            groups = self.stored().unpacked_codes().view(rows, -1, group)
+            dense = groups.float() * self.scales[..., None]
+            return dense.add_(self.offsets[..., None]).view(rows, cols)
+        packed, scales_and_zeros, block = self.int4pack
+        groups = _int4pack_codes(packed, block).view(rows, -1, group).float().sub_(8)
+        scales, zeros = scales_and_zeros.float().permute(2, 1, 0)  # each [N, G]
+        return groups.mul_(scales[..., None]).add_(zeros[..., None]).view(rows, cols)
+
+
+def _int4pack_codes(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """uint8 [N, K] codes of torch's CPU int4 layout: blocks of `block` rows, each
+    [K][block / 2] bytes whose low nibble is row j and high nibble row j + block / 2
+    (as the x86 kernels pack it; `prepare` checks it against the codes it packed)."""
+    rows, half = packed.shape
+    cols = half * 2
+    nibbles = packed.view(rows // block, cols, block // 2)
+    codes = torch.cat((nibbles & 15, nibbles >> 4), dim=2)  # [blocks, K, block]
+    return codes.permute(0, 2, 1).reshape(rows, cols)
