@@ -1,7 +1,8 @@
 """Serving comparison in one run, on one machine, with one model file and one workload:
-kubellm, a plain transformers server (one request at a time, benchmarks/hf_server.py),
-and llama.cpp's own C++ llama-server (parallel slots, continuous batching), all on the
-built-in SmolLM2-135M-Instruct GGUF.
+kubellm with its defaults and with the weights dequantized in fp32 and in bf16,
+llama.cpp's own C++ llama-server (parallel slots, continuous batching), and on request
+a plain transformers server (one request at a time, benchmarks/hf_server.py), all on
+the built-in SmolLM2-135M-Instruct GGUF.
 
     python benchmarks/compare.py                 # concurrency 1 4 16 64, writes results
     python benchmarks/compare.py --servers kubellm llama.cpp --concurrency 16
@@ -32,12 +33,20 @@ MODEL_NAME = "smollm2-135m-instruct"
 BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 
 
+# kubellm's modes: its defaults (the Q4_1 blocks kept packed, dtype auto), and the
+# weights dequantized at load in fp32 (the default before) and in bf16
+KUBELLM_MODES = {
+    "kubellm": [],
+    "kubellm-fp32": ["--quantization", "none", "--dtype", "float32"],
+    "kubellm-bf16": ["--quantization", "none", "--dtype", "bfloat16"],
+}
+
+
 def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[str]:
-    if name in ("kubellm", "kubellm-bf16"):
-        dtype = "bfloat16" if name == "kubellm-bf16" else "auto"  # auto: fp32 on CPU
+    if name in KUBELLM_MODES:
         return [sys.executable, "-m", "kubellm.cli", "serve", "--port", str(port),
                 "--served-model-name", MODEL_NAME, "--log-level", "warning",
-                "--dtype", dtype]  # fmt: skip
+                *KUBELLM_MODES[name]]  # fmt: skip
     if name == "transformers":
         return [sys.executable, str(ROOT / "benchmarks" / "hf_server.py"), "--port", str(port)]
     if name == "llama.cpp":
@@ -137,7 +146,10 @@ def markdown(rows: list[dict], args: argparse.Namespace, when: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--servers", nargs="+", default=["kubellm", "kubellm-bf16", "transformers", "llama.cpp"]
+        "--servers",
+        nargs="+",
+        default=[*KUBELLM_MODES, "llama.cpp"],
+        help="also: transformers (one request at a time)",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-slot", type=int, default=3)

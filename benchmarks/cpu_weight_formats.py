@@ -1,7 +1,7 @@
 """Offline decode speed of the built-in model on CPU by weight format, each in its own
 process: its Q4_1 blocks dequantized at load (`--quantization none`) in fp32 or bf16, or
-kept packed (`--quantization gguf`) with fp32 or bf16 activations; and the weights'
-bytes resident in the runner.
+kept packed (the default) with exact fp32 products, bf16 activations, or what `--dtype
+auto` picks on this CPU; and the weights' bytes resident in the runner.
 
     python benchmarks/cpu_weight_formats.py
 """
@@ -16,8 +16,9 @@ import time
 MODES = {  # name -> (quantization, dtype)
     "dense fp32": ("none", "float32"),
     "dense bf16": ("none", "bfloat16"),
-    "Q4_1 packed, fp32 activations": ("gguf", "float32"),
-    "Q4_1 packed, bf16 activations (auto)": ("gguf", "bfloat16"),
+    "Q4_1 packed, fp32 exact (`--dtype float32`)": ("gguf", "float32"),
+    "Q4_1 packed, bf16": ("gguf", "bfloat16"),
+    "Q4_1 packed, `--dtype auto` (the default)": ("gguf", "auto"),
 }
 BATCHES = (1, 16)
 TOKENS = 32

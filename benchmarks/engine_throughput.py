@@ -77,7 +77,8 @@ def run_kubellm(workload, device: str, dtype: str, model: str | None = None,
     context = max(len(prompt) + n for prompt, n in workload)  # not the model's 128k
     options = {"device": device, "dtype": dtype, "max_model_len": context,
                "enforce_eager": enforce_eager}  # fmt: skip
-    llm = LLM(model=model, **options) if model else LLM(**options)
+    # the built-in model as transformers runs it: its Q4_1 blocks dequantized at load
+    llm = LLM(model=model, **options) if model else LLM(quantization="none", **options)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     started = time.perf_counter()

@@ -3,7 +3,12 @@ dependency only, never a runtime or test one).
 
 The source is the llama.cpp tree vendored in the `llama-cpp-python` source distribution
 on PyPI; CMake + Ninja build only the `llama-server` target, curl and OpenSSL off
-(about 5 minutes on two cores). The binary is cached under --cache-dir.
+(about 5 minutes on two cores). The binary is cached under --cache-dir, one per set
+of instruction-set flags.
+
+Not `GGML_NATIVE=ON`: that build segfaults at start on this workplace's Intel Xeon
+(AMX) machines. The instruction sets are named instead, from /proc/cpuinfo: AVX2,
+FMA, F16C and, where present, AVX-512 (F, VBMI, VNNI, BF16); AMX always off.
 
     python benchmarks/llama_server.py [--cache-dir .bench-cache]   # prints the binary's path
 """
@@ -20,8 +25,26 @@ from pathlib import Path
 VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors llama.cpp
 
 
+# /proc/cpuinfo flag -> ggml's CMake option
+ISA_OPTIONS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+               "avx512f": "GGML_AVX512", "avx512_vbmi": "GGML_AVX512_VBMI",
+               "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}  # fmt: skip
+
+
+def isa_options(flags: set[str]) -> list[str]:
+    """CMake options for the instruction sets this CPU has, AMX and native detection off."""
+    options = [f"-D{option}={'ON' if flag in flags else 'OFF'}"
+               for flag, option in ISA_OPTIONS.items()]  # fmt: skip
+    return [*options, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
+            "-DGGML_NATIVE=OFF"]  # fmt: skip
+
+
 def build(cache_dir: Path, version: str = VERSION) -> Path:
-    binary = cache_dir / f"llama.cpp-{version}" / "build" / "bin" / "llama-server"
+    from kubellm.runtime.placement import cpu_flags
+
+    options = isa_options(cpu_flags())
+    kind = "-".join(f for f in ISA_OPTIONS if f in cpu_flags()) or "generic"
+    binary = cache_dir / f"llama.cpp-{version}" / f"build-{kind}" / "bin" / "llama-server"
     if binary.exists():
         return binary
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +65,7 @@ def build(cache_dir: Path, version: str = VERSION) -> Path:
         ["cmake", "-S", str(source), "-B", str(build_dir), "-G", "Ninja",
          "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DGGML_NATIVE=ON"],
+         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", *options],
         check=True,
     )  # fmt: skip
     jobs = str(os.cpu_count() or 2)

@@ -41,7 +41,7 @@ def int4_layer(inputs: int, outputs: int) -> QuantizedWeight:
     scales = torch.rand(outputs, inputs // 32) * 0.01
     layer = QuantizedWeight(outputs, inputs, QuantizedLayout(4, 32))
     layer.put(0, GroupQuantized(codes, scales, -8 * scales, 4, 32))
-    layer.prepare(torch.bfloat16, torch.float32)
+    layer.prepare(True, torch.float32)
     assert layer.int4pack is not None
     return layer
 

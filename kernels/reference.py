@@ -53,3 +53,13 @@ def paged_attention_reference(
         scores = scores.masked_fill(~visible, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(query.dtype)
     return out
+
+
+def w4a16_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                    offsets: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+    """x [M, K] @ W.T, W [N, K] = q * s + o per group of `group_size` inputs; q: codes
+    uint8 [N, K/2], the even k in the low nibble."""
+    q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1).float()
+    groups = q.view(q.shape[0], -1, group_size)
+    weight = (groups * scales[..., None] + offsets[..., None]).view(q.shape)
+    return (x.float() @ weight.T).to(x.dtype)

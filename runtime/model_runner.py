@@ -46,7 +46,7 @@ class ModelRunner:
         load_weights(self.model, source.tensors())
         for module in self.model.modules():
             if isinstance(module, QuantizedWeight):
-                module.prepare(self.dtype, placement.dense_dtype)
+                module.prepare(placement.int4_kernel, placement.dense_dtype)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)

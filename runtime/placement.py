@@ -24,6 +24,7 @@ class Placement:
     dtype: torch.dtype
     attention_backend: str
     dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
+    int4_kernel: bool = False  # quantized layers' small products by torch's CPU int4 kernel
 
     def device_of(self, rank: int, world_size: int) -> torch.device:
         if world_size == 1 or self.device.type != "cuda":
@@ -31,10 +32,8 @@ class Placement:
         return torch.device("cuda", rank)
 
 
-def resolve_placement(config: EngineConfig, quantized: bool = False) -> Placement:
-    """Raise ValueError when the tensor-parallel size asks for more GPUs than are visible.
-    `quantized`: some weights are kept quantized (dtype auto then weighs torch's CPU int4
-    kernel, which takes bf16 activations)."""
+def resolve_placement(config: EngineConfig) -> Placement:
+    """Raise ValueError when the tensor-parallel size asks for more GPUs than are visible."""
     device = resolve_device(config.device)
     tp = config.tensor_parallel_size
     if device.type == "cuda" and tp > torch.cuda.device_count():
@@ -42,10 +41,20 @@ def resolve_placement(config: EngineConfig, quantized: bool = False) -> Placemen
             f"tensor_parallel_size {tp} needs {tp} GPUs, but {torch.cuda.device_count()} "
             f"are visible: lower tensor_parallel_size or give the pod more GPUs"
         )
-    dtype = resolve_dtype(config.dtype, device, quantized)
+    dtype = resolve_dtype(config.dtype, device)
     dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
     backend = resolve_attention_backend(config.attention_backend, device)
-    return Placement(device, dtype, backend, dense)
+    return Placement(device, dtype, backend, dense, uses_int4_kernel(config.dtype, dtype, device))
+
+
+def uses_int4_kernel(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """On CPU, torch's int4 kernel (inputs rounded to bf16) does quantized layers' small
+    products with bf16 activations, and with fp32 ones that `auto` chose; fp32 asked
+    for by name (or by $KUBELLM_DTYPE) keeps every product exact."""
+    if device.type != "cpu":
+        return False
+    named = asked != "auto" or os.environ.get("KUBELLM_DTYPE", "auto") != "auto"
+    return dtype == torch.bfloat16 or not named
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,11 +73,11 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
-    bfloat16 on GPUs that have it, on CPUs with AVX-512-BF16 or AMX, and on any CPU for
-    quantized weights (torch's int4 kernel takes bf16 activations); else float32.
-    The choice and its reason are logged."""
+    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX; else float32
+    (quantized layers then still multiply through torch's int4 kernel, see
+    `uses_int4_kernel`). The choice and its reason are logged."""
     if name == "auto":
         name = os.environ.get("KUBELLM_DTYPE", "auto")
     if name != "auto":
@@ -76,8 +85,6 @@ def resolve_dtype(name: str, device: torch.device, quantized: bool = False) -> t
     if device.type == "cuda":
         fast = torch.cuda.is_bf16_supported()
         why = "the GPU has bf16" if fast else "the GPU has no bf16"
-    elif quantized:
-        fast, why = True, "quantized weights: torch's int4 CPU kernel takes bf16 activations"
     else:
         found = sorted(cpu_flags() & BF16_CPU_FLAGS)
         fast = bool(found)

@@ -9,9 +9,11 @@ GPTQ act-order weight keeps its inputs sorted by group: `perm` says which input 
 stored column is, and the layer reads `x[:, perm]`.
 
 On CPU the product at decode-sized M goes through torch's int4 weight-only kernel
-(`_weight_int4pack_mm_for_cpu`, bf16 activations); above `INT4PACK_MAX_ROWS` rows, and
-for fp32 activations (where that kernel is 10-30x slower, and exactness is wanted), the
-weight is dequantized into the activations' dtype for one dense product.
+(`_weight_int4pack_mm_for_cpu`, its inputs rounded to bf16: with fp32 inputs it is
+10-30x slower); above `INT4PACK_MAX_ROWS` rows the weight is rebuilt for one dense
+product. Without that kernel (asked-for fp32: the exact path the oracles test) each
+product dequantizes the weight exactly. On GPUs every 4-bit product is the Triton W4A16
+GEMM (kubellm/kernels/w4a16.py: dequantized in the tile, fp32 accumulation, split-K).
 BENCHMARKS.md ("Quantized GEMMs on CPU") has the measurements behind the crossover.
 """
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT4PACK_MAX_ROWS = 32  # at most this many rows per product through torch's int4 kernel
+INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
 
 
 @dataclass
@@ -154,13 +156,13 @@ class QuantizedWeight(nn.Module):
         return GroupQuantized(self.codes, self.scales, self.offsets, self.layout.bits,
                               self.layout.group_size, self.perm)  # fmt: skip
 
-    def prepare(self, dtype: torch.dtype, dense_dtype: torch.dtype) -> None:
+    def prepare(self, int4_kernel: bool, dense_dtype: torch.dtype) -> None:
         """Once loaded: the dtype of the dense product (fp32 where the CPU has no fast
-        bf16); on CPU with bf16 activations, the weight moves into torch's int4 kernel's
+        bf16); with `int4_kernel` (on CPU), the weight moves into torch's int4 kernel's
         own layout (its form is `(q - 8) * s + z`, so `z = o + 8 s`, in bf16), which then
         also feeds the dense product, so both kernels multiply by the same weight."""
         self.dense_dtype = dense_dtype
-        if self.codes.device.type != "cpu" or dtype != torch.bfloat16 or self.layout.bits != 4:
+        if self.codes.device.type != "cpu" or not int4_kernel or self.layout.bits != 4:
             return
         if self.shape[0] % 16 or self.layout.group_size not in (32, 64, 128, 256):
             return  # the kernel's own limits: such layers take the dense product
@@ -179,6 +181,11 @@ class QuantizedWeight(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.codes.is_cuda and self.layout.bits == 4:
+            from kubellm.kernels.w4a16 import w4a16
+
+            y = w4a16(x, self.codes, self.scales, self.offsets, self.layout.group_size)
+            return y if bias is None else y + bias
         if self.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS:
             packed, scales_and_zeros, _ = self.int4pack
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

@@ -27,6 +27,12 @@ RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
 SPLITS = 33  # a loop bound only: any count compiles alike
+# W4A16: group sizes of GPTQ/AWQ checkpoints, decode (1 row) and prefill (2048) tiles.
+# M, N, K and the split count are runtime arguments, so these cover every layer of
+# Llama-3.1-8B (K 4096 and 14336) and of 70B per rank at TP 4 and 8 (K 8192, 7168,
+# 3584, 2048, 1024): each K is a multiple of every BLOCK_K (test_w4a16 checks it).
+W4A16_GROUPS = (32, 64, 128)
+W4A16_ROWS = (1, 2048)
 
 
 def _pointers(dtype: str, names: str) -> dict[str, str]:
@@ -40,6 +46,7 @@ def _ints(names: str) -> dict[str, str]:
 def jobs() -> list[tuple[str, str, dict]]:
     """(kernel, dtype, constants) for every launch configuration of the shapes above."""
     from kubellm.kernels.paged_attention import attention_constants, merge_constants
+    from kubellm.kernels.w4a16 import w4a16_constants
 
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
@@ -54,6 +61,8 @@ def jobs() -> list[tuple[str, str, dict]]:
             out.append(("decode_split", dtype, dict(merge, BLOCK_SIZE=BLOCK_SIZE,
                                                      NATIVE_DOT=native)))  # fmt: skip
             out.append(("decode_merge", dtype, merge))
+        for group, rows in itertools.product(W4A16_GROUPS, W4A16_ROWS):
+            out.append(("w4a16", dtype, w4a16_constants(rows, group, native)))
     return out
 
 
@@ -63,6 +72,7 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
     from triton.compiler import ASTSource
 
     from kubellm.kernels import paged_attention as kernels
+    from kubellm.kernels import w4a16
 
     name, dtype, constants = job
     kernel, types = {
@@ -80,6 +90,9 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
         "decode_merge": (kernels._decode_merge_kernel, {
             **_pointers(dtype, "out"), **_pointers("fp32", "part_acc part_m part_l"),
             **_ints("stride_ot stride_oh")}),
+        "w4a16": (w4a16._w4a16_kernel, {
+            "x": f"*{dtype}", "codes": "*u8", **_pointers("fp32", "scales offsets partial"),
+            **_ints("M N K SPLIT_K stride_xm stride_cn stride_sn")}),
     }[name]  # fmt: skip
     signature = {arg: "constexpr" if arg in constants else types[arg] for arg in kernel.arg_names}
     compiled = triton.compile(

@@ -9,7 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.kernels.compile_for_gpu import RANK_KV_HEADS, SHAPES, jobs
+from tests.kernels.compile_for_gpu import (
+    RANK_KV_HEADS,
+    SHAPES,
+    W4A16_GROUPS,
+    W4A16_ROWS,
+    jobs,
+)
 
 HOPPER_SHARED_PER_BLOCK = 227 * 1024
 
@@ -22,7 +28,8 @@ def test_every_launch_configuration_compiles_for_hopper():
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert len(results) == len(jobs()) == 3 * (len(RANK_KV_HEADS) + 4 * len(SHAPES))
+    w4a16 = len(W4A16_GROUPS) * len(W4A16_ROWS)
+    assert len(results) == len(jobs()) == 3 * (len(RANK_KV_HEADS) + 4 * len(SHAPES) + w4a16)
     for result in results:
         assert result["cubin_bytes"] > 0, result
         assert result["shared_bytes"] <= HOPPER_SHARED_PER_BLOCK, result

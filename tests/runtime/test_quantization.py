@@ -218,7 +218,7 @@ def test_the_bf16_kernels_multiply_by_the_same_weight_at_every_batch_size():
     from kubellm.runtime.model.quantized import INT4PACK_MAX_ROWS
 
     layer, weight = _layer()
-    layer.prepare(torch.bfloat16, torch.float32)
+    layer.prepare(True, torch.float32)
     assert layer.int4pack is not None and layer.codes.numel() == 0  # one copy of the codes
     x = torch.randn(INT4PACK_MAX_ROWS + 1, 128).bfloat16()
     small = layer(x[:INT4PACK_MAX_ROWS]).float()  # the int4 kernel
@@ -230,7 +230,7 @@ def test_the_bf16_kernels_multiply_by_the_same_weight_at_every_batch_size():
 
 def test_fp32_products_are_the_definitions_weight_exactly():
     layer, weight = _layer()
-    layer.prepare(torch.float32, torch.float32)
+    layer.prepare(False, torch.float32)
     x = torch.randn(5, 128)
     assert layer.int4pack is None
     assert torch.equal(layer(x), torch.nn.functional.linear(x, weight))
@@ -325,3 +325,18 @@ def test_missing_tensors_and_wrong_methods_are_refused(checkpoints, tmp_path):
     save_file(state, str(file))
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj has .* but no qzeros"):
         LLM(model=str(copy), quantization="awq")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
+    """The Triton W4A16 path: fp32 gives the dense fp32 tokens; bf16 mostly does."""
+    directory, dense_dir, method = checkpoints["gptq-asym"]
+    prompts = [[(7 * i + j) % 3000 + 100 for j in range(9 + 5 * i)] for i in range(4)]
+    with LLM(model=str(dense_dir), device="cpu", kv_cache_memory_gib=0.1) as dense:
+        expected = [o.outputs[0].token_ids for o in dense.generate(prompts, GREEDY)]
+    with LLM(model=str(directory), quantization=method, device="cuda", dtype=dtype,
+             gpu_memory_utilization=0.3) as packed:  # fmt: skip
+        got = [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY)]
+    same = sum(a == b for x, y in zip(got, expected) for a, b in zip(x, y))
+    assert same == 4 * 32 if dtype == "float32" else same >= 0.9 * 4 * 32

@@ -61,3 +61,16 @@ def test_auto_tool_choice_needs_both_flags_as_vllm():
         ValueError, match="needs --tool-call-parser NAME: one of hermes, llama3_json"
     ):
         auto_tool_parser(parse_args(["--enable-auto-tool-choice"], {}))
+
+
+def test_int4_kernel_unless_fp32_is_asked_for_by_name(monkeypatch):
+    from kubellm.runtime.placement import uses_int4_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("KUBELLM_DTYPE")
+    assert uses_int4_kernel("auto", torch.float32, cpu)  # auto chose fp32: kernel, fast
+    assert uses_int4_kernel("bfloat16", torch.bfloat16, cpu)
+    assert not uses_int4_kernel("float32", torch.float32, cpu)  # exact, as asked
+    assert not uses_int4_kernel("auto", torch.bfloat16, cuda)
+    monkeypatch.setenv("KUBELLM_DTYPE", "float32")
+    assert not uses_int4_kernel("auto", torch.float32, cpu)  # the suite's pin is a name
