@@ -67,20 +67,20 @@ def act_order_gptq(tokenizer, directory: Path, v2: bool = False) -> Path:
     return directory
 
 
-def quantize_gptq(module: str, weight: torch.Tensor, order: torch.Tensor, v2: bool
-                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+def quantize_gptq(module: str, weight: torch.Tensor, order: torch.Tensor, v2: bool,
+                  group_size: int = GROUP) -> dict[str, torch.Tensor]:  # fmt: skip
     """qweight [K/8, N] (row 8r + j at bits 4j), qzeros [G, N/8] (z, or z - 1 for v1),
-    fp16 scales [G, N], g_idx [K]: input order[i] is in group i // GROUP."""
+    fp16 scales [G, N], g_idx [K]: input order[i] is in group i // group_size."""
     out_features, in_features = weight.shape
     g_idx = torch.empty(in_features, dtype=torch.int32)
-    g_idx[order] = (torch.arange(in_features) // GROUP).to(torch.int32)
-    groups = in_features // GROUP
+    g_idx[order] = (torch.arange(in_features) // group_size).to(torch.int32)
+    groups = in_features // group_size
     scales = torch.empty(groups, out_features)
     zeros = torch.empty(groups, out_features, dtype=torch.int32)
     codes = torch.empty(in_features, out_features, dtype=torch.int32)
     for group in range(groups):
         members = (g_idx == group).nonzero().flatten()
-        block = weight.T[members]  # [GROUP, N]
+        block = weight.T[members]  # [group_size, N]
         low, high = block.min(0).values.clamp(max=0), block.max(0).values.clamp(min=0)
         scale = ((high - low) / 15).clamp(min=1e-6).half().float()
         zero = (-low / scale).round().clamp(0, 15).to(torch.int32)

@@ -148,6 +148,24 @@ def test_gptq_and_awq_unpacking_equals_the_definition(checkpoints, name):
         assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(expected))), module
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("v2", [False, True])
+def test_gptq_group_sizes_and_formats_equal_the_definition(group_size, v2):
+    """Groups of 32, 64 and 128 inputs and one group per row (-1), in input order."""
+    from tests.runtime.quantized_checkpoints import quantize_gptq
+
+    weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+    group = 256 if group_size == -1 else group_size
+    parts = quantize_gptq("m", weight, torch.arange(256), v2, group)
+    parts = {name.removeprefix("m."): tensor for name, tensor in parts.items()}
+    q = HFQuantization("gptq", group_size, zeros_minus_one=not v2)
+    ours = from_gptq(parts, q)
+    assert ours.perm is None and ours.group_size == group  # in order: no permutation
+    expected = gptq_definition({k: t.numpy() for k, t in parts.items()}, not v2)
+    assert torch.equal(ours.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))
+    assert (ours.dequantize() - weight).norm() / weight.norm() < 0.15
+
+
 @pytest.mark.slow
 def test_auto_rounds_checkpoints_are_close_to_the_weights_they_quantized(checkpoints, smollm2):
     """The semantics, not just the bit layout: dequantized ~ the random model's weights."""
