@@ -53,8 +53,7 @@ def uses_int4_kernel(asked: str, dtype: torch.dtype, device: torch.device) -> bo
     for by name (or by $KUBELLM_DTYPE) keeps every product exact."""
     if device.type != "cpu":
         return False
-    named = asked != "auto" or os.environ.get("KUBELLM_DTYPE", "auto") != "auto"
-    return dtype == torch.bfloat16 or not named
+    return dtype == torch.bfloat16 or _asked_dtype(asked) == "auto"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,8 +77,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX; else float32
     (quantized layers then still multiply through torch's int4 kernel, see
     `uses_int4_kernel`). The choice and its reason are logged."""
-    if name == "auto":
-        name = os.environ.get("KUBELLM_DTYPE", "auto")
+    name = _asked_dtype(name)
     if name != "auto":
         return getattr(torch, name)  # one of DTYPES: EngineConfig checked it
     if device.type == "cuda":
@@ -96,6 +94,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     chosen = torch.bfloat16 if fast else torch.float32
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen
+
+
+def _asked_dtype(name: str) -> str:
+    """The dtype asked for: `name`, or for auto $KUBELLM_DTYPE when set."""
+    return os.environ.get("KUBELLM_DTYPE", "auto") if name == "auto" else name
 
 
 def has_fast_bf16(device: torch.device) -> bool:

@@ -61,6 +61,11 @@ def _call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def _tool_call(call_id: str, call: ParsedCall) -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+
+
 def _finish_reason(reason: str | None, called: bool) -> str | None:
     """OpenAI's: a reply that ended by calling tools says so."""
     return "tool_calls" if called and reason == "stop" else reason
@@ -94,9 +99,7 @@ class ToolCallStream:
         if index == len(self.ids):
             self.ids.append(_call_id())
             self.arguments_sent.append(len(call.arguments))
-            function = {"name": call.name, "arguments": call.arguments}
-            return {"index": index, "id": self.ids[index], "type": "function",
-                    "function": function}  # fmt: skip
+            return {"index": index, **_tool_call(self.ids[index], call)}
         sent = self.arguments_sent[index]
         if len(call.arguments) <= sent:
             return None
@@ -186,10 +189,8 @@ def _whole_choice(index: int, choice: _Choice, shape: ResponseShape) -> dict:
         parsed = shape.tool_parser(choice.text, True) if shape.tool_parser else None
         message: dict = {"role": "assistant", "content": choice.text}
         if parsed and parsed.calls:
-            message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
-                {"id": _call_id(), "type": "function",
-                 "function": {"name": call.name, "arguments": call.arguments}}
-                for call in parsed.calls]}  # fmt: skip
+            calls = [_tool_call(_call_id(), call) for call in parsed.calls]
+            message = {"role": "assistant", "content": parsed.content or None, "tool_calls": calls}
         return {
             "index": index,
             "message": message,

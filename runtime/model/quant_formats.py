@@ -29,8 +29,7 @@ class HFQuantization:
     """A GPTQ or AWQ checkpoint's `quantization_config`, as far as kubellm reads it."""
 
     method: str
-    group_size: int  # -1: one group per input row
-    act_order: bool = False
+    group_size: int  # -1: one group per input row (act-order is read from g_idx itself)
     zeros_minus_one: bool = False  # GPTQ v1 stores z - 1
 
     @classmethod
@@ -51,11 +50,11 @@ class HFQuantization:
                                  f"(it reads the 'gemm' layout)")  # fmt: skip
             return cls("awq", group_size)
         v1 = config.get("checkpoint_format", "gptq") == "gptq"
-        return cls("gptq", group_size, bool(config.get("desc_act")), zeros_minus_one=v1)
+        return cls("gptq", group_size, zeros_minus_one=v1)
 
     def layout(self, in_features: int) -> QuantizedLayout:
         group = in_features if self.group_size == -1 else self.group_size
-        return QuantizedLayout(4, group, self.act_order)
+        return QuantizedLayout(4, group)
 
     def check_divides(self, sizes: dict[str, int], where: str) -> None:
         for name, size in sizes.items():

@@ -92,7 +92,6 @@ class QuantizedLayout:
 
     bits: int
     group_size: int
-    act_order: bool = False
 
 
 # our module name ("layers.0.self_attn.qkv_proj") -> its layout, None for a dense weight
@@ -153,8 +152,9 @@ class QuantizedWeight(nn.Module):
             self.perm = value.perm
 
     def stored(self) -> GroupQuantized:
+        """The weight as stored: its inputs in stored order (`perm` not applied)."""
         return GroupQuantized(self.codes, self.scales, self.offsets, self.layout.bits,
-                              self.layout.group_size, self.perm)  # fmt: skip
+                              self.layout.group_size)  # fmt: skip
 
     def prepare(self, int4_kernel: bool, dense_dtype: torch.dtype) -> None:
         """Once loaded: the dtype of the dense product (fp32 where the CPU has no fast
@@ -200,12 +200,10 @@ class QuantizedWeight(nn.Module):
     def _dense_in_stored_order(self) -> torch.Tensor:
         """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
         computes it (the same values, bit for bit), or from the int4 kernel's layout."""
+        if self.int4pack is None:
+            return self.stored().dequantize()
         rows, cols = self.shape
         group = self.layout.group_size
-        if self.int4pack is None:
-            groups = self.stored().unpacked_codes().view(rows, -1, group)
-            dense = groups.float() * self.scales[..., None]
-            return dense.add_(self.offsets[..., None]).view(rows, cols)
         packed, scales_and_zeros, block = self.int4pack
         groups = _int4pack_codes(packed, block).view(rows, -1, group).float().sub_(8)
         scales, zeros = scales_and_zeros.float().permute(2, 1, 0)  # each [N, G]
