@@ -36,6 +36,11 @@ class AttentionMetadata:
     contiguous_starts: list[int]
 
     @cached_property
+    def skips_slots(self) -> bool:
+        """Whether some new token writes its K/V nowhere (slot -1; asked once per step)."""
+        return bool((self.slot_mapping < 0).any())
+
+    @cached_property
     def request_blocks(self) -> list[torch.Tensor]:
         """Per request, the block ids that hold its context (computed once per step)."""
         return [

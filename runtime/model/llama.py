@@ -22,7 +22,7 @@ from kubellm.runtime.model.parallel import (
     VocabParallelEmbedding,
 )
 from kubellm.runtime.model.quantized import WeightLayouts, all_dense
-from kubellm.runtime.model.rope import RotaryEmbedding
+from kubellm.runtime.model.rope import RopeTables, RotaryEmbedding, rotate
 
 
 class RMSNorm(Replicated):
@@ -32,10 +32,9 @@ class RMSNorm(Replicated):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """As Hugging Face's: normalized in fp32, cast back, then scaled."""
+        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
@@ -52,8 +51,8 @@ def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel, layouts: WeightLayouts, prefix: str,
+        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
+        layouts: WeightLayouts, prefix: str,
     ) -> None:  # fmt: skip
         super().__init__()
         shards = qkv_shards(cfg, tp)
@@ -66,21 +65,20 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp,
                                         layouts(prefix + "o_proj"))  # fmt: skip
         self.scale = cfg.head_dim**-0.5
-        self.rope = rope
         self.backend = backend
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: RopeTables,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        qkv = self.qkv_proj(x)
+        heads, qk_size = self.num_heads + self.num_kv_heads, self.q_size + self.kv_size
+        qk = rotate(qkv[:, :qk_size].view(-1, heads, self.head_dim), rope)  # in one go
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -104,17 +102,17 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, rope: RotaryEmbedding, backend: AttentionBackend,
-        tp: TensorParallel, layouts: WeightLayouts, prefix: str,
+        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
+        layouts: WeightLayouts, prefix: str,
     ) -> None:  # fmt: skip
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rope, backend, tp, layouts, prefix + "self_attn.")
+        self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.")
 
-    def forward(self, x, positions, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x, rope: RopeTables, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -130,12 +128,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.tp = tp
         self.attention_backend = backend
-        self.rope = rope = RotaryEmbedding(
-            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
-        )
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rope, backend, tp, layouts, f"layers.{i}.")
+            DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.")
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -156,8 +152,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states of every new token: [num_tokens, hidden_size]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rope.tables(positions, x.dtype)  # once for every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

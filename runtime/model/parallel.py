@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellm.runtime.distributed import TensorParallel
+from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.lazy_tensor import LazyTensor
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
 
@@ -73,7 +74,7 @@ def _linear(x: torch.Tensor, weight: nn.Parameter | QuantizedWeight,
             bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     if isinstance(weight, QuantizedWeight):
         return weight(x, bias)
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -144,7 +145,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary rows, gathered to rank 0 (None elsewhere)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        return self.tp.gather_last_dim(linear(hidden, self.weight))
 
 
 class Replicated(nn.Module):

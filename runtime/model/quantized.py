@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kubellm.runtime.model.dense import linear
 
 INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
 
@@ -194,7 +195,7 @@ class QuantizedWeight(nn.Module):
             return y if bias is None else y + bias
         dtype = self.dense_dtype or x.dtype
         weight = self._dense_in_stored_order().to(dtype)
-        y = F.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+        y = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return y.to(x.dtype)
 
     def _dense_in_stored_order(self) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -37,8 +37,18 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
+class RopeTables(NamedTuple):
+    """cos and signed sin of a step's positions, [tokens, 1, head_dim] each."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin for every position; applied in the 'rotate half' layout of HF."""
+    """Precomputed cos/sin for every position, in the 'rotate half' layout of HF. `sin`
+    is stored signed (its first half negated), so that rotating is `x * cos + roll(x) *
+    sin`: the same products and sums as HF's `x * cos + rotate_half(x) * sin`, in fewer ops.
+    """
 
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None
@@ -56,16 +66,15 @@ class RotaryEmbedding(torch.nn.Module):
             return
         inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
         freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos.copy_(emb.cos())
-        self.sin.copy_(emb.sin())
+        self.cos.copy_(torch.cat([freqs, freqs], dim=-1).cos())
+        self.sin.copy_(torch.cat([-freqs.sin(), freqs.sin()], dim=-1))
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+        """The tables of these positions in `dtype` (HF casts them to the activations')."""
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        return RopeTables(cos.unsqueeze(1), sin.unsqueeze(1))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def rotate(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x [tokens, heads, head_dim] rotated by its tokens' positions."""
+    return x * rope.cos + x.roll(x.shape[-1] // 2, -1) * rope.sin
