@@ -1,10 +1,11 @@
 """The dense product `x @ weight.T + bias`, in the form each device's BLAS runs fastest.
 
-On CPU, torch hands `F.linear` to its GEMM with the weight as the transposed operand,
-which on our machines is up to 3.5x slower than the same product written as
+In fp32 on CPU, torch hands `F.linear` to its GEMM with the weight as the transposed
+operand, which on our machines is up to 3.5x slower than the same product written as
 `(weight @ x.T).T` (`python benchmarks/dense_linear.py`); and a single row goes to a
 matrix-vector product that runs on one thread, so a large weight (the output head)
-multiplies two rows instead. On CUDA `F.linear` is cuBLAS's own choice.
+multiplies two rows instead. bf16 and fp16 products gain nothing from either (and lose
+from two rows), and on CUDA `F.linear` is cuBLAS's own choice: those keep `F.linear`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ TWO_ROW_MIN_ELEMENTS = 1 << 22
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """[M, K] x [N, K] -> [M, N], contiguous."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
     if rows == 1 and weight.numel() >= TWO_ROW_MIN_ELEMENTS and torch.get_num_threads() > 1:
