@@ -1,9 +1,10 @@
 """The reference attention backend: plain torch over the paged cache.
 
-A decode-only step of several requests attends in one SDPA call over their contexts
-gathered and padded to the longest (per-request calls cost more in host overhead than
-the padding costs). Other steps attend one request at a time: a prefill reads only its
-own context, in place when its blocks are consecutive.
+A decode-only step of several requests of similar lengths attends in one SDPA call over
+their contexts gathered and padded to the longest: 1.3-1.5x faster than a call per
+request at 16 and 64 requests (the per-call host overhead outweighs the padding). Other
+steps attend one request at a time, reading only that request's context, in place when
+its blocks are consecutive.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class TorchAttentionBackend:
         # Whole blocks are rows of these 2-D views: index_select on rows copies ~1.6x
         # faster than advanced indexing on the 5-D cache.
         k_rows, v_rows = kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
-        if meta.max_query_len == 1 and len(meta.seq_lens_cpu) > 1:
+        if meta.max_query_len == 1 and batches_well(meta.seq_lens_cpu):
             return decode(query, k_rows, v_rows, meta, num_kv_heads, scale)
         q_heads = query.transpose(0, 1)  # [heads, tokens, dim]
         out = torch.empty_like(q_heads)
@@ -79,6 +80,13 @@ class TorchAttentionBackend:
             out[:, rows] = attend(q_heads[:, rows], k, v, scale)
             start += q_len
         return out.transpose(0, 1)
+
+
+def batches_well(seq_lens: list[int]) -> bool:
+    """Whether a decode step's requests attend in one padded call: several of them, and
+    padding to the longest at most doubles the context read (one long request among
+    short ones is cheaper one request at a time)."""
+    return len(seq_lens) > 1 and len(seq_lens) * max(seq_lens) <= 2 * sum(seq_lens)
 
 
 def decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
