@@ -17,6 +17,31 @@ import torch
 
 
 @dataclass
+class DecodeBatch:
+    """A step's decoding requests (one new token each) that attend in one call."""
+
+    requests: list[int]  # their indices in the step
+    token_rows: torch.Tensor  # [n] int64: their query rows
+    block_table: torch.Tensor  # [n, blocks of the longest] int64
+    seq_lens: torch.Tensor  # [n] int32
+
+
+def batched_decodes(query_lens: list[int], seq_lens: list[int]) -> list[int]:
+    """Which decoding requests (one new token each) attend in one padded call: the most
+    of them, shortest first, whose padding to the longest at most doubles the context
+    read (so one long request among short ones is left to a call of its own); none
+    unless at least two."""
+    decoding = sorted((seq_len, i) for i, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens))
+                      if q_len == 1)  # fmt: skip
+    total, count = 0, 0
+    for n, (seq_len, _) in enumerate(decoding, 1):
+        total += seq_len
+        if n * seq_len <= 2 * total:
+            count = n
+    return sorted(i for _, i in decoding[:count]) if count > 1 else []
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes; -1 skips
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32
@@ -39,6 +64,20 @@ class AttentionMetadata:
     def skips_slots(self) -> bool:
         """Whether some new token writes its K/V nowhere (slot -1; asked once per step)."""
         return bool((self.slot_mapping < 0).any())
+
+    @cached_property
+    def decode_batch(self) -> DecodeBatch | None:
+        """The requests a host-looping backend attends in one call (computed once per step)."""
+        requests = batched_decodes(self.query_lens_cpu, self.seq_lens_cpu)
+        if not requests:
+            return None
+        blocks = -(-max(self.seq_lens_cpu[i] for i in requests) // self.block_size)
+        if len(requests) == len(self.seq_lens_cpu):
+            return DecodeBatch(requests, self.query_start_loc[:-1].long(),
+                               self.block_tables[:, :blocks], self.seq_lens)  # fmt: skip
+        index = torch.tensor(requests, device=self.seq_lens.device)
+        return DecodeBatch(requests, self.query_start_loc[index].long(),
+                           self.block_tables[index, :blocks], self.seq_lens[index])  # fmt: skip
 
     @cached_property
     def request_blocks(self) -> list[torch.Tensor]:

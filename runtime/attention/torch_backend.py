@@ -1,9 +1,10 @@
 """The reference attention backend: plain torch over the paged cache.
 
-A decode-only step of several requests of similar lengths attends in one SDPA call over
-their contexts gathered and padded to the longest: 1.3-1.5x faster than a call per
-request at 16 and 64 requests (the per-call host overhead outweighs the padding). Other
-steps attend one request at a time, reading only that request's context, in place when
+The decoding requests of a step (one new token each), when there are several of similar
+lengths, attend in one SDPA call over their contexts gathered and padded to the longest:
+1.3-1.5x faster than a call per request at 16 and 64 requests (the per-call host
+overhead outweighs the padding). The others (prefills, and decodes that would pad too
+much) attend one request at a time, reading only that request's context, in place when
 its blocks are consecutive.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kubellm.runtime.attention.backend import AttentionMetadata
+from kubellm.runtime.attention.backend import AttentionMetadata, DecodeBatch
 
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -62,44 +63,45 @@ class TorchAttentionBackend:
         # Whole blocks are rows of these 2-D views: index_select on rows copies ~1.6x
         # faster than advanced indexing on the 5-D cache.
         k_rows, v_rows = kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
-        if meta.max_query_len == 1 and batches_well(meta.seq_lens_cpu):
-            return decode(query, k_rows, v_rows, meta, num_kv_heads, scale)
-        q_heads = query.transpose(0, 1)  # [heads, tokens, dim]
-        out = torch.empty_like(q_heads)
+        batch = meta.decode_batch
+        if batch is not None and len(batch.requests) == len(meta.seq_lens_cpu):
+            return decode(query, k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale)
+        out = torch.empty_like(query)
+        if batch is not None:
+            rows = batch.token_rows
+            out[rows] = decode(query[rows], k_rows, v_rows, batch, meta.block_size,
+                               num_kv_heads, scale)  # fmt: skip
+        batched = set(batch.requests if batch is not None else ())
+        q_heads, out_heads = query.transpose(0, 1), out.transpose(0, 1)  # [heads, tokens, dim]
         start = 0
-        for q_len, seq_len, blocks, first in zip(
-            meta.query_lens_cpu, meta.seq_lens_cpu, meta.request_blocks, meta.contiguous_starts
+        for i, (q_len, seq_len, first) in enumerate(
+            zip(meta.query_lens_cpu, meta.seq_lens_cpu, meta.contiguous_starts)
         ):
+            rows, start = slice(start, start + q_len), start + q_len
+            if i in batched:
+                continue
+            blocks = meta.request_blocks[i]
             if first >= 0:  # consecutive blocks: read the pool in place
                 k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
             else:
                 k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
             k = k.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
             v = v.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-            rows = slice(start, start + q_len)
-            out[:, rows] = attend(q_heads[:, rows], k, v, scale)
-            start += q_len
-        return out.transpose(0, 1)
-
-
-def batches_well(seq_lens: list[int]) -> bool:
-    """Whether a decode step's requests attend in one padded call: several of them, and
-    padding to the longest at most doubles the context read (one long request among
-    short ones is cheaper one request at a time)."""
-    return len(seq_lens) > 1 and len(seq_lens) * max(seq_lens) <= 2 * sum(seq_lens)
+            out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
+        return out
 
 
 def decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-           meta: AttentionMetadata, num_kv_heads: int, scale: float) -> torch.Tensor:  # fmt: skip
-    """A decode-only step of several requests in one call: their contexts gathered,
-    padded to the longest, and attended under a padding mask."""
-    num_requests, head_dim = len(meta.seq_lens_cpu), query.shape[-1]
-    max_blocks = -(-meta.max_seq_len // meta.block_size)
-    blocks = meta.block_tables[:, :max_blocks].reshape(-1)
-    shape = (num_requests, max_blocks * meta.block_size, num_kv_heads, head_dim)
+           batch: DecodeBatch, block_size: int, num_kv_heads: int, scale: float):  # fmt: skip
+    """The one-token queries [requests, heads, dim] of a `DecodeBatch` in one call: their
+    contexts gathered, padded to the longest, and attended under a padding mask."""
+    head_dim = query.shape[-1]
+    shape = (len(batch.requests), batch.block_table.shape[1] * block_size, num_kv_heads,
+             head_dim)  # fmt: skip
+    blocks = batch.block_table.reshape(-1)
     k = k_rows.index_select(0, blocks).view(shape).transpose(1, 2)
     v = v_rows.index_select(0, blocks).view(shape).transpose(1, 2)
-    visible = torch.arange(shape[1], device=query.device) < meta.seq_lens[:, None]
+    visible = torch.arange(shape[1], device=query.device) < batch.seq_lens[:, None]
     out = F.scaled_dot_product_attention(
         query[:, :, None], k, v, attn_mask=visible[:, None, None], scale=scale, enable_gqa=True
     )  # fmt: skip
