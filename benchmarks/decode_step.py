@@ -1,0 +1,77 @@
+"""What one decode step of the built-in model costs on CPU with kubellm's defaults: the
+model runner's whole step, its forward pass and its logits, at 1, 16 and 64 running
+requests, and how many aten ops one step calls (the host overhead that item 6 of issue
+13 is about).
+
+    python benchmarks/decode_step.py
+
+Each batch's requests get prompts of 16-256 tokens and are decoded 24 tokens first, so
+the step measured is a pure decode step over realistic contexts. Median milliseconds of
+20 runs of that same step (its K/V writes land on the same slots each time).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import subprocess
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kubellm.runtime import LLM, SamplingParams
+
+BATCHES = (1, 16, 64)
+
+
+def milliseconds(run, repeats: int = 20) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+def decode_plan(llm: LLM, batch: int, rng: random.Random):
+    """A decode step of `batch` requests 24 tokens into their replies."""
+    runner = llm.engine.runner
+    plans = []
+    execute = runner.execute
+    runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
+               for _ in range(batch)]  # fmt: skip
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=26, ignore_eos=True))
+    runner.execute = execute
+    return next(p for p in reversed(plans) if len(p.input_ids) == batch)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
+                       if line.startswith("Model name")), "?")  # fmt: skip
+    print(f"CPU: {model_name}; torch {torch.__version__}; 2 threads; milliseconds (median)\n")
+    llm = LLM()
+    runner = llm.engine.runner
+    rng = random.Random(0)
+    print("| requests | step | forward | logits | aten ops per step |")
+    print("|---|---|---|---|---|")
+    with torch.inference_mode():
+        for batch in BATCHES:
+            plan = decode_plan(llm, batch, rng)
+            ids, positions, meta = runner._inputs(plan)
+            hidden = runner.model(ids, positions, runner.kv_caches, meta)
+            step = milliseconds(lambda: runner.execute(plan))
+            forward = milliseconds(lambda: runner.model(ids, positions, runner.kv_caches, meta))
+            logits = milliseconds(lambda: runner.model.compute_logits(hidden))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runner.execute(plan)
+            ops = sum(event.count for event in prof.key_averages())
+            print(f"| {batch} | {step:.1f} | {forward:.1f} | {logits:.1f} | {ops:,} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
