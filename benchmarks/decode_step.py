@@ -61,16 +61,20 @@ def main() -> None:
     print("|---|---|---|---|---|")
     with torch.inference_mode():
         for batch in BATCHES:
-            plan = decode_plan(llm, batch, rng)
-            ids, positions, meta = runner._inputs(plan)
-            hidden = runner.model(ids, positions, runner.kv_caches, meta)
-            step = milliseconds(lambda: runner.execute(plan))
-            forward = milliseconds(lambda: runner.model(ids, positions, runner.kv_caches, meta))
-            logits = milliseconds(lambda: runner.model.compute_logits(hidden))
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                runner.execute(plan)
-            ops = sum(event.count for event in prof.key_averages())
+            step, forward, logits, ops = costs(runner, decode_plan(llm, batch, rng))
             print(f"| {batch} | {step:.1f} | {forward:.1f} | {logits:.1f} | {ops:,} |", flush=True)
+
+
+def costs(runner, plan) -> tuple[float, float, float, int]:
+    """Milliseconds of the step, its forward pass and its logits; aten ops per step."""
+    ids, positions, meta = runner._inputs(plan)
+    hidden = runner.model(ids, positions, runner.kv_caches, meta)
+    step = milliseconds(lambda: runner.execute(plan))
+    forward = milliseconds(lambda: runner.model(ids, positions, runner.kv_caches, meta))
+    logits = milliseconds(lambda: runner.model.compute_logits(hidden))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.execute(plan)
+    return step, forward, logits, sum(event.count for event in prof.key_averages())
 
 
 if __name__ == "__main__":

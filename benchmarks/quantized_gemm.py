@@ -4,7 +4,8 @@ MLP's down 1536 -> 576, and the output head's shape) and one of Llama-3.1-8B's.
 
     python benchmarks/quantized_gemm.py
 
-Columns: fp32 and bf16 dense (`F.linear`); `QuantizedWeight` with bf16 activations
+Columns: fp32 and bf16 dense (as kubellm's dense layers run them:
+`kubellm.runtime.model.dense.linear`); `QuantizedWeight` with bf16 activations
 through torch's int4 kernel (what runs up to INT4PACK_MAX_ROWS rows) and through its
 dense product (the weight rebuilt from the kernel's layout, then one fp32 or bf16
 product: what runs above). Median microseconds of 20 runs after 3 warm-ups.
@@ -17,8 +18,8 @@ import subprocess
 import time
 
 import torch
-import torch.nn.functional as F
 
+from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
 
 SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 14336)]  # (K in, N out)
@@ -72,11 +73,11 @@ def timings(layer: QuantizedWeight, dense: torch.Tensor, rows: int) -> list[floa
     packed, scales_and_zeros, _ = layer.int4pack
 
     def rebuilt(dtype: torch.dtype):
-        return lambda: F.linear(x.to(dtype), layer._dense_in_stored_order().to(dtype))
+        return lambda: linear(x.to(dtype), layer._dense_in_stored_order().to(dtype))
 
     return [
-        microseconds(lambda: F.linear(x, dense)),
-        microseconds(lambda: F.linear(xb, dense_bf16)),
+        microseconds(lambda: linear(x, dense)),
+        microseconds(lambda: linear(xb, dense_bf16)),
         microseconds(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
             xb, packed, 32, scales_and_zeros)),
         microseconds(rebuilt(torch.float32)),
