@@ -2,8 +2,9 @@
 
 The decoding requests of a step (one new token each), when there are several of similar
 lengths, attend in one SDPA call over their contexts gathered and padded to the longest:
-1.3-1.5x faster than a call per request at 16 and 64 requests (the per-call host
-overhead outweighs the padding). The others (prefills, and decodes that would pad too
+~1.5x faster than a call per request at 4 and 16 requests (the per-call host overhead
+outweighs the padding), the same at 64, where the K/V reads are the cost either way
+(`python benchmarks/cpu_attention.py`). The others (prefills, and decodes that would pad too
 much) attend one request at a time, reading only that request's context, in place when
 its blocks are consecutive.
 """
