@@ -12,12 +12,10 @@ Median microseconds of one layer's attention for a decode step, 2 threads.
 from __future__ import annotations
 
 import random
-import statistics
-import subprocess
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import cpu_model, median_seconds
 
 from kubellm.runtime.attention.backend import AttentionMetadata
 from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
@@ -26,14 +24,8 @@ HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 BATCHES = (4, 16, 64)
 
 
-def microseconds(run, repeats: int = 20) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+def microseconds(run) -> float:
+    return median_seconds(run) * 1e6
 
 
 def decode_step(batch: int, rng: random.Random):
@@ -103,9 +95,7 @@ def kv_dtype_timings(batch: int, rng: random.Random) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(2)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                  if line.startswith("Model name")), "?")  # fmt: skip
+    model = cpu_model()
     print(f"CPU: {model}; torch {torch.__version__}; 2 threads; microseconds (median)\n")
     rng = random.Random(0)
     print("| requests | one call (the backend) | a call per request |")

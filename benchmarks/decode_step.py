@@ -13,11 +13,9 @@ the step measured is a pure decode step over realistic contexts. Median millisec
 from __future__ import annotations
 
 import random
-import statistics
-import subprocess
-import time
 
 import torch
+from timing import cpu_model, median_seconds
 from torch.profiler import ProfilerActivity, profile
 
 from kubellm.runtime import LLM, SamplingParams
@@ -25,14 +23,8 @@ from kubellm.runtime import LLM, SamplingParams
 BATCHES = (1, 16, 64)
 
 
-def milliseconds(run, repeats: int = 20) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+def milliseconds(run) -> float:
+    return median_seconds(run) * 1e3
 
 
 def decode_plan(llm: LLM, batch: int, rng: random.Random):
@@ -50,9 +42,7 @@ def decode_plan(llm: LLM, batch: int, rng: random.Random):
 
 def main() -> None:
     torch.set_num_threads(2)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                       if line.startswith("Model name")), "?")  # fmt: skip
+    model_name = cpu_model()
     print(f"CPU: {model_name}; torch {torch.__version__}; 2 threads; milliseconds (median)\n")
     llm = LLM()
     runner = llm.engine.runner

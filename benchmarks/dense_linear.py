@@ -9,33 +9,21 @@ Median microseconds of 20 runs after 3 warm-ups, 2 threads.
 
 from __future__ import annotations
 
-import statistics
-import subprocess
-import time
-
 import torch
 import torch.nn.functional as F
+from timing import cpu_model, median_seconds
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # (N out, K in)
 BATCHES = [1, 2, 4, 16, 64, 256]
 
 
-def microseconds(run, repeats: int = 20) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+def microseconds(run) -> float:
+    return median_seconds(run, warmups=3) * 1e6
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                  if line.startswith("Model name")), "?")  # fmt: skip
+    model = cpu_model()
     print(f"CPU: {model}; torch {torch.__version__}; 2 threads; microseconds (median)\n")
     print("| dtype | N x K | M | F.linear | (w @ x.T).T | as two rows |")
     print("|---|---|---|---|---|---|")

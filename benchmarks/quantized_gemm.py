@@ -13,11 +13,8 @@ product: what runs above). Median microseconds of 20 runs after 3 warm-ups.
 
 from __future__ import annotations
 
-import statistics
-import subprocess
-import time
-
 import torch
+from timing import cpu_model, median_seconds
 
 from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
@@ -26,15 +23,8 @@ SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 14336)]  # (K in, N out
 BATCHES = [1, 4, 8, 16, 32, 64, 256]
 
 
-def microseconds(run, repeats: int = 20) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e6
+def microseconds(run) -> float:
+    return median_seconds(run, warmups=3) * 1e6
 
 
 def int4_layer(inputs: int, outputs: int) -> QuantizedWeight:
@@ -49,9 +39,7 @@ def int4_layer(inputs: int, outputs: int) -> QuantizedWeight:
 
 def main() -> None:
     torch.set_num_threads(2)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                  if line.startswith("Model name")), "?")  # fmt: skip
+    model = cpu_model()
     print(f"CPU: {model}; torch {torch.__version__}; 2 threads; microseconds (median)\n")
     print(
         "| K x N | M | fp32 dense | bf16 dense | int4 kernel | int4 -> fp32 dense "
