@@ -37,7 +37,7 @@ ARG TORCH_VERSION=2.5.1
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/kubellm PATH=/opt/kubellm/bin:$PATH \
-    HF_HOME=/cache/huggingface
+    HF_HOME=/cache/huggingface XDG_CACHE_HOME=/opt/kubellm/cache
 # Ubuntu 22.04's own Python (3.10); its packages are versioned by the pinned base image.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -53,6 +53,14 @@ RUN pip install --no-cache-dir "$(ls /wheels/kubellm-*.whl)[runtime]" \
     && rm -rf /wheels \
     && useradd --uid 1000 --create-home kubellm \
     && mkdir -p "$HF_HOME" && chown -R 1000:1000 /cache
+# kubellm's CPU kernel for quantized weights, built here once (the image keeps no
+# compiler); unused where the CPU lacks AVX2, and on GPUs.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && python3 -c "from kubellm.kernels.cpu_qgemm import build; print(build())" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
 USER 1000
 EXPOSE 8000
 ENTRYPOINT ["kubellm", "serve"]

@@ -63,3 +63,22 @@ def w4a16_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     groups = q.view(q.shape[0], -1, group_size)
     weight = (groups * scales[..., None] + offsets[..., None]).view(q.shape)
     return (x.float() @ weight.T).to(x.dtype)
+
+
+def cpu_qgemm_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                        offsets: torch.Tensor, bits: int, group: int) -> torch.Tensor:  # fmt: skip
+    """What cpu_qgemm computes: each row of x rounded to int8 per block of 32 inputs
+    (scale max|x| / 127, ties to even) times q * s, plus o times x's exact group sums;
+    in fp32. codes as for w4a16_reference (4-bit) or int8 [N, K]; fp16 scales, offsets."""
+    x = x.float()
+    if bits == 4:
+        q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1)
+    else:
+        q = codes
+    blocks = x.view(x.shape[0], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(step > 0, 1 / step, 0)  # as the kernel: times the reciprocal
+    rounded = (blocks * inverse).round() * step  # round: ties to even, as cvtps_epi32
+    groups = q.float().view(q.shape[0], -1, group) * scales.float()[..., None]
+    sums = x.view(x.shape[0], -1, group).sum(-1)
+    return rounded.view(x.shape) @ groups.view(q.shape).T + sums @ offsets.float().T

@@ -19,7 +19,12 @@ from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
 from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.llama import LlamaForCausalLM
-from kubellm.runtime.model.quantized import QuantizedWeight, WeightLayouts, all_dense
+from kubellm.runtime.model.quantized import (
+    QuantizedWeight,
+    WeightLayouts,
+    all_dense,
+    cpu_kernel,
+)
 from kubellm.runtime.model.source import ModelSource
 from kubellm.runtime.model.weights import load_weights
 from kubellm.runtime.placement import Placement
@@ -41,12 +46,14 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device = placement.device_of(tp.rank, tp.size)
         self.dtype = placement.dtype
+        kernel = self._quantized_kernel(placement, source)
+        layouts = source.layouts(packed_vocabulary=kernel == "qgemm")
         self.model = build_model(source.config, max_model_len, placement.attention_backend,
-                                 self.device, self.dtype, tp, source.layouts())  # fmt: skip
+                                 self.device, self.dtype, tp, layouts)  # fmt: skip
         load_weights(self.model, source.tensors())
         for module in self.model.modules():
             if isinstance(module, QuantizedWeight):
-                module.prepare(placement.int4_kernel, placement.dense_dtype)
+                module.prepare(kernel, placement.dense_dtype)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)
@@ -54,6 +61,14 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
+
+    def _quantized_kernel(self, placement: Placement, source: ModelSource) -> str | None:
+        """The CPU kernel quantized weights are stored for (`cpu_kernel`); None: none
+        (a GPU, no quantized weights, or the exact products asked for)."""
+        quantized = source.keep_packed and source.quantization is not None
+        if quantized and placement.quantized_kernels and self.device.type == "cpu":
+            return cpu_kernel()
+        return None
 
     def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
         """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""

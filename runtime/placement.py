@@ -24,7 +24,7 @@ class Placement:
     dtype: torch.dtype
     attention_backend: str
     dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
-    int4_kernel: bool = False  # quantized layers' small products by torch's CPU int4 kernel
+    quantized_kernels: bool = False  # quantized layers' small products by a CPU kernel
 
     def device_of(self, rank: int, world_size: int) -> torch.device:
         if world_size == 1 or self.device.type != "cuda":
@@ -44,13 +44,16 @@ def resolve_placement(config: EngineConfig) -> Placement:
     dtype = resolve_dtype(config.dtype, device)
     dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
     backend = resolve_attention_backend(config.attention_backend, device)
-    return Placement(device, dtype, backend, dense, uses_int4_kernel(config.dtype, dtype, device))
+    return Placement(
+        device, dtype, backend, dense, uses_quantized_kernels(config.dtype, dtype, device)
+    )
 
 
-def uses_int4_kernel(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """On CPU, torch's int4 kernel (inputs rounded to bf16) does quantized layers' small
-    products with bf16 activations, and with fp32 ones that `auto` chose; fp32 asked
-    for by name (or by $KUBELLM_DTYPE) keeps every product exact."""
+def uses_quantized_kernels(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """On CPU, a quantized kernel (its inputs rounded: `quantized.cpu_kernel`) does
+    quantized layers' small products with bf16 activations, and with fp32 ones that
+    `auto` chose; fp32 asked for by name (or by $KUBELLM_DTYPE) keeps every product
+    exact."""
     if device.type != "cpu":
         return False
     return dtype == torch.bfloat16 or _asked_dtype(asked) == "auto"
@@ -75,8 +78,8 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
     bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX; else float32
-    (quantized layers then still multiply through torch's int4 kernel, see
-    `uses_int4_kernel`). The choice and its reason are logged."""
+    (quantized layers then still multiply through a quantized CPU kernel, see
+    `uses_quantized_kernels`). The choice and its reason are logged."""
     name = _asked_dtype(name)
     if name != "auto":
         return getattr(torch, name)  # one of DTYPES: EngineConfig checked it

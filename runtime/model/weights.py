@@ -70,7 +70,7 @@ def hf_parts(module: str) -> list[str]:
     module (layers.0.self_attn.qkv_proj) is made of."""
     layer = _LAYER.match(module)
     if layer is None:
-        return [f"model.{module}"]
+        return [module if module == "lm_head" else f"model.{module}"]
     index, suffix = layer.groups()
     parts = [hf for hf, (ours, _) in _FUSED.items() if ours == suffix] or [suffix]
     return [f"model.layers.{index}.{part}" for part in parts]

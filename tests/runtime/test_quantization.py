@@ -22,7 +22,7 @@ from kubellm.runtime.model.quant_formats import (
     from_gguf_blocks,
     from_gptq,
 )
-from kubellm.runtime.model.quantized import QuantizedWeight
+from kubellm.runtime.model.quantized import QuantizedWeight, cpu_kernel
 from kubellm.runtime.model.source import builtin_gguf_path
 from tests.runtime.conftest import hf_greedy
 from tests.runtime.quantized_checkpoints import act_order_gptq, auto_round, dense_twin
@@ -231,13 +231,13 @@ def _layer(rows: int = 64, cols: int = 128, seed: int = 0):
     return layer, value.dequantize()
 
 
-def test_the_bf16_kernels_multiply_by_the_same_weight_at_every_batch_size():
+def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
     """torch's int4 kernel (decode-sized batches) and the dense product from its layout
     (larger ones) agree with each other and with the weight's definition."""
     from kubellm.runtime.model.quantized import INT4PACK_MAX_ROWS
 
     layer, weight = _layer()
-    layer.prepare(True, torch.float32)
+    layer.prepare("int4pack", torch.float32)
     assert layer.int4pack is not None and layer.codes.numel() == 0  # one copy of the codes
     x = torch.randn(INT4PACK_MAX_ROWS + 1, 128).bfloat16()
     small = layer(x[:INT4PACK_MAX_ROWS]).float()  # the int4 kernel
@@ -247,9 +247,32 @@ def test_the_bf16_kernels_multiply_by_the_same_weight_at_every_batch_size():
     assert torch.allclose(large, reference, rtol=0.02, atol=0.01)
 
 
+@pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(dtype):
+    """kubellm's CPU kernel (decode-sized batches) and the dense product rebuilt from the
+    same codes and fp16 scales (larger ones) agree with each other and the definition;
+    the codes are kept once, in the checkpoint's layout."""
+    from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS
+
+    layer, weight = _layer()
+    codes = layer.codes.clone()
+    layer.prepare("qgemm", torch.float32)
+    assert layer.half_scales is not None and layer.scales.numel() == 0
+    assert torch.equal(layer.codes, codes) and layer.int4pack is None
+    x = torch.randn(QGEMM_MAX_ROWS + 1, 128).to(dtype)
+    small = layer(x[:QGEMM_MAX_ROWS])  # the kernel
+    large = layer(x)  # the dense product
+    assert small.dtype == large.dtype == dtype
+    reference = x.float() @ weight.T
+    tolerance = dict(rtol=0.02, atol=0.02 * reference.abs().max().item())
+    torch.testing.assert_close(small.float(), large[:QGEMM_MAX_ROWS].float(), **tolerance)
+    torch.testing.assert_close(large.float(), reference, **tolerance)
+
+
 def test_fp32_products_are_the_definitions_weight_exactly():
     layer, weight = _layer()
-    layer.prepare(False, torch.float32)
+    layer.prepare(None, torch.float32)
     x = torch.randn(5, 128)
     assert layer.int4pack is None
     assert torch.equal(layer(x), linear(x, weight))  # the same product, on the same weight
@@ -263,7 +286,7 @@ def test_quantized_weights_take_a_quarter_of_bf16(checkpoints):
         total = 0
         for module in llm.engine.runner.model.modules():
             if isinstance(module, QuantizedWeight):
-                tensors = [*module.buffers(), *(module.int4pack or ())[:2]]
+                tensors = module.held_tensors()
                 total += sum(t.numel() * t.element_size() for t in tensors)
             elif type(module).__name__.endswith("ParallelLinear") and isinstance(
                 module.weight, torch.nn.Parameter
@@ -360,3 +383,34 @@ def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
         got = [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY)]
     same = sum(a == b for x, y in zip(got, expected) for a, b in zip(x, y))
     assert same == 4 * 32 if dtype == "float32" else same >= 0.9 * 4 * 32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
+def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2, monkeypatch):
+    """The defaults on a CPU without fast bf16: the layers and the tied Q8_0 embedding
+    stay packed for kubellm's kernel; the embedding's rows are the file's exactly, and the
+    logits pick the dense fp32 engine's token at most positions (int8 activations: 93% on
+    the agreement benchmark's 256 positions; a wrong code or scale order picks ~none)."""
+    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
+    monkeypatch.delenv("KUBELLM_QUANTIZATION")
+    texts = [smollm2.tokenizer.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    with LLM(max_num_batched_tokens=32, kv_cache_memory_gib=0.5) as fast:
+        model = fast.engine.runner.model
+        embedding = model.embed_tokens.weight
+        assert isinstance(embedding, QuantizedWeight) and embedding.layout.bits == 8
+        assert model.lm_head.weight is embedding and embedding.half_scales is not None
+        token_embd = next(t for t in GGUFReader(builtin_gguf_path()).tensors
+                          if t.name == "token_embd.weight")  # fmt: skip
+        rows = torch.tensor([0, 1, 500, 49151])
+        file_rows = dequantize(token_embd.data, token_embd.tensor_type)[rows.numpy()]
+        assert torch.equal(embedding.dense_rows(rows), torch.from_numpy(file_rows))
+        got = fast.generate(texts, params)
+    want = smollm2.generate(texts, params)
+    positions = agree = 0
+    for have, exact in zip(got, want):
+        for mine, oracle in zip(have.prompt_logprobs[1:], exact.prompt_logprobs[1:]):
+            positions += 1
+            agree += max(mine.top, key=mine.top.get) == max(oracle.top, key=oracle.top.get)
+    assert agree >= 0.8 * positions, (agree, positions)

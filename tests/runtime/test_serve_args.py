@@ -63,14 +63,14 @@ def test_auto_tool_choice_needs_both_flags_as_vllm():
         auto_tool_parser(parse_args(["--enable-auto-tool-choice"], {}))
 
 
-def test_int4_kernel_unless_fp32_is_asked_for_by_name(monkeypatch):
-    from kubellm.runtime.placement import uses_int4_kernel
+def test_quantized_kernels_unless_fp32_is_asked_for_by_name(monkeypatch):
+    from kubellm.runtime.placement import uses_quantized_kernels
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("KUBELLM_DTYPE")
-    assert uses_int4_kernel("auto", torch.float32, cpu)  # auto chose fp32: kernel, fast
-    assert uses_int4_kernel("bfloat16", torch.bfloat16, cpu)
-    assert not uses_int4_kernel("float32", torch.float32, cpu)  # exact, as asked
-    assert not uses_int4_kernel("auto", torch.bfloat16, cuda)
+    assert uses_quantized_kernels("auto", torch.float32, cpu)  # auto chose fp32: kernel, fast
+    assert uses_quantized_kernels("bfloat16", torch.bfloat16, cpu)
+    assert not uses_quantized_kernels("float32", torch.float32, cpu)  # exact, as asked
+    assert not uses_quantized_kernels("auto", torch.bfloat16, cuda)
     monkeypatch.setenv("KUBELLM_DTYPE", "float32")
-    assert not uses_int4_kernel("auto", torch.float32, cpu)  # the suite's pin is a name
+    assert not uses_quantized_kernels("auto", torch.float32, cpu)  # the suite's pin is a name

@@ -1,0 +1,223 @@
+/* Group-quantized weight times fp32 activations on x86 CPUs with AVX2, FMA and F16C.
+ *
+ * The weight is GroupQuantized's layout (runtime/model/quantized.py): W[n, k] =
+ * q[n, k] * s[n, g] + o[n, g] with g = k / group, 4-bit codes two to a byte (the even k
+ * in the low nibble) or signed 8-bit codes, and here fp16 scales and offsets. Each row of
+ * x is rounded to int8 per block of 32 inputs with its own scale (llama.cpp's Q8 form),
+ * so a block's products are integer dot products (maddubs); the offsets multiply the
+ * exact fp32 sums of x over each group. y = sum_b s * dx_b * (q . xq)_b + sum_g o_g * xs_g.
+ * The pure-torch reference is `cpu_qgemm_reference` in reference.py.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 32 /* inputs per activation scale */
+#define ROWS 4   /* activation rows multiplied per pass over a weight row */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* Where input j of block b goes for the 4-bit kernel. A 32-byte load of codes holds a
+ * pair of blocks: its low nibbles are both blocks' even inputs (bytes 0-15: the first
+ * block's), its high nibbles their odd ones; a last unpaired block is 16 bytes. */
+static inline int slot4(int64_t b, int j, int paired) {
+    if (!paired) return (j & 1) * 16 + j / 2;
+    return (j & 1) * BLOCK + (b & 1) * 16 + j / 2 - (b & 1) * BLOCK;
+}
+
+/* One row of x: int8 codes per block (in slot order), each block's scale four times
+ * (a pair of blocks' scales is then one 8-float load), and each group's sum. */
+static void quantize_row(const float *x, int64_t K, int64_t group, int bits, int8_t *xq,
+                         float *dx, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t blocks = K / BLOCK;
+    for (int64_t g = 0; g < K / group; g++) {
+        __m256 s = _mm256_setzero_ps();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 8)
+            s = _mm256_add_ps(s, _mm256_loadu_ps(x + k));
+        xs[g] = hsum(s);
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *v = x + b * BLOCK;
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < BLOCK; i += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+        float d = hmax(m) / 127.f;
+        __m256 inv = _mm256_set1_ps(d > 0 ? 1.f / d : 0.f);
+        int32_t q[BLOCK];
+        for (int i = 0; i < BLOCK; i += 8)
+            _mm256_storeu_si256((__m256i *)(q + i),
+                                _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), inv)));
+        _mm_storeu_ps(dx + 4 * b, _mm_set1_ps(d));
+        int8_t *out = xq + b * BLOCK;
+        int paired = (b | 1) < blocks;
+        for (int j = 0; j < BLOCK; j++)
+            out[bits == 8 ? j : slot4(b, j, paired)] = (int8_t)q[j];
+    }
+}
+
+/* The offsets' share of one output: sum over groups of o_g * xs_g. */
+static inline float offset_dot(const uint16_t *o, const float *xs, int64_t groups) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + g))),
+                              _mm256_loadu_ps(xs + g), acc);
+    float sum = hsum(acc);
+    for (; g < groups; g++) sum += _cvtsh_ss(o[g]) * xs[g];
+    return sum;
+}
+
+static inline __m256 to_float(__m256i pairs16) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)));
+}
+
+/* The weight scales of blocks b and b + 1, each four times. With groups of 32 they are
+ * adjacent: one 4-byte load; else `shift` = log2(group / 32), or -1 to divide. */
+static inline __m256 pair_scales(const uint16_t *s, int64_t b, int shift, int64_t per_group) {
+    if (shift == 0) {
+        const __m128i spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
+        int32_t both;
+        memcpy(&both, s + b, sizeof both);
+        return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(both), spread));
+    }
+    int64_t g0 = shift > 0 ? b >> shift : b / per_group;
+    int64_t g1 = shift > 0 ? (b + 1) >> shift : (b + 1) / per_group;
+    return _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(s[g1])), _mm_set1_ps(_cvtsh_ss(s[g0])));
+}
+
+/* Blocks b and b + 1 of `rows` rows of x times one 4-bit weight row, into acc[r]. */
+static inline __attribute__((always_inline)) void pair4(
+    const uint8_t *w, __m256 ws, const int8_t *xq, int64_t K, const float *dx,
+    int64_t blocks, int64_t b, const int rows, __m256 *acc) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 16));
+    __m256i lo = _mm256_and_si256(v, nibble);
+    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    for (int r = 0; r < rows; r++) {
+        const int8_t *a = xq + r * K + b * BLOCK;
+        __m256i p = _mm256_add_epi16( /* at most 2 * 2 * 15 * 127: no saturation */
+            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)a)),
+            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + BLOCK))));
+        __m256 dv = _mm256_loadu_ps(dx + 4 * (r * blocks + b));
+        acc[r] = _mm256_fmadd_ps(to_float(p), _mm256_mul_ps(ws, dv), acc[r]);
+    }
+}
+
+/* `rows` (a constant once inlined) rows of x times one 4-bit weight row: y[r * N]. */
+static inline __attribute__((always_inline)) void row4(
+    const uint8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
+    const int8_t *xq, const float *dx, const float *xs, const int rows, float *y, int64_t N) {
+    int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
+    int shift = __builtin_ctzll(per_group);
+    if (per_group != (int64_t)1 << shift) shift = -1;
+    __m256 even[ROWS], odd[ROWS]; /* two chains per row: the FMA's latency is no bound */
+    float last[ROWS] = {0};
+    for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= blocks; b += 4) {
+        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
+        pair4(w, pair_scales(s, b + 2, shift, per_group), xq, K, dx, blocks, b + 2, rows, odd);
+    }
+    if (b + 2 <= blocks) {
+        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
+        b += 2;
+    }
+    if (b < blocks) {
+        const __m128i n = _mm_set1_epi8(15);
+        __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), n), _mm_and_si128(v, n));
+        float sb = _cvtsh_ss(s[b / per_group]);
+        for (int r = 0; r < rows; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
+            last[r] = hsum(to_float(_mm256_maddubs_epi16(q, a))) * sb * dx[4 * (r * blocks + b)];
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        y[r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + last[r] +
+                   offset_dot(o, xs + r * groups, groups);
+}
+
+/* `rows` rows of x times one signed 8-bit weight row (maddubs wants one unsigned side:
+ * |w| times x carrying w's sign). */
+static inline __attribute__((always_inline)) void row8(
+    const int8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
+    const int8_t *xq, const float *dx, const float *xs, const int rows, float *y, int64_t N) {
+    int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
+    __m256 even[ROWS], odd[ROWS];
+    for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    for (int64_t b = 0, g = 0, in_group = 0; b < blocks; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+        __m256i magnitude = _mm256_sign_epi8(v, v);
+        float sb = _cvtsh_ss(s[g]);
+        if (++in_group == per_group) g++, in_group = 0;
+        for (int r = 0; r < rows; r++) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
+            __m256 p = to_float(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)));
+            __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sb), _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
+            if (b & 1)
+                odd[r] = _mm256_fmadd_ps(p, scale, odd[r]);
+            else
+                even[r] = _mm256_fmadd_ps(p, scale, even[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        y[r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + offset_dot(o, xs + r * groups, groups);
+}
+
+#define ROW(kernel, weight, r)                                                          \
+    kernel(weight, s, o, K, group, xq + m * K, dx + 4 * m * blocks, xs + m * groups, r,  \
+           y + m * N + n, N)
+#define ROWS_OF(kernel, weight)                                                         \
+    switch (M - m < ROWS ? M - m : ROWS) {                                              \
+    case 1: ROW(kernel, weight, 1); break;                                              \
+    case 2: ROW(kernel, weight, 2); break;                                              \
+    case 3: ROW(kernel, weight, 3); break;                                              \
+    default: ROW(kernel, weight, 4);                                                    \
+    }
+
+/* y [M, N] = x [M, K] W^T. K and group are multiples of 32, group divides K. Returns 0,
+ * or -1 when the scratch space could not be allocated. */
+int kubellm_qgemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits,
+                  const uint16_t *scales, const uint16_t *offsets, int64_t N, int64_t group,
+                  float *y, int threads) {
+    int64_t blocks = K / BLOCK, groups = K / group, row_bytes = K * bits / 8;
+    int8_t *xq = malloc(M * K);
+    float *dx = malloc(sizeof(float) * 4 * M * blocks), *xs = malloc(sizeof(float) * M * groups);
+    if (!xq || !dx || !xs) {
+        free(xq), free(dx), free(xs);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row(x + m * K, K, group, bits, xq + m * K, dx + 4 * m * blocks,
+                         xs + m * groups);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint16_t *s = scales + n * groups, *o = offsets + n * groups;
+            const uint8_t *w = codes + n * row_bytes;
+            for (int64_t m = 0; m < M; m += ROWS) {
+                if (bits == 4) {
+                    ROWS_OF(row4, w)
+                } else {
+                    ROWS_OF(row8, (const int8_t *)w)
+                }
+            }
+        }
+    }
+    free(xq), free(dx), free(xs);
+    return 0;
+}

@@ -1,0 +1,70 @@
+"""kubellm's CPU kernel for quantized weights against its pure-torch reference (the same
+rounding of x to int8 per 32 inputs, in fp32) and against the weight's definition
+(`GroupQuantized.dequantize` times the exact x): 4-bit and 8-bit codes, groups of 32, 64,
+128 and one group per row, an unpaired last block (K / 32 odd), 1-9 rows (the kernel
+takes rows four at a time), ragged N."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.kernels import cpu_qgemm
+from kubellm.kernels.reference import cpu_qgemm_reference
+from kubellm.runtime.model.quantized import GroupQuantized, cpu_kernel
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler"
+)
+
+
+def _weight(rows: int, cols: int, bits: int, group: int, seed: int) -> GroupQuantized:
+    generator = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        codes = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
+    else:
+        codes = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(rows, cols // group, generator=generator) * 0.02 + 0.001).half()
+    offsets = (torch.randn(rows, cols // group, generator=generator) * 0.05).half()
+    return GroupQuantized(codes, scales.float(), offsets.float(), bits, group)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    ("rows", "cols", "inputs", "group"),
+    [(1, 64, 128, 32), (2, 37, 96, 32), (5, 80, 256, 64), (9, 48, 384, 128), (4, 16, 160, 160),
+     (3, 40, 160, 32)],
+)  # fmt: skip
+def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, inputs, group):
+    weight = _weight(cols, inputs, bits, group, seed=rows + inputs)
+    x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
+    halves = weight.scales.half(), weight.offsets.half()
+    got = cpu_qgemm.cpu_qgemm(x, weight.codes, *halves, bits, group)
+    reference = cpu_qgemm_reference(x, weight.codes, *halves, bits, group)
+    exact = x @ weight.dequantize().T
+    assert got.shape == (rows, cols) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-4 * exact.abs().max().item())
+    error = (got - exact).norm() / exact.norm()
+    assert error < 0.02, error  # int8 activations: about 0.5% here
+
+
+def test_rounding_x_is_per_block_of_32():
+    """One huge input in the first block does not flatten the second block's values."""
+    weight = _weight(8, 64, 8, 32, seed=1)
+    small = torch.randn(1, 32, generator=torch.Generator().manual_seed(2)) * 1e-3
+    x = torch.cat([torch.full((1, 32), 10.0), small], dim=1)
+    halves = weight.scales.half(), weight.offsets.half()
+    got = cpu_qgemm.cpu_qgemm(x, weight.codes, *halves, 8, 32)
+    second = x[:, 32:] @ weight.dequantize()[:, 32:].T
+    first = x[:, :32] @ weight.dequantize()[:, :32].T
+    # one scale for the whole row (10 / 127) would round the second block to zeros
+    assert ((got - first) - second).norm() < 0.05 * second.norm()
+
+
+def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    built = cpu_qgemm.build()
+    assert built.parent == tmp_path / "kubellm" and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert cpu_qgemm.build() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left
