@@ -122,13 +122,14 @@ static inline __attribute__((always_inline)) void row4(
     int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
     int shift = __builtin_ctzll(per_group);
     if (per_group != (int64_t)1 << shift) shift = -1;
-    __m256 even[ROWS], odd[ROWS]; /* two chains per row: the FMA's latency is no bound */
+    __m256 even[ROWS], odd[ROWS]; /* one row: two chains, the FMA's latency is no bound */
     float last[ROWS] = {0};
     for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm256_setzero_ps();
     int64_t b = 0;
+    __m256 *second = rows == 1 ? odd : even; /* more rows: their chains are independent */
     for (; b + 4 <= blocks; b += 4) {
         pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
-        pair4(w, pair_scales(s, b + 2, shift, per_group), xq, K, dx, blocks, b + 2, rows, odd);
+        pair4(w, pair_scales(s, b + 2, shift, per_group), xq, K, dx, blocks, b + 2, rows, second);
     }
     if (b + 2 <= blocks) {
         pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
@@ -166,7 +167,7 @@ static inline __attribute__((always_inline)) void row8(
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
             __m256 p = to_float(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)));
             __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sb), _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
-            if (b & 1)
+            if ((b & 1) && rows == 1) /* more rows: their chains are independent */
                 odd[r] = _mm256_fmadd_ps(p, scale, odd[r]);
             else
                 even[r] = _mm256_fmadd_ps(p, scale, even[r]);
