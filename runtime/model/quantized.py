@@ -37,7 +37,7 @@ from kubellm.runtime.placement import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-QGEMM_MAX_ROWS = 256  # at most this many rows per product through kubellm's CPU kernel
+QGEMM_MAX_ROWS = 128  # at most this many rows per product through kubellm's CPU kernel
 INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
 
 
