@@ -66,7 +66,7 @@ class ModelRunner:
         """The CPU kernel quantized weights are stored for (`cpu_kernel`); None: none
         (a GPU, no quantized weights, or the exact products asked for)."""
         quantized = source.keep_packed and source.quantization is not None
-        if quantized and placement.quantized_kernels and self.device.type == "cpu":
+        if quantized and placement.quantized_kernels:  # only ever on CPU
             return cpu_kernel()
         return None
 

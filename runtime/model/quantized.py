@@ -187,9 +187,14 @@ class QuantizedWeight(nn.Module):
                                  "permutations; this checkpoint cannot be fused")  # fmt: skip
             self.perm = value.perm
 
-    def stored(self) -> GroupQuantized:
-        """The weight as stored: its inputs in stored order (`perm` not applied)."""
-        return GroupQuantized(self.codes, self.scales, self.offsets, self.layout.bits,
+    def stored(self, rows: torch.Tensor | None = None) -> GroupQuantized:
+        """The weight as stored, or some of its rows: its inputs in stored order (`perm`
+        not applied), fp32 scales also where qgemm's storage holds them in fp16."""
+        codes = self.codes
+        scales, offsets = self.half_scales or (self.scales, self.offsets)
+        if rows is not None:
+            codes, scales, offsets = (t.index_select(0, rows) for t in (codes, scales, offsets))
+        return GroupQuantized(codes, scales.float(), offsets.float(), self.layout.bits,
                               self.layout.group_size)  # fmt: skip
 
     def prepare(self, kernel: str | None, dense_dtype: torch.dtype) -> None:
@@ -253,21 +258,11 @@ class QuantizedWeight(nn.Module):
     def dense_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Some rows of the weight in fp32 (an embedding lookup): `dequantize`'s values
         for those rows. Not for an act-order weight (nor needed: embeddings have none)."""
-        if self.half_scales is not None:
-            scales, offsets = (t.index_select(0, rows).float() for t in self.half_scales)
-        else:
-            scales, offsets = self.scales.index_select(0, rows), self.offsets.index_select(0, rows)
-        picked = GroupQuantized(self.codes.index_select(0, rows), scales, offsets,
-                                self.layout.bits, self.layout.group_size)  # fmt: skip
-        return picked.dequantize()
+        return self.stored(rows).dequantize()
 
     def _dense_in_stored_order(self) -> torch.Tensor:
         """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
-        computes it (the same values, bit for bit), or from a CPU kernel's storage."""
-        if self.half_scales is not None:
-            scales, offsets = (t.float() for t in self.half_scales)
-            return GroupQuantized(self.codes, scales, offsets, self.layout.bits,
-                                  self.layout.group_size).dequantize()  # fmt: skip
+        computes it (the same values, bit for bit), or from torch's int4 kernel's layout."""
         if self.int4pack is None:
             return self.stored().dequantize()
         rows, cols = self.shape

@@ -83,9 +83,9 @@ class ModelSource:
         cfg = self.config
         if self.gguf:
             kinds = self.gguf.tensor_types().items()
-            wanted = (".layers.", *VOCABULARY_TENSORS) if vocabulary else (".layers.",)
-            packed = [(n, k) for n, k in kinds
-                      if k in GGUF_PACKED and any(w in n for w in wanted)]  # fmt: skip
+            vocabulary_tensors = VOCABULARY_TENSORS if vocabulary else ()
+            packed = [(n, k) for n, k in kinds if k in GGUF_PACKED
+                      and (".layers." in n or n in vocabulary_tensors)]  # fmt: skip
             return {name.removesuffix(".weight"): QuantizedLayout(GGUF_PACKED[kind][1], 32)
                     for name, kind in packed}  # fmt: skip
         q = self.hf_quantization
