@@ -53,12 +53,12 @@ RUN pip install --no-cache-dir "$(ls /wheels/kubellm-*.whl)[runtime]" \
     && rm -rf /wheels \
     && useradd --uid 1000 --create-home kubellm \
     && mkdir -p "$HF_HOME" && chown -R 1000:1000 /cache
-# kubellm's CPU kernel for quantized weights, built here once (the image keeps no
-# compiler); unused where the CPU lacks AVX2, and on GPUs.
+# kubellm's C kernels for CPUs (quantized products, a layer's small ops), built here
+# once (the image keeps no compiler); unused where the CPU lacks AVX2, and on GPUs.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python3 -c "from kubellm.kernels.cpu_qgemm import build; print(build())" \
+    && python3 -c "from kubellm.kernels.cpu_library import build; print(build())" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/*
 USER 1000

@@ -1,7 +1,9 @@
 """What one decode step of the built-in model costs on CPU with kubellm's defaults: the
 model runner's whole step, its forward pass and its logits, at 1, 16 and 64 running
 requests, and how many aten ops one step calls (the host overhead that item 6 of issue
-13 is about).
+13 is about); beside it the same engine with torch's layer ops and attention backend
+instead of kubellm's C kernels (`Placement.fused_cpu_ops` replaced for the
+measurement), measured alternately in the same run.
 
     python benchmarks/decode_step.py
 
@@ -18,7 +20,7 @@ import torch
 from timing import cpu_model, median_seconds
 from torch.profiler import ProfilerActivity, profile
 
-from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime import LLM, SamplingParams, placement
 
 BATCHES = (1, 16, 64)
 
@@ -40,19 +42,31 @@ def decode_plan(llm: LLM, batch: int, rng: random.Random):
     return next(p for p in reversed(plans) if len(p.input_ids) == batch)
 
 
+def engine(fused_cpu_ops: bool) -> LLM:
+    """kubellm's defaults; with fused_cpu_ops False, torch's layer ops and attention."""
+    chosen = placement.uses_fused_cpu_ops
+    if not fused_cpu_ops:
+        placement.uses_fused_cpu_ops = lambda dtype, device: False
+    try:
+        return LLM()
+    finally:
+        placement.uses_fused_cpu_ops = chosen
+
+
 def main() -> None:
     torch.set_num_threads(2)
     model_name = cpu_model()
     print(f"CPU: {model_name}; torch {torch.__version__}; 2 threads; milliseconds (median)\n")
-    llm = LLM()
-    runner = llm.engine.runner
-    rng = random.Random(0)
-    print("| requests | step | forward | logits | aten ops per step |")
-    print("|---|---|---|---|---|")
+    engines = {"torch's ops": engine(False), "kubellm's C ops": engine(True)}
+    print("| requests | ops | step | forward | logits | aten ops per step |")
+    print("|---|---|---|---|---|---|")
     with torch.inference_mode():
         for batch in BATCHES:
-            step, forward, logits, ops = costs(runner, decode_plan(llm, batch, rng))
-            print(f"| {batch} | {step:.1f} | {forward:.1f} | {logits:.1f} | {ops:,} |", flush=True)
+            for name, llm in engines.items():
+                plan = decode_plan(llm, batch, random.Random(batch))
+                step, forward, logits, ops = costs(llm.engine.runner, plan)
+                print(f"| {batch} | {name} | {step:.1f} | {forward:.1f} | {logits:.1f} | "
+                      f"{ops:,} |", flush=True)  # fmt: skip
 
 
 def costs(runner, plan) -> tuple[float, float, float, int]:

@@ -40,7 +40,7 @@ def isa_options(flags: set[str]) -> list[str]:
 
 
 def build(cache_dir: Path, version: str = VERSION) -> Path:
-    from kubellm.runtime.placement import cpu_flags
+    from kubellm.kernels.cpu_library import cpu_flags
 
     options = isa_options(cpu_flags())
     kind = "-".join(f for f in ISA_OPTIONS if f in cpu_flags()) or "generic"

@@ -94,7 +94,7 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATION_METHODS = ("gptq", "awq", "gguf")  # vLLM's names
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 DEVICES = ("cpu", "cuda")
 
 
@@ -138,7 +138,8 @@ class EngineConfig:
                                        ("none", *QUANTIZATION_METHODS))  # fmt: skip
     device: str = setting("auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)",
                           ("auto", *DEVICES))  # fmt: skip
-    attention_backend: str = setting("auto", "auto: triton on CUDA, torch elsewhere",
+    attention_backend: str = setting("auto", "auto: triton on CUDA, cpu (kubellm's C "
+                                     "kernels) for float32 on CPUs with AVX2, else torch",
                                      ("auto", *ATTENTION_BACKENDS))  # fmt: skip
     enforce_eager: bool = setting(False, "on CUDA, run decode steps eagerly instead of "
                                   "replaying CUDA graphs")  # fmt: skip

@@ -18,6 +18,7 @@ from kubellm.runtime.config import EngineConfig, ModelConfig
 from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
 from kubellm.runtime.memory_profile import activation_peak_bytes
+from kubellm.runtime.model.layer_ops import LayerOps, TorchOps, layer_ops
 from kubellm.runtime.model.llama import LlamaForCausalLM
 from kubellm.runtime.model.quantized import (
     QuantizedWeight,
@@ -49,7 +50,8 @@ class ModelRunner:
         kernel = self._quantized_kernel(placement, source)
         layouts = source.layouts(packed_vocabulary=kernel == "qgemm")
         self.model = build_model(source.config, max_model_len, placement.attention_backend,
-                                 self.device, self.dtype, tp, layouts)  # fmt: skip
+                                 self.device, self.dtype, tp, layouts,
+                                 layer_ops(placement.fused_cpu_ops))  # fmt: skip
         load_weights(self.model, source.tensors())
         for module in self.model.modules():
             if isinstance(module, QuantizedWeight):
@@ -166,11 +168,12 @@ class ModelRunner:
 
 def build_model(cfg: ModelConfig, max_positions: int, attention_backend: str,
                 device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE_RANK,
-                layouts: WeightLayouts = all_dense) -> LlamaForCausalLM:  # fmt: skip
+                layouts: WeightLayouts = all_dense,
+                ops: LayerOps = TorchOps) -> LlamaForCausalLM:  # fmt: skip
     """This rank's shard of the model with uninitialized weights (the loader fills them)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend), tp,
-                                 layouts)  # fmt: skip
+                                 layouts, ops)  # fmt: skip
     model = model.to_empty(device=device).to(dtype).eval()
     model.tie_weights()
     model.rope.to(torch.float32).reset()

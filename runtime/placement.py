@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from kubellm.kernels import cpu_library
+from kubellm.kernels.cpu_library import cpu_flags
 from kubellm.runtime.config import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class Placement:
     attention_backend: str
     dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
     quantized_kernels: bool = False  # quantized layers' small products by a CPU kernel
+    fused_cpu_ops: bool = False  # a layer's norms, rope and SiLU by kubellm's C kernels
 
     def device_of(self, rank: int, world_size: int) -> torch.device:
         if world_size == 1 or self.device.type != "cuda":
@@ -43,10 +45,21 @@ def resolve_placement(config: EngineConfig) -> Placement:
         )
     dtype = resolve_dtype(config.dtype, device)
     dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
-    backend = resolve_attention_backend(config.attention_backend, device)
-    return Placement(
-        device, dtype, backend, dense, uses_quantized_kernels(config.dtype, dtype, device)
-    )
+    fused = uses_fused_cpu_ops(dtype, device)
+    backend = resolve_attention_backend(config.attention_backend, device, fused)
+    quantized = uses_quantized_kernels(config.dtype, dtype, device)
+    return Placement(device, dtype, backend, dense, quantized, fused)
+
+
+def uses_fused_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
+    """fp32 on CPU: a layer's small ops by kubellm's C kernels (`layer_ops`), where
+    its library can be used (else torch's, with the reason logged)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    reason = cpu_library.unavailable()
+    if reason is not None:
+        logger.warning("a layer's small ops: torch's, not kubellm's C kernels: %s", reason)
+    return reason is None
 
 
 def uses_quantized_kernels(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
@@ -69,10 +82,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def resolve_attention_backend(name: str, device: torch.device, fused_cpu_ops: bool) -> str:
+    if name == "cpu" and not fused_cpu_ops:
+        raise ValueError(
+            "attention_backend cpu runs float32 on a CPU where kubellm's C kernels can be "
+            "used (AVX2, FMA, F16C and a C compiler, see the log): choose auto or torch"
+        )
     if name != "auto":
         return name
-    return "triton" if device.type == "cuda" else "torch"
+    if device.type == "cuda":
+        return "triton"
+    return "cpu" if fused_cpu_ops else "torch"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -109,14 +129,3 @@ def has_fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(cpu_flags() & BF16_CPU_FLAGS)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux: /proc/cpuinfo); empty where they cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()

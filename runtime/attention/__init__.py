@@ -13,9 +13,14 @@ __all__ = [
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """ "torch" (the reference, any device) or "triton" (kernels; CUDA, or the interpreter)."""
+    """ "torch" (the reference, any device), "triton" (kernels; CUDA, or the interpreter)
+    or "cpu" (kubellm's C kernels: fp32 on CPU)."""
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     if name == "triton":
         from kubellm.runtime.attention.triton_backend import TritonAttentionBackend
 

@@ -26,6 +26,17 @@ class DecodeBatch:
     seq_lens: torch.Tensor  # [n] int32
 
 
+@dataclass
+class OneTokenRequests:
+    """A step's requests with one new token (decoding), for a backend that attends them
+    all in one call over the paged cache."""
+
+    requests: list[int]  # their indices in the step
+    rows: torch.Tensor  # [n] int64: their query rows
+    seq_lens: torch.Tensor  # [n] int64
+    block_tables: torch.Tensor  # [n, max_blocks] int64
+
+
 def batched_decodes(query_lens: list[int], seq_lens: list[int]) -> list[int]:
     """Which decoding requests (one new token each) attend in one padded call: the most
     of them, shortest first, whose padding to the longest at most doubles the context
@@ -64,6 +75,18 @@ class AttentionMetadata:
     def skips_slots(self) -> bool:
         """Whether some new token writes its K/V nowhere (slot -1; asked once per step)."""
         return bool((self.slot_mapping < 0).any())
+
+    @cached_property
+    def one_token_requests(self) -> OneTokenRequests | None:
+        """Every request of the step with one new token (None: none; computed once)."""
+        requests = [i for i, q_len in enumerate(self.query_lens_cpu) if q_len == 1]
+        if not requests:
+            return None
+        starts, seq_lens = self.query_start_loc[:-1].long(), self.seq_lens.long()
+        if len(requests) == len(self.query_lens_cpu):
+            return OneTokenRequests(requests, starts, seq_lens, self.block_tables)
+        index = torch.tensor(requests, device=self.seq_lens.device)
+        return OneTokenRequests(requests, starts[index], seq_lens[index], self.block_tables[index])
 
     @cached_property
     def decode_batch(self) -> DecodeBatch | None:

@@ -60,10 +60,8 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping, meta.skips_slots)
-        _, num_blocks, _, num_kv_heads, head_dim = kv_cache.shape
-        # Whole blocks are rows of these 2-D views: index_select on rows copies ~1.6x
-        # faster than advanced indexing on the 5-D cache.
-        k_rows, v_rows = kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
+        num_kv_heads = kv_cache.shape[3]
+        k_rows, v_rows = kv_rows(kv_cache)
         batch = meta.decode_batch
         if batch is not None and len(batch.requests) == len(meta.seq_lens_cpu):
             return decode(query, k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale)
@@ -72,24 +70,42 @@ class TorchAttentionBackend:
             rows = batch.token_rows
             out[rows] = decode(query[rows], k_rows, v_rows, batch, meta.block_size,
                                num_kv_heads, scale)  # fmt: skip
-        batched = set(batch.requests if batch is not None else ())
-        q_heads, out_heads = query.transpose(0, 1), out.transpose(0, 1)  # [heads, tokens, dim]
-        start = 0
-        for i, (q_len, seq_len, first) in enumerate(
-            zip(meta.query_lens_cpu, meta.seq_lens_cpu, meta.contiguous_starts)
-        ):
-            rows, start = slice(start, start + q_len), start + q_len
-            if i in batched:
-                continue
-            blocks = meta.request_blocks[i]
-            if first >= 0:  # consecutive blocks: read the pool in place
-                k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
-            else:
-                k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
-            k = k.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-            v = v.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-            out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
+        skip = batch.requests if batch is not None else []
+        attend_each(query, out, kv_cache, meta, scale, skip)
         return out
+
+
+def kv_rows(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V as [blocks, whole block] views: index_select on their rows copies ~1.6x
+    faster than advanced indexing on the 5-D cache."""
+    num_blocks = kv_cache.shape[1]
+    return kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
+
+
+def attend_each(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float, skip: list[int]) -> None:  # fmt: skip
+    """The step's requests, but those in `skip`, attended one call each into their
+    rows of out, each reading only its own context (in place when its blocks are
+    consecutive)."""
+    num_kv_heads, head_dim = kv_cache.shape[3:]
+    k_rows, v_rows = kv_rows(kv_cache)
+    skipped = set(skip)
+    q_heads, out_heads = query.transpose(0, 1), out.transpose(0, 1)  # [heads, tokens, dim]
+    start = 0
+    for i, (q_len, seq_len, first) in enumerate(
+        zip(meta.query_lens_cpu, meta.seq_lens_cpu, meta.contiguous_starts)
+    ):
+        rows, start = slice(start, start + q_len), start + q_len
+        if i in skipped:
+            continue
+        blocks = meta.request_blocks[i]
+        if first >= 0:  # consecutive blocks: read the pool in place
+            k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
+        else:
+            k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
+        k = k.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        v = v.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
 
 
 def decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,

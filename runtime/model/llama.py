@@ -7,12 +7,12 @@ goes through an `AttentionBackend`, which owns the paged KV cache's layout.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kubellm.runtime.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.config import ModelConfig
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.model.layer_ops import LayerOps, TorchOps
 from kubellm.runtime.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -22,19 +22,20 @@ from kubellm.runtime.model.parallel import (
     VocabParallelEmbedding,
 )
 from kubellm.runtime.model.quantized import WeightLayouts, all_dense
-from kubellm.runtime.model.rope import RopeTables, RotaryEmbedding, rotate
+from kubellm.runtime.model.rope import RopeTables, RotaryEmbedding
 
 
 class RMSNorm(Replicated):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, ops: LayerOps) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """As Hugging Face's: normalized in fp32, cast back, then scaled."""
-        normed = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The normed sum x + residual, and the sum (the next layer's residual)."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
@@ -52,9 +53,10 @@ def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
 class Attention(nn.Module):
     def __init__(
         self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
-        layouts: WeightLayouts, prefix: str,
+        layouts: WeightLayouts, prefix: str, ops: LayerOps,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.ops = ops
         shards = qkv_shards(cfg, tp)
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = shards[0].size, shards[1].size
@@ -76,7 +78,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         heads, qk_size = self.num_heads + self.num_kv_heads, self.q_size + self.kv_size
-        qk = rotate(qkv[:, :qk_size].view(-1, heads, self.head_dim), rope)  # in one go
+        qk = self.ops.rotate(qkv[:, :qk_size].view(-1, heads, self.head_dim), rope)  # in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, qk_size:].view(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv_cache, meta, self.scale)
@@ -85,10 +87,10 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layouts: WeightLayouts,
-                 prefix: str) -> None:  # fmt: skip
+                 prefix: str, ops: LayerOps) -> None:  # fmt: skip
         super().__init__()
+        self.ops = ops
         shard = Shard.even(cfg.intermediate_size, tp)
-        self.intermediate_size = shard.size
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [shard, shard], False, layouts(prefix + "gate_up_proj")
         )
@@ -96,24 +98,27 @@ class MLP(nn.Module):
                                            layouts(prefix + "down_proj"))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(
         self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
-        layouts: WeightLayouts, prefix: str,
+        layouts: WeightLayouts, prefix: str, ops: LayerOps,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.", ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.", ops)
 
-    def forward(self, x, rope: RopeTables, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope: RopeTables, kv_cache, meta):
+        """(this layer's MLP output, the residual stream before it): the next layer (or
+        the final norm) adds the two as its norm's first step, as vLLM's layers do."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -123,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(
         self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
         tp: TensorParallel = SINGLE_RANK, layouts: WeightLayouts = all_dense,
+        ops: LayerOps = TorchOps,
     ) -> None:  # fmt: skip
         super().__init__()
         self.config = cfg
@@ -132,9 +138,10 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp,
                                                    layouts("embed_tokens"))  # fmt: skip
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.") for i in range(cfg.num_layers)
+            DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.", ops)
+            for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, layouts(head))
         self.tie_weights()
@@ -154,9 +161,10 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states of every new token: [num_tokens, hidden_size]."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantized: fp32 rows
         rope = self.rope.tables(positions, x.dtype)  # once for every layer
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """fp32 logits [rows, vocab] on rank 0 (gathered from every rank); None elsewhere."""

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from kubellm.kernels import cpu_qgemm
+from kubellm.kernels import cpu_library, cpu_qgemm
 from kubellm.runtime.model.dense import linear
-from kubellm.runtime.placement import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +42,13 @@ INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int
 @functools.cache
 def cpu_kernel() -> str:
     """The CPU kernel for quantized layers' decode-sized products: "qgemm" (kubellm's,
-    where the CPU has AVX2, FMA and F16C and the library builds), else "int4pack"
-    (torch's). Decided once per process, and logged."""
-    missing = sorted(cpu_qgemm.CPU_FLAGS - cpu_flags())
-    if missing:
-        reason = f"the CPU lacks {', '.join(missing)}"
-    else:
-        try:
-            cpu_qgemm.library()
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            reason = f"its library could not be built ({str(detail).strip()[:300]})"
-        else:
-            logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, "
-                        "activations rounded to int8 per 32 inputs)")  # fmt: skip
-            return "qgemm"
+    where kubellm's CPU library can be used: `cpu_library.unavailable`), else
+    "int4pack" (torch's). Decided once per process, and logged."""
+    reason = cpu_library.unavailable()
+    if reason is None:
+        logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, "
+                    "activations rounded to int8 per 32 inputs)")  # fmt: skip
+        return "qgemm"
     logger.warning("quantized layers: torch's int4 kernel, not kubellm's CPU kernel: %s",
                    reason)  # fmt: skip
     return "int4pack"

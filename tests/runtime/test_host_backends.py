@@ -1,6 +1,7 @@
-"""The torch attention backend against attention written out per request, over a paged
-pool with scattered blocks: decodes batched into one call, decodes left out of it (one
-much longer context), prefill chunks after cached context, and whole prompts."""
+"""The host attention backends (torch's, and the CPU one on kubellm's C kernels) against
+attention written out per request, over a paged pool with scattered blocks: decodes
+batched into one call, decodes left out of it (one much longer context), prefill chunks
+after cached context, and whole prompts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import math
 import pytest
 import torch
 
+from kubellm.kernels import cpu_library
 from kubellm.runtime.attention.backend import AttentionMetadata, batched_decodes
+from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
 from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
@@ -79,10 +82,18 @@ STEPS = {
 }
 
 
+BACKENDS = [
+    TorchAttentionBackend,
+    pytest.param(CpuAttentionBackend, marks=pytest.mark.skipif(
+        cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(STEPS))
-def test_torch_backend_equals_attention_written_out(name):
+def test_host_backends_equal_attention_written_out(name, backend):
     (query, key, value, kv_cache, meta), expected = step(STEPS[name], seed=len(name))
-    out = TorchAttentionBackend().forward(query, key, value, kv_cache, meta, DIM**-0.5)
+    out = backend().forward(query, key, value, kv_cache, meta, DIM**-0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # The new K/V went where the slots say.
     torch.testing.assert_close(kv_cache[0].view(-1, KV_HEADS, DIM)[meta.slot_mapping], key)
@@ -104,3 +115,13 @@ def test_which_decodes_share_one_call():
     assert metadata("prompts only").decode_batch is None
     assert batched_decodes([1, 1, 1], [40, 4, 4]) == [1, 2]  # 3 x 40 > 2 x 48 tokens
     assert batched_decodes([1, 2, 1], [8, 9, 10]) == [0, 2]
+
+
+def test_which_requests_the_cpu_backend_attends_in_one_call():
+    """Every one-token request, however long its context; none in a prompts-only step."""
+    mixed = metadata("decodes and prefill chunks").one_token_requests
+    assert mixed.requests == [0, 2, 4] and mixed.rows.tolist() == [0, 6, 10]
+    assert mixed.seq_lens.tolist() == [13, 10, 16] and mixed.block_tables.shape[0] == 3
+    long = metadata("a long decode left out of the batch").one_token_requests
+    assert long.requests == [0, 1, 2, 3] and long.seq_lens.tolist() == [7, 9, 64, 8]
+    assert metadata("prompts only").one_token_requests is None

@@ -1,0 +1,73 @@
+"""kubellm's C kernels for x86 CPUs (`cpu_qgemm.c`, `cpu_ops.c`): one library, built with
+the machine's C compiler on first use and loaded with ctypes.
+
+They need AVX2, FMA and F16C (`CPU_FLAGS`), and a C compiler (`$CC`, else `cc`) with
+OpenMP where the library is not built yet: it is cached under `$XDG_CACHE_HOME/kubellm`
+(else `~/.cache/kubellm`), one file per source and flags, so a change to either builds
+anew (the runtime image builds it when it is made, and keeps no compiler). It links
+against libgomp by name, which is the copy torch has already loaded: both share one
+OpenMP thread pool. `unavailable()` says why it cannot be used here, if it cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qgemm.c", "cpu_ops.c"))
+CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
+COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp",
+                 "-shared", "-fPIC")  # fmt: skip
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubellm"
+
+
+def build() -> Path:
+    """The compiled library (compiled now unless already cached). Raises OSError or
+    subprocess.CalledProcessError (with the compiler's message) when it cannot be."""
+    text = "\0".join([*(source.read_text() for source in SOURCES), *COMPILE_FLAGS])
+    path = cache_dir() / f"kubellm_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        compiler = os.environ.get("CC", "cc")
+        subprocess.run([compiler, *COMPILE_FLAGS, *map(str, SOURCES), "-o", str(partial)],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+        partial.replace(path)  # atomic: ranks building at once each put a whole file
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    return ctypes.CDLL(str(build()))
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why the library cannot be used on this machine (None: it can). Asked once."""
+    missing = sorted(CPU_FLAGS - cpu_flags())
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    try:
+        library()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        return f"its library could not be built ({str(detail).strip()[:300]})"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux: /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
