@@ -1,5 +1,5 @@
-"""kubellm's C kernels for x86 CPUs (`cpu_qgemm.c`, `cpu_ops.c`): one library, built with
-the machine's C compiler on first use and loaded with ctypes.
+"""kubellm's C kernels for x86 CPUs (`cpu_qgemm.c`, `cpu_ops.c`, `cpu_layer.c`): one
+library, built with the machine's C compiler on first use and loaded with ctypes.
 
 They need AVX2, FMA and F16C (`CPU_FLAGS`), and a C compiler (`$CC`, else `cc`) with
 OpenMP where the library is not built yet: it is cached under `$XDG_CACHE_HOME/kubellm`
@@ -18,7 +18,9 @@ import os
 import subprocess
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_qgemm.c", "cpu_ops.c"))
+SOURCES = tuple(Path(__file__).with_name(name)
+                for name in ("cpu_qgemm.c", "cpu_ops.c", "cpu_layer.c"))  # fmt: skip
+HEADER = Path(__file__).with_name("cpu_kernels.h")
 CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp",
                  "-shared", "-fPIC")  # fmt: skip
@@ -31,7 +33,8 @@ def cache_dir() -> Path:
 def build() -> Path:
     """The compiled library (compiled now unless already cached). Raises OSError or
     subprocess.CalledProcessError (with the compiler's message) when it cannot be."""
-    text = "\0".join([*(source.read_text() for source in SOURCES), *COMPILE_FLAGS])
+    texts = (path.read_text() for path in (*SOURCES, HEADER))
+    text = "\0".join([*texts, *COMPILE_FLAGS])
     path = cache_dir() / f"kubellm_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,12 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "cpu_kernels.h"
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,9 +43,9 @@ static inline float exp1(float x) { return _mm256_cvtss_f32(exp256(_mm256_set1_p
 
 /* Rows [M, H] of x: with `residual`, residual += x first and the sum is normalized;
  * out = weight * (v / sqrt(mean(v^2) + eps)). */
-void kubellm_add_rms_norm(const float *x, float *residual, const float *weight, int64_t M,
-                          int64_t H, float eps, float *out, int threads) {
-#pragma omp parallel for num_threads(threads) if (M > 4) schedule(static)
+void kubellm_add_rms_norm_rows(const float *x, float *residual, const float *weight,
+                               int64_t M, int64_t H, float eps, float *out) {
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *v = x + m * H;
         if (residual) {
@@ -64,12 +67,18 @@ void kubellm_add_rms_norm(const float *x, float *residual, const float *weight, 
     }
 }
 
+void kubellm_add_rms_norm(const float *x, float *residual, const float *weight, int64_t M,
+                          int64_t H, float eps, float *out, int threads) {
+#pragma omp parallel num_threads(threads) if (M > 4)
+    kubellm_add_rms_norm_rows(x, residual, weight, M, H, eps, out);
+}
+
 /* Heads [tokens, heads, dim] of x (token rows `stride` floats apart) rotated in place by
  * their token's cos and signed sin rows [tokens, dim]: x * cos + roll(x, dim / 2) * sin. */
-void kubellm_rotate(float *x, int64_t tokens, int64_t heads, int64_t dim, int64_t stride,
-                    const float *cos, const float *sin, int threads) {
+void kubellm_rotate_rows(float *x, int64_t tokens, int64_t heads, int64_t dim,
+                         int64_t stride, const float *cos, const float *sin) {
     int64_t half = dim / 2;
-#pragma omp parallel for num_threads(threads) if (tokens > 4) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos + t * dim, *s = sin + t * dim;
         for (int64_t h = 0; h < heads; h++) {
@@ -82,10 +91,16 @@ void kubellm_rotate(float *x, int64_t tokens, int64_t heads, int64_t dim, int64_
     }
 }
 
+void kubellm_rotate(float *x, int64_t tokens, int64_t heads, int64_t dim, int64_t stride,
+                    const float *cos, const float *sin, int threads) {
+#pragma omp parallel num_threads(threads) if (tokens > 4)
+    kubellm_rotate_rows(x, tokens, heads, dim, stride, cos, sin);
+}
+
 /* out [M, I] = silu(gate) * up of x [M, 2I] = [gate | up], silu(g) = g / (1 + e^-g). */
-void kubellm_silu_and_mul(const float *x, int64_t M, int64_t I, float *out, int threads) {
+void kubellm_silu_and_mul_rows(const float *x, int64_t M, int64_t I, float *out) {
     const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
-#pragma omp parallel for num_threads(threads) if (M * I > 16384) schedule(static)
+#pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const float *g = x + m * 2 * I, *u = g + I;
         float *o = out + m * I;
@@ -99,17 +114,29 @@ void kubellm_silu_and_mul(const float *x, int64_t M, int64_t I, float *out, int 
     }
 }
 
+void kubellm_silu_and_mul(const float *x, int64_t M, int64_t I, float *out, int threads) {
+#pragma omp parallel num_threads(threads) if (M * I > 16384)
+    kubellm_silu_and_mul_rows(x, M, I, out);
+}
+
 /* New K and V rows (`width` floats each, token rows `k_stride` / `v_stride` apart) into
  * their cache slots; slot -1 is skipped. The cache: K's `slots_total` rows, then V's. */
-void kubellm_write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
-                      const int64_t *slots, int64_t tokens, int64_t width, float *kv_cache,
-                      int64_t slots_total) {
+void kubellm_write_kv_rows(const float *k, int64_t k_stride, const float *v,
+                           int64_t v_stride, const int64_t *slots, int64_t tokens,
+                           int64_t width, float *kv_cache, int64_t slots_total) {
     float *k_cache = kv_cache, *v_cache = kv_cache + slots_total * width;
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
         memcpy(k_cache + slots[t] * width, k + t * k_stride, sizeof(float) * width);
         memcpy(v_cache + slots[t] * width, v + t * v_stride, sizeof(float) * width);
     }
+}
+
+void kubellm_write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+                      const int64_t *slots, int64_t tokens, int64_t width, float *kv_cache,
+                      int64_t slots_total) { /* outside a parallel region: one thread */
+    kubellm_write_kv_rows(k, k_stride, v, v_stride, slots, tokens, width, kv_cache, slots_total);
 }
 
 static inline float dot(const float *a, const float *b, int64_t dim) {
@@ -189,44 +216,62 @@ static void attend_head(const float *q, const float *k_cache, const float *v_cac
     for (; d < dim; d += 8) weighted_sum(scores, v_cache + d, rows, len, kv_width, 8, total, out + d);
 }
 
-/* Attention of `requests` one-token queries over their whole contexts, read in place from
- * the paged cache (K's `blocks` [block_size, kv_heads, dim] blocks, then V's). Request r's
- * query is token row rows[r] of q (rows `q_stride` floats apart, heads `dim` apart), its
- * context seq_lens[r] positions in blocks block_tables[r * table_stride + ...]; its output
- * goes to the same row of out ([tokens, heads, dim], contiguous). dim: a multiple of 8,
- * at most 256. Returns 0, or -1 when the scratch space could not be allocated. */
+int64_t kubellm_decode_scratch_bytes(const int64_t *seq_lens, int64_t requests) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < requests; r++) longest = seq_lens[r] > longest ? seq_lens[r] : longest;
+    return (sizeof(float) + sizeof(int64_t)) * longest;
+}
+
+/* Inside a team: attention of `requests` one-token queries over their whole contexts,
+ * read in place from the paged cache (K's `blocks` [block_size, kv_heads, dim] blocks,
+ * then V's). Request r's query is token row rows[r] of q (rows `q_stride` floats apart,
+ * heads `dim` apart), its context seq_lens[r] positions in blocks block_tables[r *
+ * table_stride + ...]; its output goes to the same row of out ([tokens, heads, dim],
+ * contiguous). dim: a multiple of 8, at most 256. Each thread uses its own
+ * `scratch_per_thread` bytes of scratch. */
+void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t heads,
+                                    const float *kv_cache, int64_t blocks, int64_t block_size,
+                                    int64_t kv_heads, int64_t dim, const int64_t *rows,
+                                    const int64_t *seq_lens, const int64_t *block_tables,
+                                    int64_t table_stride, int64_t requests, float scale,
+                                    float *out, char *scratch, int64_t scratch_per_thread) {
+    int64_t group = heads / kv_heads, kv_width = kv_heads * dim, last = -1;
+    const float *k_cache = kv_cache, *v_cache = kv_cache + blocks * block_size * kv_width;
+    char *mine = scratch + omp_get_thread_num() * scratch_per_thread;
+    int64_t longest = scratch_per_thread / (sizeof(float) + sizeof(int64_t));
+    float *scores = (float *)mine;
+    int64_t *cache_rows = (int64_t *)(mine + sizeof(float) * longest);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < requests * heads; item++) {
+        int64_t r = item / heads, h = item % heads, row = rows[r];
+        if (r != last) { /* this request's positions' rows of the cache */
+            const int64_t *table = block_tables + r * table_stride;
+            for (int64_t t = 0, b = 0, j = 0; t < seq_lens[r]; t++) {
+                cache_rows[t] = table[b] * block_size + j;
+                if (++j == block_size) j = 0, b++;
+            }
+            last = r;
+        }
+        attend_head(q + row * q_stride + h * dim, k_cache + h / group * dim,
+                    v_cache + h / group * dim, cache_rows, seq_lens[r], kv_width, dim, scale,
+                    scores, out + (row * heads + h) * dim);
+    }
+}
+
+/* The same as one call; returns 0, or -1 when the scratch could not be allocated. */
 int kubellm_decode_attention(const float *q, int64_t q_stride, int64_t heads,
                              const float *kv_cache, int64_t blocks, int64_t block_size,
                              int64_t kv_heads, int64_t dim, const int64_t *rows,
                              const int64_t *seq_lens, const int64_t *block_tables,
                              int64_t table_stride, int64_t requests, float scale, float *out,
                              int threads) {
-    int64_t longest = 0, group = heads / kv_heads, kv_width = kv_heads * dim;
-    const float *k_cache = kv_cache, *v_cache = kv_cache + blocks * block_size * kv_width;
-    for (int64_t r = 0; r < requests; r++) longest = seq_lens[r] > longest ? seq_lens[r] : longest;
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *scores = malloc(sizeof(float) * longest);
-        int64_t *cache_rows = malloc(sizeof(int64_t) * longest), last = -1;
-        failed = !scores || !cache_rows;
-#pragma omp for schedule(dynamic)
-        for (int64_t item = 0; item < requests * heads; item++) {
-            int64_t r = item / heads, h = item % heads, row = rows[r];
-            if (failed) continue;
-            if (r != last) { /* this request's positions' rows of the cache */
-                const int64_t *table = block_tables + r * table_stride;
-                for (int64_t t = 0, b = 0, j = 0; t < seq_lens[r]; t++, j = j + 1 == block_size ? 0 : j + 1) {
-                    cache_rows[t] = table[b] * block_size + j;
-                    b += j + 1 == block_size;
-                }
-                last = r;
-            }
-            attend_head(q + row * q_stride + h * dim, k_cache + h / group * dim,
-                        v_cache + h / group * dim, cache_rows, seq_lens[r], kv_width, dim,
-                        scale, scores, out + (row * heads + h) * dim);
-        }
-        free(scores), free(cache_rows);
-    }
-    return failed ? -1 : 0;
+    int64_t per_thread = kubellm_decode_scratch_bytes(seq_lens, requests);
+    char *scratch = malloc(per_thread * threads + 1);
+    if (!scratch) return -1;
+#pragma omp parallel num_threads(threads)
+    kubellm_decode_attention_heads(q, q_stride, heads, kv_cache, blocks, block_size, kv_heads,
+                                   dim, rows, seq_lens, block_tables, table_stride, requests,
+                                   scale, out, scratch, per_thread);
+    free(scratch);
+    return 0;
 }

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 #define BLOCK 32 /* inputs per activation scale */
 #define ROWS 4   /* activation rows multiplied per pass over a weight row */
 
@@ -178,7 +180,7 @@ static inline __attribute__((always_inline)) void row8(
 }
 
 #define ROW(kernel, weight, r)                                                          \
-    kernel(weight, s, o, K, group, xq + m * K, dx + 4 * m * blocks, xs + m * groups, r,  \
+    kernel(weight, s, o, K, group, xqc + m * K, dx + 4 * m * blocks, xs + m * groups, r, \
            y + m * N + n, N)
 #define ROWS_OF(kernel, weight)                                                         \
     switch (M - m < ROWS ? M - m : ROWS) {                                              \
@@ -188,37 +190,88 @@ static inline __attribute__((always_inline)) void row8(
     default: ROW(kernel, weight, 4);                                                    \
     }
 
+int64_t kubellm_qrows_bytes(int64_t M, int64_t K, int64_t group) {
+    return M * K + sizeof(float) * (4 * M * (K / BLOCK) + M * (K / group));
+}
+
+kubellm_qrows kubellm_qrows_at(void *memory, int64_t M, int64_t K, int64_t group) {
+    kubellm_qrows q = {(int8_t *)memory, NULL, NULL};
+    q.scales = (float *)(q.codes + M * K);
+    q.sums = q.scales + 4 * M * (K / BLOCK);
+    return q;
+}
+
+/* Inside a team: x's M rows rounded for w's product. */
+void kubellm_qgemm_quantize(const float *x, int64_t M, const kubellm_qweight *w,
+                            kubellm_qrows *xq) {
+    int64_t K = w->inputs, blocks = K / BLOCK, groups = K / w->group;
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, w->group, w->bits, xq->codes + m * K,
+                     xq->scales + 4 * m * blocks, xq->sums + m * groups);
+}
+
+/* Inside a team: y [M, N] = x W^T, from x's rounded rows; output rows split. */
+void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, int64_t M,
+                            float *y) {
+    int64_t K = w->inputs, N = w->outputs, group = w->group, blocks = K / BLOCK;
+    int64_t groups = K / group, row_bytes = K * w->bits / 8;
+    const int8_t *xqc = xq->codes;
+    const float *dx = xq->scales, *xs = xq->sums;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *s = w->scales + n * groups, *o = w->offsets + n * groups;
+        const uint8_t *wn = w->codes + n * row_bytes;
+        for (int64_t m = 0; m < M; m += ROWS) {
+            if (w->bits == 4) {
+                ROWS_OF(row4, wn)
+            } else {
+                ROWS_OF(row8, (const int8_t *)wn)
+            }
+        }
+    }
+}
+
+/* W [N, K] in fp32 from its codes: q * s + o per group, a product then a sum, as
+ * GroupQuantized.dequantize rounds it (the weight of the dense product for large M). */
+void kubellm_dequantize(const uint8_t *codes, int bits, const uint16_t *scales,
+                        const uint16_t *offsets, int64_t N, int64_t K, int64_t group,
+                        float *out, int threads) {
+    int64_t groups = K / group, row_bytes = K * bits / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * row_bytes;
+        for (int64_t g = 0; g < groups; g++) {
+            float s = _cvtsh_ss(scales[n * groups + g]), o = _cvtsh_ss(offsets[n * groups + g]);
+            float *w = out + n * K + g * group;
+            if (bits == 4) {
+                const uint8_t *pairs = row + g * group / 2;
+                for (int64_t j = 0; j < group / 2; j++) {
+                    w[2 * j] = (float)(pairs[j] & 15) * s + o;
+                    w[2 * j + 1] = (float)(pairs[j] >> 4) * s + o;
+                }
+            } else {
+                const int8_t *q = (const int8_t *)row + g * group;
+                for (int64_t j = 0; j < group; j++) w[j] = (float)q[j] * s + o;
+            }
+        }
+    }
+}
+
 /* y [M, N] = x [M, K] W^T. K and group are multiples of 32, group divides K. Returns 0,
  * or -1 when the scratch space could not be allocated. */
 int kubellm_qgemm(const float *x, int64_t M, int64_t K, const uint8_t *codes, int bits,
                   const uint16_t *scales, const uint16_t *offsets, int64_t N, int64_t group,
                   float *y, int threads) {
-    int64_t blocks = K / BLOCK, groups = K / group, row_bytes = K * bits / 8;
-    int8_t *xq = malloc(M * K);
-    float *dx = malloc(sizeof(float) * 4 * M * blocks), *xs = malloc(sizeof(float) * M * groups);
-    if (!xq || !dx || !xs) {
-        free(xq), free(dx), free(xs);
-        return -1;
-    }
+    kubellm_qweight w = {codes, scales, offsets, N, K, group, bits};
+    void *memory = malloc(kubellm_qrows_bytes(M, K, group));
+    if (!memory) return -1;
+    kubellm_qrows xq = kubellm_qrows_at(memory, M, K, group);
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            quantize_row(x + m * K, K, group, bits, xq + m * K, dx + 4 * m * blocks,
-                         xs + m * groups);
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint16_t *s = scales + n * groups, *o = offsets + n * groups;
-            const uint8_t *w = codes + n * row_bytes;
-            for (int64_t m = 0; m < M; m += ROWS) {
-                if (bits == 4) {
-                    ROWS_OF(row4, w)
-                } else {
-                    ROWS_OF(row8, (const int8_t *)w)
-                }
-            }
-        }
+        kubellm_qgemm_quantize(x, M, &w, &xq);
+        kubellm_qgemm_multiply(&w, &xq, M, y);
     }
-    free(xq), free(dx), free(xs);
+    free(memory);
     return 0;
 }

@@ -24,6 +24,28 @@ def _function():
     return function
 
 
+@functools.cache
+def _dequantize():
+    function = library().kubellm_dequantize
+    i64, pointer = ctypes.c_int64, ctypes.c_void_p
+    function.argtypes = [pointer, ctypes.c_int, pointer, pointer, i64, i64, i64, pointer,
+                         ctypes.c_int]  # fmt: skip
+    function.restype = None
+    return function
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
+               group_size: int) -> torch.Tensor:  # fmt: skip
+    """The fp32 weight [N, K] of cpu_qgemm's operands (`GroupQuantized.dequantize`'s
+    values, bit for bit)."""
+    rows = codes.shape[0]
+    inputs = codes.shape[1] * 8 // bits
+    out = torch.empty(rows, inputs)
+    _dequantize()(codes.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(), rows, inputs,
+                  group_size, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+    return out
+
+
 def cpu_qgemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
               offsets: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:  # fmt: skip
     """x [M, K] (fp32) @ W.T -> fp32 [M, N], W [N, K] = q * s + o per group: codes uint8

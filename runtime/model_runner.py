@@ -56,6 +56,9 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, QuantizedWeight):
                 module.prepare(kernel, placement.dense_dtype)
+        if placement.fused_cpu_ops:
+            for layer in self.model.layers:
+                layer.fuse()
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kubellm.kernels.cpu_layer import Layer, decode_layer
 from kubellm.runtime.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.config import ModelConfig
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.model.fused_layer import FusedStep, fuse, fused_step
 from kubellm.runtime.model.layer_ops import LayerOps, TorchOps
 from kubellm.runtime.model.parallel import (
     ColumnParallelLinear,
@@ -111,10 +113,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.", ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.", ops)
+        self.fused: Layer | None = None  # set by `fuse()` once the weights are in
 
-    def forward(self, x, residual, rope: RopeTables, kv_cache, meta):
+    def fuse(self) -> None:
+        """Let decode steps run this layer in one C call where it can (`fused_layer`)."""
+        self.fused = fuse(self)
+
+    def forward(self, x, residual, rope: RopeTables, kv_cache, meta, step: FusedStep | None):
         """(this layer's MLP output, the residual stream before it): the next layer (or
         the final norm) adds the two as its norm's first step, as vLLM's layers do."""
+        if step is not None and self.fused is not None:
+            return decode_layer(self.fused, step.struct, kv_cache, x, residual)
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
@@ -161,9 +170,12 @@ class LlamaForCausalLM(nn.Module):
         """Final hidden states of every new token: [num_tokens, hidden_size]."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantized: fp32 rows
         rope = self.rope.tables(positions, x.dtype)  # once for every layer
+        step = None
+        if any(layer.fused is not None for layer in self.layers):
+            step = fused_step(rope, meta, kv_caches[0], len(input_ids))
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+            x, residual = layer(x, residual, rope, kv_cache, meta, step)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

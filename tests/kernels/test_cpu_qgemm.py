@@ -68,3 +68,13 @@ def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
     stamp = built.stat().st_mtime_ns
     assert cpu_library.build() == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("rows", "inputs", "group"), [(3, 64, 32), (16, 256, 64), (5, 384, 128)])
+def test_dequantize_equals_the_definition_bit_for_bit(bits, rows, inputs, group):
+    """The weight of the dense product for large M: GroupQuantized's values exactly."""
+    weight = _weight(rows, inputs, bits, group, seed=inputs + bits)
+    halves = weight.scales.half(), weight.offsets.half()
+    assert torch.equal(cpu_qgemm.dequantize(weight.codes, *halves, bits, group),
+                       weight.dequantize())  # fmt: skip

@@ -1,0 +1,77 @@
+"""A decoder layer's decode steps in one call of kubellm's C kernels (`kernels/cpu_layer.py`),
+where the layer's every piece already runs in them: fp32 on CPU with one rank, the four
+products' weights in the CPU kernel's storage (`QuantizedWeight.half_scales`, no act-order
+permutation) and the `cpu` attention backend. A step takes it when every request decodes
+(one new token) and the products have at most `QGEMM_MAX_ROWS` rows; other steps, and
+other layers, run the layer's modules. Either way the same kernels compute the same
+values (tests/runtime/test_fused_layer.py checks it bit for bit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kubellm.kernels import cpu_layer, cpu_ops
+from kubellm.runtime.attention import AttentionMetadata
+from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
+from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS, QuantizedWeight
+from kubellm.runtime.model.rope import RopeTables
+
+
+def _weight(linear) -> cpu_layer.QuantizedWeight | None:
+    weight = linear.weight
+    if not isinstance(weight, QuantizedWeight) or weight.half_scales is None:
+        return None
+    if weight.perm is not None:
+        return None
+    scales, offsets = weight.half_scales
+    rows, inputs = weight.shape
+    return cpu_layer.QuantizedWeight(weight.codes.data_ptr(), scales.data_ptr(),
+                                     offsets.data_ptr(), rows, inputs,
+                                     weight.layout.group_size, weight.layout.bits)  # fmt: skip
+
+
+def fuse(layer) -> cpu_layer.Layer | None:
+    """The C description of a `DecoderLayer` whose decode steps can run in one call;
+    None where some piece cannot. It points into the layer's tensors, which must stay."""
+    attention, mlp = layer.self_attn, layer.mlp
+    if not isinstance(attention.backend, CpuAttentionBackend):
+        return None
+    if attention.o_proj.tp.size != 1 or not cpu_ops.attends(attention.head_dim):
+        return None
+    weights = [_weight(m) for m in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
+                                    mlp.down_proj)]  # fmt: skip
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if None in weights or any(n.weight.dtype != torch.float32 for n in norms):
+        return None
+    bias = attention.qkv_proj.bias
+    return cpu_layer.Layer(
+        *weights, None if bias is None else bias.data_ptr(), norms[0].weight.data_ptr(),
+        norms[1].weight.data_ptr(), norms[0].eps, attention.scale, norms[0].weight.shape[0],
+        attention.num_heads, attention.num_kv_heads, attention.head_dim,
+    )  # fmt: skip
+
+
+@dataclass
+class FusedStep:
+    """A decode step's description for every fused layer, and the tensors it points into."""
+
+    struct: cpu_layer.DecodeStep
+    tensors: tuple[torch.Tensor, ...]
+
+
+def fused_step(rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor,
+               tokens: int) -> FusedStep | None:  # fmt: skip
+    """The step as fused layers read it; None unless every request decodes and the
+    products are small enough for the CPU kernel."""
+    decodes = meta.one_token_requests
+    if decodes is None or len(decodes.requests) != tokens or tokens > QGEMM_MAX_ROWS:
+        return None
+    _, blocks, block_size, _, _ = kv_cache.shape
+    tensors = (rope.cos, rope.sin, meta.slot_mapping, decodes.rows, decodes.seq_lens,
+               decodes.block_tables)  # fmt: skip
+    struct = cpu_layer.DecodeStep(tokens, *(t.data_ptr() for t in tensors),
+                                  decodes.block_tables.stride(0), blocks, block_size)  # fmt: skip
+    return FusedStep(struct, tensors)

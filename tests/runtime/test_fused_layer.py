@@ -1,0 +1,61 @@
+"""Decode steps of the default CPU path run each layer in one C call (`fused_layer`), with
+the values of the layer's modules run one by one, bit for bit; layers that cannot be fused
+(another attention backend) run their modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubellm.kernels import cpu_library
+from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime.model import llama
+
+pytestmark = pytest.mark.skipif(
+    cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
+)
+
+PROMPTS = [[100 + i for i in range(n)] for n in (5, 17, 40, 9)]
+
+
+@pytest.fixture
+def default_path(monkeypatch):
+    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
+    monkeypatch.delenv("KUBELLM_QUANTIZATION")
+
+
+def _decode_plan(llm: LLM):
+    """A step of the four prompts' replies in which every request decodes."""
+    runner, plans = llm.engine.runner, []
+    execute = runner.execute
+    runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    runner.execute = execute
+    return next(p for p in plans if len(p.input_ids) == len(PROMPTS))
+
+
+@pytest.mark.slow
+def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_path,
+                                                                         monkeypatch):  # fmt: skip
+    with LLM(max_model_len=512, kv_cache_memory_gib=0.1) as llm:
+        runner, layers = llm.engine.runner, llm.engine.runner.model.layers
+        fused = [layer.fused for layer in layers]
+        assert None not in fused
+        plan = _decode_plan(llm)
+        calls = []
+        decode_layer = llama.decode_layer
+        monkeypatch.setattr(llama, "decode_layer",
+                            lambda *args: calls.append(1) or decode_layer(*args))  # fmt: skip
+        logits, _ = runner.execute(plan)
+        assert len(calls) == len(layers)
+        for layer in layers:
+            layer.fused = None
+        composed, _ = runner.execute(plan)
+        assert len(calls) == len(layers)  # the modules ran, one by one
+        assert torch.equal(logits, composed)
+
+
+@pytest.mark.slow
+def test_layers_are_not_fused_beside_another_attention_backend(default_path):
+    with LLM(max_model_len=512, kv_cache_memory_gib=0.1, attention_backend="torch") as llm:
+        assert all(layer.fused is None for layer in llm.engine.runner.model.layers)
