@@ -17,6 +17,10 @@
 
 #define BLOCK 32 /* inputs per activation scale */
 #define ROWS 4   /* activation rows multiplied per pass over a weight row */
+/* Weight rows a thread takes together, each pass's rows of x then read from L1 for all
+ * of them: 5-10% faster at 16-64 rows than one weight row at a time (measured in one
+ * process, alternating builds). */
+#define TILE 8
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -219,14 +223,17 @@ void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, i
     const int8_t *xqc = xq->codes;
     const float *dx = xq->scales, *xs = xq->sums;
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint16_t *s = w->scales + n * groups, *o = w->offsets + n * groups;
-        const uint8_t *wn = w->codes + n * row_bytes;
+    for (int64_t first = 0; first < N; first += TILE) {
+        int64_t last = first + TILE < N ? first + TILE : N;
         for (int64_t m = 0; m < M; m += ROWS) {
-            if (w->bits == 4) {
-                ROWS_OF(row4, wn)
-            } else {
-                ROWS_OF(row8, (const int8_t *)wn)
+            for (int64_t n = first; n < last; n++) {
+                const uint16_t *s = w->scales + n * groups, *o = w->offsets + n * groups;
+                const uint8_t *wn = w->codes + n * row_bytes;
+                if (w->bits == 4) {
+                    ROWS_OF(row4, wn)
+                } else {
+                    ROWS_OF(row8, (const int8_t *)wn)
+                }
             }
         }
     }
