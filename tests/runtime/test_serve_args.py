@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kubellm.kernels import cpu_library
 from kubellm.runtime.placement import resolve_device
 from kubellm.runtime.serve import auto_tool_parser, parse_args
 
@@ -74,3 +75,19 @@ def test_quantized_kernels_unless_fp32_is_asked_for_by_name(monkeypatch):
     assert not uses_quantized_kernels("auto", torch.bfloat16, cuda)
     monkeypatch.setenv("KUBELLM_DTYPE", "float32")
     assert not uses_quantized_kernels("auto", torch.float32, cpu)  # the suite's pin is a name
+
+
+@pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
+def test_the_cpu_backend_and_c_ops_for_fp32_on_cpu_only():
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.placement import resolve_placement
+
+    fp32 = resolve_placement(EngineConfig(device="cpu", dtype="float32"))
+    assert fp32.fused_cpu_ops and fp32.attention_backend == "cpu"
+    bf16 = resolve_placement(EngineConfig(device="cpu", dtype="bfloat16"))
+    assert not bf16.fused_cpu_ops and bf16.attention_backend == "torch"
+    named = EngineConfig(device="cpu", dtype="float32", attention_backend="torch")
+    asked = resolve_placement(named)
+    assert asked.fused_cpu_ops and asked.attention_backend == "torch"  # a named backend wins
+    with pytest.raises(ValueError, match="attention_backend cpu runs float32 on a CPU"):
+        resolve_placement(EngineConfig(device="cpu", dtype="bfloat16", attention_backend="cpu"))
