@@ -128,19 +128,14 @@ static inline __attribute__((always_inline)) void row4(
     int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
     int shift = __builtin_ctzll(per_group);
     if (per_group != (int64_t)1 << shift) shift = -1;
-    __m256 even[ROWS], odd[ROWS]; /* one row: two chains, the FMA's latency is no bound */
+    __m256 acc[ROWS]; /* one chain per row, however many rows share the pass: a row's
+                       * sums are then the same alone or in a batch (two chains per row
+                       * measured no faster at one row) */
     float last[ROWS] = {0};
-    for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    __m256 *second = rows == 1 ? odd : even; /* more rows: their chains are independent */
-    for (; b + 4 <= blocks; b += 4) {
-        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
-        pair4(w, pair_scales(s, b + 2, shift, per_group), xq, K, dx, blocks, b + 2, rows, second);
-    }
-    if (b + 2 <= blocks) {
-        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, even);
-        b += 2;
-    }
+    for (; b + 2 <= blocks; b += 2)
+        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
     if (b < blocks) {
         const __m128i n = _mm_set1_epi8(15);
         __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16));
@@ -152,8 +147,7 @@ static inline __attribute__((always_inline)) void row4(
         }
     }
     for (int r = 0; r < rows; r++)
-        y[r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + last[r] +
-                   offset_dot(o, xs + r * groups, groups);
+        y[r * N] = hsum(acc[r]) + last[r] + offset_dot(o, xs + r * groups, groups);
 }
 
 /* `rows` rows of x times one signed 8-bit weight row (maddubs wants one unsigned side:
@@ -162,8 +156,8 @@ static inline __attribute__((always_inline)) void row8(
     const int8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
     const int8_t *xq, const float *dx, const float *xs, const int rows, float *y, int64_t N) {
     int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
-    __m256 even[ROWS], odd[ROWS];
-    for (int r = 0; r < rows; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    __m256 acc[ROWS]; /* one chain per row, as row4's */
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0, g = 0, in_group = 0; b < blocks; b++) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
         __m256i magnitude = _mm256_sign_epi8(v, v);
@@ -173,14 +167,11 @@ static inline __attribute__((always_inline)) void row8(
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
             __m256 p = to_float(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)));
             __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sb), _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
-            if ((b & 1) && rows == 1) /* more rows: their chains are independent */
-                odd[r] = _mm256_fmadd_ps(p, scale, odd[r]);
-            else
-                even[r] = _mm256_fmadd_ps(p, scale, even[r]);
+            acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
         }
     }
     for (int r = 0; r < rows; r++)
-        y[r * N] = hsum(_mm256_add_ps(even[r], odd[r])) + offset_dot(o, xs + r * groups, groups);
+        y[r * N] = hsum(acc[r]) + offset_dot(o, xs + r * groups, groups);
 }
 
 #define ROW(kernel, weight, r)                                                          \

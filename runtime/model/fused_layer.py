@@ -2,9 +2,9 @@
 where the layer's every piece already runs in them: fp32 on CPU with one rank, the four
 products' weights in the CPU kernel's storage (`QuantizedWeight.half_scales`, no act-order
 permutation) and the `cpu` attention backend. A step takes it when every request decodes
-(one new token) and the products have at most `QGEMM_MAX_ROWS` rows; other steps, and
-other layers, run the layer's modules. Either way the same kernels compute the same
-values (tests/runtime/test_fused_layer.py checks it bit for bit).
+(one new token); other steps, and other layers, run the layer's modules. Either way the
+same kernels compute the same values (tests/runtime/test_fused_layer.py checks it bit for
+bit).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from kubellm.kernels import cpu_layer, cpu_ops
 from kubellm.runtime.attention import AttentionMetadata
 from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
-from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS, QuantizedWeight
+from kubellm.runtime.model.quantized import QuantizedWeight
 from kubellm.runtime.model.rope import RopeTables
 
 
@@ -64,10 +64,9 @@ class FusedStep:
 
 def fused_step(rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor,
                tokens: int) -> FusedStep | None:  # fmt: skip
-    """The step as fused layers read it; None unless every request decodes and the
-    products are small enough for the CPU kernel."""
+    """The step as fused layers read it; None unless every request decodes."""
     decodes = meta.one_token_requests
-    if decodes is None or len(decodes.requests) != tokens or tokens > QGEMM_MAX_ROWS:
+    if decodes is None or len(decodes.requests) != tokens:
         return None
     _, blocks, block_size, _, _ = kv_cache.shape
     tensors = (rope.cos, rope.sin, meta.slot_mapping, decodes.rows, decodes.seq_lens,

@@ -12,8 +12,9 @@ On CPU the product at decode-sized M goes through a quantized kernel (`cpu_kerne
 kubellm's own (kubellm/kernels/cpu_qgemm.c: AVX2 integer dot products, each input row
 rounded to int8 per 32 inputs, as llama.cpp does) where the CPU has AVX2 and the machine
 a C compiler, else torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, its
-inputs rounded to bf16: with fp32 inputs it is 10-30x slower); above `QGEMM_MAX_ROWS` /
-`INT4PACK_MAX_ROWS` rows the weight is rebuilt for one dense product. Without a kernel
+inputs rounded to bf16: with fp32 inputs it is 10-30x slower); above `INT4PACK_MAX_ROWS`
+rows, and above `QGEMM_MAX_ROWS` where the dense product would be bf16, the weight is
+rebuilt for one dense product. Without a kernel
 (asked-for fp32: the exact path the oracles test) each product dequantizes the weight
 exactly. On GPUs every 4-bit product is the Triton W4A16
 GEMM (kubellm/kernels/w4a16.py: dequantized in the tile, fp32 accumulation, split-K).
@@ -35,7 +36,11 @@ from kubellm.runtime.model.dense import linear
 
 logger = logging.getLogger(__name__)
 
-QGEMM_MAX_ROWS = 128  # at most this many rows per product through kubellm's CPU kernel
+# With bf16 dense products (CPUs with fast bf16), at most this many rows per product go
+# through kubellm's CPU kernel; with fp32 ones every product does: as fast as the rebuilt
+# fp32 product up to ~512 rows, ~20% slower at 2,048, and a row's result is then the
+# same whatever shares its step (BENCHMARKS.md, "Quantized GEMMs on CPU").
+QGEMM_MAX_ROWS = 128
 INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
 
 
@@ -225,7 +230,9 @@ class QuantizedWeight(nn.Module):
 
             y = w4a16(x, self.codes, self.scales, self.offsets, self.layout.group_size)
             return y if bias is None else y + bias
-        if self.half_scales is not None and x.shape[0] <= QGEMM_MAX_ROWS:
+        if self.half_scales is not None and (
+            self.dense_dtype == torch.float32 or x.shape[0] <= QGEMM_MAX_ROWS
+        ):
             bits, group = self.layout.bits, self.layout.group_size
             y = cpu_qgemm.cpu_qgemm(x, self.codes, *self.half_scales, bits, group).to(x.dtype)
             return y if bias is None else y + bias

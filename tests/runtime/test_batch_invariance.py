@@ -57,3 +57,20 @@ def test_smollm2_alone_equals_inside_a_batch_of_16(smollm2):
     alone = [smollm2.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
     batched = smollm2.generate(texts, GREEDY)
     assert [o.outputs[0].token_ids for o in batched[:3]] == alone
+
+
+@pytest.mark.slow
+def test_the_default_cpu_path_alone_equals_inside_a_batch_of_16(monkeypatch):
+    """kubellm's defaults on CPU (the Q4_1 layers and Q8_0 head through kubellm's kernel,
+    int8 activations, decode steps a C call per layer): a greedy request's tokens do not
+    depend on what shares its steps. Every prompt here is prefilled in one step alone
+    and in the batch (whose first step has 16 prompts, over 128 rows), so this holds
+    only if every row's products are computed the same way however many rows there are."""
+    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
+    monkeypatch.delenv("KUBELLM_QUANTIZATION")
+    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
+    with LLM(max_model_len=512, kv_cache_memory_gib=0.1) as llm:
+        assert llm.engine.runner.model.layers[0].fused is not None
+        alone = [llm.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
+        batched = llm.generate(texts, GREEDY)
+    assert [o.outputs[0].token_ids for o in batched[:3]] == alone

@@ -248,26 +248,31 @@ def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
 
 
 @pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(dtype):
-    """kubellm's CPU kernel (decode-sized batches) and the dense product rebuilt from the
-    same codes and fp16 scales (larger ones) agree with each other and the definition;
-    the codes are kept once, in the checkpoint's layout."""
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
+def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(dense_dtype):
+    """With fp32 dense products (no fast bf16) every product goes through kubellm's CPU
+    kernel, and a row's result is the same alone, in a small batch or a large one; with
+    bf16 ones, products above QGEMM_MAX_ROWS rows take the dense product rebuilt from the
+    same codes and fp16 scales, which agrees with the kernel and the definition. The codes
+    are kept once, in the checkpoint's layout."""
     from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS
 
     layer, weight = _layer()
     codes = layer.codes.clone()
-    layer.prepare("qgemm", torch.float32)
+    layer.prepare("qgemm", dense_dtype)
     assert layer.half_scales is not None and layer.scales.numel() == 0
     assert torch.equal(layer.codes, codes) and layer.int4pack is None
-    x = torch.randn(QGEMM_MAX_ROWS + 1, 128).to(dtype)
+    x = torch.randn(QGEMM_MAX_ROWS + 1, 128)
     small = layer(x[:QGEMM_MAX_ROWS])  # the kernel
-    large = layer(x)  # the dense product
-    assert small.dtype == large.dtype == dtype
-    reference = x.float() @ weight.T
+    large = layer(x)  # the kernel with fp32 dense products, else the dense product
+    reference = x @ weight.T
     tolerance = dict(rtol=0.02, atol=0.02 * reference.abs().max().item())
-    torch.testing.assert_close(small.float(), large[:QGEMM_MAX_ROWS].float(), **tolerance)
-    torch.testing.assert_close(large.float(), reference, **tolerance)
+    if dense_dtype == torch.float32:
+        assert torch.equal(small, large[:QGEMM_MAX_ROWS])
+        assert torch.equal(layer(x[5:6]), large[5:6])  # alone: the same bits
+    else:
+        torch.testing.assert_close(small, large[:QGEMM_MAX_ROWS], **tolerance)
+    torch.testing.assert_close(large, reference, **tolerance)
 
 
 def test_fp32_products_are_the_definitions_weight_exactly():
