@@ -2,9 +2,10 @@
  * where torch makes several: RMSNorm with its residual add, rotary embeddings in place,
  * SiLU(gate) * up, and the paged KV cache's writes and one-token (decode) attention read
  * in place from the blocks. At decode sizes a layer's time is mostly torch's per-op
- * host overhead (an RMSNorm is 11 aten ops), not arithmetic. Pure-torch references:
- * kernels/reference.py. Compiled with -ffp-contract=off: a * b + c written in C rounds
- * as torch's separate products and sums do.
+ * host overhead (an RMSNorm is 11 aten ops), not arithmetic. Their torch forms:
+ * `TorchOps` (runtime/model/layer_ops.py) and kernels/reference.py's KV and attention
+ * references. Compiled with -ffp-contract=off: a * b + c written in C rounds as torch's
+ * separate products and sums do.
  */
 #include <immintrin.h>
 #include <math.h>

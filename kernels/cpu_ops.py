@@ -1,7 +1,8 @@
 """A decoder layer's small fp32 operations on CPU (`cpu_ops.c`, in the library
 `cpu_library` builds), one ctypes call each: RMSNorm with its residual add, rotary
 embeddings in place, SiLU(gate) * up, and the paged KV cache's writes and decode
-attention. Pure-torch references: kernels/reference.py. Every tensor is fp32 on the host.
+attention. Their torch forms: `TorchOps` (runtime/model/layer_ops.py) and the KV and
+attention references in kernels/reference.py. Every tensor is fp32 on the host.
 """
 
 from __future__ import annotations
