@@ -260,7 +260,7 @@ class QuantizedWeight(nn.Module):
     def _dense_in_stored_order(self) -> torch.Tensor:
         """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
         computes it (the same values, bit for bit; in C from the CPU kernel's storage,
-        ~5x faster), or from torch's int4 kernel's layout."""
+        3-15x faster than torch), or from torch's int4 kernel's layout."""
         if self.half_scales is not None:
             bits, group = self.layout.bits, self.layout.group_size
             return cpu_qgemm.dequantize(self.codes, *self.half_scales, bits, group)

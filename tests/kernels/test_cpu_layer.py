@@ -13,6 +13,7 @@ from kubellm.kernels import cpu_layer, cpu_library, cpu_ops
 from kubellm.kernels.cpu_qgemm import cpu_qgemm
 from kubellm.runtime.model.layer_ops import CpuOps
 from kubellm.runtime.model.rope import RopeTables
+from tests.helpers import random_group_quantized
 
 pytestmark = pytest.mark.skipif(
     cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
@@ -27,14 +28,8 @@ def _random(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
 
 def _quantized(rows: int, cols: int, bits: int, group: int, seed: int):
     """(codes, fp16 scales, fp16 offsets, bits, group) of a random weight."""
-    generator = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        codes = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
-    else:
-        codes = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
-    scales = (torch.rand(rows, cols // group, generator=generator) * 0.02 + 0.001).half()
-    offsets = (torch.randn(rows, cols // group, generator=generator) * 0.01).half()
-    return codes, scales, offsets, bits, group
+    weight = random_group_quantized(rows, cols, bits, group, seed)
+    return weight.codes, weight.scales.half(), weight.offsets.half(), bits, group
 
 
 def _struct(weight) -> cpu_layer.QuantizedWeight:

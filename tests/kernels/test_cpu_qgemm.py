@@ -11,22 +11,12 @@ import torch
 
 from kubellm.kernels import cpu_library, cpu_qgemm
 from kubellm.kernels.reference import cpu_qgemm_reference
-from kubellm.runtime.model.quantized import GroupQuantized, cpu_kernel
+from kubellm.runtime.model.quantized import cpu_kernel
+from tests.helpers import random_group_quantized
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler"
 )
-
-
-def _weight(rows: int, cols: int, bits: int, group: int, seed: int) -> GroupQuantized:
-    generator = torch.Generator().manual_seed(seed)
-    if bits == 4:
-        codes = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=generator)
-    else:
-        codes = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
-    scales = (torch.rand(rows, cols // group, generator=generator) * 0.02 + 0.001).half()
-    offsets = (torch.randn(rows, cols // group, generator=generator) * 0.05).half()
-    return GroupQuantized(codes, scales.float(), offsets.float(), bits, group)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -36,7 +26,7 @@ def _weight(rows: int, cols: int, bits: int, group: int, seed: int) -> GroupQuan
      (3, 40, 160, 32)],
 )  # fmt: skip
 def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, inputs, group):
-    weight = _weight(cols, inputs, bits, group, seed=rows + inputs)
+    weight = random_group_quantized(cols, inputs, bits, group, seed=rows + inputs)
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
     halves = weight.scales.half(), weight.offsets.half()
     got = cpu_qgemm.cpu_qgemm(x, weight.codes, *halves, bits, group)
@@ -50,7 +40,7 @@ def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, in
 
 def test_rounding_x_is_per_block_of_32():
     """One huge input in the first block does not flatten the second block's values."""
-    weight = _weight(8, 64, 8, 32, seed=1)
+    weight = random_group_quantized(8, 64, 8, 32, seed=1)
     small = torch.randn(1, 32, generator=torch.Generator().manual_seed(2)) * 1e-3
     x = torch.cat([torch.full((1, 32), 10.0), small], dim=1)
     halves = weight.scales.half(), weight.offsets.half()
@@ -74,7 +64,7 @@ def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("rows", "inputs", "group"), [(3, 64, 32), (16, 256, 64), (5, 384, 128)])
 def test_dequantize_equals_the_definition_bit_for_bit(bits, rows, inputs, group):
     """The weight of the dense product for large M: GroupQuantized's values exactly."""
-    weight = _weight(rows, inputs, bits, group, seed=inputs + bits)
+    weight = random_group_quantized(rows, inputs, bits, group, seed=inputs + bits)
     halves = weight.scales.half(), weight.offsets.half()
     assert torch.equal(cpu_qgemm.dequantize(weight.codes, *halves, bits, group),
                        weight.dequantize())  # fmt: skip
