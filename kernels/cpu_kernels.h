@@ -3,7 +3,8 @@
  * region can run several in a row: `kubellm_decode_layer` runs a whole layer so. */
 #include <stdint.h>
 
-/* A group-quantized weight [outputs, inputs] as GroupQuantized stores it, fp16 scales. */
+/* A group-quantized weight [outputs, inputs] as GroupQuantized stores it, fp16 scales;
+ * offsets NULL where it has none. */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *scales, *offsets;

@@ -16,7 +16,8 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class QuantizedWeight(ctypes.Structure):
-    """kubellm_qweight: codes, fp16 scales and offsets [outputs, inputs / group]."""
+    """kubellm_qweight: codes, fp16 scales and offsets [outputs, inputs / group] (offsets
+    NULL: none)."""
 
     _fields_ = [("codes", _P), ("scales", _P), ("offsets", _P), ("outputs", _I64),
                 ("inputs", _I64), ("group", _I64), ("bits", ctypes.c_int)]  # fmt: skip

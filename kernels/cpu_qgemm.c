@@ -6,7 +6,10 @@
  * x is rounded to int8 per block of 32 inputs with its own scale (llama.cpp's Q8 form),
  * so a block's products are integer dot products (maddubs); the offsets multiply the
  * exact fp32 sums of x over each group. y = sum_b s * dx_b * (q . xq)_b + sum_g o_g * xs_g.
- * The pure-torch reference is `cpu_qgemm_reference` in reference.py.
+ * Offsets may be NULL: a weight without them (GGUF's Q8_0) skips their share. Every
+ * output's sum is taken in one order however many rows share its pass, so a row's
+ * result is the same alone or in a batch. The pure-torch reference is
+ * `cpu_qgemm_reference` in reference.py.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -17,9 +20,8 @@
 
 #define BLOCK 32 /* inputs per activation scale */
 #define ROWS 4   /* activation rows multiplied per pass over a weight row */
-/* Weight rows a thread takes together, each pass's rows of x then read from L1 for all
- * of them: 5-10% faster at 16-64 rows than one weight row at a time (measured in one
- * process, alternating builds). */
+/* Weight rows a thread takes together: each pass's rows of x are then read from L1 for
+ * all of them, and each row of x's eight outputs are reduced and stored at once. */
 #define TILE 8
 
 static inline float hsum(__m256 v) {
@@ -34,6 +36,9 @@ static inline float hmax(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+/* A row's group sums take a whole number of 8-float vectors, zero past the last. */
+static inline int64_t sums_stride(int64_t groups) { return (groups + 7) & ~(int64_t)7; }
+
 /* Where input j of block b goes for the 4-bit kernel. A 32-byte load of codes holds a
  * pair of blocks: its low nibbles are both blocks' even inputs (bytes 0-15: the first
  * block's), its high nibbles their odd ones; a last unpaired block is 16 bytes. */
@@ -42,13 +47,22 @@ static inline int slot4(int64_t b, int j, int paired) {
     return (j & 1) * BLOCK + (b & 1) * 16 + j / 2 - (b & 1) * BLOCK;
 }
 
+/* Where input j of block b goes for the 8-bit kernel: a pair of blocks is read as the
+ * first halves of both, then the second halves; a last unpaired block as it is. */
+static inline int slot8(int64_t b, int j, int paired) {
+    if (!paired) return j;
+    return (j / 16) * BLOCK + (b & 1) * 16 + j % 16 - (b & 1) * BLOCK;
+}
+
 /* One row of x: int8 codes per block (in slot order), each block's scale four times
  * (a pair of blocks' scales is then one 8-float load), and each group's sum. */
 static void quantize_row(const float *x, int64_t K, int64_t group, int bits, int8_t *xq,
                          float *dx, float *xs) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     int64_t blocks = K / BLOCK;
-    for (int64_t g = 0; g < K / group; g++) {
+    int64_t groups = K / group;
+    for (int64_t g = groups; g < sums_stride(groups); g++) xs[g] = 0.f;
+    for (int64_t g = 0; g < groups; g++) {
         __m256 s = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 8)
             s = _mm256_add_ps(s, _mm256_loadu_ps(x + k));
@@ -69,20 +83,17 @@ static void quantize_row(const float *x, int64_t K, int64_t group, int bits, int
         int8_t *out = xq + b * BLOCK;
         int paired = (b | 1) < blocks;
         for (int j = 0; j < BLOCK; j++)
-            out[bits == 8 ? j : slot4(b, j, paired)] = (int8_t)q[j];
+            out[bits == 8 ? slot8(b, j, paired) : slot4(b, j, paired)] = (int8_t)q[j];
     }
 }
 
-/* The offsets' share of one output: sum over groups of o_g * xs_g. */
-static inline float offset_dot(const uint16_t *o, const float *xs, int64_t groups) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + g))),
-                              _mm256_loadu_ps(xs + g), acc);
-    float sum = hsum(acc);
-    for (; g < groups; g++) sum += _cvtsh_ss(o[g]) * xs[g];
-    return sum;
+/* [sum of a[0], ..., sum of a[7]]: eight partial-sum vectors reduced at once, each in
+ * the same order ((0+1)+(2+3))+((4+5)+(6+7)) wherever it sits. */
+static inline __m256 reduce8(const __m256 *a) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                         _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 static inline __m256 to_float(__m256i pairs16) {
@@ -121,72 +132,139 @@ static inline __attribute__((always_inline)) void pair4(
     }
 }
 
+/* A row's last `t` (1-7) of `groups` fp16 offsets in lanes 0 to t - 1, zero above: one
+ * load ending at the row's end, its halves moved down. */
+static inline __m128i offsets_tail(const uint16_t *o, int64_t groups, int64_t t) {
+    if (groups < 8) {
+        uint16_t lanes[8] = {0};
+        memcpy(lanes, o + groups - t, sizeof(uint16_t) * t);
+        return _mm_loadu_si128((const __m128i *)lanes);
+    }
+    static const int8_t down[8][16] = {
+        {0}, /* t = 0: not asked for */
+        {14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+        {12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+        {10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1},
+        {8, 9, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1},
+        {6, 7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1, -1, -1},
+        {4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1, -1, -1},
+        {2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, -1, -1}};
+    return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(o + groups - 8)),
+                            _mm_loadu_si128((const __m128i *)down[t]));
+}
+
+/* The offsets' share, into each row's chain: o_g times x's group sums, eight groups per
+ * product (the sums are zero past the last group; so are the offsets read for it), in
+ * chains of their own beside the products'. */
+static inline __attribute__((always_inline)) void add_offsets(
+    const uint16_t *o, int64_t groups, const float *xs, const int rows, __m256 *acc) {
+    int64_t stride = sums_stride(groups);
+    __m256 share[ROWS];
+    for (int r = 0; r < rows; r++) share[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < stride; g += 8) {
+        __m128i halves = g + 8 <= groups ? _mm_loadu_si128((const __m128i *)(o + g))
+                                         : offsets_tail(o, groups, groups - g);
+        __m256 ov = _mm256_cvtph_ps(halves);
+        for (int r = 0; r < rows; r++)
+            share[r] = _mm256_fmadd_ps(ov, _mm256_loadu_ps(xs + r * stride + g), share[r]);
+    }
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_add_ps(acc[r], share[r]);
+}
+
 /* `rows` (a constant once inlined) rows of x times one 4-bit weight row: y[r * N]. */
 static inline __attribute__((always_inline)) void row4(
     const uint8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
-    const int8_t *xq, const float *dx, const float *xs, const int rows, float *y, int64_t N) {
-    int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
+    const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
+    int64_t blocks = K / BLOCK, per_group = group / BLOCK;
     int shift = __builtin_ctzll(per_group);
     if (per_group != (int64_t)1 << shift) shift = -1;
     __m256 acc[ROWS]; /* one chain per row, however many rows share the pass: a row's
                        * sums are then the same alone or in a batch (two chains per row
                        * measured no faster at one row) */
-    float last[ROWS] = {0};
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 2 <= blocks; b += 2)
         pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
-    if (b < blocks) {
+    if (b < blocks) { /* an unpaired last block: 16 bytes, even inputs low */
         const __m128i n = _mm_set1_epi8(15);
         __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16));
         __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), n), _mm_and_si128(v, n));
-        float sb = _cvtsh_ss(s[b / per_group]);
+        __m256 sb = _mm256_set1_ps(_cvtsh_ss(s[b / per_group]));
         for (int r = 0; r < rows; r++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
-            last[r] = hsum(to_float(_mm256_maddubs_epi16(q, a))) * sb * dx[4 * (r * blocks + b)];
+            __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
+            acc[r] = _mm256_fmadd_ps(to_float(_mm256_maddubs_epi16(q, a)), scale, acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++)
-        y[r * N] = hsum(acc[r]) + last[r] + offset_dot(o, xs + r * groups, groups);
+    if (o) add_offsets(o, K / group, xs, rows, acc);
+    for (int r = 0; r < rows; r++) out[r * TILE] = acc[r];
 }
 
-/* `rows` rows of x times one signed 8-bit weight row (maddubs wants one unsigned side:
- * |w| times x carrying w's sign). */
+/* Blocks b and b + 1 of `rows` rows of x times one signed 8-bit weight row, into acc[r]:
+ * maddubs wants one unsigned side, so |w| times x carrying w's sign; the two halves'
+ * pair sums (up to 2 * 128 * 127 each) are added as int32. */
+static inline __attribute__((always_inline)) void pair8(
+    const int8_t *w, __m256 ws, const int8_t *xq, int64_t K, const float *dx,
+    int64_t blocks, int64_t b, const int rows, __m256 *acc) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+    __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK + BLOCK));
+    __m256i first = _mm256_permute2x128_si256(v0, v1, 0x20); /* both blocks' inputs 0-15 */
+    __m256i second = _mm256_permute2x128_si256(v0, v1, 0x31);
+    __m256i first_magnitude = _mm256_sign_epi8(first, first);
+    __m256i second_magnitude = _mm256_sign_epi8(second, second);
+    for (int r = 0; r < rows; r++) {
+        const int8_t *a = xq + r * K + b * BLOCK;
+        __m256i a0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), first);
+        __m256i a1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + BLOCK)), second);
+        __m256i p = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(first_magnitude, a0), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(second_magnitude, a1), ones));
+        __m256 dv = _mm256_loadu_ps(dx + 4 * (r * blocks + b));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(ws, dv), acc[r]);
+    }
+}
+
+/* `rows` rows of x times one signed 8-bit weight row. */
 static inline __attribute__((always_inline)) void row8(
     const int8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
-    const int8_t *xq, const float *dx, const float *xs, const int rows, float *y, int64_t N) {
-    int64_t blocks = K / BLOCK, groups = K / group, per_group = group / BLOCK;
+    const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
+    int64_t blocks = K / BLOCK, per_group = group / BLOCK;
+    int shift = __builtin_ctzll(per_group);
+    if (per_group != (int64_t)1 << shift) shift = -1;
     __m256 acc[ROWS]; /* one chain per row, as row4's */
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0, g = 0, in_group = 0; b < blocks; b++) {
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2)
+        pair8(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
+    if (b < blocks) {
         __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
         __m256i magnitude = _mm256_sign_epi8(v, v);
-        float sb = _cvtsh_ss(s[g]);
-        if (++in_group == per_group) g++, in_group = 0;
+        __m256 sb = _mm256_set1_ps(_cvtsh_ss(s[b / per_group]));
         for (int r = 0; r < rows; r++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
             __m256 p = to_float(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)));
-            __m256 scale = _mm256_mul_ps(_mm256_set1_ps(sb), _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
+            __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
             acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++)
-        y[r * N] = hsum(acc[r]) + offset_dot(o, xs + r * groups, groups);
+    if (o) add_offsets(o, K / group, xs, rows, acc);
+    for (int r = 0; r < rows; r++) out[r * TILE] = acc[r];
 }
 
-#define ROW(kernel, weight, r)                                                          \
-    kernel(weight, s, o, K, group, xqc + m * K, dx + 4 * m * blocks, xs + m * groups, r, \
-           y + m * N + n, N)
-#define ROWS_OF(kernel, weight)                                                         \
-    switch (M - m < ROWS ? M - m : ROWS) {                                              \
-    case 1: ROW(kernel, weight, 1); break;                                              \
-    case 2: ROW(kernel, weight, 2); break;                                              \
-    case 3: ROW(kernel, weight, 3); break;                                              \
-    default: ROW(kernel, weight, 4);                                                    \
+#define ROW(kernel, weight, r)                                                         \
+    kernel(weight, s, o, K, group, xqc + m * K, dx + 4 * m * blocks, xs + m * stride, r, \
+           sums + (n - first))
+#define ROWS_OF(kernel, weight)                \
+    switch (rows) {                            \
+    case 1: ROW(kernel, weight, 1); break;     \
+    case 2: ROW(kernel, weight, 2); break;     \
+    case 3: ROW(kernel, weight, 3); break;     \
+    default: ROW(kernel, weight, 4);           \
     }
 
 int64_t kubellm_qrows_bytes(int64_t M, int64_t K, int64_t group) {
-    return M * K + sizeof(float) * (4 * M * (K / BLOCK) + M * (K / group));
+    return M * K + sizeof(float) * (4 * M * (K / BLOCK) + M * sums_stride(K / group));
 }
 
 kubellm_qrows kubellm_qrows_at(void *memory, int64_t M, int64_t K, int64_t group) {
@@ -199,31 +277,45 @@ kubellm_qrows kubellm_qrows_at(void *memory, int64_t M, int64_t K, int64_t group
 /* Inside a team: x's M rows rounded for w's product. */
 void kubellm_qgemm_quantize(const float *x, int64_t M, const kubellm_qweight *w,
                             kubellm_qrows *xq) {
-    int64_t K = w->inputs, blocks = K / BLOCK, groups = K / w->group;
+    int64_t K = w->inputs, blocks = K / BLOCK, stride = sums_stride(K / w->group);
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; m++)
         quantize_row(x + m * K, K, w->group, w->bits, xq->codes + m * K,
-                     xq->scales + 4 * m * blocks, xq->sums + m * groups);
+                     xq->scales + 4 * m * blocks, xq->sums + m * stride);
 }
 
 /* Inside a team: y [M, N] = x W^T, from x's rounded rows; output rows split. */
 void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, int64_t M,
                             float *y) {
     int64_t K = w->inputs, N = w->outputs, group = w->group, blocks = K / BLOCK;
-    int64_t groups = K / group, row_bytes = K * w->bits / 8;
+    int64_t groups = K / group, stride = sums_stride(groups), row_bytes = K * w->bits / 8;
     const int8_t *xqc = xq->codes;
     const float *dx = xq->scales, *xs = xq->sums;
 #pragma omp for schedule(static)
     for (int64_t first = 0; first < N; first += TILE) {
-        int64_t last = first + TILE < N ? first + TILE : N;
+        int64_t count = first + TILE < N ? TILE : N - first;
+        __m256 sums[ROWS * TILE]; /* [row of x][weight row]: each output's partial sums */
+        for (int i = 0; count < TILE && i < ROWS * TILE; i++) sums[i] = _mm256_setzero_ps();
         for (int64_t m = 0; m < M; m += ROWS) {
-            for (int64_t n = first; n < last; n++) {
-                const uint16_t *s = w->scales + n * groups, *o = w->offsets + n * groups;
+            int rows = M - m < ROWS ? M - m : ROWS;
+            for (int64_t n = first; n < first + count; n++) {
+                const uint16_t *s = w->scales + n * groups;
+                const uint16_t *o = w->offsets ? w->offsets + n * groups : NULL;
                 const uint8_t *wn = w->codes + n * row_bytes;
                 if (w->bits == 4) {
                     ROWS_OF(row4, wn)
                 } else {
                     ROWS_OF(row8, (const int8_t *)wn)
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                float *at = y + (m + r) * N + first;
+                if (count == TILE) {
+                    _mm256_storeu_ps(at, reduce8(sums + r * TILE));
+                } else {
+                    float lanes[TILE];
+                    _mm256_storeu_ps(lanes, reduce8(sums + r * TILE));
+                    memcpy(at, lanes, sizeof(float) * count);
                 }
             }
         }

@@ -26,11 +26,11 @@ def _weight(linear) -> cpu_layer.QuantizedWeight | None:
         return None
     if weight.perm is not None:
         return None
-    scales, offsets = weight.half_scales
+    codes, scales, offsets = weight.qgemm_operands()
     rows, inputs = weight.shape
-    return cpu_layer.QuantizedWeight(weight.codes.data_ptr(), scales.data_ptr(),
-                                     offsets.data_ptr(), rows, inputs,
-                                     weight.layout.group_size, weight.layout.bits)  # fmt: skip
+    return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(),
+                                     None if offsets is None else offsets.data_ptr(), rows,
+                                     inputs, weight.layout.group_size, weight.layout.bits)  # fmt: skip
 
 
 def fuse(layer) -> cpu_layer.Layer | None:

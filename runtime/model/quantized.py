@@ -153,6 +153,7 @@ class QuantizedWeight(nn.Module):
         self.perm: torch.Tensor | None = None
         self.int4pack: tuple[torch.Tensor, torch.Tensor, int] | None = None  # and its block
         self.half_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # fp16, for qgemm
+        self.has_offsets = True  # False: every offset is zero, which qgemm then skips
         self.dense_dtype: torch.dtype | None = None  # of the dense product; None: x's
 
     def _apply(self, fn, recurse: bool = True):
@@ -200,6 +201,7 @@ class QuantizedWeight(nn.Module):
             return
         if kernel == "qgemm" and self.layout.group_size % cpu_qgemm.BLOCK == 0:
             self.half_scales = (self.scales.half(), self.offsets.half())
+            self.has_offsets = bool(self.half_scales[1].any())
             self.scales, self.offsets = torch.empty(0), torch.empty(0)
         elif kernel in ("qgemm", "int4pack") and self.layout.bits == 4:
             self._to_int4pack()
@@ -234,7 +236,7 @@ class QuantizedWeight(nn.Module):
             self.dense_dtype == torch.float32 or x.shape[0] <= QGEMM_MAX_ROWS
         ):
             bits, group = self.layout.bits, self.layout.group_size
-            y = cpu_qgemm.cpu_qgemm(x, self.codes, *self.half_scales, bits, group).to(x.dtype)
+            y = cpu_qgemm.cpu_qgemm(x, *self.qgemm_operands(), bits, group).to(x.dtype)
             return y if bias is None else y + bias
         if self.int4pack is not None and x.shape[0] <= INT4PACK_MAX_ROWS:
             packed, scales_and_zeros, _ = self.int4pack
@@ -246,6 +248,13 @@ class QuantizedWeight(nn.Module):
         weight = self._dense_in_stored_order().to(dtype)
         y = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return y.to(x.dtype)
+
+    def qgemm_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Codes, fp16 scales and offsets as cpu_qgemm reads them: offsets None where all
+        are zero (GGUF's Q8_0), which the kernel then skips."""
+        assert self.half_scales is not None, "prepare('qgemm', ...) first"
+        scales, offsets = self.half_scales
+        return self.codes, scales, offsets if self.has_offsets else None
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer keeps, in whichever kernel's storage: its bytes."""

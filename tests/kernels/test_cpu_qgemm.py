@@ -2,7 +2,9 @@
 rounding of x to int8 per 32 inputs, in fp32) and against the weight's definition
 (`GroupQuantized.dequantize` times the exact x): 4-bit and 8-bit codes, groups of 32, 64,
 128 and one group per row, an unpaired last block (K / 32 odd), 1-9 rows (the kernel
-takes rows four at a time), ragged N."""
+takes rows four at a time), ragged N (a part of a tile of eight weight rows), rows with
+fewer than eight groups, a multiple of eight, and eight and then a few (the offsets are
+read eight at a time)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize(
     ("rows", "cols", "inputs", "group"),
     [(1, 64, 128, 32), (2, 37, 96, 32), (5, 80, 256, 64), (9, 48, 384, 128), (4, 16, 160, 160),
-     (3, 40, 160, 32)],
+     (3, 40, 160, 32), (6, 24, 576, 32), (2, 13, 1056, 32), (7, 8, 512, 64)],
 )  # fmt: skip
 def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, inputs, group):
     weight = random_group_quantized(cols, inputs, bits, group, seed=rows + inputs)
@@ -36,6 +38,17 @@ def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, in
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-4 * exact.abs().max().item())
     error = (got - exact).norm() / exact.norm()
     assert error < 0.02, error  # int8 activations: about 0.5% here
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_no_offsets_gives_zero_offsets_result_bit_for_bit(bits):
+    """Offsets None (a weight without them: GGUF's Q8_0) skips their share and changes
+    nothing else."""
+    weight = random_group_quantized(20, 576, bits, 32, seed=bits)
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(3))
+    scales, zeros = weight.scales.half(), torch.zeros_like(weight.offsets).half()
+    assert torch.equal(cpu_qgemm.cpu_qgemm(x, weight.codes, scales, None, bits, 32),
+                       cpu_qgemm.cpu_qgemm(x, weight.codes, scales, zeros, bits, 32))  # fmt: skip
 
 
 def test_rounding_x_is_per_block_of_32():

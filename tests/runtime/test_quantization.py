@@ -411,6 +411,8 @@ def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2, monkeypa
         embedding = model.embed_tokens.weight
         assert isinstance(embedding, QuantizedWeight) and embedding.layout.bits == 8
         assert model.lm_head.weight is embedding and embedding.half_scales is not None
+        assert not embedding.has_offsets  # Q8_0 has none: the kernel skips their share
+        assert model.layers[0].mlp.down_proj.weight.has_offsets  # Q4_1's minimums
         token_embd = next(t for t in GGUFReader(builtin_gguf_path()).tensors
                           if t.name == "token_embd.weight")  # fmt: skip
         rows = torch.tensor([0, 1, 500, 49151])
