@@ -47,7 +47,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
 
 
 def cpu_qgemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-              offsets: torch.Tensor | None, bits: int, group_size: int) -> torch.Tensor:  # fmt: skip
+              offsets: torch.Tensor | None, bits: int,
+              group_size: int) -> torch.Tensor:  # fmt: skip
     """x [M, K] (fp32) @ W.T -> fp32 [M, N], W [N, K] = q * s + o per group: codes uint8
     [N, K/2] (4-bit, the even k in the low nibble) or int8 [N, K]; scales and offsets
     fp16 [N, K / group_size], offsets None for none (zero offsets' result, faster). Each

@@ -28,8 +28,8 @@ def _weight(linear) -> cpu_layer.QuantizedWeight | None:
         return None
     codes, scales, offsets = weight.qgemm_operands()
     rows, inputs = weight.shape
-    return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(),
-                                     None if offsets is None else offsets.data_ptr(), rows,
+    offsets_at = None if offsets is None else offsets.data_ptr()
+    return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(), offsets_at, rows,
                                      inputs, weight.layout.group_size, weight.layout.bits)  # fmt: skip
 
 
