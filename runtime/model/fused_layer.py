@@ -29,8 +29,9 @@ def _weight(linear) -> cpu_layer.QuantizedWeight | None:
     codes, scales, offsets = weight.qgemm_operands()
     rows, inputs = weight.shape
     offsets_at = None if offsets is None else offsets.data_ptr()
+    layout = weight.layout
     return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(), offsets_at, rows,
-                                     inputs, weight.layout.group_size, weight.layout.bits)  # fmt: skip
+                                     inputs, layout.group_size, layout.bits)  # fmt: skip
 
 
 def fuse(layer) -> cpu_layer.Layer | None:
