@@ -30,14 +30,16 @@ void kubellm_add_rms_norm_rows(const float *x, float *residual, const float *wei
 void kubellm_rotate_rows(float *x, int64_t tokens, int64_t heads, int64_t dim,
                          int64_t stride, const float *cos, const float *sin);
 void kubellm_silu_and_mul_rows(const float *x, int64_t M, int64_t I, float *out);
+/* kv_cache: fp32, or fp16 where `half` */
 void kubellm_write_kv_rows(const float *k, int64_t k_stride, const float *v,
                            int64_t v_stride, const int64_t *slots, int64_t tokens,
-                           int64_t width, float *kv_cache, int64_t slots_total);
+                           int64_t width, void *kv_cache, int64_t slots_total, int half);
 /* scratch: per thread, `longest` floats then `longest` int64 (see decode_scratch_bytes) */
 int64_t kubellm_decode_scratch_bytes(const int64_t *seq_lens, int64_t requests);
 void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t heads,
-                                    const float *kv_cache, int64_t blocks, int64_t block_size,
-                                    int64_t kv_heads, int64_t dim, const int64_t *rows,
-                                    const int64_t *seq_lens, const int64_t *block_tables,
-                                    int64_t table_stride, int64_t requests, float scale,
-                                    float *out, char *scratch, int64_t scratch_per_thread);
+                                    const void *kv_cache, int64_t blocks, int64_t block_size,
+                                    int64_t kv_heads, int64_t dim, int half,
+                                    const int64_t *rows, const int64_t *seq_lens,
+                                    const int64_t *block_tables, int64_t table_stride,
+                                    int64_t requests, float scale, float *out, char *scratch,
+                                    int64_t scratch_per_thread);

@@ -22,6 +22,7 @@ typedef struct {
     const float *cos, *sin; /* [tokens, head_dim] */
     const int64_t *slots, *rows, *seq_lens, *block_tables;
     int64_t table_stride, blocks, block_size;
+    int half_kv; /* the KV cache is fp16 (else fp32) */
 } kubellm_decode_step;
 
 static int64_t most(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -30,7 +31,7 @@ static int64_t most(int64_t a, int64_t b) { return a > b ? a : b; }
  * x itself) gains the attention output, as the separate calls do it. Returns 0, or -1
  * when the scratch could not be allocated. */
 int kubellm_decode_layer(const kubellm_layer *L, const kubellm_decode_step *S,
-                         float *kv_cache, float *x, float *residual, float *out, int threads) {
+                         void *kv_cache, float *x, float *residual, float *out, int threads) {
     int64_t M = S->tokens, H = L->hidden, q_size = L->heads * L->head_dim;
     int64_t kv_size = L->kv_heads * L->head_dim, qkv_width = L->qkv.outputs;
     int64_t inner = L->down.inputs;
@@ -61,9 +62,10 @@ int kubellm_decode_layer(const kubellm_layer *L, const kubellm_decode_step *S,
         kubellm_rotate_rows(qkv, M, L->heads + L->kv_heads, L->head_dim, qkv_width, S->cos,
                             S->sin);
         kubellm_write_kv_rows(qkv + q_size, qkv_width, qkv + q_size + kv_size, qkv_width,
-                              S->slots, M, kv_size, kv_cache, S->blocks * S->block_size);
+                              S->slots, M, kv_size, kv_cache, S->blocks * S->block_size,
+                              S->half_kv);
         kubellm_decode_attention_heads(qkv, qkv_width, L->heads, kv_cache, S->blocks,
-                                       S->block_size, L->kv_heads, L->head_dim, S->rows,
+                                       S->block_size, L->kv_heads, L->head_dim, S->half_kv, S->rows,
                                        S->seq_lens, S->block_tables, S->table_stride, M,
                                        L->scale, attended, attention_scratch, per_thread);
         xq = kubellm_qrows_at(rounded, M, q_size, L->o.group);

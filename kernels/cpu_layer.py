@@ -37,7 +37,7 @@ class DecodeStep(ctypes.Structure):
 
     _fields_ = [("tokens", _I64), ("cos", _P), ("sin", _P), ("slots", _P), ("rows", _P),
                 ("seq_lens", _P), ("block_tables", _P), ("table_stride", _I64),
-                ("blocks", _I64), ("block_size", _I64)]  # fmt: skip
+                ("blocks", _I64), ("block_size", _I64), ("half_kv", ctypes.c_int)]  # fmt: skip
 
 
 @functools.cache

@@ -5,7 +5,8 @@
  * host overhead (an RMSNorm is 11 aten ops), not arithmetic. Their torch forms:
  * `TorchOps` (runtime/model/layer_ops.py) and kernels/reference.py's KV and attention
  * references. Compiled with -ffp-contract=off: a * b + c written in C rounds as torch's
- * separate products and sums do.
+ * separate products and sums do. The KV cache is fp32 or fp16 (`half`: F16C's
+ * conversions, round to nearest even, as torch's); the arithmetic is fp32 either way.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -120,30 +121,54 @@ void kubellm_silu_and_mul(const float *x, int64_t M, int64_t I, float *out, int 
     kubellm_silu_and_mul_rows(x, M, I, out);
 }
 
+/* One row of `width` floats into an fp32 or fp16 (`half`) cache row. */
+static inline void put_row(void *cache, int64_t slot, const float *row, int64_t width,
+                           int half) {
+    if (!half) {
+        memcpy((float *)cache + slot * width, row, sizeof(float) * width);
+        return;
+    }
+    uint16_t *to = (uint16_t *)cache + slot * width;
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+        _mm_storeu_si128((__m128i *)(to + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(row + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < width; i++) to[i] = _cvtss_sh(row[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* New K and V rows (`width` floats each, token rows `k_stride` / `v_stride` apart) into
  * their cache slots; slot -1 is skipped. The cache: K's `slots_total` rows, then V's. */
 void kubellm_write_kv_rows(const float *k, int64_t k_stride, const float *v,
                            int64_t v_stride, const int64_t *slots, int64_t tokens,
-                           int64_t width, float *kv_cache, int64_t slots_total) {
-    float *k_cache = kv_cache, *v_cache = kv_cache + slots_total * width;
+                           int64_t width, void *kv_cache, int64_t slots_total, int half) {
+    char *v_cache = (char *)kv_cache + (half ? 2 : 4) * slots_total * width;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        memcpy(k_cache + slots[t] * width, k + t * k_stride, sizeof(float) * width);
-        memcpy(v_cache + slots[t] * width, v + t * v_stride, sizeof(float) * width);
+        put_row(kv_cache, slots[t], k + t * k_stride, width, half);
+        put_row(v_cache, slots[t], v + t * v_stride, width, half);
     }
 }
 
 void kubellm_write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
-                      const int64_t *slots, int64_t tokens, int64_t width, float *kv_cache,
-                      int64_t slots_total) { /* outside a parallel region: one thread */
-    kubellm_write_kv_rows(k, k_stride, v, v_stride, slots, tokens, width, kv_cache, slots_total);
+                      const int64_t *slots, int64_t tokens, int64_t width, void *kv_cache,
+                      int64_t slots_total, int half) { /* outside a parallel region */
+    kubellm_write_kv_rows(k, k_stride, v, v_stride, slots, tokens, width, kv_cache,
+                          slots_total, half);
 }
 
-static inline float dot(const float *a, const float *b, int64_t dim) {
+/* Eight cache values from element `at` on, as fp32. */
+static inline __attribute__((always_inline)) __m256 load8(const void *cache, int64_t at,
+                                                          const int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + at)));
+    return _mm256_loadu_ps((const float *)cache + at);
+}
+
+static inline __attribute__((always_inline)) float dot(const float *q, const void *cache,
+                                                       int64_t at, int64_t dim, const int half) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < dim; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(cache, at + i, half), acc);
     return hsum(acc);
 }
 
@@ -155,9 +180,11 @@ static inline __m256 sums8(const __m256 *a) {
                          _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
 
-/* scores[t] = q . k_t * scale for t < len, eight positions at a time; returns the max. */
-static float scores_of(const float *q, const float *k_cache, const int64_t *rows, int64_t len,
-                       int64_t kv_width, int64_t dim, float scale, float *scores) {
+/* scores[t] = q . k_t * scale for t < len, eight positions at a time; returns the max.
+ * K of position t starts at element rows[t] * kv_width + head of k_cache. */
+static inline __attribute__((always_inline)) float scores_of(
+    const float *q, const void *k_cache, int64_t head, const int64_t *rows, int64_t len,
+    int64_t kv_width, int64_t dim, float scale, float *scores, const int half) {
     __m256 top = _mm256_set1_ps(-INFINITY), scaled = _mm256_set1_ps(scale);
     int64_t t = 0;
     for (; t + 8 <= len; t += 8) {
@@ -166,7 +193,7 @@ static float scores_of(const float *q, const float *k_cache, const int64_t *rows
         for (int64_t i = 0; i < dim; i += 8) {
             __m256 qi = _mm256_loadu_ps(q + i);
             for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k_cache + rows[t + j] * kv_width + i), acc[j]);
+                acc[j] = _mm256_fmadd_ps(qi, load8(k_cache, rows[t + j] * kv_width + head + i, half), acc[j]);
         }
         __m256 s = _mm256_mul_ps(sums8(acc), scaled);
         _mm256_storeu_ps(scores + t, s);
@@ -175,33 +202,36 @@ static float scores_of(const float *q, const float *k_cache, const int64_t *rows
     float m = -INFINITY;
     for (int j = 0; j < 8; j++) m = fmaxf(m, ((float *)&top)[j]);
     for (; t < len; t++) {
-        scores[t] = dot(q, k_cache + rows[t] * kv_width, dim) * scale;
+        scores[t] = dot(q, k_cache, rows[t] * kv_width + head, dim, half) * scale;
         m = fmaxf(m, scores[t]);
     }
     return m;
 }
 
-/* out[:width] = sum_t p[t] v_t[:width] / total, width a multiple of 8 up to 64. */
+/* out[:width] = sum_t p[t] v_t[:width] / total, width a multiple of 8 up to 64; v_t
+ * starts at element rows[t] * kv_width + head of v_cache. */
 static inline __attribute__((always_inline)) void weighted_sum(
-    const float *p, const float *v_cache, const int64_t *rows, int64_t len, int64_t kv_width,
-    const int width, float total, float *out) {
+    const float *p, const void *v_cache, int64_t head, const int64_t *rows, int64_t len,
+    int64_t kv_width, const int width, float total, float *out, const int half) {
     __m256 acc[8];
     for (int i = 0; i < width / 8; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t t = 0; t < len; t++) {
-        const float *v = v_cache + rows[t] * kv_width;
+        int64_t at = rows[t] * kv_width + head;
         __m256 w = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < width / 8; i++) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        for (int i = 0; i < width / 8; i++) acc[i] = _mm256_fmadd_ps(w, load8(v_cache, at + 8 * i, half), acc[i]);
     }
     __m256 inverse = _mm256_set1_ps(1.f / total);
     for (int i = 0; i < width / 8; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inverse));
 }
 
-/* One query head of one request over its `len` positions (cache rows `rows`); `scores`
- * holds len floats. */
-static void attend_head(const float *q, const float *k_cache, const float *v_cache,
-                        const int64_t *rows, int64_t len, int64_t kv_width, int64_t dim,
-                        float scale, float *scores, float *out) {
-    __m256 peak = _mm256_set1_ps(scores_of(q, k_cache, rows, len, kv_width, dim, scale, scores));
+/* One query head of one request over its `len` positions (cache rows `rows`), its KV
+ * head's values from element `head` of each row; `scores` holds len floats. */
+static inline __attribute__((always_inline)) void attend_head(
+    const float *q, const void *k_cache, const void *v_cache, int64_t head,
+    const int64_t *rows, int64_t len, int64_t kv_width, int64_t dim, float scale,
+    float *scores, float *out, const int half) {
+    float top = scores_of(q, k_cache, head, rows, len, kv_width, dim, scale, scores, half);
+    __m256 peak = _mm256_set1_ps(top);
     __m256 sum = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 8 <= len; t += 8) {
@@ -210,11 +240,24 @@ static void attend_head(const float *q, const float *k_cache, const float *v_cac
         sum = _mm256_add_ps(sum, p);
     }
     float total = hsum(sum);
-    for (; t < len; t++) total += scores[t] = exp1(scores[t] - _mm256_cvtss_f32(peak));
+    for (; t < len; t++) total += scores[t] = exp1(scores[t] - top);
     int64_t d = 0;
     for (; d + 64 <= dim; d += 64)
-        weighted_sum(scores, v_cache + d, rows, len, kv_width, 64, total, out + d);
-    for (; d < dim; d += 8) weighted_sum(scores, v_cache + d, rows, len, kv_width, 8, total, out + d);
+        weighted_sum(scores, v_cache, head + d, rows, len, kv_width, 64, total, out + d, half);
+    for (; d < dim; d += 8)
+        weighted_sum(scores, v_cache, head + d, rows, len, kv_width, 8, total, out + d, half);
+}
+
+static void attend_head_fp32(const float *q, const void *k_cache, const void *v_cache,
+                             int64_t head, const int64_t *rows, int64_t len, int64_t kv_width,
+                             int64_t dim, float scale, float *scores, float *out) {
+    attend_head(q, k_cache, v_cache, head, rows, len, kv_width, dim, scale, scores, out, 0);
+}
+
+static void attend_head_fp16(const float *q, const void *k_cache, const void *v_cache,
+                             int64_t head, const int64_t *rows, int64_t len, int64_t kv_width,
+                             int64_t dim, float scale, float *scores, float *out) {
+    attend_head(q, k_cache, v_cache, head, rows, len, kv_width, dim, scale, scores, out, 1);
 }
 
 int64_t kubellm_decode_scratch_bytes(const int64_t *seq_lens, int64_t requests) {
@@ -231,13 +274,15 @@ int64_t kubellm_decode_scratch_bytes(const int64_t *seq_lens, int64_t requests) 
  * contiguous). dim: a multiple of 8, at most 256. Each thread uses its own
  * `scratch_per_thread` bytes of scratch. */
 void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t heads,
-                                    const float *kv_cache, int64_t blocks, int64_t block_size,
-                                    int64_t kv_heads, int64_t dim, const int64_t *rows,
-                                    const int64_t *seq_lens, const int64_t *block_tables,
-                                    int64_t table_stride, int64_t requests, float scale,
-                                    float *out, char *scratch, int64_t scratch_per_thread) {
+                                    const void *kv_cache, int64_t blocks, int64_t block_size,
+                                    int64_t kv_heads, int64_t dim, int half,
+                                    const int64_t *rows, const int64_t *seq_lens,
+                                    const int64_t *block_tables, int64_t table_stride,
+                                    int64_t requests, float scale, float *out, char *scratch,
+                                    int64_t scratch_per_thread) {
     int64_t group = heads / kv_heads, kv_width = kv_heads * dim, last = -1;
-    const float *k_cache = kv_cache, *v_cache = kv_cache + blocks * block_size * kv_width;
+    const void *k_cache = kv_cache;
+    const void *v_cache = (const char *)kv_cache + (half ? 2 : 4) * blocks * block_size * kv_width;
     char *mine = scratch + omp_get_thread_num() * scratch_per_thread;
     int64_t longest = scratch_per_thread / (sizeof(float) + sizeof(int64_t));
     float *scores = (float *)mine;
@@ -253,16 +298,16 @@ void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t he
             }
             last = r;
         }
-        attend_head(q + row * q_stride + h * dim, k_cache + h / group * dim,
-                    v_cache + h / group * dim, cache_rows, seq_lens[r], kv_width, dim, scale,
-                    scores, out + (row * heads + h) * dim);
+        (half ? attend_head_fp16 : attend_head_fp32)(
+            q + row * q_stride + h * dim, k_cache, v_cache, h / group * dim, cache_rows,
+            seq_lens[r], kv_width, dim, scale, scores, out + (row * heads + h) * dim);
     }
 }
 
 /* The same as one call; returns 0, or -1 when the scratch could not be allocated. */
 int kubellm_decode_attention(const float *q, int64_t q_stride, int64_t heads,
-                             const float *kv_cache, int64_t blocks, int64_t block_size,
-                             int64_t kv_heads, int64_t dim, const int64_t *rows,
+                             const void *kv_cache, int64_t blocks, int64_t block_size,
+                             int64_t kv_heads, int64_t dim, int half, const int64_t *rows,
                              const int64_t *seq_lens, const int64_t *block_tables,
                              int64_t table_stride, int64_t requests, float scale, float *out,
                              int threads) {
@@ -271,8 +316,8 @@ int kubellm_decode_attention(const float *q, int64_t q_stride, int64_t heads,
     if (!scratch) return -1;
 #pragma omp parallel num_threads(threads)
     kubellm_decode_attention_heads(q, q_stride, heads, kv_cache, blocks, block_size, kv_heads,
-                                   dim, rows, seq_lens, block_tables, table_stride, requests,
-                                   scale, out, scratch, per_thread);
+                                   dim, half, rows, seq_lens, block_tables, table_stride,
+                                   requests, scale, out, scratch, per_thread);
     free(scratch);
     return 0;
 }

@@ -2,7 +2,8 @@
 `cpu_library` builds), one ctypes call each: RMSNorm with its residual add, rotary
 embeddings in place, SiLU(gate) * up, and the paged KV cache's writes and decode
 attention. Their torch forms: `TorchOps` (runtime/model/layer_ops.py) and the KV and
-attention references in kernels/reference.py. Every tensor is fp32 on the host.
+attention references in kernels/reference.py. Every tensor is fp32 on the host, but for
+the KV cache, which may also be fp16 (half the bytes a decode step reads).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ _SIGNATURES = {
     "kubellm_add_rms_norm": ([_P, _P, _P, _I64, _I64, _F32, _P, _INT], None),
     "kubellm_rotate": ([_P, _I64, _I64, _I64, _I64, _P, _P, _INT], None),
     "kubellm_silu_and_mul": ([_P, _I64, _I64, _P, _INT], None),
-    "kubellm_write_kv": ([_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64], None),
+    "kubellm_write_kv": ([_P, _I64, _P, _I64, _P, _I64, _I64, _P, _I64, _INT], None),
     "kubellm_decode_attention": (
-        [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _I64, _F32, _P, _INT],
+        [_P, _I64, _I64, _P, _I64, _I64, _I64, _I64, _INT, _P, _P, _P, _I64, _I64, _F32, _P, _INT],
         ctypes.c_int,
     ),
 }
@@ -77,14 +78,22 @@ def _rows_of_heads(t: torch.Tensor) -> None:
 def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
              slots: torch.Tensor) -> None:  # fmt: skip
     """key, value [tokens, kv_heads, dim] into kv_cache [2, blocks, block_size, kv_heads,
-    dim] at their int64 slots (block * block_size + offset; -1: skipped)."""
+    dim] (fp32 or fp16: `half_cache`) at their int64 slots (block * block_size + offset;
+    -1: skipped)."""
     _rows_of_heads(key), _rows_of_heads(value)
     assert kv_cache.is_contiguous() and slots.dtype == torch.int64
     _, blocks, block_size, kv_heads, dim = kv_cache.shape
     _function("kubellm_write_kv")(
         key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), slots.data_ptr(),
         key.shape[0], kv_heads * dim, kv_cache.data_ptr(), blocks * block_size,
+        half_cache(kv_cache),
     )  # fmt: skip
+
+
+def half_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether the C kernels read and write this KV cache as fp16 (else fp32)."""
+    assert kv_cache.dtype in (torch.float32, torch.float16), kv_cache.dtype
+    return kv_cache.dtype == torch.float16
 
 
 def attends(head_dim: int) -> bool:
@@ -106,7 +115,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Te
     assert block_tables.stride(1) == 1 and rows.is_contiguous() and seq_lens.is_contiguous()
     status = _function("kubellm_decode_attention")(
         query.data_ptr(), query.stride(0), heads, kv_cache.data_ptr(), blocks, block_size,
-        kv_heads, dim, rows.data_ptr(),
+        kv_heads, dim, half_cache(kv_cache), rows.data_ptr(),
         seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), len(rows), scale,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip

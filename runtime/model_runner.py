@@ -46,7 +46,7 @@ class ModelRunner:
         self.config, self.tp, self.max_model_len = config, tp, max_model_len
         self.block_size = config.block_size
         self.device = placement.device_of(tp.rank, tp.size)
-        self.dtype = placement.dtype
+        self.dtype, self.kv_dtype = placement.dtype, placement.kv_dtype
         kernel = self._quantized_kernel(placement, source)
         layouts = source.layouts(packed_vocabulary=kernel == "qgemm")
         self.model = build_model(source.config, max_model_len, placement.attention_backend,
@@ -80,14 +80,14 @@ class ModelRunner:
         attention = self.model.layers[0].self_attn
         shape = (2, num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
         # Zeros, not empty: masked-out slots are still multiplied by zero weights.
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                 for _ in self.model.layers]  # fmt: skip
 
     def kv_block_bytes(self) -> int:
         """Bytes one block of `allocate_kv`'s caches takes on this rank, over all layers."""
         attention = self.model.layers[0].self_attn
         per_layer = 2 * self.block_size * attention.num_kv_heads * attention.head_dim
-        return len(self.model.layers) * per_layer * self.dtype.itemsize
+        return len(self.model.layers) * per_layer * self.kv_dtype.itemsize
 
     def _blocks_from_memory(self) -> int:
         """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device

@@ -103,8 +103,8 @@ def attend_each(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
             k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
         else:
             k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
-        k = k.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
-        v = v.view(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        k = k.view(-1, num_kv_heads, head_dim)[:seq_len].to(query.dtype).transpose(0, 1)
+        v = v.view(-1, num_kv_heads, head_dim)[:seq_len].to(query.dtype).transpose(0, 1)
         out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
 
 

@@ -73,5 +73,6 @@ def fused_step(rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor
     tensors = (rope.cos, rope.sin, meta.slot_mapping, decodes.rows, decodes.seq_lens,
                decodes.block_tables)  # fmt: skip
     struct = cpu_layer.DecodeStep(tokens, *(t.data_ptr() for t in tensors),
-                                  decodes.block_tables.stride(0), blocks, block_size)  # fmt: skip
+                                  decodes.block_tables.stride(0), blocks, block_size,
+                                  cpu_ops.half_cache(kv_cache))  # fmt: skip
     return FusedStep(struct, tensors)

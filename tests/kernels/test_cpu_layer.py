@@ -61,11 +61,11 @@ def _composed(weights, bias, norms, x, residual, rope, kv_cache, slots, lens, ta
 
 
 @pytest.mark.parametrize(
-    ("requests", "bits", "bias", "first_layer"),
-    [(1, (4, 4, 4, 4), False, False), (3, (8, 4, 4, 8), True, False), (5, (4, 8, 4, 4), True, True),
-     (2, (4, 4, 8, 4), False, True)],
+    ("requests", "bits", "bias", "first_layer", "cache_dtype"),
+    [(1, (4, 4, 4, 4), False, False, torch.float32), (3, (8, 4, 4, 8), True, False, torch.float16),
+     (5, (4, 8, 4, 4), True, True, torch.float32), (2, (4, 4, 8, 4), False, True, torch.float16)],
 )  # fmt: skip
-def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_layer):
+def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_layer, cache_dtype):
     q_size, kv_size = HEADS * DIM, KV_HEADS * DIM
     shapes = [(q_size + 2 * kv_size, HIDDEN, 32), (HIDDEN, q_size, 64), (2 * INNER, HIDDEN, 32),
               (HIDDEN, INNER, 32)]  # fmt: skip
@@ -82,7 +82,7 @@ def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_laye
         tables[r, :count], used = order[used : used + count], used + count
     slots = torch.stack([tables[r, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK
                          for r, n in enumerate(lens.tolist())])  # fmt: skip
-    kv_cache = _random(2, blocks, BLOCK, KV_HEADS, DIM, seed=24)
+    kv_cache = _random(2, blocks, BLOCK, KV_HEADS, DIM, seed=24).to(cache_dtype)
     rope = RopeTables(_random(requests, 1, DIM, seed=25), _random(requests, 1, DIM, seed=26))
     x = _random(requests, HIDDEN, seed=27, scale=2)
     residual = None if first_layer else _random(requests, HIDDEN, seed=28, scale=3)
@@ -100,7 +100,8 @@ def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_laye
     rows = torch.arange(requests)
     step = cpu_layer.DecodeStep(requests, rope.cos.data_ptr(), rope.sin.data_ptr(),
                                 slots.data_ptr(), rows.data_ptr(), lens.data_ptr(),
-                                tables.data_ptr(), tables.stride(0), blocks, BLOCK)  # fmt: skip
+                                tables.data_ptr(), tables.stride(0), blocks, BLOCK,
+                                cpu_ops.half_cache(kv_cache))  # fmt: skip
     out, stream = cpu_layer.decode_layer(layer, step, kv_cache, x, residual)
     assert torch.equal(out, expected) and torch.equal(stream, expected_stream)
     assert torch.equal(kv_cache, kv_expected)  # the new K/V went to the same slots

@@ -57,11 +57,17 @@ def test_silu_and_mul_matches_torch(rows, width):
                                rtol=2e-6, atol=1e-6)  # fmt: skip
 
 
-def test_write_kv_puts_rows_in_their_slots_and_skips_padding():
-    kv_cache = _random(2, 6, 4, 2, 8, seed=6)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("kv_heads", "dim"), [(2, 8), (1, 6)])
+def test_write_kv_puts_rows_in_their_slots_and_skips_padding(cache_dtype, kv_heads, dim):
+    """fp16: torch's rounding of the rows (to nearest even), bit for bit, also for the
+    last values of rows that are not a multiple of eight."""
+    kv_cache = _random(2, 6, 4, kv_heads, dim, seed=6).to(cache_dtype)
     expected = kv_cache.clone()
-    qkv = _random(4, 48, seed=7)  # key and value are strided views, as in the model
-    key, value = qkv[:, 16:32].view(4, 2, 8), qkv[:, 32:].view(4, 2, 8)
+    width = kv_heads * dim
+    qkv = _random(4, 3 * width, seed=7)  # key and value are strided views, as in the model
+    key = qkv[:, width : 2 * width].view(4, kv_heads, dim)
+    value = qkv[:, 2 * width :].view(4, kv_heads, dim)
     slots = torch.tensor([3, -1, 21, 8])
     cpu_ops.write_kv(key, value, kv_cache, slots)
     write_kv_reference(key, value, expected[0], expected[1], slots)
@@ -73,10 +79,13 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding():
     [([1, 5, 8, 9, 37], 16, 9, 3, 64), ([130, 3], 5, 4, 4, 128), ([17, 64], 16, 2, 1, 8),
      ([23], 4, 6, 2, 24)],
 )  # fmt: skip
-def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_heads, dim):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_heads, dim,
+                                                cache_dtype):  # fmt: skip
+    """An fp16 cache: the reference over its values in fp32 (the kernel's arithmetic)."""
     per_request = [-(-n // block_size) for n in seq_lens]
     blocks = sum(per_request) + 3
-    kv_cache = _random(2, blocks, block_size, kv_heads, dim, seed=8)
+    kv_cache = _random(2, blocks, block_size, kv_heads, dim, seed=8).to(cache_dtype)
     order = torch.randperm(blocks, generator=torch.Generator().manual_seed(9))
     tables = torch.zeros(len(seq_lens), max(per_request), dtype=torch.int64)
     used = 0
@@ -89,8 +98,9 @@ def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_
     out = torch.full((tokens, heads, dim), float("nan"))
     cpu_ops.decode_attention(query, kv_cache, torch.arange(tokens), lens, tables, dim**-0.5, out)
     starts = torch.arange(tokens + 1, dtype=torch.int32)
-    expected = paged_attention_reference(query, kv_cache[0], kv_cache[1], tables, starts,
-                                         lens.int(), dim**-0.5)  # fmt: skip
+    k_cache, v_cache = kv_cache.float()
+    expected = paged_attention_reference(query, k_cache, v_cache, tables, starts, lens.int(),
+                                         dim**-0.5)  # fmt: skip
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -91,3 +91,22 @@ def test_the_cpu_backend_and_c_ops_for_fp32_on_cpu_only():
     assert asked.fused_cpu_ops and asked.attention_backend == "torch"  # a named backend wins
     with pytest.raises(ValueError, match="attention_backend cpu runs float32 on a CPU"):
         resolve_placement(EngineConfig(device="cpu", dtype="bfloat16", attention_backend="cpu"))
+
+
+@pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
+def test_the_kv_cache_is_fp16_on_the_default_cpu_path_only(monkeypatch):
+    """fp32 that auto chose on the cpu backend: an fp16 KV cache; fp32 asked for by name,
+    or torch's backend, keep it in the model's dtype."""
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.placement import resolve_placement
+
+    monkeypatch.delenv("KUBELLM_DTYPE", raising=False)
+    auto = resolve_placement(EngineConfig(device="cpu"))
+    if auto.dtype == torch.float32:  # a CPU without fast bf16
+        assert auto.attention_backend == "cpu" and auto.kv_dtype == torch.float16
+    else:
+        assert auto.kv_dtype == auto.dtype
+    named = resolve_placement(EngineConfig(device="cpu", dtype="float32"))
+    assert named.attention_backend == "cpu" and named.kv_dtype == torch.float32
+    torch_backend = EngineConfig(device="cpu", attention_backend="torch")
+    assert resolve_placement(torch_backend).kv_dtype == auto.dtype
