@@ -1,5 +1,6 @@
 """The CPU attention backend: fp32 on CPUs with AVX2, by kubellm's C kernels
-(kernels/cpu_ops.py). The new K/V go to their slots in one call, and every decoding
+(kernels/cpu_ops.py), over an fp32 or fp16 KV cache (`Placement.kv_dtype`; fp32
+arithmetic either way). The new K/V go to their slots in one call, and every decoding
 request of the step (one new token) attends in one call that reads its blocks in place:
 no gather of the contexts, no padding to the longest, no mask. Prefills and prefill
 chunks attend as the torch backend's do (one SDPA call per request, where the per-call

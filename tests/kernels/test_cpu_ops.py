@@ -104,6 +104,21 @@ def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_attention_over_fp16_equals_fp32_holding_the_same_values():
+    """An fp16 cache is read as the fp32 values it holds: the same bits as an fp32 cache
+    of those values, so the cache's dtype changes only what is stored."""
+    half = _random(2, 5, 16, 2, 64, seed=13).half()
+    query = _random(3, 6, 64, seed=14, scale=3)
+    lens, tables = torch.tensor([70, 9, 33]), torch.tensor([[4, 0, 2, 1, 3], [1, 0, 0, 0, 0],
+                                                            [3, 2, 0, 0, 0]])  # fmt: skip
+    outs = []
+    for kv_cache in (half, half.float()):
+        out = torch.empty(3, 6, 64)
+        cpu_ops.decode_attention(query, kv_cache, torch.arange(3), lens, tables, 0.125, out)
+        outs.append(out)
+    assert torch.equal(*outs)
+
+
 def test_decode_attention_writes_only_the_rows_it_is_given():
     """A mixed step's decodes: their rows of out, nothing else."""
     kv_cache = _random(2, 4, 16, 1, 16, seed=11)
