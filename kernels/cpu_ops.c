@@ -287,9 +287,12 @@ void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t he
     int64_t longest = scratch_per_thread / (sizeof(float) + sizeof(int64_t));
     float *scores = (float *)mine;
     int64_t *cache_rows = (int64_t *)(mine + sizeof(float) * longest);
+    /* A KV head's query heads one after another on one thread (its K and V rows then
+     * come from that core's cache after the first), unless that leaves a thread idle. */
+    int64_t per_item = requests * kv_heads >= 4 * omp_get_num_threads() ? group : 1;
 #pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < requests * heads; item++) {
-        int64_t r = item / heads, h = item % heads, row = rows[r];
+    for (int64_t item = 0; item < requests * heads / per_item; item++) {
+        int64_t r = item * per_item / heads, first = item * per_item % heads, row = rows[r];
         if (r != last) { /* this request's positions' rows of the cache */
             const int64_t *table = block_tables + r * table_stride;
             for (int64_t t = 0, b = 0, j = 0; t < seq_lens[r]; t++) {
@@ -298,9 +301,10 @@ void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t he
             }
             last = r;
         }
-        (half ? attend_head_fp16 : attend_head_fp32)(
-            q + row * q_stride + h * dim, k_cache, v_cache, h / group * dim, cache_rows,
-            seq_lens[r], kv_width, dim, scale, scores, out + (row * heads + h) * dim);
+        for (int64_t h = first; h < first + per_item; h++)
+            (half ? attend_head_fp16 : attend_head_fp32)(
+                q + row * q_stride + h * dim, k_cache, v_cache, h / group * dim, cache_rows,
+                seq_lens[r], kv_width, dim, scale, scores, out + (row * heads + h) * dim);
     }
 }
 
