@@ -171,7 +171,8 @@ static inline __attribute__((always_inline)) void add_offsets(
     for (int r = 0; r < rows; r++) acc[r] = _mm256_add_ps(acc[r], share[r]);
 }
 
-/* `rows` (a constant once inlined) rows of x times one 4-bit weight row: y[r * N]. */
+/* `rows` (a constant once inlined) rows of x times one 4-bit weight row: each row's
+ * partial sums (eight lanes) into out[r * TILE]. */
 static inline __attribute__((always_inline)) void row4(
     const uint8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
     const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
@@ -225,7 +226,7 @@ static inline __attribute__((always_inline)) void pair8(
     }
 }
 
-/* `rows` rows of x times one signed 8-bit weight row. */
+/* `rows` rows of x times one signed 8-bit weight row, as row4. */
 static inline __attribute__((always_inline)) void row8(
     const int8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
     const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
