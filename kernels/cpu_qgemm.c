@@ -39,23 +39,37 @@ static inline float hmax(__m256 v) {
 /* A row's group sums take a whole number of 8-float vectors, zero past the last. */
 static inline int64_t sums_stride(int64_t groups) { return (groups + 7) & ~(int64_t)7; }
 
-/* Where input j of block b goes for the 4-bit kernel. A 32-byte load of codes holds a
- * pair of blocks: its low nibbles are both blocks' even inputs (bytes 0-15: the first
- * block's), its high nibbles their odd ones; a last unpaired block is 16 bytes. */
-static inline int slot4(int64_t b, int j, int paired) {
-    if (!paired) return (j & 1) * 16 + j / 2;
-    return (j & 1) * BLOCK + (b & 1) * 16 + j / 2 - (b & 1) * BLOCK;
+/* A block's 32 int32 codes (in -127..127) as int8 in input order. */
+static inline __m256i pack_block(const __m256i *q) {
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                       _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* Where input j of block b goes for the 8-bit kernel: a pair of blocks is read as the
- * first halves of both, then the second halves; a last unpaired block as it is. */
-static inline int slot8(int64_t b, int j, int paired) {
-    if (!paired) return j;
-    return (j / 16) * BLOCK + (b & 1) * 16 + j % 16 - (b & 1) * BLOCK;
+/* A block's codes where the kernel reads them (xq + b * BLOCK is `out`). The 4-bit
+ * kernel reads inputs in two halves, even then odd (a byte's low nibble then its high
+ * one), the 8-bit kernel 0-15 then 16-31. A pair of blocks (b even, b + 1) is read as
+ * both blocks' first halves, then both second halves: block b's halves at bytes 0 and
+ * 32 of the pair, block b + 1's at 16 and 48. A last unpaired block is as it is. */
+static inline void put_block(__m256i codes, int64_t b, int64_t blocks, int bits,
+                             int8_t *out) {
+    if (bits == 4) { /* evens, then odds, in each 16-input lane; then the lanes' halves */
+        const __m256i split = _mm256_setr_epi8(
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        codes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), 0xD8);
+    }
+    if ((b | 1) >= blocks) {
+        _mm256_storeu_si256((__m256i *)out, codes);
+        return;
+    }
+    int8_t *first = out - 16 * (b & 1);
+    _mm_storeu_si128((__m128i *)first, _mm256_castsi256_si128(codes));
+    _mm_storeu_si128((__m128i *)(first + 32), _mm256_extracti128_si256(codes, 1));
 }
 
-/* One row of x: int8 codes per block (in slot order), each block's scale four times
- * (a pair of blocks' scales is then one 8-float load), and each group's sum. */
+/* One row of x: int8 codes per block (where the kernel reads them), each block's scale
+ * four times (a pair of blocks' scales is then one 8-float load), and each group's sum. */
 static void quantize_row(const float *x, int64_t K, int64_t group, int bits, int8_t *xq,
                          float *dx, float *xs) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -75,15 +89,11 @@ static void quantize_row(const float *x, int64_t K, int64_t group, int bits, int
             m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
         float d = hmax(m) / 127.f;
         __m256 inv = _mm256_set1_ps(d > 0 ? 1.f / d : 0.f);
-        int32_t q[BLOCK];
-        for (int i = 0; i < BLOCK; i += 8)
-            _mm256_storeu_si256((__m256i *)(q + i),
-                                _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), inv)));
+        __m256i q[BLOCK / 8];
+        for (int i = 0; i < BLOCK / 8; i++)
+            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), inv));
         _mm_storeu_ps(dx + 4 * b, _mm_set1_ps(d));
-        int8_t *out = xq + b * BLOCK;
-        int paired = (b | 1) < blocks;
-        for (int j = 0; j < BLOCK; j++)
-            out[bits == 8 ? slot8(b, j, paired) : slot4(b, j, paired)] = (int8_t)q[j];
+        put_block(pack_block(q), b, blocks, bits, xq + b * BLOCK);
     }
 }
 
