@@ -25,13 +25,9 @@ class Placement:
     dtype: torch.dtype
     attention_backend: str
     dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
-    quantized_kernels: bool = False  # quantized layers' small products by a CPU kernel
-    fused_cpu_ops: bool = False  # a layer's norms, rope and SiLU by kubellm's C kernels
-    kv_cache_dtype: torch.dtype | None = None  # None: dtype's
-
-    @property
-    def kv_dtype(self) -> torch.dtype:
-        return self.kv_cache_dtype or self.dtype
+    quantized_kernels: bool  # quantized layers' small products by a CPU kernel
+    fused_cpu_ops: bool  # a layer's norms, rope and SiLU by kubellm's C kernels
+    kv_dtype: torch.dtype  # of the KV cache
 
     def device_of(self, rank: int, world_size: int) -> torch.device:
         if world_size == 1 or self.device.type != "cuda":
@@ -53,7 +49,7 @@ def resolve_placement(config: EngineConfig) -> Placement:
     fused = uses_fused_cpu_ops(dtype, device)
     backend = resolve_attention_backend(config.attention_backend, device, fused)
     quantized = uses_quantized_kernels(config.dtype, dtype, device)
-    kv_dtype = None
+    kv_dtype = dtype
     if backend == "cpu" and quantized:  # fp32 that auto chose: half the bytes attention reads
         kv_dtype = torch.float16
         logger.info("KV cache: float16 (the cpu attention backend with dtype auto; "
