@@ -136,12 +136,19 @@ static inline void put_row(void *cache, int64_t slot, const float *row, int64_t 
     for (; i < width; i++) to[i] = _cvtss_sh(row[i], _MM_FROUND_TO_NEAREST_INT);
 }
 
+static inline int64_t value_bytes(int half) { return half ? sizeof(uint16_t) : sizeof(float); }
+
+/* Where V's rows begin in a cache of `rows` K rows then as many V rows. */
+static inline void *v_rows(const void *kv_cache, int64_t rows, int64_t width, int half) {
+    return (char *)kv_cache + value_bytes(half) * rows * width;
+}
+
 /* New K and V rows (`width` floats each, token rows `k_stride` / `v_stride` apart) into
  * their cache slots; slot -1 is skipped. The cache: K's `slots_total` rows, then V's. */
 void kubellm_write_kv_rows(const float *k, int64_t k_stride, const float *v,
                            int64_t v_stride, const int64_t *slots, int64_t tokens,
                            int64_t width, void *kv_cache, int64_t slots_total, int half) {
-    char *v_cache = (char *)kv_cache + (half ? 2 : 4) * slots_total * width;
+    void *v_cache = v_rows(kv_cache, slots_total, width, half);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
@@ -164,6 +171,18 @@ static inline __attribute__((always_inline)) __m256 load8(const void *cache, int
     return _mm256_loadu_ps((const float *)cache + at);
 }
 
+/* Positions ahead whose K rows scores_of asks for (a request's rows are scattered over
+ * its blocks, which the hardware's prefetcher does not follow across). */
+#define AHEAD 16
+
+/* Asks for the cache lines of `values` cache values from element `at` on. */
+static inline __attribute__((always_inline)) void prefetch(const void *cache, int64_t at,
+                                                          int64_t values, const int half) {
+    const char *from = (const char *)cache + value_bytes(half) * at;
+    for (int64_t byte = 0; byte < value_bytes(half) * values; byte += 64)
+        _mm_prefetch(from + byte, _MM_HINT_T0);
+}
+
 static inline __attribute__((always_inline)) float dot(const float *q, const void *cache,
                                                        int64_t at, int64_t dim, const int half) {
     __m256 acc = _mm256_setzero_ps();
@@ -172,98 +191,161 @@ static inline __attribute__((always_inline)) float dot(const float *q, const voi
     return hsum(acc);
 }
 
-/* Lane i: the sum of the lanes of a[i]. */
-static inline __m256 sums8(const __m256 *a) {
-    __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                         _mm256_permute2f128_ps(s0123, s4567, 0x31));
+/* Query heads of one KV head attended together: each K and V row is then loaded (and
+ * from fp16 converted) once for all of them. Three keep a pass's sums in registers. */
+#define HEADS_TOGETHER 3
+
+/* Lane i: the sum of the lanes of a[i], each in the order ((0+1)+(2+3))+((4+5)+(6+7)). */
+static inline __m128 sums4(const __m256 *a) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
-/* scores[t] = q . k_t * scale for t < len, eight positions at a time; returns the max.
+/* scores[c * len + t] = q_c . k_t * scale for the `heads` (a constant once inlined) query
+ * heads q_c = q + c * dim and t < len, four positions at a time; top[c]: head c's max.
  * K of position t starts at element rows[t] * kv_width + head of k_cache. */
-static inline __attribute__((always_inline)) float scores_of(
-    const float *q, const void *k_cache, int64_t head, const int64_t *rows, int64_t len,
-    int64_t kv_width, int64_t dim, float scale, float *scores, const int half) {
-    __m256 top = _mm256_set1_ps(-INFINITY), scaled = _mm256_set1_ps(scale);
+static inline __attribute__((always_inline)) void scores_of(
+    const float *q, const int heads, const void *k_cache, int64_t head, const int64_t *rows,
+    int64_t len, int64_t kv_width, int64_t dim, float scale, float *scores, float *top,
+    const int half) {
+    const __m128 scaled = _mm_set1_ps(scale);
+    __m128 peak[HEADS_TOGETHER];
+    for (int c = 0; c < heads; c++) peak[c] = _mm_set1_ps(-INFINITY);
     int64_t t = 0;
-    for (; t + 8 <= len; t += 8) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (; t + 4 <= len; t += 4) {
+        for (int j = 0; j < 4 && t + AHEAD + j < len; j++)
+            prefetch(k_cache, rows[t + AHEAD + j] * kv_width + head, dim, half);
+        __m256 acc[HEADS_TOGETHER][4];
+        for (int c = 0; c < heads; c++)
+            for (int j = 0; j < 4; j++) acc[c][j] = _mm256_setzero_ps();
         for (int64_t i = 0; i < dim; i += 8) {
-            __m256 qi = _mm256_loadu_ps(q + i);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(qi, load8(k_cache, rows[t + j] * kv_width + head + i, half), acc[j]);
+            __m256 qi[HEADS_TOGETHER];
+            for (int c = 0; c < heads; c++) qi[c] = _mm256_loadu_ps(q + c * dim + i);
+            for (int j = 0; j < 4; j++) {
+                __m256 k = load8(k_cache, rows[t + j] * kv_width + head + i, half);
+                for (int c = 0; c < heads; c++) acc[c][j] = _mm256_fmadd_ps(qi[c], k, acc[c][j]);
+            }
         }
-        __m256 s = _mm256_mul_ps(sums8(acc), scaled);
-        _mm256_storeu_ps(scores + t, s);
-        top = _mm256_max_ps(top, s);
+        for (int c = 0; c < heads; c++) {
+            __m128 s = _mm_mul_ps(sums4(acc[c]), scaled);
+            _mm_storeu_ps(scores + c * len + t, s);
+            peak[c] = _mm_max_ps(peak[c], s);
+        }
     }
-    float m = -INFINITY;
-    for (int j = 0; j < 8; j++) m = fmaxf(m, ((float *)&top)[j]);
-    for (; t < len; t++) {
-        scores[t] = dot(q, k_cache, rows[t] * kv_width + head, dim, half) * scale;
-        m = fmaxf(m, scores[t]);
+    for (int c = 0; c < heads; c++) {
+        float m = -INFINITY;
+        for (int j = 0; j < 4; j++) m = fmaxf(m, ((float *)&peak[c])[j]);
+        for (int64_t u = t; u < len; u++) {
+            float *s = scores + c * len + u;
+            *s = dot(q + c * dim, k_cache, rows[u] * kv_width + head, dim, half) * scale;
+            m = fmaxf(m, *s);
+        }
+        top[c] = m;
     }
-    return m;
 }
 
-/* out[:width] = sum_t p[t] v_t[:width] / total, width a multiple of 8 up to 64; v_t
- * starts at element rows[t] * kv_width + head of v_cache. */
-static inline __attribute__((always_inline)) void weighted_sum(
-    const float *p, const void *v_cache, int64_t head, const int64_t *rows, int64_t len,
-    int64_t kv_width, const int width, float total, float *out, const int half) {
-    __m256 acc[8];
-    for (int i = 0; i < width / 8; i++) acc[i] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < len; t++) {
-        int64_t at = rows[t] * kv_width + head;
-        __m256 w = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < width / 8; i++) acc[i] = _mm256_fmadd_ps(w, load8(v_cache, at + 8 * i, half), acc[i]);
-    }
-    __m256 inverse = _mm256_set1_ps(1.f / total);
-    for (int i = 0; i < width / 8; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inverse));
-}
-
-/* One query head of one request over its `len` positions (cache rows `rows`), its KV
- * head's values from element `head` of each row; `scores` holds len floats. */
-static inline __attribute__((always_inline)) void attend_head(
-    const float *q, const void *k_cache, const void *v_cache, int64_t head,
-    const int64_t *rows, int64_t len, int64_t kv_width, int64_t dim, float scale,
-    float *scores, float *out, const int half) {
-    float top = scores_of(q, k_cache, head, rows, len, kv_width, dim, scale, scores, half);
-    __m256 peak = _mm256_set1_ps(top);
-    __m256 sum = _mm256_setzero_ps();
+/* p[:len] = e^(p - top) in place; returns their sum. */
+static inline float exponentiate(float *p, int64_t len, float top) {
+    __m256 peak = _mm256_set1_ps(top), sum = _mm256_setzero_ps();
     int64_t t = 0;
     for (; t + 8 <= len; t += 8) {
-        __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + t), peak));
-        _mm256_storeu_ps(scores + t, p);
-        sum = _mm256_add_ps(sum, p);
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + t), peak));
+        _mm256_storeu_ps(p + t, e);
+        sum = _mm256_add_ps(sum, e);
     }
     float total = hsum(sum);
-    for (; t < len; t++) total += scores[t] = exp1(scores[t] - top);
-    int64_t d = 0;
-    for (; d + 64 <= dim; d += 64)
-        weighted_sum(scores, v_cache, head + d, rows, len, kv_width, 64, total, out + d, half);
-    for (; d < dim; d += 8)
-        weighted_sum(scores, v_cache, head + d, rows, len, kv_width, 8, total, out + d, half);
+    for (; t < len; t++) total += p[t] = exp1(p[t] - top);
+    return total;
 }
 
-static void attend_head_fp32(const float *q, const void *k_cache, const void *v_cache,
-                             int64_t head, const int64_t *rows, int64_t len, int64_t kv_width,
-                             int64_t dim, float scale, float *scores, float *out) {
-    attend_head(q, k_cache, v_cache, head, rows, len, kv_width, dim, scale, scores, out, 0);
+/* Positions whose V rows a pass of weighted_sum reads for every width of the head
+ * (they then come from L1 after the first). */
+#define SPAN 16
+
+/* acc_c[:width] += sum_{t in [from, to)} p_c[t] v_t[:width] (p_c = p + c * len, acc_c =
+ * acc + c * dim / 8), width 8 or 32; v_t starts at element rows[t] * kv_width + head. */
+static inline __attribute__((always_inline)) void weigh_span(
+    const float *p, const int heads, const void *v_cache, int64_t head, const int64_t *rows,
+    int64_t from, int64_t to, int64_t len, int64_t kv_width, int64_t dim, const int width,
+    __m256 *acc, const int half) {
+    __m256 sums[HEADS_TOGETHER][4];
+    for (int c = 0; c < heads; c++)
+        for (int i = 0; i < width / 8; i++) sums[c][i] = acc[c * dim / 8 + i];
+    for (int64_t t = from; t < to; t++) {
+        int64_t at = rows[t] * kv_width + head;
+        __m256 w[HEADS_TOGETHER];
+        for (int c = 0; c < heads; c++) w[c] = _mm256_set1_ps(p[c * len + t]);
+        for (int i = 0; i < width / 8; i++) {
+            __m256 v = load8(v_cache, at + 8 * i, half);
+            for (int c = 0; c < heads; c++) sums[c][i] = _mm256_fmadd_ps(w[c], v, sums[c][i]);
+        }
+    }
+    for (int c = 0; c < heads; c++)
+        for (int i = 0; i < width / 8; i++) acc[c * dim / 8 + i] = sums[c][i];
 }
 
-static void attend_head_fp16(const float *q, const void *k_cache, const void *v_cache,
-                             int64_t head, const int64_t *rows, int64_t len, int64_t kv_width,
-                             int64_t dim, float scale, float *scores, float *out) {
-    attend_head(q, k_cache, v_cache, head, rows, len, kv_width, dim, scale, scores, out, 1);
+/* out_c = sum_t p_c[t] v_t / total[c] for the `heads` heads (out_c = out + c * dim), each
+ * lane's sum in position order; SPAN positions at a time, 32 values of each at a time. */
+static inline __attribute__((always_inline)) void weighted_sum(
+    const float *p, const int heads, const void *v_cache, int64_t head, const int64_t *rows,
+    int64_t len, int64_t kv_width, int64_t dim, const float *total, float *out,
+    const int half) {
+    __m256 acc[HEADS_TOGETHER * 32]; /* [head][dim / 8], dim at most 256 */
+    for (int64_t i = 0; i < heads * dim / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t from = 0; from < len; from += SPAN) {
+        int64_t to = from + SPAN < len ? from + SPAN : len, d = 0;
+        for (int64_t t = to; t < to + SPAN && t < len; t++) /* the next span's rows */
+            prefetch(v_cache, rows[t] * kv_width + head, dim, half);
+        for (; d + 32 <= dim; d += 32)
+            weigh_span(p, heads, v_cache, head + d, rows, from, to, len, kv_width, dim, 32,
+                       acc + d / 8, half);
+        for (; d < dim; d += 8)
+            weigh_span(p, heads, v_cache, head + d, rows, from, to, len, kv_width, dim, 8,
+                       acc + d / 8, half);
+    }
+    for (int c = 0; c < heads; c++) {
+        __m256 inverse = _mm256_set1_ps(1.f / total[c]);
+        for (int64_t i = 0; i < dim / 8; i++)
+            _mm256_storeu_ps(out + c * dim + 8 * i, _mm256_mul_ps(acc[c * dim / 8 + i], inverse));
+    }
 }
+
+/* `heads` consecutive query heads (q, `dim` apart) of one request over its `len`
+ * positions (cache rows `rows`), their KV head's values from element `head` of each row,
+ * into out (`dim` apart); `scores` holds HEADS_TOGETHER * len floats. A head's values
+ * are the same however many heads share its pass. */
+static inline __attribute__((always_inline)) void attend_heads(
+    const float *q, const int heads, const void *k_cache, const void *v_cache, int64_t head,
+    const int64_t *rows, int64_t len, int64_t kv_width, int64_t dim, float scale,
+    float *scores, float *out, const int half) {
+    float top[HEADS_TOGETHER], total[HEADS_TOGETHER];
+    scores_of(q, heads, k_cache, head, rows, len, kv_width, dim, scale, scores, top, half);
+    for (int c = 0; c < heads; c++) total[c] = exponentiate(scores + c * len, len, top[c]);
+    weighted_sum(scores, heads, v_cache, head, rows, len, kv_width, dim, total, out, half);
+}
+
+typedef void attend_fn(const float *q, const void *k_cache, const void *v_cache,
+                       int64_t head, const int64_t *rows, int64_t len, int64_t kv_width,
+                       int64_t dim, float scale, float *scores, float *out);
+
+#define ATTEND(heads, half)                                                                \
+    static void attend_##heads##_##half(const float *q, const void *k_cache,              \
+                                        const void *v_cache, int64_t head,                 \
+                                        const int64_t *rows, int64_t len, int64_t kv_width, \
+                                        int64_t dim, float scale, float *scores, float *out) { \
+        attend_heads(q, heads, k_cache, v_cache, head, rows, len, kv_width, dim, scale,    \
+                     scores, out, half);                                                   \
+    }
+ATTEND(1, 0) ATTEND(2, 0) ATTEND(3, 0) ATTEND(1, 1) ATTEND(2, 1) ATTEND(3, 1)
+
+/* [half][heads - 1]: the instantiation for a pass of `heads` heads over a cache. */
+static attend_fn *const ATTEND_FOR[2][HEADS_TOGETHER] = {
+    {attend_1_0, attend_2_0, attend_3_0}, {attend_1_1, attend_2_1, attend_3_1}};
 
 int64_t kubellm_decode_scratch_bytes(const int64_t *seq_lens, int64_t requests) {
     int64_t longest = 0;
     for (int64_t r = 0; r < requests; r++) longest = seq_lens[r] > longest ? seq_lens[r] : longest;
-    return (sizeof(float) + sizeof(int64_t)) * longest;
+    return (HEADS_TOGETHER * sizeof(float) + sizeof(int64_t)) * longest;
 }
 
 /* Inside a team: attention of `requests` one-token queries over their whole contexts,
@@ -282,13 +364,13 @@ void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t he
                                     int64_t scratch_per_thread) {
     int64_t group = heads / kv_heads, kv_width = kv_heads * dim, last = -1;
     const void *k_cache = kv_cache;
-    const void *v_cache = (const char *)kv_cache + (half ? 2 : 4) * blocks * block_size * kv_width;
+    const void *v_cache = v_rows(kv_cache, blocks * block_size, kv_width, half);
     char *mine = scratch + omp_get_thread_num() * scratch_per_thread;
-    int64_t longest = scratch_per_thread / (sizeof(float) + sizeof(int64_t));
+    int64_t longest = scratch_per_thread / (HEADS_TOGETHER * sizeof(float) + sizeof(int64_t));
     float *scores = (float *)mine;
-    int64_t *cache_rows = (int64_t *)(mine + sizeof(float) * longest);
-    /* A KV head's query heads one after another on one thread (its K and V rows then
-     * come from that core's cache after the first), unless that leaves a thread idle. */
+    int64_t *cache_rows = (int64_t *)(mine + HEADS_TOGETHER * sizeof(float) * longest);
+    /* An item is a KV head's query heads (attended HEADS_TOGETHER at a time), unless
+     * that leaves a thread idle: then a single query head. */
     int64_t per_item = requests * kv_heads >= 4 * omp_get_num_threads() ? group : 1;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < requests * heads / per_item; item++) {
@@ -301,10 +383,12 @@ void kubellm_decode_attention_heads(const float *q, int64_t q_stride, int64_t he
             }
             last = r;
         }
-        for (int64_t h = first; h < first + per_item; h++)
-            (half ? attend_head_fp16 : attend_head_fp32)(
+        for (int64_t h = first, together; h < first + per_item; h += together) {
+            together = first + per_item - h < HEADS_TOGETHER ? first + per_item - h : HEADS_TOGETHER;
+            ATTEND_FOR[half != 0][together - 1](
                 q + row * q_stride + h * dim, k_cache, v_cache, h / group * dim, cache_rows,
                 seq_lens[r], kv_width, dim, scale, scores, out + (row * heads + h) * dim);
+        }
     }
 }
 

@@ -77,7 +77,7 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding(cache_dtype, kv_hea
 @pytest.mark.parametrize(
     ("seq_lens", "block_size", "heads", "kv_heads", "dim"),
     [([1, 5, 8, 9, 37], 16, 9, 3, 64), ([130, 3], 5, 4, 4, 128), ([17, 64], 16, 2, 1, 8),
-     ([23], 4, 6, 2, 24)],
+     ([23], 4, 6, 2, 24), ([3, 40, 17, 9, 64], 16, 8, 2, 32), ([12, 33, 50, 7], 8, 16, 2, 40)],
 )  # fmt: skip
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_heads, dim,
@@ -117,6 +117,22 @@ def test_decode_attention_over_fp16_equals_fp32_holding_the_same_values():
         cpu_ops.decode_attention(query, kv_cache, torch.arange(3), lens, tables, 0.125, out)
         outs.append(out)
     assert torch.equal(*outs)
+
+
+def test_decode_attention_of_a_request_is_the_same_alone_or_in_a_batch():
+    """Alone, a request's query heads are attended one by one; in a batch, a KV head's
+    query heads together (each K and V row read once for them): the same bits."""
+    kv_cache = _random(2, 48, 16, 3, 64, seed=15).half()
+    query = _random(8, 9, 64, seed=16, scale=3)
+    lens = torch.tensor([45, 70, 3, 16, 33, 90, 1, 60])
+    tables = torch.randperm(48, generator=torch.Generator().manual_seed(17)).view(8, 6)
+    batch = torch.empty(8, 9, 64)
+    cpu_ops.decode_attention(query, kv_cache, torch.arange(8), lens, tables, 0.125, batch)
+    for r in (0, 5):
+        alone = torch.empty(1, 9, 64)
+        cpu_ops.decode_attention(query[r : r + 1], kv_cache, torch.arange(1), lens[r : r + 1],
+                                 tables[r : r + 1], 0.125, alone)  # fmt: skip
+        assert torch.equal(alone[0], batch[r])
 
 
 def test_decode_attention_writes_only_the_rows_it_is_given():
