@@ -50,7 +50,7 @@ class LLMEngine:
                      config.quantization)  # fmt: skip
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
-        placement = resolve_placement(config)
+        placement = resolve_placement(config, source.stays_quantized)
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = config.resolve_max_model_len(source.config)
         self.workers = self._start_workers(config, placement)

@@ -54,6 +54,11 @@ class ModelSource:
             return "gguf"
         return self.hf_quantization.method if self.hf_quantization else None
 
+    @property
+    def stays_quantized(self) -> bool:
+        """The runner keeps the weights in their quantized form."""
+        return self.keep_packed and self.quantization is not None
+
     def tensors(self) -> Iterator[tuple[str, LazyTensor]]:
         """(HF name, tensor) for every weight; each read only as far as a rank needs."""
         if self.gguf:

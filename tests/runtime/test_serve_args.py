@@ -47,6 +47,10 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
                             ({"amx_tile", "amx_bf16"}, torch.bfloat16)):  # fmt: skip
         monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
         assert placement.resolve_dtype("auto", cpu) == expected
+        if "amx_bf16" in flags or cpu_library.unavailable() is not None:
+            assert placement.resolve_dtype("auto", cpu, stays_quantized=True) == expected
+        else:  # quantized weights without AMX: the C kernels with fp32 activations
+            assert placement.resolve_dtype("auto", cpu, stays_quantized=True) == torch.float32
     assert placement.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
     monkeypatch.setenv("KUBELLM_DTYPE", "float32")
     assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
@@ -101,12 +105,12 @@ def test_the_kv_cache_is_fp16_on_the_default_cpu_path_only(monkeypatch):
     from kubellm.runtime.placement import resolve_placement
 
     monkeypatch.delenv("KUBELLM_DTYPE", raising=False)
-    auto = resolve_placement(EngineConfig(device="cpu"))
-    if auto.dtype == torch.float32:  # a CPU without fast bf16
+    auto = resolve_placement(EngineConfig(device="cpu"), stays_quantized=True)
+    if auto.dtype == torch.float32:  # a CPU without AMX
         assert auto.attention_backend == "cpu" and auto.kv_dtype == torch.float16
     else:
         assert auto.kv_dtype == auto.dtype
     named = resolve_placement(EngineConfig(device="cpu", dtype="float32"))
     assert named.attention_backend == "cpu" and named.kv_dtype == torch.float32
     torch_backend = EngineConfig(device="cpu", attention_backend="torch")
-    assert resolve_placement(torch_backend).kv_dtype == auto.dtype
+    assert resolve_placement(torch_backend, stays_quantized=True).kv_dtype == auto.dtype
