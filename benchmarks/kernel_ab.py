@@ -33,9 +33,8 @@ def build(sources: dict[str, str], into: Path) -> ctypes.CDLL:
     into.mkdir()
     for name, text in sources.items():
         (into / name).write_text(text)
-    c_files = [str(into / path.name) for path in cpu_library.SOURCES]
     out = into / "kernels.so"
-    subprocess.run(["cc", *cpu_library.COMPILE_FLAGS, *c_files, "-o", str(out)], check=True)
+    cpu_library.compile_library([into / path.name for path in cpu_library.SOURCES], out)
     return ctypes.CDLL(str(out))
 
 

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 SOURCES = tuple(Path(__file__).with_name(name)
@@ -39,11 +40,16 @@ def build() -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        compiler = os.environ.get("CC", "cc")
-        subprocess.run([compiler, *COMPILE_FLAGS, *map(str, SOURCES), "-o", str(partial)],
-                       capture_output=True, text=True, check=True)  # fmt: skip
+        compile_library(SOURCES, partial)
         partial.replace(path)  # atomic: ranks building at once each put a whole file
     return path
+
+
+def compile_library(sources: Sequence[Path], out: Path) -> None:
+    """`sources` (the C files; the header beside them) compiled into the library `out`."""
+    compiler = os.environ.get("CC", "cc")
+    subprocess.run([compiler, *COMPILE_FLAGS, *map(str, sources), "-o", str(out)],
+                   capture_output=True, text=True, check=True)  # fmt: skip
 
 
 @functools.cache

@@ -70,8 +70,7 @@ class ModelRunner:
     def _quantized_kernel(self, placement: Placement, source: ModelSource) -> str | None:
         """The CPU kernel quantized weights are stored for (`cpu_kernel`); None: none
         (a GPU, no quantized weights, or the exact products asked for)."""
-        quantized = source.stays_quantized
-        if quantized and placement.quantized_kernels:  # only ever on CPU
+        if source.stays_quantized and placement.quantized_kernels:  # only ever on CPU
             return cpu_kernel()
         return None
 
