@@ -60,6 +60,7 @@ class Kube:
         self._login = login
         self.session: aiohttp.ClientSession | None = None
         self.server = ""
+        self._auth: dict[str, str] = {}
 
     @classmethod
     def login(cls, settings: kopf.OperatorSettings) -> Kube:
@@ -79,12 +80,17 @@ class Kube:
         if self.session is None:
             info = self._login()
             self.server = info.server.rstrip("/")
+            self._auth = info.as_http_headers()
             tls = info.as_ssl_context() if self.server.startswith("https") else False
             self.session = aiohttp.ClientSession(
-                headers={"Accept": "application/json", **info.as_http_headers()},
-                connector=aiohttp.TCPConnector(ssl=tls),
+                headers={"Accept": "application/json"}, connector=aiohttp.TCPConnector(ssl=tls)
             )
         return self.session
+
+    def _log_in_again(self) -> None:
+        """A rotated token: read the credentials again. The session stays open, since
+        the handlers' other requests share it; only the headers sent from now on change."""
+        self._auth = self._login().as_http_headers()
 
     async def close(self) -> None:
         if self.session is not None:
@@ -109,14 +115,16 @@ class Kube:
         """The response's JSON (None for a 404 when `missing_ok`); transient failures are
         retried, the last one raised as a KubeError."""
         relogged = False
+        headers = kwargs.pop("headers", {})
         for attempt in range(ATTEMPTS):
             session = await self._connect()
             last = attempt == ATTEMPTS - 1
+            url, auth = self.server + path, {**self._auth, **headers}
             try:
-                async with session.request(method, self.server + path, **kwargs) as response:
+                async with session.request(method, url, headers=auth, **kwargs) as response:
                     if response.status == 401 and not relogged:
                         relogged = True
-                        await self.close()  # a rotated token: log in again, once
+                        self._log_in_again()  # once per request
                         continue
                     if response.status in TRANSIENT_STATUSES and not last:
                         await asyncio.sleep(_delay(attempt, response.headers.get("Retry-After")))
