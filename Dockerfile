@@ -54,11 +54,13 @@ RUN pip install --no-cache-dir "$(ls /wheels/kubellm-*.whl)[runtime]" \
     && useradd --uid 1000 --create-home kubellm \
     && mkdir -p "$HF_HOME" && chown -R 1000:1000 /cache
 # kubellm's C kernels for CPUs (quantized products, a layer's small ops), built here
-# once (the image keeps no compiler); unused where the CPU lacks AVX2, and on GPUs.
+# once for each instruction-set level (the image keeps no compiler; a pod loads its
+# CPU's best); unused where the CPU lacks AVX2, and on GPUs.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
-    && python3 -c "from kubellm.kernels.cpu_library import build; print(build())" \
+    && python3 -c "from kubellm.kernels.cpu_library import LEVELS, build; \
+[print(build(name)) for name, _, _ in LEVELS]" \
     && apt-get purge -y gcc libc6-dev && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/*
 USER 1000

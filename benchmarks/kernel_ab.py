@@ -1,10 +1,12 @@
 """kubellm's C kernels at an earlier commit against the working tree's, alternated in one
 process: the quantized product (`kubellm_qgemm`, x's int8 rounding included) on the
 built-in model's layer shapes, and decode attention (`kubellm_decode_attention`) over
-fp16 and fp32 caches. Both libraries are built from their sources with the library's
-own flags; each case checks whether the two give the same bits.
+fp16 and fp32 caches. Both libraries are built from their sources with the flags of an
+instruction-set level (`cpu_library.LEVELS`; default this CPU's); each case checks
+whether the two give the same bits.
 
     python benchmarks/kernel_ab.py --base HEAD~1
+    python benchmarks/kernel_ab.py --base HEAD --base-level avx2   # VNNI's build against AVX2's
 
 Median microseconds of 7 rounds (each round: as many calls as fit in 50 ms, per build).
 """
@@ -28,13 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 
 
-def build(sources: dict[str, str], into: Path) -> ctypes.CDLL:
-    """The library built from {file name: text} in `into`."""
+def build(sources: dict[str, str], into: Path, level: str) -> ctypes.CDLL:
+    """The library built from {file name: text} in `into` for an instruction-set level."""
     into.mkdir()
     for name, text in sources.items():
         (into / name).write_text(text)
     out = into / "kernels.so"
-    cpu_library.compile_library([into / path.name for path in cpu_library.SOURCES], out)
+    sources_in = [into / path.name for path in cpu_library.SOURCES]
+    cpu_library.compile_library(sources_in, out, cpu_library.level_flags(level))
     return ctypes.CDLL(str(out))
 
 
@@ -133,11 +136,16 @@ def microseconds(run, lib: ctypes.CDLL) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="the commit to compare against")
+    levels = [name for name, _, _ in cpu_library.LEVELS]
+    parser.add_argument("--base-level", choices=levels, default=cpu_library.level())
+    parser.add_argument("--level", choices=levels, default=cpu_library.level(),
+                        help="the working tree's build")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        base = build(sources_at(args.base), Path(scratch) / "base")
-        current = build(sources_at(None), Path(scratch) / "current")
-        print(f"{cpu_model()}, {THREADS} threads; {args.base} against the working tree\n")
+        base = build(sources_at(args.base), Path(scratch) / "base", args.base_level)
+        current = build(sources_at(None), Path(scratch) / "current", args.level)
+        print(f"{cpu_model()}, {THREADS} threads; {args.base} ({args.base_level}) against "
+              f"the working tree ({args.level})\n")  # fmt: skip
         print("| case | base us | current us | base / current | same bits |")
         print("|---|---|---|---|---|")
         for name, run in cases().items():

@@ -27,7 +27,7 @@ VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors llama.cpp
 
 # /proc/cpuinfo flag -> ggml's CMake option
 ISA_OPTIONS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
-               "avx512f": "GGML_AVX512", "avx512_vbmi": "GGML_AVX512_VBMI",
+               "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
                "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}  # fmt: skip
 
 

@@ -4,9 +4,11 @@ library, built with the machine's C compiler on first use and loaded with ctypes
 They need AVX2, FMA and F16C (`CPU_FLAGS`), and a C compiler (`$CC`, else `cc`) with
 OpenMP where the library is not built yet: it is cached under `$XDG_CACHE_HOME/kubellm`
 (else `~/.cache/kubellm`), one file per source and flags, so a change to either builds
-anew (the runtime image builds it when it is made, and keeps no compiler). It links
-against libgomp by name, which is the copy torch has already loaded: both share one
-OpenMP thread pool. `unavailable()` says why it cannot be used here, if it cannot.
+anew (the runtime image builds every level when it is made, and keeps no compiler). A
+CPU with VNNI gets a build that uses it (`LEVELS`): the same results, fewer instructions.
+It links against libgomp by name, which is the copy torch has already loaded: both
+share one OpenMP thread pool. `unavailable()` says why it cannot be used here, if it
+cannot.
 """
 
 from __future__ import annotations
@@ -25,30 +27,52 @@ HEADER = Path(__file__).with_name("cpu_kernels.h")
 CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
 COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp",
                  "-shared", "-fPIC")  # fmt: skip
+# Instruction-set levels beyond the base, best first: (name, the CPU flags it needs, the
+# compiler flags it adds). VNNI makes the quantized product's 8-bit dot products one
+# instruction each (cpu_qgemm.c); AVX-VNNI is its 256-bit form without AVX-512.
+LEVELS = (
+    ("avx-vnni", frozenset({"avx_vnni"}), ("-mavxvnni",)),
+    ("avx512-vnni", frozenset({"avx512_vnni", "avx512vl"}), ("-mavx512vnni", "-mavx512vl")),
+    ("avx2", frozenset(), ()),
+)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubellm"
 
 
-def build() -> Path:
-    """The compiled library (compiled now unless already cached). Raises OSError or
-    subprocess.CalledProcessError (with the compiler's message) when it cannot be."""
+def level() -> str:
+    """The best of `LEVELS` this CPU has."""
+    return next(name for name, needs, _ in LEVELS if needs <= cpu_flags())
+
+
+def build(level_name: str | None = None) -> Path:
+    """The library for a level (default: this CPU's), compiled now unless already cached.
+    Raises OSError or subprocess.CalledProcessError (with the compiler's message) when it
+    cannot be."""
+    flags = level_flags(level_name or level())
     texts = (path.read_text() for path in (*SOURCES, HEADER))
-    text = "\0".join([*texts, *COMPILE_FLAGS])
+    text = "\0".join([*texts, *flags])
     path = cache_dir() / f"kubellm_cpu-{hashlib.sha256(text.encode()).hexdigest()[:16]}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        compile_library(SOURCES, partial)
+        compile_library(SOURCES, partial, flags)
         partial.replace(path)  # atomic: ranks building at once each put a whole file
     return path
 
 
-def compile_library(sources: Sequence[Path], out: Path) -> None:
-    """`sources` (the C files; the header beside them) compiled into the library `out`."""
+def level_flags(level_name: str) -> tuple[str, ...]:
+    """The compiler flags of a level: the base's and its own."""
+    (extra,) = [flags for name, _, flags in LEVELS if name == level_name]
+    return (*COMPILE_FLAGS, *extra)
+
+
+def compile_library(sources: Sequence[Path], out: Path, flags: Sequence[str]) -> None:
+    """`sources` (the C files; the header beside them) compiled with `flags` into the
+    library `out`."""
     compiler = os.environ.get("CC", "cc")
-    subprocess.run([compiler, *COMPILE_FLAGS, *map(str, sources), "-o", str(out)],
+    subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out)],
                    capture_output=True, text=True, check=True)  # fmt: skip
 
 

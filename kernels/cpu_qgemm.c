@@ -6,6 +6,9 @@
  * x is rounded to int8 per block of 32 inputs with its own scale (llama.cpp's Q8 form),
  * so a block's products are integer dot products (maddubs); the offsets multiply the
  * exact fp32 sums of x over each group. y = sum_b s * dx_b * (q . xq)_b + sum_g o_g * xs_g.
+ * Built for a CPU with VNNI (AVX-VNNI, or AVX-512 VNNI with VL), a block's integer dot
+ * product is one instruction per 32 codes (vpdpbusd) instead of maddubs and a pair sum:
+ * the same integers (maddubs cannot saturate on these operands), so the same bits.
  * Offsets may be NULL: a weight without them (GGUF's Q8_0) skips their share. Every
  * output's sum is taken in one order however many rows share its pass, so a row's
  * result is the same alone or in a batch. The pure-torch reference is
@@ -110,6 +113,43 @@ static inline __m256 to_float(__m256i pairs16) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs16, _mm256_set1_epi16(1)));
 }
 
+#if defined(__AVXVNNI__)
+#define VNNI 1
+#define dot4(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#define dot4(acc, u, s) _mm256_dpbusd_epi32(acc, u, s)
+#else
+#define VNNI 0
+#endif
+
+/* Unsigned u times signed s, 32 bytes: each int32 lane the sum of its four products. */
+static inline __m256 dot32(__m256i u, __m256i s) {
+#if VNNI
+    return _mm256_cvtepi32_ps(dot4(_mm256_setzero_si256(), u, s));
+#else
+    return to_float(_mm256_maddubs_epi16(u, s));
+#endif
+}
+
+/* u0 . s0 + u1 . s1 in int32 lanes, as dot32 (int16 pair sums that cannot saturate
+ * added before the pair sum where there is no VNNI: at most 2 * 2 * 15 * 127, 4-bit). */
+static inline __m256 dot64(__m256i u0, __m256i s0, __m256i u1, __m256i s1, int bits) {
+#if VNNI
+    (void)bits;
+    return _mm256_cvtepi32_ps(dot4(dot4(_mm256_setzero_si256(), u0, s0), u1, s1));
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (bits == 4)
+        return to_float(_mm256_add_epi16(_mm256_maddubs_epi16(u0, s0),
+                                         _mm256_maddubs_epi16(u1, s1)));
+    /* 8-bit: each half's pair sums (up to 2 * 128 * 127) added as int32 */
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u0, s0), ones),
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u1, s1), ones)));
+#endif
+}
+
 /* The weight scales of blocks b and b + 1, each four times. With groups of 32 they are
  * adjacent: one 4-byte load; else `shift` = log2(group / 32), or -1 to divide. */
 static inline __m256 pair_scales(const uint16_t *s, int64_t b, int shift, int64_t per_group) {
@@ -134,11 +174,10 @@ static inline __attribute__((always_inline)) void pair4(
     __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
     for (int r = 0; r < rows; r++) {
         const int8_t *a = xq + r * K + b * BLOCK;
-        __m256i p = _mm256_add_epi16( /* at most 2 * 2 * 15 * 127: no saturation */
-            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)a)),
-            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(a + BLOCK))));
+        __m256 p = dot64(lo, _mm256_loadu_si256((const __m256i *)a), hi,
+                         _mm256_loadu_si256((const __m256i *)(a + BLOCK)), 4);
         __m256 dv = _mm256_loadu_ps(dx + 4 * (r * blocks + b));
-        acc[r] = _mm256_fmadd_ps(to_float(p), _mm256_mul_ps(ws, dv), acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(ws, dv), acc[r]);
     }
 }
 
@@ -204,7 +243,7 @@ static inline __attribute__((always_inline)) void row4(
         for (int r = 0; r < rows; r++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
             __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
-            acc[r] = _mm256_fmadd_ps(to_float(_mm256_maddubs_epi16(q, a)), scale, acc[r]);
+            acc[r] = _mm256_fmadd_ps(dot32(q, a), scale, acc[r]);
         }
     }
     if (o) add_offsets(o, K / group, xs, rows, acc);
@@ -212,12 +251,10 @@ static inline __attribute__((always_inline)) void row4(
 }
 
 /* Blocks b and b + 1 of `rows` rows of x times one signed 8-bit weight row, into acc[r]:
- * maddubs wants one unsigned side, so |w| times x carrying w's sign; the two halves'
- * pair sums (up to 2 * 128 * 127 each) are added as int32. */
+ * the dot products want one unsigned side, so |w| times x carrying w's sign. */
 static inline __attribute__((always_inline)) void pair8(
     const int8_t *w, __m256 ws, const int8_t *xq, int64_t K, const float *dx,
     int64_t blocks, int64_t b, const int rows, __m256 *acc) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
     __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK + BLOCK));
     __m256i first = _mm256_permute2x128_si256(v0, v1, 0x20); /* both blocks' inputs 0-15 */
@@ -228,11 +265,9 @@ static inline __attribute__((always_inline)) void pair8(
         const int8_t *a = xq + r * K + b * BLOCK;
         __m256i a0 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)a), first);
         __m256i a1 = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(a + BLOCK)), second);
-        __m256i p = _mm256_add_epi32(
-            _mm256_madd_epi16(_mm256_maddubs_epi16(first_magnitude, a0), ones),
-            _mm256_madd_epi16(_mm256_maddubs_epi16(second_magnitude, a1), ones));
+        __m256 p = dot64(first_magnitude, a0, second_magnitude, a1, 8);
         __m256 dv = _mm256_loadu_ps(dx + 4 * (r * blocks + b));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(ws, dv), acc[r]);
+        acc[r] = _mm256_fmadd_ps(p, _mm256_mul_ps(ws, dv), acc[r]);
     }
 }
 
@@ -254,7 +289,7 @@ static inline __attribute__((always_inline)) void row8(
         __m256 sb = _mm256_set1_ps(_cvtsh_ss(s[b / per_group]));
         for (int r = 0; r < rows; r++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
-            __m256 p = to_float(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, v)));
+            __m256 p = dot32(magnitude, _mm256_sign_epi8(a, v));
             __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
             acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
         }

@@ -8,6 +8,8 @@ read eight at a time)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -71,6 +73,38 @@ def test_the_library_is_built_once_and_cached(tmp_path, monkeypatch):
     stamp = built.stat().st_mtime_ns
     assert cpu_library.build() == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no partial file left
+
+
+def _qgemm_with(library: ctypes.CDLL, x: torch.Tensor, weight, bits: int) -> torch.Tensor:
+    """kubellm_qgemm of one build of the library, called as cpu_qgemm calls it."""
+    scales, offsets = weight.scales.half(), weight.offsets.half()
+    out = torch.empty(x.shape[0], weight.codes.shape[0])
+    i64, pointer = ctypes.c_int64, lambda t: ctypes.c_void_p(t.data_ptr())
+    status = library.kubellm_qgemm(
+        pointer(x), i64(x.shape[0]), i64(x.shape[1]), pointer(weight.codes), ctypes.c_int(bits),
+        pointer(scales), pointer(offsets), i64(out.shape[1]), i64(weight.group_size),
+        pointer(out), ctypes.c_int(2))  # fmt: skip
+    assert status == 0
+    return out
+
+
+@pytest.mark.skipif(cpu_library.level() == "avx2", reason="the CPU has no VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_vnni_build_gives_the_avx2_builds_bits(bits, tmp_path, monkeypatch):
+    """The CPU's VNNI build (one instruction per block's dot product) sums the same
+    integers as the AVX2 build (maddubs and pair sums): the same bits, including blocks
+    of extreme codes and inputs, paired and unpaired blocks, and 1-9 rows."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    builds = [ctypes.CDLL(str(cpu_library.build(level))) for level in (cpu_library.level(), "avx2")]
+    for rows, cols, inputs, group in [(1, 64, 576, 32), (9, 24, 1056, 32), (4, 16, 160, 160)]:
+        weight = random_group_quantized(cols, inputs, bits, group, seed=rows)
+        if bits == 8:  # the extremes: |w| = 128 is the largest unsigned operand
+            weight.codes.view(torch.int8)[0, :32] = -128
+        weight.codes[1, :16] = 255 if bits == 4 else 127
+        x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(bits)) * 3
+        x[0, :64] = torch.tensor([100.0, -100.0] * 32)  # inputs rounded to +-127
+        vnni, avx2 = (_qgemm_with(build, x, weight, bits) for build in builds)
+        assert torch.equal(vnni, avx2), (rows, inputs, group)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
