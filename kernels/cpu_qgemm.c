@@ -6,9 +6,12 @@
  * x is rounded to int8 per block of 32 inputs with its own scale (llama.cpp's Q8 form),
  * so a block's products are integer dot products (maddubs); the offsets multiply the
  * exact fp32 sums of x over each group. y = sum_b s * dx_b * (q . xq)_b + sum_g o_g * xs_g.
- * Built for a CPU with VNNI (AVX-VNNI, or AVX-512 VNNI with VL), a block's integer dot
- * product is one instruction per 32 codes (vpdpbusd) instead of maddubs and a pair sum:
- * the same integers (maddubs cannot saturate on these operands), so the same bits.
+ * Built for a CPU with VNNI (AVX-VNNI, or AVX-512 VNNI), a block's integer dot product is
+ * one instruction per 32 codes (vpdpbusd) instead of maddubs and a pair sum: the same
+ * integers (maddubs cannot saturate on these operands). The AVX-VNNI build gives the
+ * AVX2 build's bits; the AVX-512 build ("wide") takes 4-bit codes four blocks per 64-byte
+ * pass, so its partial sums are added in another order (its bits are its own, the same
+ * alone or in a batch).
  * Offsets may be NULL: a weight without them (GGUF's Q8_0) skips their share. Every
  * output's sum is taken in one order however many rows share its pass, so a row's
  * result is the same alone or in a batch. The pure-torch reference is
@@ -26,6 +29,12 @@
 /* Weight rows a thread takes together: each pass's rows of x are then read from L1 for
  * all of them, and each row of x's eight outputs are reduced and stored at once. */
 #define TILE 8
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define WIDE 1 /* 4-bit codes four blocks per pass, in 512-bit vectors */
+#else
+#define WIDE 0
+#endif
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -49,11 +58,18 @@ static inline __m256i pack_block(const __m256i *q) {
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
+/* Blocks read four at a time: 4-bit codes' whole quads in a wide build. */
+static inline int64_t quad_blocks(int64_t blocks, int bits) {
+    return WIDE && bits == 4 ? blocks & ~(int64_t)3 : 0;
+}
+
 /* A block's codes where the kernel reads them (xq + b * BLOCK is `out`). The 4-bit
  * kernel reads inputs in two halves, even then odd (a byte's low nibble then its high
  * one), the 8-bit kernel 0-15 then 16-31. A pair of blocks (b even, b + 1) is read as
  * both blocks' first halves, then both second halves: block b's halves at bytes 0 and
- * 32 of the pair, block b + 1's at 16 and 48. A last unpaired block is as it is. */
+ * 32 of the pair, block b + 1's at 16 and 48. A quad (wide builds) likewise: its four
+ * first halves in bytes 0-63, then its four second halves. A last unpaired block is as
+ * it is. */
 static inline void put_block(__m256i codes, int64_t b, int64_t blocks, int bits,
                              int8_t *out) {
     if (bits == 4) { /* evens, then odds, in each 16-input lane; then the lanes' halves */
@@ -61,6 +77,12 @@ static inline void put_block(__m256i codes, int64_t b, int64_t blocks, int bits,
             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         codes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), 0xD8);
+    }
+    if (b < quad_blocks(blocks, bits)) {
+        int8_t *first = out - 16 * (b & 3);
+        _mm_storeu_si128((__m128i *)first, _mm256_castsi256_si128(codes));
+        _mm_storeu_si128((__m128i *)(first + 64), _mm256_extracti128_si256(codes, 1));
+        return;
     }
     if ((b | 1) >= blocks) {
         _mm256_storeu_si256((__m256i *)out, codes);
@@ -181,6 +203,43 @@ static inline __attribute__((always_inline)) void pair4(
     }
 }
 
+#if WIDE
+/* The weight scales of blocks b to b + 3, each four times. */
+static inline __m512 quad_scales(const uint16_t *s, int64_t b, int shift, int64_t per_group) {
+    __m128 four;
+    if (shift == 0) {
+        four = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + b)));
+    } else {
+        float f[4];
+        for (int i = 0; i < 4; i++)
+            f[i] = _cvtsh_ss(s[shift > 0 ? (b + i) >> shift : (b + i) / per_group]);
+        four = _mm_loadu_ps(f);
+    }
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+}
+
+/* Blocks b to b + 3 of `rows` rows of x times one 4-bit weight row, into acc[r]: one
+ * 64-byte load of codes, their low nibbles against x's four first halves, the high ones
+ * against the second halves; each int32 lane sums four products of one block. */
+static inline __attribute__((always_inline)) void quad4(
+    const uint8_t *w, __m512 ws, const int8_t *xq, int64_t K, const float *dx,
+    int64_t blocks, int64_t b, const int rows, __m512 *acc) {
+    const __m512i nibble = _mm512_set1_epi8(15);
+    __m512i v = _mm512_loadu_si512((const void *)(w + b * 16));
+    __m512i lo = _mm512_and_si512(v, nibble);
+    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    for (int r = 0; r < rows; r++) {
+        const int8_t *a = xq + r * K + b * BLOCK;
+        __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
+                                        _mm512_loadu_si512((const void *)a));
+        p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(a + 64)));
+        __m512 dv = _mm512_loadu_ps(dx + 4 * (r * blocks + b));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, dv), acc[r]);
+    }
+}
+#endif
+
 /* A row's last `t` (1-7) of `groups` fp16 offsets in lanes 0 to t - 1, zero above: one
  * load ending at the row's end, its halves moved down. */
 static inline __m128i offsets_tail(const uint16_t *o, int64_t groups, int64_t t) {
@@ -233,6 +292,15 @@ static inline __attribute__((always_inline)) void row4(
                        * measured no faster at one row) */
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
+#if WIDE
+    __m512 wide[ROWS];
+    for (int r = 0; r < rows; r++) wide[r] = _mm512_setzero_ps();
+    for (; b < quad_blocks(blocks, 4); b += 4)
+        quad4(w, quad_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, wide);
+    for (int r = 0; r < rows; r++)
+        acc[r] = _mm256_add_ps(_mm512_castps512_ps256(wide[r]),
+                               _mm512_extractf32x8_ps(wide[r], 1));
+#endif
     for (; b + 2 <= blocks; b += 2)
         pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
     if (b < blocks) { /* an unpaired last block: 16 bytes, even inputs low */

@@ -88,23 +88,34 @@ def _qgemm_with(library: ctypes.CDLL, x: torch.Tensor, weight, bits: int) -> tor
     return out
 
 
-@pytest.mark.skipif(cpu_library.level() == "avx2", reason="the CPU has no VNNI")
+LEVELS_HERE = [name for name, needs, _ in cpu_library.LEVELS[:-1]
+               if needs <= cpu_library.cpu_flags()]  # fmt: skip
+
+
+@pytest.mark.skipif(not LEVELS_HERE, reason="the CPU has no VNNI")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_the_vnni_build_gives_the_avx2_builds_bits(bits, tmp_path, monkeypatch):
-    """The CPU's VNNI build (one instruction per block's dot product) sums the same
-    integers as the AVX2 build (maddubs and pair sums): the same bits, including blocks
-    of extreme codes and inputs, paired and unpaired blocks, and 1-9 rows."""
+@pytest.mark.parametrize("level", LEVELS_HERE)
+def test_each_vnni_build_sums_what_the_avx2_build_sums(level, bits, tmp_path, monkeypatch):
+    """A VNNI build (one instruction per block's dot product) sums the same integers as
+    the AVX2 build (maddubs and pair sums): the same bits, but for the AVX-512 build's
+    4-bit products, whose four-block passes add the partial sums in another order;
+    including blocks of extreme codes and inputs, quads, pairs and single blocks, and
+    1-9 rows."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    builds = [ctypes.CDLL(str(cpu_library.build(level))) for level in (cpu_library.level(), "avx2")]
-    for rows, cols, inputs, group in [(1, 64, 576, 32), (9, 24, 1056, 32), (4, 16, 160, 160)]:
+    builds = [ctypes.CDLL(str(cpu_library.build(name))) for name in (level, "avx2")]
+    for rows, cols, inputs, group in [(1, 64, 576, 32), (9, 24, 1056, 32), (4, 16, 160, 160),
+                                      (3, 16, 512, 64), (2, 8, 384, 128)]:  # fmt: skip
         weight = random_group_quantized(cols, inputs, bits, group, seed=rows)
         if bits == 8:  # the extremes: |w| = 128 is the largest unsigned operand
             weight.codes.view(torch.int8)[0, :32] = -128
         weight.codes[1, :16] = 255 if bits == 4 else 127
         x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(bits)) * 3
         x[0, :64] = torch.tensor([100.0, -100.0] * 32)  # inputs rounded to +-127
-        vnni, avx2 = (_qgemm_with(build, x, weight, bits) for build in builds)
-        assert torch.equal(vnni, avx2), (rows, inputs, group)
+        got, avx2 = (_qgemm_with(build, x, weight, bits) for build in builds)
+        if level == "avx512-vnni" and bits == 4:
+            torch.testing.assert_close(got, avx2, rtol=1e-5, atol=1e-5 * avx2.abs().max().item())
+        else:
+            assert torch.equal(got, avx2), (rows, inputs, group)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
