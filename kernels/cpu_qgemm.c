@@ -9,9 +9,9 @@
  * Built for a CPU with VNNI (AVX-VNNI, or AVX-512 VNNI), a block's integer dot product is
  * one instruction per 32 codes (vpdpbusd) instead of maddubs and a pair sum: the same
  * integers (maddubs cannot saturate on these operands). The AVX-VNNI build gives the
- * AVX2 build's bits; the AVX-512 build ("wide") takes 4-bit codes four blocks per 64-byte
- * pass, so its partial sums are added in another order (its bits are its own, the same
- * alone or in a batch).
+ * AVX2 build's bits; the AVX-512 build ("wide") takes codes four blocks per pass in
+ * 512-bit vectors (x's int8 quads laid out to match), so its partial sums are added in
+ * another order (its bits are its own, the same alone or in a batch).
  * Offsets may be NULL: a weight without them (GGUF's Q8_0) skips their share. Every
  * output's sum is taken in one order however many rows share its pass, so a row's
  * result is the same alone or in a batch. The pure-torch reference is
@@ -31,7 +31,7 @@
 #define TILE 8
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define WIDE 1 /* 4-bit codes four blocks per pass, in 512-bit vectors */
+#define WIDE 1 /* codes four blocks per pass, in 512-bit vectors */
 #else
 #define WIDE 0
 #endif
@@ -58,10 +58,8 @@ static inline __m256i pack_block(const __m256i *q) {
     return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* Blocks read four at a time: 4-bit codes' whole quads in a wide build. */
-static inline int64_t quad_blocks(int64_t blocks, int bits) {
-    return WIDE && bits == 4 ? blocks & ~(int64_t)3 : 0;
-}
+/* Blocks read four at a time: the whole quads, in a wide build. */
+static inline int64_t quad_blocks(int64_t blocks) { return WIDE ? blocks & ~(int64_t)3 : 0; }
 
 /* A block's codes where the kernel reads them (xq + b * BLOCK is `out`). The 4-bit
  * kernel reads inputs in two halves, even then odd (a byte's low nibble then its high
@@ -78,7 +76,7 @@ static inline void put_block(__m256i codes, int64_t b, int64_t blocks, int bits,
             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         codes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), 0xD8);
     }
-    if (b < quad_blocks(blocks, bits)) {
+    if (b < quad_blocks(blocks)) {
         int8_t *first = out - 16 * (b & 3);
         _mm_storeu_si128((__m128i *)first, _mm256_castsi256_si128(codes));
         _mm_storeu_si128((__m128i *)(first + 64), _mm256_extracti128_si256(codes, 1));
@@ -219,6 +217,14 @@ static inline __m512 quad_scales(const uint16_t *s, int64_t b, int shift, int64_
     return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
 }
 
+/* Each row's sixteen lanes of quads' sums into its eight-lane chain (its start). */
+static inline __attribute__((always_inline)) void fold(const __m512 *wide, const int rows,
+                                                       __m256 *acc) {
+    for (int r = 0; r < rows; r++)
+        acc[r] = _mm256_add_ps(_mm512_castps512_ps256(wide[r]),
+                               _mm512_extractf32x8_ps(wide[r], 1));
+}
+
 /* Blocks b to b + 3 of `rows` rows of x times one 4-bit weight row, into acc[r]: one
  * 64-byte load of codes, their low nibbles against x's four first halves, the high ones
  * against the second halves; each int32 lane sums four products of one block. */
@@ -234,6 +240,35 @@ static inline __attribute__((always_inline)) void quad4(
         __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
                                         _mm512_loadu_si512((const void *)a));
         p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(a + 64)));
+        __m512 dv = _mm512_loadu_ps(dx + 4 * (r * blocks + b));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, dv), acc[r]);
+    }
+}
+
+/* Blocks b to b + 3 of `rows` rows of x times one signed 8-bit weight row, into acc[r]:
+ * the codes' first halves (inputs 0-15 of each block) then second halves gathered from
+ * two 64-byte loads; |w| times x negated where w is negative. */
+static inline __attribute__((always_inline)) void quad8(
+    const int8_t *w, __m512 ws, const int8_t *xq, int64_t K, const float *dx,
+    int64_t blocks, int64_t b, const int rows, __m512 *acc) {
+    __m512i v0 = _mm512_loadu_si512((const void *)(w + b * BLOCK));
+    __m512i v1 = _mm512_loadu_si512((const void *)(w + b * BLOCK + 2 * BLOCK));
+    const __m512i halves0 = _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13);
+    const __m512i halves1 = _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15);
+    __m512i first = _mm512_permutex2var_epi64(v0, halves0, v1);
+    __m512i second = _mm512_permutex2var_epi64(v0, halves1, v1);
+    __mmask64 first_negative = _mm512_movepi8_mask(first);
+    __mmask64 second_negative = _mm512_movepi8_mask(second);
+    __m512i first_magnitude = _mm512_abs_epi8(first), second_magnitude = _mm512_abs_epi8(second);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int r = 0; r < rows; r++) {
+        const int8_t *a = xq + r * K + b * BLOCK;
+        __m512i a0 = _mm512_loadu_si512((const void *)a);
+        __m512i a1 = _mm512_loadu_si512((const void *)(a + 64));
+        a0 = _mm512_mask_sub_epi8(a0, first_negative, zero, a0);
+        a1 = _mm512_mask_sub_epi8(a1, second_negative, zero, a1);
+        __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, first_magnitude, a0),
+                                        second_magnitude, a1);
         __m512 dv = _mm512_loadu_ps(dx + 4 * (r * blocks + b));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, dv), acc[r]);
     }
@@ -295,11 +330,9 @@ static inline __attribute__((always_inline)) void row4(
 #if WIDE
     __m512 wide[ROWS];
     for (int r = 0; r < rows; r++) wide[r] = _mm512_setzero_ps();
-    for (; b < quad_blocks(blocks, 4); b += 4)
+    for (; b < quad_blocks(blocks); b += 4)
         quad4(w, quad_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, wide);
-    for (int r = 0; r < rows; r++)
-        acc[r] = _mm256_add_ps(_mm512_castps512_ps256(wide[r]),
-                               _mm512_extractf32x8_ps(wide[r], 1));
+    fold(wide, rows, acc);
 #endif
     for (; b + 2 <= blocks; b += 2)
         pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
@@ -349,6 +382,13 @@ static inline __attribute__((always_inline)) void row8(
     __m256 acc[ROWS]; /* one chain per row, as row4's */
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
+#if WIDE
+    __m512 wide[ROWS];
+    for (int r = 0; r < rows; r++) wide[r] = _mm512_setzero_ps();
+    for (; b < quad_blocks(blocks); b += 4)
+        quad8(w, quad_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, wide);
+    fold(wide, rows, acc);
+#endif
     for (; b + 2 <= blocks; b += 2)
         pair8(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
     if (b < blocks) {
