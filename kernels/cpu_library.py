@@ -29,11 +29,14 @@ COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fope
                  "-shared", "-fPIC")  # fmt: skip
 # Instruction-set levels beyond the base, best first: (name, the CPU flags it needs, the
 # compiler flags it adds). VNNI makes the quantized product's 8-bit dot products one
-# instruction each, and AVX-512 takes 4-bit codes four blocks per pass (cpu_qgemm.c);
+# instruction each, and AVX-512 takes codes four blocks per pass (cpu_qgemm.c);
 # AVX-VNNI is VNNI's 256-bit form without AVX-512 (the AVX2 build's bits).
 LEVELS = (
-    ("avx512-vnni", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
-     ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni")),
+    (
+        "avx512-vnni",
+        frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"),
+    ),
     ("avx-vnni", frozenset({"avx_vnni"}), ("-mavxvnni",)),
     ("avx2", frozenset(), ()),
 )
