@@ -225,6 +225,11 @@ static inline __attribute__((always_inline)) void fold(const __m512 *wide, const
                                _mm512_extractf32x8_ps(wide[r], 1));
 }
 
+/* acc plus a quad's int32 sums times their blocks' weight scales (ws) and x's (at dv). */
+static inline __m512 add_scaled(__m512 acc, __m512i p, __m512 ws, const float *dv) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, _mm512_loadu_ps(dv)), acc);
+}
+
 /* Blocks b to b + 3 of `rows` rows of x times one 4-bit weight row, into acc[r]: one
  * 64-byte load of codes, their low nibbles against x's four first halves, the high ones
  * against the second halves; each int32 lane sums four products of one block. */
@@ -240,8 +245,7 @@ static inline __attribute__((always_inline)) void quad4(
         __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo,
                                         _mm512_loadu_si512((const void *)a));
         p = _mm512_dpbusd_epi32(p, hi, _mm512_loadu_si512((const void *)(a + 64)));
-        __m512 dv = _mm512_loadu_ps(dx + 4 * (r * blocks + b));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, dv), acc[r]);
+        acc[r] = add_scaled(acc[r], p, ws, dx + 4 * (r * blocks + b));
     }
 }
 
@@ -269,8 +273,7 @@ static inline __attribute__((always_inline)) void quad8(
         a1 = _mm512_mask_sub_epi8(a1, second_negative, zero, a1);
         __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, first_magnitude, a0),
                                         second_magnitude, a1);
-        __m512 dv = _mm512_loadu_ps(dx + 4 * (r * blocks + b));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(ws, dv), acc[r]);
+        acc[r] = add_scaled(acc[r], p, ws, dx + 4 * (r * blocks + b));
     }
 }
 #endif
