@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import llama_server
 import serve
 from launch import free_port, start
+from timing import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "smollm2-135m-instruct"
@@ -89,14 +90,12 @@ def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def machine() -> str:
+    from kubellm.kernels import cpu_library
+
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.system()}"
+    kernels = cpu_library.unavailable() or f"built for {cpu_library.level()}"
+    return (f"{os.cpu_count()} cores ({cpu_model()}; kubellm's CPU kernels {kernels}), "
+            f"{memory:.0f} GiB RAM, {platform.system()}")  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -20,7 +20,9 @@ def median_seconds(run, repeats: int = 20, warmups: int = 1) -> float:
 
 
 def cpu_model() -> str:
-    """`lscpu`'s model name ("?" when it has none)."""
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    return next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                 if line.startswith("Model name")), "?")  # fmt: skip
+    """`lscpu`'s model name with its family and model numbers, which tell apart CPUs that
+    share a name (AMD EPYC: Zen 3 is family 25, Zen 5 family 26)."""
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    field = lambda name: fields.get(name, "?").strip()  # noqa: E731
+    return f"{field('Model name')} (family {field('CPU family')}, model {field('Model')})"
