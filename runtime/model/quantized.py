@@ -51,8 +51,9 @@ def cpu_kernel() -> str:
     "int4pack" (torch's). Decided once per process, and logged."""
     reason = cpu_library.unavailable()
     if reason is None:
-        logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, "
-                    "activations rounded to int8 per 32 inputs)")  # fmt: skip
+        logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, activations "
+                    "rounded to int8 per 32 inputs; built for %s)",
+                    cpu_library.level())  # fmt: skip
         return "qgemm"
     logger.warning("quantized layers: torch's int4 kernel, not kubellm's CPU kernel: %s",
                    reason)  # fmt: skip
