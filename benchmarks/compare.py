@@ -80,6 +80,8 @@ def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
             row["server"] = name
             rows.append(row)
             print(serve.format_table([row]), flush=True)
+        for row in rows:
+            row["peak_rss_gib"] = peak_rss_gib(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -96,6 +98,20 @@ def machine() -> str:
     kernels = cpu_library.unavailable() or f"built for {cpu_library.level()}"
     return (f"{os.cpu_count()} cores ({cpu_model()}; kubellm's CPU kernels {kernels}), "
             f"{memory:.0f} GiB RAM, {platform.system()}")  # fmt: skip
+
+
+def peak_rss_gib(pid: int) -> float:
+    """A process's peak resident memory so far (Linux's VmHWM), in GiB."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2**20  # kB
+
+
+def peak_rss_line(rows: list[dict]) -> str:
+    """Each server's peak RSS over its whole run, where the rows have it."""
+    peaks = {r["server"]: r["peak_rss_gib"] for r in rows if "peak_rss_gib" in r}
+    cells = ", ".join(f"{server} {gib:.2f} GiB" for server, gib in peaks.items())
+    return f"Peak RSS of each server process over its run (VmHWM): {cells}." if peaks else ""
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -137,6 +153,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, when: str) -> str:
         "",
         serve.format_table(rows),
         "",
+        peak_rss_line(rows),
+        "",
         "![throughput and TTFT against concurrency](benchmarks/results/serving.png)",
         END,
     ])  # fmt: skip
@@ -174,6 +192,7 @@ def main() -> None:
         )
     plot(rows, args.out / "serving.png")
     print(serve.format_table(rows))
+    print(peak_rss_line(rows))
     if args.update_benchmarks_md:
         path = ROOT / "BENCHMARKS.md"
         text = path.read_text()

@@ -28,15 +28,11 @@ def measure(quantization: str, dtype: str) -> str:
     import torch
 
     from kubellm.runtime import LLM, SamplingParams
-    from kubellm.runtime.model.quantized import QuantizedWeight
+    from kubellm.runtime.model.quantized import resident_bytes
 
     torch.set_num_threads(2)
     llm = LLM(quantization=quantization, dtype=dtype)
-    model = llm.engine.runner.model
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for m in model.modules() if isinstance(m, QuantizedWeight)
-                for t in m.held_tensors()]  # fmt: skip
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+    weight_bytes = resident_bytes(llm.engine.runner.model)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
                for _ in range(max(BATCHES))]  # fmt: skip

@@ -25,6 +25,7 @@ from kubellm.runtime.model.quantized import (
     WeightLayouts,
     all_dense,
     cpu_kernel,
+    resident_bytes,
 )
 from kubellm.runtime.model.source import ModelSource
 from kubellm.runtime.model.weights import load_weights
@@ -59,6 +60,8 @@ class ModelRunner:
         if placement.fused_cpu_ops:
             for layer in self.model.layers:
                 layer.fuse()
+        logger.info("rank %d weights: %.0f MiB resident", tp.rank,
+                    resident_bytes(self.model) / 2**20)  # fmt: skip
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)

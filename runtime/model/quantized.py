@@ -293,3 +293,13 @@ def _int4pack_codes(packed: torch.Tensor, block: int) -> torch.Tensor:
     nibbles = packed.view(rows // block, cols, block // 2)
     codes = torch.cat((nibbles & 15, nibbles >> 4), dim=2)  # [blocks, K, block]
     return codes.permute(0, 2, 1).reshape(rows, cols)
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """The bytes of every tensor a model keeps (parameters, buffers, the quantized layers'
+    kernel storage), each storage counted once (tied weights, views)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() if isinstance(m, QuantizedWeight)
+                for t in m.held_tensors()]  # fmt: skip
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())

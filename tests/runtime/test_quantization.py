@@ -22,7 +22,7 @@ from kubellm.runtime.model.quant_formats import (
     from_gguf_blocks,
     from_gptq,
 )
-from kubellm.runtime.model.quantized import QuantizedWeight, cpu_kernel
+from kubellm.runtime.model.quantized import QuantizedWeight, cpu_kernel, resident_bytes
 from kubellm.runtime.model.source import builtin_gguf_path
 from tests.runtime.conftest import hf_greedy
 from tests.runtime.quantized_checkpoints import act_order_gptq, auto_round, dense_twin
@@ -229,6 +229,20 @@ def _layer(rows: int = 64, cols: int = 128, seed: int = 0):
     layer = QuantizedWeight(rows, cols, QuantizedLayout(4, 32))
     layer.put(0, value)
     return layer, value.dequantize()
+
+
+def test_resident_bytes_count_every_kept_tensor_and_each_storage_once():
+    """What the runner logs as its weights' bytes: a quantized layer's packed storage, a
+    dense layer's weight and bias, and a tied weight once."""
+    quantized, _ = _layer()
+    quantized.prepare(cpu_kernel(), torch.float32)
+    dense = torch.nn.Linear(128, 64)
+    tied = torch.nn.Linear(128, 64, bias=False)
+    tied.weight = dense.weight
+    model = torch.nn.ModuleList([quantized, dense, tied])
+    kept = sum(t.untyped_storage().nbytes() for t in quantized.held_tensors())
+    assert kept < 64 * 128 * 4 / 4  # packed: under a quarter of the fp32 weight
+    assert resident_bytes(model) == kept + (64 * 128 + 64) * 4
 
 
 def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
