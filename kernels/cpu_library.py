@@ -46,9 +46,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubellm"
 
 
+def levels() -> list[str]:
+    """The names of `LEVELS` this CPU has, best first (the base last)."""
+    flags = cpu_flags()
+    return [name for name, needs, _ in LEVELS if needs <= flags]
+
+
 def level() -> str:
     """The best of `LEVELS` this CPU has."""
-    return next(name for name, needs, _ in LEVELS if needs <= cpu_flags())
+    return levels()[0]
 
 
 def build(level_name: str | None = None) -> Path:
