@@ -12,11 +12,14 @@ import torch
 from kubellm.kernels import cpu_library
 from kubellm.kernels.cpu_library import cpu_flags
 from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
 # CPU features whose bf16 matrix multiplies beat fp32 (as vLLM's CPU backend decides)
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# and whose bf16 tiles make a product of many rows 4-7x an fp32 one (BENCHMARKS.md)
+AMX_CPU_FLAGS = frozenset({"amx_bf16"})
 
 
 @dataclass(frozen=True)
@@ -46,16 +49,32 @@ def resolve_placement(config: EngineConfig, stays_quantized: bool = False) -> Pl
             f"are visible: lower tensor_parallel_size or give the pod more GPUs"
         )
     dtype = resolve_dtype(config.dtype, device, stays_quantized)
-    dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
     fused = uses_fused_cpu_ops(dtype, device)
     backend = resolve_attention_backend(config.attention_backend, device, fused)
     quantized = uses_quantized_kernels(config.dtype, dtype, device)
+    dense = dense_product_dtype(dtype, device, quantized)
     kv_dtype = dtype
     if backend == "cpu" and quantized:  # fp32 that auto chose: half the bytes attention reads
         kv_dtype = torch.float16
         logger.info("KV cache: float16 (the cpu attention backend with dtype auto; "
                     "--dtype float32 keeps it float32)")  # fmt: skip
     return Placement(device, dtype, backend, dense, quantized, fused, kv_dtype)
+
+
+def dense_product_dtype(
+    dtype: torch.dtype, device: torch.device, quantized_kernels: bool
+) -> torch.dtype:
+    """Of a quantized layer's dense products (its weight rebuilt, for products of more
+    rows than its kernel takes: prefill): bf16 where bf16 is fast, fp32 for bf16 where it
+    is slow; with fp32 activations through a quantized kernel on a CPU with AMX, bf16
+    too (logged): those products' inputs are rounded already, to int8 in the kernel."""
+    if dtype == torch.bfloat16:
+        return dtype if has_fast_bf16(device) else torch.float32
+    if quantized_kernels and device.type == "cpu" and cpu_flags() & AMX_CPU_FLAGS:
+        logger.info("quantized layers' products of more than %d rows (prefill): bf16 on "
+                    "the CPU's AMX tiles", QGEMM_MAX_ROWS)  # fmt: skip
+        return torch.bfloat16
+    return dtype
 
 
 def uses_fused_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
@@ -104,8 +123,8 @@ def resolve_attention_backend(name: str, device: torch.device, fused_cpu_ops: bo
 
 def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False) -> torch.dtype:
     """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
-    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX, except quantized
-    weights on a CPU without AMX where kubellm's C kernels can be used; else float32
+    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX, except weights
+    that stay quantized on a CPU where kubellm's C kernels can be used; else float32
     (quantized layers then still multiply through a quantized CPU kernel, see
     `uses_quantized_kernels`). The choice and its reason are logged."""
     name = _asked_dtype(name)
@@ -122,15 +141,10 @@ def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False
             if fast
             else "the CPU has neither AVX-512-BF16 nor AMX"
         )
-        if (
-            fast
-            and stays_quantized
-            and "amx_bf16" not in found
-            and cpu_library.unavailable() is None
-        ):
-            fast = False  # measured on AMD EPYC Zen 5: 2.9x at 1 request, ~1.8x at 16-64
-            why = ("quantized weights on a CPU with avx512_bf16 but no AMX: kubellm's int8 "
-                   "C kernels with fp32 activations are faster there than bf16")  # fmt: skip
+        if fast and stays_quantized and cpu_library.unavailable() is None:
+            fast = False  # measured on an AMD Zen 5 and an Intel Xeon with AMX: BENCHMARKS.md
+            why = (f"quantized weights on a CPU with {', '.join(found)}: kubellm's int8 C "
+                   "kernels with fp32 activations decode faster than bf16")  # fmt: skip
     chosen = torch.bfloat16 if fast else torch.float32
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen
