@@ -23,7 +23,7 @@ from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
 
 SHAPES = [(576, 1536), (1536, 576), (576, 49152), (4096, 14336)]  # (K in, N out)
-BATCHES = [1, 4, 8, 16, 32, 64, 128, 256]
+BATCHES = [1, 4, 8, 16, 32, 64, 128, 256, 1024]
 
 
 def microseconds(run) -> float:
