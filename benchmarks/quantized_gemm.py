@@ -66,7 +66,7 @@ def timings(ours: QuantizedWeight, torchs: QuantizedWeight, dense: torch.Tensor,
     bits, group = ours.layout.bits, ours.layout.group_size
 
     def rebuilt(dtype: torch.dtype):
-        return lambda: linear(x.to(dtype), ours._dense_in_stored_order().to(dtype))
+        return lambda: linear(x.to(dtype), ours._dense_in_stored_order(dtype))
 
     return [
         microseconds(lambda: linear(x, dense)),

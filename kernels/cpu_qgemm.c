@@ -479,27 +479,51 @@ void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, i
     }
 }
 
-/* W [N, K] in fp32 from its codes: q * s + o per group, a product then a sum, as
- * GroupQuantized.dequantize rounds it (the weight of the dense product for large M). */
+/* f rounded to bf16, to nearest even, as torch's .to(torch.bfloat16) rounds a number. */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* A 4-bit block's 32 codes in input order (input 2j in byte j's low nibble, 2j + 1 in
+ * its high one): the loops over them then vectorize. */
+static inline void codes_in_order(const uint8_t *pairs, uint8_t *q) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)pairs), nibble = _mm_set1_epi8(15);
+    __m128i low = _mm_and_si128(packed, nibble);
+    __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    _mm_storeu_si128((__m128i *)q, _mm_unpacklo_epi8(low, high));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm_unpackhi_epi8(low, high));
+}
+
+/* W [N, K] from its codes: q * s + o per group, a product then a sum, as
+ * GroupQuantized.dequantize rounds it (the weight of the dense product for large M);
+ * into `out` in fp32, or with `bf16` set rounded to bf16 (uint16_t). */
 void kubellm_dequantize(const uint8_t *codes, int bits, const uint16_t *scales,
                         const uint16_t *offsets, int64_t N, int64_t K, int64_t group,
-                        float *out, int threads) {
+                        void *out, int bf16, int threads) {
     int64_t groups = K / group, row_bytes = K * bits / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * row_bytes;
         for (int64_t g = 0; g < groups; g++) {
             float s = _cvtsh_ss(scales[n * groups + g]), o = _cvtsh_ss(offsets[n * groups + g]);
-            float *w = out + n * K + g * group;
-            if (bits == 4) {
-                const uint8_t *pairs = row + g * group / 2;
-                for (int64_t j = 0; j < group / 2; j++) {
-                    w[2 * j] = (float)(pairs[j] & 15) * s + o;
-                    w[2 * j + 1] = (float)(pairs[j] >> 4) * s + o;
+            for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK) {
+                float w[BLOCK];
+                if (bits == 4) {
+                    uint8_t q[BLOCK];
+                    codes_in_order(row + k / 2, q);
+                    for (int j = 0; j < BLOCK; j++) w[j] = (float)q[j] * s + o;
+                } else {
+                    const int8_t *q = (const int8_t *)row + k;
+                    for (int j = 0; j < BLOCK; j++) w[j] = (float)q[j] * s + o;
                 }
-            } else {
-                const int8_t *q = (const int8_t *)row + g * group;
-                for (int64_t j = 0; j < group; j++) w[j] = (float)q[j] * s + o;
+                if (bf16) {
+                    uint16_t *at = (uint16_t *)out + n * K + k;
+                    for (int j = 0; j < BLOCK; j++) at[j] = bf16_of(w[j]);
+                } else {
+                    memcpy((float *)out + n * K + k, w, sizeof w);
+                }
             }
         }
     }

@@ -29,20 +29,24 @@ def _dequantize():
     function = library().kubellm_dequantize
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
     function.argtypes = [pointer, ctypes.c_int, pointer, pointer, i64, i64, i64, pointer,
-                         ctypes.c_int]  # fmt: skip
+                         ctypes.c_int, ctypes.c_int]  # fmt: skip
     function.restype = None
     return function
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
-               group_size: int) -> torch.Tensor:  # fmt: skip
-    """The fp32 weight [N, K] of cpu_qgemm's operands (`GroupQuantized.dequantize`'s
-    values, bit for bit)."""
+               group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """The weight [N, K] of cpu_qgemm's operands in fp32 (`GroupQuantized.dequantize`'s
+    values, bit for bit) or bf16 (those values rounded as `.to(torch.bfloat16)` rounds
+    them, without the fp32 matrix in between)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dequantize makes float32 or bfloat16, not {dtype}")
     rows = codes.shape[0]
     inputs = codes.shape[1] * 8 // bits
-    out = torch.empty(rows, inputs)
+    out = torch.empty(rows, inputs, dtype=dtype)
     _dequantize()(codes.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(), rows, inputs,
-                  group_size, out.data_ptr(), torch.get_num_threads())  # fmt: skip
+                  group_size, out.data_ptr(), dtype == torch.bfloat16,
+                  torch.get_num_threads())  # fmt: skip
     return out
 
 

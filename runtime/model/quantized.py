@@ -246,7 +246,7 @@ class QuantizedWeight(nn.Module):
             ).to(x.dtype)
             return y if bias is None else y + bias
         dtype = self.dense_dtype or x.dtype
-        weight = self._dense_in_stored_order().to(dtype)
+        weight = self._dense_in_stored_order(dtype)
         y = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
         return y.to(x.dtype)
 
@@ -267,21 +267,24 @@ class QuantizedWeight(nn.Module):
         for those rows. Not for an act-order weight (nor needed: embeddings have none)."""
         return self.stored(rows).dequantize()
 
-    def _dense_in_stored_order(self) -> torch.Tensor:
-        """The weight in fp32, its inputs in stored order: as `GroupQuantized.dequantize`
-        computes it (the same values, bit for bit; in C from the CPU kernel's storage,
-        3-15x faster than torch), or from torch's int4 kernel's layout."""
+    def _dense_in_stored_order(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, its inputs in stored order: as `GroupQuantized.dequantize`
+        computes it, rounded to `dtype` (the same values, bit for bit; in C from the CPU
+        kernel's storage, straight into bf16 too, 3-15x faster than torch), or from torch's
+        int4 kernel's layout."""
         if self.half_scales is not None:
             bits, group = self.layout.bits, self.layout.group_size
-            return cpu_qgemm.dequantize(self.codes, *self.half_scales, bits, group)
+            made = dtype if dtype == torch.bfloat16 else torch.float32
+            return cpu_qgemm.dequantize(self.codes, *self.half_scales, bits, group, made).to(dtype)
         if self.int4pack is None:
-            return self.stored().dequantize()
+            return self.stored().dequantize().to(dtype)
         rows, cols = self.shape
         group = self.layout.group_size
         packed, scales_and_zeros, block = self.int4pack
         groups = _int4pack_codes(packed, block).view(rows, -1, group).float().sub_(8)
         scales, zeros = scales_and_zeros.float().permute(2, 1, 0)  # each [N, G]
-        return groups.mul_(scales[..., None]).add_(zeros[..., None]).view(rows, cols)
+        weight = groups.mul_(scales[..., None]).add_(zeros[..., None]).view(rows, cols)
+        return weight.to(dtype)
 
 
 def _int4pack_codes(packed: torch.Tensor, block: int) -> torch.Tensor:

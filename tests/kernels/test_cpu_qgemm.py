@@ -124,3 +124,20 @@ def test_dequantize_equals_the_definition_bit_for_bit(bits, rows, inputs, group)
     halves = weight.scales.half(), weight.offsets.half()
     assert torch.equal(cpu_qgemm.dequantize(weight.codes, *halves, bits, group),
                        weight.dequantize())  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequantize_into_bf16_rounds_as_torch_does(bits):
+    """The bf16 weight (prefill's dense product on AMX) is the fp32 one rounded as
+    `.to(torch.bfloat16)` rounds it, ties to even included: half the groups have scale
+    2^-8 and offset 1, so odd codes land halfway between two bf16 numbers."""
+    weight = random_group_quantized(8, 256, bits, 32, seed=bits)
+    weight.scales[:, ::2], weight.offsets[:, ::2] = 2.0**-8, 1.0
+    fp32 = weight.dequantize()
+    halves = weight.scales.half(), weight.offsets.half()
+    got = cpu_qgemm.dequantize(weight.codes, *halves, bits, 32, torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, fp32.bfloat16())
+    bits32 = fp32.view(torch.int32)
+    for wrong in (bits32 >> 16, (bits32 + 0x8000) >> 16):  # truncated; ties rounded up
+        assert not torch.equal(got, wrong.to(torch.int16).view(torch.bfloat16))
