@@ -12,14 +12,11 @@ import torch
 from kubellm.kernels import cpu_library
 from kubellm.kernels.cpu_library import cpu_flags
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 
 # CPU features whose bf16 matrix multiplies beat fp32 (as vLLM's CPU backend decides)
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-# and whose bf16 tiles make a product of many rows 4-7x an fp32 one (BENCHMARKS.md)
-AMX_CPU_FLAGS = frozenset({"amx_bf16"})
 
 
 @dataclass(frozen=True)
@@ -49,32 +46,16 @@ def resolve_placement(config: EngineConfig, stays_quantized: bool = False) -> Pl
             f"are visible: lower tensor_parallel_size or give the pod more GPUs"
         )
     dtype = resolve_dtype(config.dtype, device, stays_quantized)
+    dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
     fused = uses_fused_cpu_ops(dtype, device)
     backend = resolve_attention_backend(config.attention_backend, device, fused)
     quantized = uses_quantized_kernels(config.dtype, dtype, device)
-    dense = dense_product_dtype(dtype, device, quantized)
     kv_dtype = dtype
     if backend == "cpu" and quantized:  # fp32 that auto chose: half the bytes attention reads
         kv_dtype = torch.float16
         logger.info("KV cache: float16 (the cpu attention backend with dtype auto; "
                     "--dtype float32 keeps it float32)")  # fmt: skip
     return Placement(device, dtype, backend, dense, quantized, fused, kv_dtype)
-
-
-def dense_product_dtype(
-    dtype: torch.dtype, device: torch.device, quantized_kernels: bool
-) -> torch.dtype:
-    """Of a quantized layer's dense products (its weight rebuilt, for products of more
-    rows than its kernel takes: prefill): bf16 where bf16 is fast, fp32 for bf16 where it
-    is slow; with fp32 activations through a quantized kernel on a CPU with AMX, bf16
-    too (logged): those products' inputs are rounded already, to int8 in the kernel."""
-    if dtype == torch.bfloat16:
-        return dtype if has_fast_bf16(device) else torch.float32
-    if quantized_kernels and device.type == "cpu" and cpu_flags() & AMX_CPU_FLAGS:
-        logger.info("quantized layers' products of more than %d rows (prefill): bf16 on "
-                    "the CPU's AMX tiles", QGEMM_MAX_ROWS)  # fmt: skip
-        return torch.bfloat16
-    return dtype
 
 
 def uses_fused_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:

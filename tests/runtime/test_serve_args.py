@@ -56,22 +56,6 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
     assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
 
 
-def test_quantized_layers_rebuilt_products_are_bf16_where_it_is_fast(monkeypatch):
-    """Under fp32 activations through the quantized kernels, prefill's rebuilt products
-    take bf16 only on AMX; fp32 asked for by name stays exact everywhere."""
-    from kubellm.runtime import placement
-    from kubellm.runtime.placement import dense_product_dtype
-
-    cpu, fp32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
-    for flags, kernels, dtype, expected in (({"amx_tile", "amx_bf16"}, True, fp32, bf16),
-                                            ({"amx_tile", "amx_bf16"}, False, fp32, fp32),
-                                            ({"avx512f", "avx512_bf16"}, True, fp32, fp32),
-                                            ({"avx512f", "avx512_bf16"}, True, bf16, bf16),
-                                            ({"avx2", "fma"}, True, bf16, fp32)):  # fmt: skip
-        monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
-        assert dense_product_dtype(dtype, cpu, kernels) == expected, (flags, kernels, dtype)
-
-
 def test_auto_tool_choice_needs_both_flags_as_vllm():
     args = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], {})
     assert auto_tool_parser(args) == "hermes"
