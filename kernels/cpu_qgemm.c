@@ -479,21 +479,33 @@ void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, i
     }
 }
 
-/* f rounded to bf16, to nearest even, as torch's .to(torch.bfloat16) rounds a number. */
-static inline uint16_t bf16_of(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+/* A block's 32 codes as four vectors of eight int32, in input order: 4-bit (16 bytes,
+ * input 2j in byte j's low nibble, 2j + 1 in its high one) or signed 8-bit. */
+static inline void block_codes(const uint8_t *row, int64_t k, int bits, __m256i *q) {
+    if (bits == 4) {
+        __m128i packed = _mm_loadu_si128((const __m128i *)(row + k / 2));
+        __m128i nibble = _mm_set1_epi8(15);
+        __m128i low = _mm_and_si128(packed, nibble);
+        __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+        __m128i first = _mm_unpacklo_epi8(low, high), second = _mm_unpackhi_epi8(low, high);
+        q[0] = _mm256_cvtepu8_epi32(first);
+        q[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(first, 8));
+        q[2] = _mm256_cvtepu8_epi32(second);
+        q[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(second, 8));
+    } else {
+        for (int p = 0; p < 4; p++)
+            q[p] = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k + 8 * p)));
+    }
 }
 
-/* A 4-bit block's 32 codes in input order (input 2j in byte j's low nibble, 2j + 1 in
- * its high one): the loops over them then vectorize. */
-static inline void codes_in_order(const uint8_t *pairs, uint8_t *q) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)pairs), nibble = _mm_set1_epi8(15);
-    __m128i low = _mm_and_si128(packed, nibble);
-    __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-    _mm_storeu_si128((__m128i *)q, _mm_unpacklo_epi8(low, high));
-    _mm_storeu_si128((__m128i *)(q + 16), _mm_unpackhi_epi8(low, high));
+/* Eight floats rounded to bf16, to nearest even, as torch's .to(torch.bfloat16) rounds
+ * a number. */
+static inline __m128i bf16x8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))),
+                          16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
 }
 
 /* W [N, K] from its codes: q * s + o per group, a product then a sum, as
@@ -507,22 +519,18 @@ void kubellm_dequantize(const uint8_t *codes, int bits, const uint16_t *scales,
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = codes + n * row_bytes;
         for (int64_t g = 0; g < groups; g++) {
-            float s = _cvtsh_ss(scales[n * groups + g]), o = _cvtsh_ss(offsets[n * groups + g]);
+            __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[n * groups + g]));
+            __m256 o = _mm256_set1_ps(_cvtsh_ss(offsets[n * groups + g]));
             for (int64_t k = g * group; k < (g + 1) * group; k += BLOCK) {
-                float w[BLOCK];
-                if (bits == 4) {
-                    uint8_t q[BLOCK];
-                    codes_in_order(row + k / 2, q);
-                    for (int j = 0; j < BLOCK; j++) w[j] = (float)q[j] * s + o;
-                } else {
-                    const int8_t *q = (const int8_t *)row + k;
-                    for (int j = 0; j < BLOCK; j++) w[j] = (float)q[j] * s + o;
-                }
-                if (bf16) {
-                    uint16_t *at = (uint16_t *)out + n * K + k;
-                    for (int j = 0; j < BLOCK; j++) at[j] = bf16_of(w[j]);
-                } else {
-                    memcpy((float *)out + n * K + k, w, sizeof w);
+                __m256i q[4];
+                block_codes(row, k, bits, q);
+                for (int p = 0; p < 4; p++) {
+                    __m256 w = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q[p]), s), o);
+                    int64_t at = n * K + k + 8 * p;
+                    if (bf16)
+                        _mm_storeu_si128((__m128i *)((uint16_t *)out + at), bf16x8(w));
+                    else
+                        _mm256_storeu_ps((float *)out + at, w);
                 }
             }
         }
