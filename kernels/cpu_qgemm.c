@@ -170,8 +170,9 @@ static inline __m256 dot64(__m256i u0, __m256i s0, __m256i u1, __m256i s1, int b
 #endif
 }
 
-/* The weight scales of blocks b and b + 1, each four times. With groups of 32 they are
- * adjacent: one 4-byte load; else `shift` = log2(group / 32), or -1 to divide. */
+/* The weight scales of blocks b and b + 1 (b even), each four times. With groups of 32
+ * they are adjacent: one 4-byte load; with groups of 64, 128, ... (`shift` = log2(group /
+ * 32) > 0) both blocks are in one group; else (`shift` -1) divide. */
 static inline __m256 pair_scales(const uint16_t *s, int64_t b, int shift, int64_t per_group) {
     if (shift == 0) {
         const __m128i spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
@@ -179,8 +180,9 @@ static inline __m256 pair_scales(const uint16_t *s, int64_t b, int shift, int64_
         memcpy(&both, s + b, sizeof both);
         return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(both), spread));
     }
-    int64_t g0 = shift > 0 ? b >> shift : b / per_group;
-    int64_t g1 = shift > 0 ? (b + 1) >> shift : (b + 1) / per_group;
+    if (shift > 0) return _mm256_set1_ps(_cvtsh_ss(s[b >> shift]));
+    int64_t g0 = b / per_group;
+    int64_t g1 = (b + 1) / per_group;
     return _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(s[g1])), _mm_set1_ps(_cvtsh_ss(s[g0])));
 }
 
@@ -202,15 +204,23 @@ static inline __attribute__((always_inline)) void pair4(
 }
 
 #if WIDE
-/* The weight scales of blocks b to b + 3, each four times. */
+/* The weight scales of blocks b to b + 3 (b a multiple of 4), each four times: with
+ * groups of 64 two groups' scales, each twice; with groups of 128, 256, ... one group's. */
 static inline __m512 quad_scales(const uint16_t *s, int64_t b, int shift, int64_t per_group) {
     __m128 four;
     if (shift == 0) {
         four = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + b)));
+    } else if (shift == 1) {
+        int32_t both;
+        memcpy(&both, s + (b >> 1), sizeof both);
+        __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(both));
+        four = _mm_shuffle_ps(two, two, _MM_SHUFFLE(1, 1, 0, 0));
+    } else if (shift > 1) {
+        return _mm512_set1_ps(_cvtsh_ss(s[b >> shift]));
     } else {
         float f[4];
         for (int i = 0; i < 4; i++)
-            f[i] = _cvtsh_ss(s[shift > 0 ? (b + i) >> shift : (b + i) / per_group]);
+            f[i] = _cvtsh_ss(s[(b + i) / per_group]);
         four = _mm_loadu_ps(f);
     }
     const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
