@@ -128,9 +128,10 @@ def test_dequantize_equals_the_definition_bit_for_bit(bits, rows, inputs, group)
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_dequantize_into_bf16_rounds_as_torch_does(bits):
-    """The bf16 weight (prefill's dense product on AMX) is the fp32 one rounded as
-    `.to(torch.bfloat16)` rounds it, ties to even included: half the groups have scale
-    2^-8 and offset 1, so odd codes land halfway between two bf16 numbers."""
+    """The bf16 weight (the dense product over 128 rows under bf16 activations) is the
+    fp32 one rounded as `.to(torch.bfloat16)` rounds it, ties to even included: half the
+    groups have scale 2^-8 and offset 1, so odd codes land halfway between two bf16
+    numbers."""
     weight = random_group_quantized(8, 256, bits, 32, seed=bits)
     weight.scales[:, ::2], weight.offsets[:, ::2] = 2.0**-8, 1.0
     fp32 = weight.dequantize()
