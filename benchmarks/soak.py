@@ -178,7 +178,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / "kubellm-soak-server.log"
     server = start(
-        [sys.executable, "-m", "kubellm.runtime.serve", "--model", args.model,
+        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--model", args.model,
          "--served-model-name", "soak", "--port", str(port), "--max-model-len",
          str(MAX_MODEL_LEN), "--kv-cache-memory-gib", "0.05", "--log-level", "warning"],
         port, log,

@@ -80,7 +80,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / "kubellm-structured-output-server.log"
     server = start(
-        [sys.executable, "-m", "kubellm.runtime.serve", "--served-model-name", "bench",
+        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--served-model-name", "bench",
          "--port", str(port), "--max-model-len", "2048", "--kv-cache-memory-gib", "1",
          "--log-level", "warning"],
         port, log,

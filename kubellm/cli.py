@@ -57,7 +57,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kubellm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     return COMMANDS[command][0](rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

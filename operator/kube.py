@@ -132,7 +132,7 @@ class Kube:
                     if response.status == 404 and missing_ok:
                         return None
                     return await _json(response)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if last:
                     raise KubeError(503, f"{method} {path}: {exc!r}") from None
                 await asyncio.sleep(_delay(attempt, None))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +26,47 @@ def test_operator_folder_does_not_shadow_the_standard_library():
     path = _run("import operator; print(operator.__file__)")
     assert Path(path).parent == Path(sysconfig.get_paths()["stdlib"])
     assert _run("import operator; print(operator.itemgetter(1)([5, 6]))") == "6"
+
+
+def _ours(name: str) -> bool:
+    """Whether `import name` would find one of this checkout's top-level folders."""
+    spec = importlib.util.find_spec(name)
+    locations = [spec.origin, *(spec.submodule_search_locations or [])] if spec else []
+    return any(loc and Path(loc).resolve().is_relative_to(ROOT / name) for loc in locations)
+
+
+@pytest.mark.parametrize("name", ["kernels", "operator", "runtime"])
+def test_no_top_level_folder_of_ours_shadows_a_package_in_the_test_process(name):
+    """The suite runs as `make test` starts it: the root must not be on sys.path, or
+    transformers' `import kernels` (Hugging Face's package) finds our kernels/ folder."""
+    assert not _ours(name), f"`import {name}` finds {ROOT / name}: the root is on sys.path"
+
+
+def test_transformers_hub_kernels_integration_imports_hugging_faces_kernels():
+    importlib.import_module("transformers.integrations.hub_kernels")
+    assert not _ours("kernels")
+    assert Path(importlib.import_module("operator").__file__).parent == Path(
+        sysconfig.get_paths()["stdlib"]
+    )
+
+
+def test_python_dash_m_kubellm_from_the_checkout_root_keeps_the_root_off_sys_path():
+    """A user's `python -m kubellm ...` in a checkout, with nothing set in the environment."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    code = "import importlib.util as u; print(u.find_spec('kernels').origin)"
+    probe = subprocess.run(  # the hazard itself: without -P the root answers `import kernels`
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert Path(probe.stdout.strip()) == ROOT / "kernels" / "__init__.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "kubellm", "serve", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "--tensor-parallel-size" in done.stdout, done.stderr
 
 
 def test_three_folders_are_installed_as_kubellm_subpackages():

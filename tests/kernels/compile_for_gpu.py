@@ -5,7 +5,7 @@ The interpreter, which runs the kernels on CPU, checks what they compute but nev
 compiles them; this checks the other half (dot shapes and dtypes, layouts, shared
 memory). Run without TRITON_INTERPRET, which replaces `triton.jit` with the interpreter:
 
-    python -m tests.kernels.compile_for_gpu [--arch 90]
+    python -P tests/kernels/compile_for_gpu.py [--arch 90]
 
 Prints one JSON object per compiled kernel.
 """

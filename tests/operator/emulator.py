@@ -207,10 +207,8 @@ def _row(item: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _age(timestamp: str) -> str:
-    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.timezone.utc
-    )
-    seconds = int((datetime.datetime.now(datetime.timezone.utc) - then).total_seconds())
+    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    seconds = int((datetime.datetime.now(datetime.UTC) - then).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit}"
@@ -231,7 +229,7 @@ def _json_path(obj: Any, path: str) -> Any:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _register_llmdeployment(emulator: FixedEmulator) -> None:

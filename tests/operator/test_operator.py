@@ -271,7 +271,7 @@ def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(c
     port = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kubellm.cli", "operator", "--namespace", NS,
+        [sys.executable, "-P", "-m", "kubellm", "operator", "--namespace", NS,
          "--liveness", f"http://127.0.0.1:{port}/healthz"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -1,6 +1,6 @@
 """`kubellm serve` with a fault injected, to test the failure path of a real process:
 
-    KUBELLM_TEST_FAIL_FORWARD_AT=N python -m tests.runtime.faulty_serve ARGS
+    KUBELLM_TEST_FAIL_FORWARD_AT=N python -P tests/runtime/faulty_serve.py ARGS
 
 makes the model's Nth forward pass raise (what a CUDA error or a bug in a layer does).
 """

@@ -16,16 +16,17 @@ from tests.helpers import free_port
 
 
 class ServeProcess:
-    """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or another module with
-    the same command line); killed on exit."""
+    """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or a script with the
+    same command line); killed on exit."""
 
-    def __init__(self, *args: str, module: str = "kubellm.runtime.serve",
+    def __init__(self, *args: str, script: Path | None = None,
                  env: dict[str, str] | None = None) -> None:  # fmt: skip
         port = free_port()
+        program = [str(script)] if script else ["-m", "kubellm.runtime.serve"]
         self.url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args, "--port", str(port)],
+            [sys.executable, "-P", *program, *args, "--port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})},
         )  # fmt: skip

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -54,7 +55,7 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
 def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
     missing = tmp_path / "no-such-model.gguf"
     done = subprocess.run(
-        [sys.executable, "-m", "kubellm.runtime.serve", "--model", str(missing),
+        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--model", str(missing),
          "--port", str(free_port())],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -64,7 +65,7 @@ def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
 
 def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it():
     done = subprocess.run(
-        [sys.executable, "-m", "kubellm.runtime.serve", "--tensor-parallel-size", "2",
+        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--tensor-parallel-size", "2",
          "--port", str(free_port())],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -83,7 +84,7 @@ def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it
 )
 def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
     done = subprocess.run(
-        [sys.executable, "-m", "kubellm.runtime.serve", *flag],
+        [sys.executable, "-P", "-m", "kubellm.runtime.serve", *flag],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2 and needle in done.stderr
@@ -91,7 +92,7 @@ def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
 
 def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_model_dir):
     with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
-                      "--max-model-len", "512", module="tests.runtime.faulty_serve",
+                      "--max-model-len", "512", script=Path(__file__).with_name("faulty_serve.py"),
                       env={"KUBELLM_TEST_FAIL_FORWARD_AT": "30"}) as server:  # fmt: skip
         server.wait_healthy()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
