@@ -6,6 +6,7 @@ the built-in SmolLM2-135M-Instruct GGUF.
 
     python benchmarks/compare.py                 # concurrency 1 4 16 64, writes results
     python benchmarks/compare.py --servers kubellm llama.cpp --concurrency 16
+    python benchmarks/compare.py --base HEAD~1 --servers kubellm-base kubellm  # before/after
 
 Writes benchmarks/results/serving.json, benchmarks/results/serving.png, prints the table,
 and (with --update-benchmarks-md) rewrites the serving section of BENCHMARKS.md.
@@ -43,7 +44,31 @@ KUBELLM_MODES = {
 }
 
 
-def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[str]:
+def base_install(revision: str, cache_dir: Path) -> Path:
+    """kubellm as it was at `revision`, installed (without dependencies) into a folder of
+    the cache that `kubellm-base` puts first on its PYTHONPATH."""
+    commit = subprocess.run(["git", "rev-parse", revision], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    target = cache_dir / f"kubellm-{commit[:12]}"
+    if not target.exists():
+        source = cache_dir / f"source-{commit[:12]}"
+        source.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True,
+                                 capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-build-isolation", "--target", str(target), str(source)],
+                       check=True)  # fmt: skip
+    return target
+
+
+def server_command(name: str, port: int, cache_dir: Path, slots: int,
+                   base: str | None = None) -> list[str]:  # fmt: skip
+    if name == "kubellm-base":
+        if base is None:
+            raise SystemExit("kubellm-base serves the commit named by --base")
+        with_base = ["env", f"PYTHONPATH={base_install(base, cache_dir)}"]
+        return with_base + server_command("kubellm", port, cache_dir, slots)
     if name in KUBELLM_MODES:
         return [sys.executable, "-P", "-m", "kubellm", "serve", "--port", str(port),
                 "--served-model-name", MODEL_NAME, "--log-level", "warning",
@@ -64,7 +89,8 @@ def server_command(name: str, port: int, cache_dir: Path, slots: int) -> list[st
 def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
     port = free_port()
     log = args.out / f"{name}.log"
-    proc = start(server_command(name, port, args.cache_dir, max(args.concurrency)), port, log)
+    command = server_command(name, port, args.cache_dir, max(args.concurrency), args.base)
+    proc = start(command, port, log)
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
@@ -166,8 +192,9 @@ def main() -> None:
         "--servers",
         nargs="+",
         default=[*KUBELLM_MODES, "llama.cpp"],
-        help="also: transformers (one request at a time)",
+        help="also: transformers (one request at a time), kubellm-base (with --base)",
     )
+    p.add_argument("--base", help="the commit kubellm-base serves (its defaults)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests-per-slot", type=int, default=3)
     p.add_argument("--min-requests", type=int, default=6)

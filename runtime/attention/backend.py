@@ -89,6 +89,25 @@ class AttentionMetadata:
         return OneTokenRequests(requests, starts[index], seq_lens[index], self.block_tables[index])
 
     @cached_property
+    def token_contexts(self) -> OneTokenRequests:
+        """Every new token of the step as a one-token query over its own causal context
+        (its position + 1 positions of its request's blocks), computed once. A backend
+        that attends each token so computes it the same way whether it came in a whole
+        prompt, a prefill chunk after a prefix-cache hit, or a decode step."""
+        decodes = self.one_token_requests
+        if decodes is not None and len(decodes.requests) == len(self.query_lens_cpu):
+            return decodes
+        device = self.seq_lens.device
+        query_lens = torch.tensor(self.query_lens_cpu, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(query_lens), device=device), query_lens)
+        rows = torch.arange(len(owner), device=device)
+        first_position = self.seq_lens.long() - query_lens  # of each request's new tokens
+        offset = rows - self.query_start_loc[:-1].long()[owner]
+        seq_lens = (first_position[owner] + offset + 1).contiguous()
+        requests = list(range(len(self.query_lens_cpu)))
+        return OneTokenRequests(requests, rows, seq_lens, self.block_tables[owner])
+
+    @cached_property
     def decode_batch(self) -> DecodeBatch | None:
         """The requests a host-looping backend attends in one call (computed once per step)."""
         requests = batched_decodes(self.query_lens_cpu, self.seq_lens_cpu)

@@ -1,10 +1,13 @@
 """The CPU attention backend: fp32 on CPUs with AVX2, by kubellm's C kernels
 (kernels/cpu_ops.py), over an fp32 or fp16 KV cache (`Placement.kv_dtype`; fp32
-arithmetic either way). The new K/V go to their slots in one call, and every decoding
-request of the step (one new token) attends in one call that reads its blocks in place:
-no gather of the contexts, no padding to the longest, no mask. Prefills and prefill
-chunks attend as the torch backend's do (one SDPA call per request, where the per-call
-overhead is small beside the work).
+arithmetic either way). The new K/V go to their slots in one call, then every new token
+of the step attends in one call as a one-token query over its own causal context, read
+in place from the cache: no gather, no padding, no mask. A token is so computed the same
+way, from the K/V as the cache stores them, whether it came in a whole prompt, a prefill
+chunk after a prefix-cache hit, a recomputation after preemption or a decode step (the
+decode steps' fused layers run the same kernel), which keeps a greedy request's tokens
+independent of what the prefix cache held. Head sizes the kernel does not take attend
+as the torch backend's do.
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ class CpuAttentionBackend:
     ) -> torch.Tensor:
         cpu_ops.write_kv(key, value, kv_cache, meta.slot_mapping)
         out = torch.empty(query.shape)
-        decodes = meta.one_token_requests if cpu_ops.attends(query.shape[-1]) else None
-        if decodes is not None:
-            cpu_ops.decode_attention(query, kv_cache, decodes.rows, decodes.seq_lens,
-                                     decodes.block_tables, scale, out)  # fmt: skip
-        done = [] if decodes is None else decodes.requests
-        if len(done) < len(meta.seq_lens_cpu):
-            attend_each(query, out, kv_cache, meta, scale, done)
+        if cpu_ops.attends(query.shape[-1]):
+            tokens = meta.token_contexts
+            cpu_ops.decode_attention(query, kv_cache, tokens.rows, tokens.seq_lens,
+                                     tokens.block_tables, scale, out)  # fmt: skip
+        else:
+            attend_each(query, out, kv_cache, meta, scale, [])
         return out

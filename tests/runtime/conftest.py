@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 
 from kubellm.runtime import LLM
 from kubellm.runtime.model.source import builtin_gguf_path
+from tests.runtime.invariants import unpinned
+from tests.runtime.quantized_checkpoints import act_order_gptq
 
 # Tiny Llama-family configs for transformers; random weights, saved as HF directories.
 TINY_CONFIGS = {
@@ -82,6 +85,29 @@ def tiny_model_dir(tmp_path_factory, smollm2):
         return made[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_dir(tmp_path_factory, smollm2) -> Path:
+    """A tiny random Llama as a 4-bit GPTQ checkpoint (groups of 32; no act order, so
+    tensor parallelism can split it)."""
+    directory = tmp_path_factory.mktemp("tiny-gptq")
+    return act_order_gptq(smollm2.tokenizer, directory, act_order=False)
+
+
+@pytest.fixture(scope="session")
+def model_for(tiny_model_dir, quantized_tiny_dir):
+    """Factory: (settings, tiny config name) -> (model directory, the context to build its
+    engines in). "pinned": that tiny model under the suite's fp32 oracle pins;
+    "defaults": the 4-bit tiny checkpoint under `make serve`'s settings (on CPUs with AVX2:
+    kubellm's C kernels, int8-rounded activations, an fp16 KV cache)."""
+
+    def pick(settings: str, name: str) -> tuple[str, AbstractContextManager]:
+        if settings == "pinned":
+            return str(tiny_model_dir(name)), nullcontext()
+        return str(quantized_tiny_dir), unpinned()
+
+    return pick
 
 
 def _save_tiny_model(directory: Path, name: str, tokenizer) -> Path:

@@ -39,10 +39,11 @@ def auto_round(tokenizer, directory: Path, fmt: str, sym: bool) -> Path:
     return next(p.parent for p in directory.rglob("config.json"))
 
 
-def act_order_gptq(tokenizer, directory: Path, v2: bool = False) -> Path:
+def act_order_gptq(tokenizer, directory: Path, v2: bool = False, act_order: bool = True) -> Path:
     """GPTQ with desc_act, written from the definition: per layer a random order of the
     inputs (shared by the projections that read the same input, as GPTQ's Hessian order
-    is), asymmetric 4-bit groups of GROUP inputs taken in that order."""
+    is), asymmetric 4-bit groups of GROUP inputs taken in that order. With `act_order`
+    False, the inputs in their own order (desc_act false: shardable along the inputs)."""
     model = random_llama(tokenizer)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
@@ -56,12 +57,14 @@ def act_order_gptq(tokenizer, directory: Path, v2: bool = False) -> Path:
         alone = module.endswith(("o_proj", "down_proj"))
         reads = module if alone else module.rsplit(".", 1)[0]  # q, k, v and gate, up share
         if reads not in orders:
-            orders[reads] = torch.randperm(tensor.shape[1], generator=generator)
+            inputs = tensor.shape[1]
+            shuffled = torch.randperm(inputs, generator=generator)
+            orders[reads] = shuffled if act_order else torch.arange(inputs)
         state.update(quantize_gptq(module, tensor, orders[reads], v2))
     save_file(state, str(directory / "model.safetensors"))
     config = json.loads((directory / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
-                                     "desc_act": True, "sym": False,
+                                     "desc_act": act_order, "sym": False,
                                      "checkpoint_format": "gptq_v2" if v2 else "gptq"}  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config))
     return directory

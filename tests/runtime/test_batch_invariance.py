@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubellm.runtime import LLM, SamplingParams
+from tests.runtime.invariants import ENGINE_SETTINGS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -28,20 +29,24 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir):
-    """Each prompt run alone, one engine per prompt."""
-    directory = str(tiny_model_dir("gqa4-untied"))
-    llm = LLM(model=directory, kv_cache_memory_gib=0.01)
-    return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts_for_batch(16)]
+@pytest.fixture(scope="module", params=ENGINE_SETTINGS)
+def reference(request, model_for):
+    """Each prompt run alone, under the suite's pins and under the defaults."""
+    directory, context = model_for(request.param, "gqa4-untied")
+    with context:
+        llm = LLM(model=directory, kv_cache_memory_gib=0.01)
+    tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts_for_batch(16)]
+    return request.param, tokens
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_tokens_match_the_request_run_alone(variant, tiny_model_dir, reference):
-    config = {"kv_cache_memory_gib": 0.01, **VARIANTS[variant]}
-    llm = LLM(model=str(tiny_model_dir("gqa4-untied")), **config)
+def test_tokens_match_the_request_run_alone(variant, model_for, reference):
+    settings, alone = reference
+    directory, context = model_for(settings, "gqa4-untied")
+    with context:
+        llm = LLM(model=directory, kv_cache_memory_gib=0.01, **VARIANTS[variant])
     outputs = llm.generate(prompts_for_batch(16), GREEDY)
-    assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert [o.outputs[0].token_ids for o in outputs] == alone
     if variant == "forced-preemption":
         assert llm.engine.scheduler.num_preemptions > 0
     if variant == "prefill-chunk-7":

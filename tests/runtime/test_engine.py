@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.model.source import ModelNotFoundError
 
-from .invariants import check_all_free, check_kv_consistent
+from .invariants import ENGINE_SETTINGS, check_all_free, check_kv_consistent
 from .workloads import run_workload, workload
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -184,19 +184,22 @@ def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
     budget=st.integers(1, 64),
     prefix_caching=st.booleans(),
 )
+@pytest.mark.parametrize("engine_settings", ENGINE_SETTINGS)
 def test_random_workloads_on_the_real_engine(
-    tiny_model_dir, requests, num_kv_blocks, budget, prefix_caching
+    model_for, engine_settings, requests, num_kv_blocks, budget, prefix_caching
 ):
-    engine = LLMEngine(
-        EngineConfig(
-            model=str(tiny_model_dir("mha-tied")),
-            max_model_len=128,
-            num_kv_blocks=num_kv_blocks,
-            max_num_batched_tokens=budget,
-            max_num_seqs=6,
-            enable_prefix_caching=prefix_caching,
+    directory, context = model_for(engine_settings, "mha-tied")
+    with context:
+        engine = LLMEngine(
+            EngineConfig(
+                model=directory,
+                max_model_len=128,
+                num_kv_blocks=num_kv_blocks,
+                max_num_batched_tokens=budget,
+                max_num_seqs=6,
+                enable_prefix_caching=prefix_caching,
+            )
         )
-    )
     run_workload(engine, requests)
 
 

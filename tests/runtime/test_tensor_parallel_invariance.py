@@ -11,24 +11,35 @@ from hypothesis import strategies as st
 
 from kubellm.runtime import EngineConfig, LLMEngine
 
+from .invariants import ENGINE_SETTINGS
 from .workloads import run_workload, workload
 
 
-@pytest.fixture(scope="module")
-def single_and_split(tiny_model_dir):
-    config = dict(model=str(tiny_model_dir("gqa3-llama3-rope")), max_model_len=128,
-                  num_kv_blocks=14, max_num_seqs=6)  # fmt: skip
-    single = LLMEngine(EngineConfig(**config))
-    split = LLMEngine(EngineConfig(**config, tensor_parallel_size=2))
-    yield single, split
+@pytest.fixture(scope="module", params=ENGINE_SETTINGS)
+def single_and_split(request, model_for):
+    """Under the suite's pins and under the defaults (a 4-bit checkpoint)."""
+    directory, context = model_for(request.param, "gqa3-llama3-rope")
+    config = dict(model=directory, max_model_len=128, num_kv_blocks=14, max_num_seqs=6)
+    with context:
+        single = LLMEngine(EngineConfig(**config))
+        split = LLMEngine(EngineConfig(**config, tensor_parallel_size=2))
+    yield request.param, single, split
     split.shutdown()
     assert single.scheduler.num_preemptions > 0, "no example preempted: a bigger workload"
+
+
+# Two ranks add a row-parallel product's halves in another order than one rank; with the
+# defaults' int8-rounded activations such a difference can move an input across a
+# rounding step of the next product (these examples: at most 2.2e-3 apart). Tokens must
+# match exactly either way.
+LOGPROB_TOLERANCE = {"pinned": 1e-4, "defaults": 5e-3}
 
 
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(requests=workload, budget=st.integers(1, 64))
 def test_two_ranks_give_the_tokens_and_logprobs_of_one(single_and_split, requests, budget):
-    single, split = single_and_split
+    engine_settings, single, split = single_and_split
+    tolerance = LOGPROB_TOLERANCE[engine_settings]
     for engine in (single, split):
         engine.scheduler.max_num_batched_tokens = budget
     expected = run_workload(single, requests)
@@ -40,7 +51,7 @@ def test_two_ranks_give_the_tokens_and_logprobs_of_one(single_and_split, request
         for a, b in zip(want.outputs, have.outputs):
             assert (b.token_ids, b.finish_reason) == (a.token_ids, a.finish_reason)
             for x, y in zip(a.logprobs or [], b.logprobs or []):
-                assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+                assert y.logprob == pytest.approx(x.logprob, abs=tolerance)
         for x, y in zip(want.prompt_logprobs or [], have.prompt_logprobs or []):
             if x is not None:
-                assert y.logprob == pytest.approx(x.logprob, abs=1e-4)
+                assert y.logprob == pytest.approx(x.logprob, abs=tolerance)
