@@ -138,7 +138,8 @@ ENGINE = _obj(
         ),
         "toolCallParser": _str(
             'The model\'s tool-call format, read for tool_choice "auto" (hermes: Qwen2.5, '
-            "Hermes, and models whose template knows no tools); unset: auto is refused",
+            "Hermes, and models whose template knows no tools); unset: inferred from the "
+            "model's chat template at load",
             nullable=True,
             enum=["hermes", "llama3_json", "mistral"],
         ),

@@ -47,15 +47,16 @@ def parser() -> argparse.ArgumentParser:
         "--enable-auto-tool-choice",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help='read the calls of tool_choice "auto" (the default with tools) with '
-        "--tool-call-parser; without it such requests are refused, as vLLM's",
+        help='accepted for vLLM\'s command lines: tool_choice "auto" (the default with '
+        "tools) is always on, its parser chosen from the chat template or --tool-call-parser",
     )
     add(
         "--tool-call-parser",
         default=None,
         choices=sorted(AUTO_PARSERS),
-        help="the model's tool-call format: hermes (Qwen2.5, Hermes; also what the fallback "
-        "prompt of templates without tools asks for), llama3_json, mistral",
+        help='the model\'s tool-call format, which tool_choice "auto" reads: hermes '
+        "(Qwen2.5, Hermes; also what the fallback prompt of templates without tools asks "
+        "for), llama3_json, mistral; default: inferred from the chat template at load",
     )
     add("--log-level", default="info", type=str.lower, choices=LEVELS)
     add(
@@ -77,16 +78,6 @@ def parser() -> argparse.ArgumentParser:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the flags describe (ValueError for a refused setting)."""
     return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
-
-
-def auto_tool_parser(args: argparse.Namespace) -> str | None:
-    """The parser of `tool_choice: auto`, if the flags enable it (vLLM's pair)."""
-    if not args.enable_auto_tool_choice:
-        return None
-    if args.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME: one of "
-                         + ", ".join(sorted(AUTO_PARSERS)))  # fmt: skip
-    return args.tool_call_parser
 
 
 def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
@@ -137,6 +128,7 @@ class DrainingServer(uvicorn.Server):
 def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
     """Load the model while the server already answers /health with 503; attach the
     engine when ready, or stop the server (exit code 1) if it cannot be loaded."""
+    from kubellm.runtime.api.server import attach_engine
     from kubellm.runtime.async_engine import AsyncEngine
     from kubellm.runtime.engine import LLMEngine
 
@@ -144,7 +136,7 @@ def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
         try:
             engine = AsyncEngine(LLMEngine(config))
             engine.on_failure(lambda reason: stop_after_failure(server))
-            app.state.engine = engine
+            attach_engine(app, engine)
         except Exception as exc:  # any failure: say why, and exit non-zero
             logger.error("kubellm serve: could not load %s: %s", config.model, exc)
             app.state.load_failed = True
@@ -176,11 +168,11 @@ def main(argv: list[str]) -> int:
 
     try:
         config = engine_config(args)
-        tool_call_parser = auto_tool_parser(args)
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(None, args.served_model_name or args.model, args.api_key, tool_call_parser)
+    app = build_app(None, args.served_model_name or args.model, args.api_key,
+                    args.tool_call_parser)  # fmt: skip
     app.state.load_failed = False
     # access_log off: ours (kubellm.access) has request ids and token counts
     uv_config = uvicorn.Config(

@@ -155,8 +155,6 @@ def _env(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[str,
         if value is not None and value != ENGINE["properties"][field].get("default"):
             # a default is the runtime's own (tested): leave it to the runtime
             values[variable] = str(value).lower() if isinstance(value, bool) else str(value)
-    if engine.get("toolCallParser"):
-        values["KUBELLM_ENABLE_AUTO_TOOL_CHOICE"] = "true"  # vLLM's pair of flags, as one field
     env = [{"name": k, "value": v} for k, v in values.items()]
     secrets = {"HF_TOKEN": spec["model"].get("hfTokenSecretRef"),
                "KUBELLM_API_KEY": spec.get("apiKeySecretRef")}  # fmt: skip

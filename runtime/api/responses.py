@@ -81,10 +81,11 @@ class ToolCallStream:
         self.content_sent = 0
         self.ids: list[str] = []
         self.arguments_sent: list[int] = []
+        self.memo: dict = {}  # the parser's scanning state: each parse resumes the last
 
     def delta(self, new_text: str, finished: bool) -> dict:
         self.text += new_text
-        parsed = self.parser(self.text, finished)
+        parsed = self.parser(self.text, finished, self.memo)
         delta: dict = {}
         if len(parsed.content) > self.content_sent:
             delta["content"] = parsed.content[self.content_sent :]

@@ -8,6 +8,7 @@ The app can exist before its engine: `kubellm serve` listens at once (so probes 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kubellm import __version__
-from kubellm.runtime.api.chat_prompt import render_chat
+from kubellm.runtime.api.chat_prompt import render_chat, tool_call_format
 from kubellm.runtime.api.errors import APIError, install_error_handlers
 from kubellm.runtime.api.metrics import ServerMetrics
 from kubellm.runtime.api.middleware import (
@@ -43,6 +44,7 @@ from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError, Generatio
 from kubellm.runtime.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions only
+logger = logging.getLogger(__name__)
 
 
 def build_app(
@@ -51,17 +53,20 @@ def build_app(
     api_key: str | None = None,
     tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """`engine` may be None and set later as `app.state.engine` (503 until then).
+    """`engine` may be None and given later to `attach_engine` (503 until then).
     `tool_call_parser` (a name in AUTO_PARSERS) reads the calls of `tool_choice: auto`;
-    without one, `auto` is refused (as vLLM without --enable-auto-tool-choice)."""
+    without one, the engine's chat template tells (`tool_call_format`)."""
     app = FastAPI(title="kubellm", version=__version__)
-    app.state.engine = engine
+    app.state.engine = None
+    app.state.asked_tool_call_parser = tool_call_parser
     app.state.draining = False  # set on SIGTERM by `kubellm serve`
     install_error_handlers(app)
     refuse_work_until_ready(app)
     if api_key:
         require_api_key(app, api_key)
     app.add_middleware(AccessLog)  # outermost: it sees the 401s and 503s too
+    if engine is not None:
+        attach_engine(app, engine)
     metrics = ServerMetrics(lambda: app.state.engine, served_model_name)
 
     @app.get("/metrics")
@@ -127,7 +132,7 @@ def build_app(
     async def chat(body: ChatCompletionRequest, raw: Request):
         _check_model(body.model, served_model_name)
         engine = app.state.engine
-        tool_parser = _tool_parser(body, tool_call_parser)
+        tool_parser = _tool_parser(body, *app.state.auto_tool_call_parser)
         prompt = render_chat(engine.tokenizer, body.messages, body.tools)
         prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens
@@ -141,6 +146,22 @@ def build_app(
                               tool_parser=tool_parser)  # fmt: skip
 
     return app
+
+
+def attach_engine(app: FastAPI, engine: AsyncEngine) -> None:
+    """Serve `engine` from now on, with the parser of `tool_choice: auto` chosen for its
+    model (logged with the reason)."""
+    asked = app.state.asked_tool_call_parser
+    if asked is not None:
+        name, why = asked, "--tool-call-parser"
+    else:
+        name, why = tool_call_format(engine.tokenizer.chat_template)
+    if name is None:
+        logger.warning('tool_choice "auto": no parser (%s); set --tool-call-parser', why)
+    else:
+        logger.info('tool_choice "auto": the %s parser (%s)', name, why)
+    app.state.auto_tool_call_parser = (name, why)
+    app.state.engine = engine
 
 
 def _engine_trouble(engine: AsyncEngine) -> JSONResponse | None:
@@ -159,9 +180,11 @@ def _check_model(model: str, served: str) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
 
-def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None) -> ToolParser | None:
+def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None,
+                 why: str) -> ToolParser | None:  # fmt: skip
     """What reads the reply's tool calls (None: the reply is text), once the request's
-    tools and tool_choice are known to agree."""
+    tools and tool_choice are known to agree. `auto_parser` (None: none is known, `why`)
+    reads the calls of `auto`."""
     names = [tool.function.name for tool in body.tools or []]
     if len(set(names)) < len(names):
         raise APIError(400, f"tools must have distinct names, got {names}", "tools")
@@ -177,8 +200,9 @@ def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None) -> ToolPa
         return required_calls
     if choice == "auto":
         if auto_parser is None:
-            raise APIError(400, '"auto" tool choice needs the server started with '
-                                "--enable-auto-tool-choice and --tool-call-parser NAME; "
+            raise APIError(400, f'"auto" tool choice: kubellm cannot tell this model\'s '
+                                f"tool-call format ({why}); start the server with "
+                                f"--tool-call-parser NAME ({', '.join(sorted(AUTO_PARSERS))}), "
                                 'or send tool_choice "required" or a named function',
                            "tool_choice")  # fmt: skip
         return AUTO_PARSERS[auto_parser]

@@ -30,39 +30,52 @@ class Parsed:
     calls: list[ParsedCall] = field(default_factory=list)
 
 
-ToolParser = Callable[[str, bool], Parsed]
+ToolParser = Callable[..., Parsed]  # (text so far, finished, memo=None) -> Parsed
 
 
-def value_end(text: str, start: int) -> int | None:
+Memo = dict  # a stream's scanning state, kept between parses of its growing text
+
+
+def value_end(text: str, start: int, memo: Memo | None = None) -> int | None:
     """Where the JSON value at `start` ends, or None if the text stops first. A bare
-    number or literal is only known to end at a delimiter."""
+    number or literal is only known to end at a delimiter. With a `memo` (one per stream,
+    whose text only grows), a scan resumes where the last one stopped, so a stream scans
+    each character once."""
     if start >= len(text):
         return None
     opener = text[start]
-    if opener == '"':
-        return _string_end(text, start)
-    if opener not in "{[":
+    if opener not in '{["':
         at = start
         while at < len(text) and text[at] not in ",}] \t\r\n;":
             at += 1
         return at if at < len(text) else None
-    depth, at = 0, start
+    state = memo.get(start) if memo is not None else None
+    if isinstance(state, int):
+        return state
+    at, depth, in_string = state or (start + 1, 0 if opener == '"' else 1, opener == '"')
     while at < len(text):
         char = text[at]
-        if char == '"':
-            end = _string_end(text, at)
-            if end is None:
-                return None
-            at = end
-            continue
-        if char in "{[":
+        if in_string:
+            if char == "\\":
+                at += 2
+                continue
+            in_string = char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
             depth += 1
         elif char in "}]":
             depth -= 1
-            if depth == 0:
-                return at + 1
         at += 1
-    return None
+        if depth == 0 and not in_string:
+            break
+    else:
+        if memo is not None:
+            memo[start] = (at, depth, in_string)
+        return None
+    if memo is not None:
+        memo[start] = at
+    return at
 
 
 def _string_end(text: str, start: int) -> int | None:
@@ -83,7 +96,8 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
-def scan_call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:
+def scan_call(text: str, start: int,
+              memo: Memo | None = None) -> tuple[ParsedCall | None, int | None]:  # fmt: skip
     """The call written as `{"name": ..., "arguments": {...}}` at `start` (None until
     its name is complete) and where the object ends (None while it is unfinished)."""
     if text[start : start + 1] != "{":
@@ -106,7 +120,7 @@ def scan_call(text: str, start: int) -> tuple[ParsedCall | None, int | None]:
         if text[at : at + 1] != ":":
             break
         value_start = _skip_space(text, at + 1)
-        end = value_end(text, value_start)
+        end = value_end(text, value_start, memo)
         if key in ARGUMENT_KEYS:
             arguments = text[value_start : len(text) if end is None else end]
         elif key == "name" and end is not None:
@@ -121,12 +135,13 @@ def _call(name: object, arguments: str) -> ParsedCall | None:
     return ParsedCall(name, arguments) if isinstance(name, str) else None
 
 
-def scan_call_list(text: str, at: int, separators: str = ",") -> list[ParsedCall]:
+def scan_call_list(text: str, at: int, separators: str = ",",
+                   memo: Memo | None = None) -> list[ParsedCall]:  # fmt: skip
     """Calls written one after another from `at`, separated by `separators`."""
     calls = []
     while True:
         at = _skip_space(text, at)
-        call, end = scan_call(text, at)
+        call, end = scan_call(text, at, memo)
         if call is not None:
             calls.append(call)
         if end is None:
@@ -149,14 +164,14 @@ def _held_back(text: str, marker: str, finished: bool) -> str:
     return text.rstrip(_WHITESPACE)
 
 
-def _content_then_calls(marker: str, read_calls: Callable[[str, int], list[ParsedCall]]):
+def _content_then_calls(marker: str, read_calls: Callable[..., list[ParsedCall]]):
     """A parser for formats that write optional text, then `marker`, then calls."""
 
-    def parse(text: str, finished: bool) -> Parsed:
+    def parse(text: str, finished: bool, memo: Memo | None = None) -> Parsed:
         at = text.find(marker)
         if at < 0:
             return Parsed(_held_back(text, marker, finished))
-        return Parsed(text[:at].rstrip(_WHITESPACE), read_calls(text, at + len(marker)))
+        return Parsed(text[:at].rstrip(_WHITESPACE), read_calls(text, at + len(marker), memo))
 
     return parse
 
@@ -164,11 +179,11 @@ def _content_then_calls(marker: str, read_calls: Callable[[str, int], list[Parse
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
-def _hermes_calls(text: str, at: int) -> list[ParsedCall]:
+def _hermes_calls(text: str, at: int, memo: Memo | None) -> list[ParsedCall]:
     """`<tool_call>{...}</tool_call>`, repeated (`at` is just past the first tag)."""
     calls = []
     while True:
-        call, end = scan_call(text, _skip_space(text, at))
+        call, end = scan_call(text, _skip_space(text, at), memo)
         if call is not None:
             calls.append(call)
         if end is None:
@@ -182,27 +197,32 @@ def _hermes_calls(text: str, at: int) -> list[ParsedCall]:
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 
 
-def _mistral_calls(text: str, at: int) -> list[ParsedCall]:
+def _mistral_calls(text: str, at: int, memo: Memo | None) -> list[ParsedCall]:
     """`[TOOL_CALLS][{...}, ...]` (v3 tokenizers) or `[TOOL_CALLS]name[ARGS]{...}`
     once per call (v11 and later)."""
     at = _skip_space(text, at)
     if text[at : at + 1] == "[":
-        return scan_call_list(text, at + 1)
+        return scan_call_list(text, at + 1, memo=memo)
     calls = []
-    for piece in text[at:].split(MISTRAL_CALLS):
-        name, found, arguments = piece.partition(MISTRAL_ARGS)
-        if not found:
-            break
-        end = value_end(arguments, _skip_space(arguments, 0))
-        calls.append(ParsedCall(name.strip(), arguments.strip() if end is None else
-                                arguments[:end].strip()))  # fmt: skip
-    return calls
+    while True:
+        piece_end = text.find(MISTRAL_CALLS, at)
+        piece = text if piece_end < 0 else text[:piece_end]  # offsets stay the text's
+        arguments_at = piece.find(MISTRAL_ARGS, at)
+        if arguments_at < 0:
+            return calls
+        start = _skip_space(piece, arguments_at + len(MISTRAL_ARGS))
+        end = value_end(piece, start, memo)
+        arguments = piece[start:] if end is None else piece[start:end]
+        calls.append(ParsedCall(piece[at:arguments_at].strip(), arguments.strip()))
+        if piece_end < 0:
+            return calls
+        at = piece_end + len(MISTRAL_CALLS)
 
 
 LLAMA_PYTHON_TAG = "<|python_tag|>"
 
 
-def llama3_json(text: str, finished: bool) -> Parsed:
+def llama3_json(text: str, finished: bool, memo: Memo | None = None) -> Parsed:
     """Llama 3.1-3.3's JSON calls: the whole reply is `{"name": ..., "parameters": ...}`
     (optionally after `<|python_tag|>`, several separated by `;`); any other reply is
     content, and so is one that ends without a single call's name."""
@@ -213,7 +233,7 @@ def llama3_json(text: str, finished: bool) -> Parsed:
         return Parsed()  # perhaps the tag, not yet whole
     if text[start : start + 1] != "{":
         return Parsed(text if start < len(text) or finished else "")
-    calls = scan_call_list(text, start, separators=";,")
+    calls = scan_call_list(text, start, ";,", memo)
     if not calls and finished:
         return Parsed(text)
     return Parsed("", calls)
@@ -231,12 +251,12 @@ AUTO_PARSERS: dict[str, ToolParser] = {
 
 def named_function(name: str) -> ToolParser:
     """`tool_choice` naming a function: the grammar writes its arguments and nothing else."""
-    return lambda text, finished: Parsed("", [ParsedCall(name, text)])
+    return lambda text, finished, memo=None: Parsed("", [ParsedCall(name, text)])
 
 
-def required_calls(text: str, finished: bool) -> Parsed:
+def required_calls(text: str, finished: bool, memo: Memo | None = None) -> Parsed:
     """`tool_choice: required`: the grammar writes `[{"name": ..., "arguments": ...}, ...]`."""
     start = _skip_space(text, 0)
     if text[start : start + 1] != "[":
         return Parsed()
-    return Parsed("", scan_call_list(text, start + 1))
+    return Parsed("", scan_call_list(text, start + 1, memo=memo))

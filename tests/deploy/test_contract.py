@@ -4,7 +4,7 @@ sets must be a flag the runtime's parser knows, with a value it accepts."""
 from __future__ import annotations
 
 from kubellm.operator.builders import build_children
-from kubellm.runtime.serve import auto_tool_parser, parse_args
+from kubellm.runtime.serve import parse_args
 from tests.operator.manifests import custom_resource
 
 
@@ -67,7 +67,7 @@ def test_the_operator_passes_only_what_differs_from_the_default():
     assert engine_env == {"KUBELLM_MAX_NUM_SEQS"}
 
 
-def test_a_tool_call_parser_turns_auto_tool_choice_on():
+def test_a_tool_call_parser_reaches_the_runtime():
     deployment = next(
         o for o in build_children(custom_resource(engine={"toolCallParser": "hermes"}), "img")
         .desired if o["kind"] == "Deployment"
@@ -75,4 +75,4 @@ def test_a_tool_call_parser_turns_auto_tool_choice_on():
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]
            ["containers"][0]["env"]}  # fmt: skip
     args = parse_args([], {k: v for k, v in env.items() if k.startswith("KUBELLM_")})
-    assert auto_tool_parser(args) == "hermes"
+    assert args.tool_call_parser == "hermes"

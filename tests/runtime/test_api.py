@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
-from kubellm.runtime.api.server import build_app
+from kubellm.runtime.api.server import attach_engine, build_app
 from kubellm.runtime.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
@@ -362,7 +362,7 @@ def test_health_is_503_until_the_engine_is_attached(server):
         refused = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x"})
         assert refused.status_code == 503 and "loading" in refused.json()["error"]["message"]
         assert httpx.get(url + "/metrics").status_code == 200
-        app.state.engine = server.engine
+        attach_engine(app, server.engine)
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/v1/models").status_code == 200
 

@@ -7,7 +7,7 @@ import torch
 
 from kubellm.kernels import cpu_library
 from kubellm.runtime.placement import resolve_device
-from kubellm.runtime.serve import auto_tool_parser, parse_args
+from kubellm.runtime.serve import parse_args
 
 
 def test_environment_sets_flags_and_flags_win():
@@ -56,16 +56,13 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
     assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
 
 
-def test_auto_tool_choice_needs_both_flags_as_vllm():
+def test_tool_call_parser_flags_and_variables_and_vllms_switch_is_accepted():
     args = parse_args(["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], {})
-    assert auto_tool_parser(args) == "hermes"
-    assert auto_tool_parser(parse_args(["--tool-call-parser", "mistral"], {})) is None
+    assert args.tool_call_parser == "hermes"
+    assert parse_args([], {}).tool_call_parser is None  # inferred at load
     env = {"KUBELLM_ENABLE_AUTO_TOOL_CHOICE": "true", "KUBELLM_TOOL_CALL_PARSER": "llama3_json"}
-    assert auto_tool_parser(parse_args([], env)) == "llama3_json"
-    with pytest.raises(
-        ValueError, match="needs --tool-call-parser NAME: one of hermes, llama3_json"
-    ):
-        auto_tool_parser(parse_args(["--enable-auto-tool-choice"], {}))
+    assert parse_args([], env).tool_call_parser == "llama3_json"
+    assert parse_args(["--tool-call-parser", "mistral"], env).tool_call_parser == "mistral"
 
 
 def test_quantized_kernels_unless_fp32_is_asked_for_by_name(monkeypatch):

@@ -123,3 +123,13 @@ def test_a_call_cut_short_keeps_what_was_written():
 )  # fmt: skip
 def test_value_end(text, end):
     assert value_end(text, 0) == end
+
+
+@pytest.mark.parametrize("name, reply, content, calls", RECORDED)
+def test_a_parse_resumed_from_its_memo_equals_one_from_scratch(name, reply, content, calls):
+    """A stream's parser keeps its scanning state (the memo) between deltas, so each
+    character is scanned once; every prefix must still parse as it does afresh."""
+    parser, memo = AUTO_PARSERS[name], {}
+    for cut in range(len(reply) + 1):
+        assert parser(reply[:cut], False, memo) == parser(reply[:cut], False), cut
+    assert parser(reply, True, memo) == parser(reply, True)

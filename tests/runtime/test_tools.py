@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from kubellm.runtime.api.chat_prompt import render_chat
+from kubellm.runtime.api.chat_prompt import render_chat, tool_call_format
 from kubellm.runtime.api.protocol import ChatMessage, Tool
 from kubellm.runtime.api.server import build_app
 from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
@@ -50,7 +50,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": 120}
 
 @pytest.fixture(scope="module")
 def servers(smollm2):
-    """One engine behind one app per `--tool-call-parser` (and one without)."""
+    """One engine behind one app per `--tool-call-parser` (and one without: no flags)."""
     engine = AsyncEngine(smollm2.engine)
     with (
         live_server(build_app(engine, MODEL)) as plain,
@@ -215,7 +215,6 @@ def test_langchain_bind_tools_returns_a_valid_tool_call(servers):
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
          "tool_choice", "'fly', not among the tools"),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
@@ -270,3 +269,132 @@ def test_a_template_with_tools_gets_them_itself(smollm2):
     finally:
         tokenizer.chat_template = original
     assert prompt == "[get_weather][get_time]user: What is the weather in Paris?;"
+
+
+# Chat templates written here after each family's documented format: how each renders
+# the tools and the calls of an assistant turn.
+QWEN25 = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}{{ t | tojson }}"
+    "{% endfor %}</tools>\nFor each function call, return a json object within "
+    "<tool_call></tool_call> XML tags<|im_end|>\n{% endif %}{% for m in messages %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "\n<tool_call>\n{{ c.function | tojson }}\n</tool_call>{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+LLAMA31 = (
+    "<|begin_of_text|>{% if tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Environment: ipython\n{% for t in tools %}{{ t | tojson }}{% endfor %}<|eot_id|>"
+    "{% endif %}{% for m in messages %}{% if m.tool_calls %}<|start_header_id|>assistant"
+    "<|end_header_id|>\n\n<|python_tag|>{{ m.tool_calls[0].function | tojson }}<|eom_id|>"
+    "{% elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n"
+    "{{ m.content }}<|eot_id|>{% else %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+    "\n\n{{ m.content }}<|eot_id|>{% endif %}{% endfor %}"
+)
+MISTRAL = (
+    "{% for m in messages %}{% if m.role == 'user' %}{% if tools %}[AVAILABLE_TOOLS]"
+    "{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}[INST]{{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls | tojson }}</s>{% elif m.role == "
+    "'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]{% else %}{{ m.content }}</s>"
+    "{% endif %}{% endfor %}"
+)
+UNKNOWN = "{% for t in tools %}<fn>{{ t | tojson }}</fn>{% endfor %}{{ messages[-1].content }}"
+PLAIN = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "parser", "reason"),
+    [
+        (QWEN25, "hermes", "writes <tool_call>"),
+        (LLAMA31, "llama3_json", "writes <|python_tag|>, ipython"),
+        (MISTRAL, "mistral", "writes [TOOL_CALLS]"),
+        (PLAIN, "hermes", "fallback prompt"),
+        (None, "hermes", "fallback prompt"),
+        (UNKNOWN, None, "renders tools but writes none of"),
+        (QWEN25 + MISTRAL, None, "several formats: <tool_call>, [TOOL_CALLS]"),
+    ],
+)
+def test_the_auto_parser_is_inferred_from_the_chat_template(template, parser, reason):
+    name, why = tool_call_format(template)
+    assert name == parser and reason in why, why
+
+
+def test_the_parser_and_its_reason_are_logged_and_an_unknown_format_is_a_400(smollm2, caplog):
+    """No flag, a template that renders tools in a format kubellm cannot name: "auto" is a
+    400 saying which flag to set; required, named and none keep working."""
+    tokenizer = smollm2.engine.tokenizer
+    engine = AsyncEngine(smollm2.engine)
+    original, tokenizer.chat_template = tokenizer.chat_template, UNKNOWN
+    try:
+        with caplog.at_level("INFO", logger="kubellm.runtime.api.server"):
+            unknown = build_app(engine, MODEL)
+            build_app(engine, MODEL, tool_call_parser="mistral")
+    finally:
+        tokenizer.chat_template = original
+    assert "no parser (the chat template renders tools but writes none" in caplog.text
+    assert 'tool_choice "auto": the mistral parser (--tool-call-parser)' in caplog.text
+    with live_server(unknown) as url:
+        request = {"model": MODEL, "messages": QUESTION, "tools": TOOLS, "max_tokens": 8}
+        refused = httpx.post(url + "/v1/chat/completions", json=request)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "tool_choice"
+        assert "--tool-call-parser NAME (hermes, llama3_json, mistral)" in refused.text
+        for choice in ("none", "required", NAMED):
+            answer = httpx.post(
+                url + "/v1/chat/completions",
+                json={**request, "tool_choice": choice, "max_tokens": 40},
+            )
+            assert answer.status_code == 200, (choice, answer.text)  # fmt: skip
+    assert_server_idle(engine)
+
+
+@pytest.mark.slow
+def test_with_no_flags_auto_gives_a_valid_call_or_text_streamed_as_whole(servers):
+    """The built-in model's template knows no tools, so the fallback's format (hermes) is
+    read. One request held to a call in that format by a regex (the model decides, the
+    parser reads), one left to the model."""
+    client = _client(servers[0][None])
+    forced = {"structured_outputs": {"regex": FORCED["hermes"]}}
+    for extra in ({"extra_body": forced}, {}):
+        request = dict(model=MODEL, messages=QUESTION, tools=TOOLS, **GREEDY, **extra)
+        reply = client.chat.completions.create(**request).choices[0]
+        calls = _calls(reply.message) if reply.message.tool_calls else []
+        if extra:
+            assert [name for name, _ in calls] == ["get_weather"]
+        assert reply.finish_reason in (("tool_calls",) if calls else ("stop", "length"))
+        streamed = _streamed(client.chat.completions.create(**request, stream=True))
+        assert streamed == (reply.message.content or "", calls, reply.finish_reason)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_langchain_agent_loop_runs_to_its_answer_with_auto(servers, streaming):
+    """model -> tool call -> our Python tool -> tool message -> model -> answer, with
+    langchain-openai and `bind_tools` (tool_choice left to OpenAI's default, auto). A
+    135M model seldom chooses to call a tool, so the first step names the tool (langchain's
+    tool_choice); every later step is auto, the server reading the model's own replies."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    ran: list[str] = []
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        ran.append(city)
+        return json.dumps({"city": city, "temperature_c": 18, "sky": "clear"})
+
+    llm = ChatOpenAI(base_url=servers[0][None] + "/v1", api_key="unused", model=MODEL,
+                     temperature=0, max_tokens=60, streaming=streaming)  # fmt: skip
+    messages = [HumanMessage("What is the weather in Paris?")]
+    step = llm.bind_tools([get_weather], tool_choice="get_weather")
+    for _ in range(4):
+        reply = step.invoke(messages)
+        messages.append(reply)
+        if not reply.tool_calls:
+            break
+        for call in reply.tool_calls:
+            assert call["name"] == "get_weather"
+            messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+        step = llm.bind_tools([get_weather])  # auto from here on
+    assert ran and messages[-1].content and not messages[-1].tool_calls
+    assert isinstance(messages[2], ToolMessage) and "18" in messages[2].content
