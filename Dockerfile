@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Two images from one file:
 #   docker build --target runtime  -t kubellm-runtime .    # `kubellm serve`: CUDA GPUs or CPU
-#   docker build --target operator -t kubellm-operator .   # `kubellm operator` (no torch)
+#   docker build --target operator -t kubellm-operator .   # `kubellm operator`, `kubellm route`
 # Every package is installed at the exact version and hash in requirements/*.txt
 # (`make lock`). The runtime's torch is PyPI's CUDA build, whose CUDA libraries come
 # as nvidia-* wheels, so one image serves GPU nodes (the driver comes from the node)
@@ -19,6 +19,7 @@ COPY kubellm/ kubellm/
 COPY runtime/ runtime/
 COPY kernels/ kernels/
 COPY operator/ operator/
+COPY router/ router/
 RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---- operator: kopf and the builders, no torch ---------------------------------------

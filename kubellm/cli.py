@@ -24,6 +24,12 @@ def _serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def _route(argv: list[str]) -> int:
+    from kubellm.router.main import main
+
+    return main(argv)
+
+
 def _operator(argv: list[str]) -> int:
     from kubellm.operator.main import main
 
@@ -33,6 +39,7 @@ def _operator(argv: list[str]) -> int:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "serve a model over the OpenAI-compatible HTTP API"),
     "generate": (_generate, "generate text offline with the engine (no server)"),
+    "route": (_route, "route OpenAI requests across a model's replicas (prefix- and load-aware)"),
     "operator": (_operator, "run the Kubernetes operator for LLMDeployment resources"),
 }
 

@@ -35,7 +35,7 @@ def _ours(name: str) -> bool:
     return any(loc and Path(loc).resolve().is_relative_to(ROOT / name) for loc in locations)
 
 
-@pytest.mark.parametrize("name", ["kernels", "operator", "runtime"])
+@pytest.mark.parametrize("name", ["kernels", "operator", "runtime", "router"])
 def test_no_top_level_folder_of_ours_shadows_a_package_in_the_test_process(name):
     """The suite runs as `make test` starts it: the root must not be on sys.path, or
     transformers' `import kernels` (Hugging Face's package) finds our kernels/ folder."""
@@ -80,6 +80,14 @@ def test_three_folders_are_installed_as_kubellm_subpackages():
     assert op == ROOT / "operator" / "__init__.py"
 
 
+def test_kubellm_route_imports_no_torch_and_nothing_of_the_runtime():
+    out = _run(
+        "import sys; from kubellm.router import main, server;"
+        "print('torch' in sys.modules, 'kubellm.runtime' in sys.modules)"
+    )
+    assert out.splitlines()[-1] == "False False"
+
+
 def test_kubellm_command_imports_no_torch_until_a_runtime_command_runs():
     out = _run(
         "import sys; from kubellm import cli; cli.main(['version']);"
@@ -92,6 +100,7 @@ def test_kernels_and_operator_import_nothing_of_ours():
     for folder, forbidden in (
         ("kernels", ("kubellm.runtime", "kubellm.operator")),
         ("operator", ("kubellm.runtime", "kubellm.kernels", "torch")),
+        ("router", ("kubellm.runtime", "kubellm.kernels", "kubellm.operator", "torch")),
     ):
         for source in (ROOT / folder).rglob("*.py"):
             text = source.read_text()

@@ -16,13 +16,15 @@ from tests.helpers import free_port
 
 
 class ServeProcess:
-    """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or a script with the
-    same command line); killed on exit."""
+    """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or a script, or another
+    `kubellm` command, with the same command line); killed on exit."""
 
-    def __init__(self, *args: str, script: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:  # fmt: skip
-        port = free_port()
-        program = [str(script)] if script else ["-m", "kubellm.runtime.serve"]
+    def __init__(self, *args: str, script: Path | None = None, command: str | None = None,
+                 port: int | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+        port = port or free_port()
+        program = ["-m", "kubellm.runtime.serve"]
+        if script or command:
+            program = [str(script)] if script else ["-m", "kubellm", command]
         self.url = f"http://127.0.0.1:{port}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(

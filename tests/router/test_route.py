@@ -1,0 +1,219 @@
+"""`kubellm route` as a real process in front of real `kubellm serve` replicas on
+127.0.0.1 (the built-in model), through the `openai` SDK and httpx: replies and streams
+pass through, a tenant's requests stay on one replica, faults are survived, and a request
+sent while no replica is up waits for one."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import free_port
+from tests.runtime.serve_process import ServeProcess
+
+pytestmark = pytest.mark.slow
+MODEL = "smol"
+REPLICA_ARGS = ("--served-model-name", MODEL, "--max-model-len", "512",
+                "--kv-cache-memory-gib", "0.05")  # fmt: skip
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+def _replica(port: int | None = None) -> ServeProcess:
+    return ServeProcess(*REPLICA_ARGS, port=port)
+
+
+def _router(*urls: str, policy: str = "prefix", extra: tuple[str, ...] = ()) -> ServeProcess:
+    replicas = [arg for url in urls for arg in ("--replica", url)]
+    router = ServeProcess(*replicas, "--policy", policy, *extra, command="route")
+    router.wait_healthy(30)
+    return router
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _counts(router_url: str, family: str, label: str) -> dict[str, float]:
+    text = httpx.get(router_url + "/metrics").text
+    pattern = rf'^kubellm:router_{family}\{{{label}="([^"]+)"\}} (\S+)$'
+    return {key: float(value) for key, value in re.findall(pattern, text, re.MULTILINE)}
+
+
+def _wait_ready(router_url: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(_counts(router_url, "replica_ready", "replica").values()) == count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the router never saw {count} ready replicas")
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    started = [_replica() for _ in range(3)]
+    try:
+        for replica in started:
+            replica.wait_healthy()
+        yield started
+    finally:
+        for replica in started:
+            replica.__exit__()
+
+
+def _chat(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def test_replies_and_streams_pass_through_unchanged(replicas):
+    with _router(*(r.url for r in replicas)) as router:
+        _wait_ready(router.url, 3)
+        messages = _chat("You are brief.", "What is the capital of France?")
+        direct = _client(replicas[0].url).chat.completions.create(
+            model=MODEL, messages=messages, **GREEDY
+        )  # fmt: skip
+        routed = _client(router.url).chat.completions.create(
+            model=MODEL, messages=messages, **GREEDY
+        )  # fmt: skip
+        assert routed.choices[0].message.content == direct.choices[0].message.content
+        chunks = list(_client(router.url).chat.completions.create(
+            model=MODEL, messages=messages, stream=True,
+            stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == direct.choices[0].message.content and len(chunks) > 3
+        assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
+        models = _client(router.url).models.list()
+        assert [m.id for m in models.data] == [MODEL]
+
+
+def test_a_tenants_conversations_stay_on_one_replica(replicas):
+    """Sequential requests (no load to spill for): every user of a tenant lands where
+    the tenant's system prompt (longer than the hashed prefix) is cached."""
+    with _router(*(r.url for r in replicas)) as router:
+        _wait_ready(router.url, 3)
+        client = _client(router.url)
+        for tenant in range(3):
+            before = _counts(router.url, "requests_total", "replica")
+            system = f"You answer for shop number {tenant}. " + "Be kind and brief. " * 60
+            for user in range(3):
+                client.chat.completions.create(
+                    model=MODEL, messages=_chat(system, f"User {user}: hello?"), **GREEDY
+                )  # fmt: skip
+            after = _counts(router.url, "requests_total", "replica")
+            grew = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r)}
+            assert list(grew.values()) == [3], grew
+        assert _counts(router.url, "decisions_total", "reason") == {"prefix-hit": 9}
+
+
+def test_bad_input_gets_the_4xx_a_replica_would_give(replicas):
+    with _router(replicas[0].url) as router:
+        _wait_ready(router.url, 1)
+        for url in (router.url, replicas[0].url):
+            bad = httpx.post(url + "/v1/chat/completions", content=b"{not json",
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+            assert bad.status_code == 400 and "message" in bad.json()["error"], bad.text
+        with pytest.raises(openai.NotFoundError) as unknown:
+            _client(router.url).chat.completions.create(
+                model="nope", messages=_chat("a", "b"), **GREEDY
+            )  # fmt: skip
+        assert unknown.value.body["param"] == "model"
+        huge = httpx.post(router.url + "/v1/completions", content=b"x" * (33 * 2**20))
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == 413
+
+
+def test_after_a_replica_is_killed_every_request_succeeds(replicas):
+    """SIGKILL under load: the next requests all succeed (a refused connection is tried
+    on the other replica), and the dead one is counted and left out."""
+    spare = _replica()
+    spare.wait_healthy()
+    with _router(replicas[0].url, spare.url, policy="round-robin") as router:
+        _wait_ready(router.url, 2)
+        client = _client(router.url)
+        spare.proc.send_signal(signal.SIGKILL)
+        spare.proc.wait(10)
+        results = [client.completions.create(model=MODEL, prompt=f"Count {i}:", max_tokens=4)
+                   for i in range(6)]  # fmt: skip
+        assert all(len(r.choices) == 1 for r in results)
+        assert _counts(router.url, "upstream_errors_total", "replica")[spare.url] >= 1
+        assert _counts(router.url, "replica_ready", "replica")[spare.url] == 0
+
+
+def test_a_stream_cut_mid_way_ends_with_an_error_event_and_done(replicas):
+    victim = _replica()
+    victim.wait_healthy()
+    with _router(victim.url) as router:
+        _wait_ready(router.url, 1)
+        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400,
+                "stream": True, "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            victim.proc.send_signal(signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data:")]
+    assert '"text"' in first
+    assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2] and "broke" in rest[-2]
+
+
+def test_sigterm_drains_a_replica_without_client_errors(replicas):
+    draining = _replica()
+    draining.wait_healthy()
+    with _router(draining.url, replicas[1].url, policy="round-robin") as router:
+        _wait_ready(router.url, 2)
+        client = _client(router.url)
+        results: list = []
+
+        def ask(i: int) -> None:
+            try:
+                results.append(client.completions.create(
+                    model=MODEL, prompt=f"Story {i}:", max_tokens=40,
+                    extra_body={"ignore_eos": True}))  # fmt: skip
+            except openai.APIError as exc:
+                results.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for thread in threads[:2]:
+            thread.start()
+        time.sleep(1.0)
+        draining.proc.send_signal(signal.SIGTERM)
+        for thread in threads[2:]:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert draining.proc.wait(60) == 0
+    assert len(results) == 4 and not [r for r in results if isinstance(r, Exception)], results
+    draining.__exit__()
+
+
+def test_a_request_sent_while_no_replica_is_up_waits_for_one():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _router(url, extra=("--queue-timeout", "300")) as router:
+        result: dict = {}
+
+        def ask() -> None:
+            result["reply"] = _client(router.url).completions.create(
+                model=MODEL, prompt="Hello", max_tokens=4
+            )  # fmt: skip
+
+        asker = threading.Thread(target=ask)
+        asker.start()
+        time.sleep(2)
+        queue = httpx.get(router.url + "/metrics").text
+        assert "kubellm:router_queue_length 1" in queue and "reply" not in result
+        with _replica(port) as late:
+            late.wait_healthy()
+            asker.join(120)
+        assert result["reply"].choices[0].text is not None
+
+
+def test_no_replica_within_the_queue_timeout_is_a_503_with_retry_after():
+    with _router(f"http://127.0.0.1:{free_port()}", extra=("--queue-timeout", "1")) as router:
+        refused = httpx.post(router.url + "/v1/completions",
+                             json={"model": MODEL, "prompt": "x"}, timeout=30)  # fmt: skip
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
+        assert "no replica became ready within 1 s" in refused.json()["error"]["message"]
