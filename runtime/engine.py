@@ -188,6 +188,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits,
+            num_blocks=kv.num_blocks,
+            block_size=self.config.block_size,
         )
 
     # ---- one step ----------------------------------------------------------------------

@@ -67,3 +67,5 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # prompt tokens found
+    num_blocks: int  # the KV pool's, fixed at load
+    block_size: int

@@ -51,6 +51,12 @@ class _EngineState:
                 metric = family(f"kubellm:{name}", documentation, labels=["model_name"])
                 metric.add_metric([self.model_name], value)
                 yield metric
+        # vLLM's cache_config_info (what a Gateway API endpoint picker reads), value 1
+        labels = ["model_name", "block_size", "num_gpu_blocks"]
+        config = GaugeMetricFamily("kubellm:cache_config_info", "The KV cache's configuration",
+                                   labels=labels)  # fmt: skip
+        config.add_metric([self.model_name, str(stats.block_size), str(stats.num_blocks)], 1)
+        yield config
 
 
 class ServerMetrics:

@@ -401,6 +401,9 @@ def test_metrics_count_tokens_requests_and_latencies(client, server):
     assert after[f"kubellm:num_requests_running{{{label}}}"] == 0
     assert after[f"kubellm:prefix_cache_queries_total{{{label}}}"] >= 4
     assert 0 <= after[f"kubellm:kv_cache_usage_perc{{{label}}}"] <= 1
+    kv = server.engine.engine.kv  # what an InferencePool's endpoint picker reads
+    info = f'kubellm:cache_config_info{{block_size="16",{label},num_gpu_blocks="{kv.num_blocks}"}}'
+    assert after[info] == 1
 
 
 def test_the_access_log_has_id_status_tokens_and_latency(client, server, caplog):
