@@ -57,9 +57,7 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if not args.replica:
         print("kubellm route: name the replicas with --replica URL", file=sys.stderr)
         return 2

@@ -70,7 +70,7 @@ class ReplicaSet:
         if url in self.replicas:
             self.replicas[url].failures = 0
 
-    def failed(self, url: str, now: float | None = None) -> None:
+    def failed(self, url: str) -> None:
         """A connection refused or reset, or a 503: not ready until its next good poll;
         ejected after EJECT_AFTER failures in a row."""
         replica = self.replicas.get(url)
@@ -79,7 +79,7 @@ class ReplicaSet:
         replica.ready = False
         replica.failures += 1
         if replica.failures >= EJECT_AFTER:
-            replica.ejected_until = (now or time.monotonic()) + EJECT_SECONDS
+            replica.ejected_until = time.monotonic() + EJECT_SECONDS
 
     async def poll(self, session: aiohttp.ClientSession) -> None:
         await asyncio.gather(*(self._poll_one(session, r) for r in list(self.replicas.values())))

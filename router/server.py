@@ -223,7 +223,7 @@ def build_app(router: Router) -> web.Application:
 
 def _errors(router: Router):
     """OpenAI-shaped errors for what the router itself refuses: a bad key (on /v1/*), a
-    body over the limit, an unknown route's method."""
+    body over the limit."""
 
     @web.middleware
     async def middleware(request: web.Request, handler):
