@@ -2,14 +2,16 @@
 
 It logs in the way kopf does (in-cluster service account, else kubeconfig), with kopf's
 TLS context and headers, so the operator needs no client library beside kopf. Only what
-the handlers use: get, create, JSON merge patch, delete. It rides out API server
+the handlers and the router's discovery use: get, create, JSON merge patch, delete,
+watch. It rides out API server
 trouble: 429s, 5xx and dropped connections are retried with backoff, a 401 logs in again.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -24,6 +26,11 @@ KINDS = {
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "Secret": ("v1", "secrets"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
     "LLMDeployment": (f"{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -110,6 +117,22 @@ class Kube:
 
     async def delete(self, path: str) -> None:
         await self._request("DELETE", path, missing_ok=True)
+
+    async def watch(self, path: str, params: dict[str, str]) -> AsyncIterator[dict[str, Any]]:
+        """The events of a watch on a collection (`params`: labelSelector,
+        resourceVersion, ...), one dict each, until the server ends the stream."""
+        session = await self._connect()
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        query = {**params, "watch": "true"}
+        async with session.get(self.server + path, params=query, headers=self._auth,
+                               timeout=timeout) as response:  # fmt: skip
+            if response.status == 401:
+                self._log_in_again()  # the caller's next watch sends the new token
+            if response.status >= 400:
+                await _json(response)  # raises the KubeError
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def _request(self, method: str, path: str, missing_ok: bool = False, **kwargs: Any):
         """The response's JSON (None for a 404 when `missing_ok`); transient failures are
