@@ -12,6 +12,7 @@ import sys
 
 from aiohttp import web
 
+from kubellm.router.discovery import EndpointSliceWatch
 from kubellm.router.policy import POLICIES
 from kubellm.router.prefix import PREFIX_CHARS
 from kubellm.router.replicas import ReplicaSet
@@ -27,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8000)
     add("--replica", action="append", default=[], help="a replica's base URL (repeatable)")
+    add("--discover", default=None, metavar="SERVICE",
+        help="the replicas' Service (name[.namespace]): its ready endpoints, watched")  # fmt: skip
     add("--policy", default="prefix", choices=POLICIES)
     add("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     add("--queue-timeout", type=float, default=60.0,
@@ -58,13 +61,16 @@ def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    if not args.replica:
-        print("kubellm route: name the replicas with --replica URL", file=sys.stderr)
+    if bool(args.replica) == bool(args.discover):
+        print("kubellm route: name the replicas with --replica URL (repeatable) or "
+              "--discover SERVICE, one of the two", file=sys.stderr)  # fmt: skip
         return 2
     settings = RouterSettings(args.policy, args.retries, args.queue_timeout, args.max_queue,
                               args.prefix_chars, args.api_key)  # fmt: skip
-    router = Router(ReplicaSet(args.replica), settings)
-    logger.info("routing to %s by %s", ", ".join(args.replica), args.policy)
+    replicas = ReplicaSet(args.replica)
+    discovery = EndpointSliceWatch(args.discover, replicas) if args.discover else None
+    router = Router(replicas, settings, discovery)
+    logger.info("routing to %s by %s", args.discover or ", ".join(args.replica), args.policy)
     web.run_app(build_app(router), host=args.host, port=args.port, print=None,
                 handler_cancellation=True, access_log=None)  # fmt: skip
     return 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from kubellm.router.discovery import EndpointSliceWatch
 from kubellm.router.policy import choose
 from kubellm.router.prefix import PREFIX_CHARS, prefix_key
 from kubellm.router.replicas import ReplicaSet
@@ -95,8 +96,9 @@ class NoReplica(Exception):
 
 
 class Router:
-    def __init__(self, replicas: ReplicaSet, settings: RouterSettings) -> None:
-        self.replicas, self.settings = replicas, settings
+    def __init__(self, replicas: ReplicaSet, settings: RouterSettings,
+                 discovery: EndpointSliceWatch | None = None) -> None:  # fmt: skip
+        self.replicas, self.settings, self.discovery = replicas, settings, discovery
         self.metrics = RouterMetrics()
         self.turn = 0
         self.session: aiohttp.ClientSession | None = None
@@ -209,9 +211,13 @@ def build_app(router: Router) -> web.Application:
     async def lifecycle(app: web.Application):
         router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=5))  # fmt: skip
-        poller = asyncio.create_task(router.replicas.poll_forever(router.session))
+        tasks = [asyncio.create_task(router.replicas.poll_forever(router.session))]
+        if router.discovery is not None:
+            tasks.append(asyncio.create_task(router.discovery.run()))
         yield
-        poller.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await router.session.close()
 
     app.cleanup_ctx.append(lifecycle)

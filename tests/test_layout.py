@@ -83,9 +83,10 @@ def test_three_folders_are_installed_as_kubellm_subpackages():
 def test_kubellm_route_imports_no_torch_and_nothing_of_the_runtime():
     out = _run(
         "import sys; from kubellm.router import main, server;"
-        "print('torch' in sys.modules, 'kubellm.runtime' in sys.modules)"
+        "print('torch' in sys.modules, 'kubellm.runtime' in sys.modules,"
+        " 'kubellm.operator' in sys.modules)"
     )
-    assert out.splitlines()[-1] == "False False"
+    assert out.splitlines()[-1] == "False False False"
 
 
 def test_kubellm_command_imports_no_torch_until_a_runtime_command_runs():
@@ -96,13 +97,22 @@ def test_kubellm_command_imports_no_torch_until_a_runtime_command_runs():
     assert out.splitlines()[-1] == "False False"
 
 
-def test_kernels_and_operator_import_nothing_of_ours():
+def test_kernels_operator_and_router_import_nothing_of_ours_but_what_they_may():
     for folder, forbidden in (
         ("kernels", ("kubellm.runtime", "kubellm.operator")),
         ("operator", ("kubellm.runtime", "kubellm.kernels", "torch")),
-        ("router", ("kubellm.runtime", "kubellm.kernels", "kubellm.operator", "torch")),
+        ("router", ("kubellm.runtime", "kubellm.kernels", "torch")),
     ):
         for source in (ROOT / folder).rglob("*.py"):
             text = source.read_text()
             for name in forbidden:
                 assert f"import {name}" not in text and f"from {name}" not in text, source
+
+
+def test_the_router_uses_only_the_operators_kubernetes_client():
+    """`--discover` borrows `kubellm.operator.kube` (imported when discovery starts);
+    nothing else of the operator."""
+    for source in (ROOT / "router").rglob("*.py"):
+        for line in source.read_text().splitlines():
+            if "kubellm.operator" in line and ("import" in line):
+                assert line.strip().startswith("from kubellm.operator.kube import"), source

@@ -14,7 +14,9 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import free_port
+from kubellm.operator.kube import collection_path, object_path
+from tests.helpers import free_port, wait_for
+from tests.operator.emulator import emulated_cluster
 from tests.runtime.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,52 @@ def test_replies_and_streams_pass_through_unchanged(replicas):
         assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
         models = _client(router.url).models.list()
         assert [m.id for m in models.data] == [MODEL]
+
+
+def _endpoint_slice(name: str, service: str, endpoints: list[tuple[str, bool]]) -> dict:
+    """An EndpointSlice as the EndpointSlice controller writes one: (URL, ready) each."""
+    port = int(endpoints[0][0].rsplit(":", 1)[1])
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+        "metadata": {"name": name, "namespace": "ml",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}
+                      for _, ready in endpoints],
+    }  # fmt: skip
+
+
+def _ready(router_url: str) -> set[str]:
+    return {url for url, up in _counts(router_url, "replica_ready", "replica").items() if up}
+
+
+def test_discover_follows_the_services_endpoint_slices(replicas, tmp_path):
+    """`--discover smol-replicas.ml`: the ready endpoints of the Service's slices, as the
+    watch reports them (one replica per slice: each slice has one port). A slice added,
+    an endpoint turning unready, a slice deleted each change whom requests reach, with no
+    restart; other Services' slices are ignored."""
+    first, second = replicas[0].url, replicas[1].url
+    with emulated_cluster(tmp_path) as cluster:
+        slices = collection_path("EndpointSlice", "ml")
+        cluster.create(slices, _endpoint_slice("smol-a", "smol-replicas", [(first, True)]))
+        cluster.create(slices, _endpoint_slice("other", "other-svc", [(replicas[2].url, True)]))
+        env = {"KUBECONFIG": str(cluster.kubeconfig)}
+        router = ServeProcess("--discover", "smol-replicas.ml", command="route", env=env)
+        with router:
+            router.wait_healthy(30)
+            wait_for(lambda: _ready(router.url) == {first}, timeout=30, message="first")
+            reply = _client(router.url).completions.create(model=MODEL, prompt="Hi",
+                                                           max_tokens=2)  # fmt: skip
+            assert reply.choices[0].text is not None
+            cluster.create(slices, _endpoint_slice("smol-b", "smol-replicas", [(second, True)]))
+            wait_for(lambda: _ready(router.url) == {first, second}, timeout=30, message="both")
+            a = object_path("EndpointSlice", "ml", "smol-a")
+            cluster.patch(a, {"endpoints": [{"addresses": ["127.0.0.1"],
+                                             "conditions": {"ready": False}}]})  # fmt: skip
+            wait_for(lambda: _ready(router.url) == {second}, timeout=30, message="unready")
+            cluster.http.delete(object_path("EndpointSlice", "ml", "smol-b")).raise_for_status()
+            wait_for(lambda: _ready(router.url) == set(), timeout=30, message="deleted")
+            assert "discovering replicas from Service ml/smol-replicas" in router.output
 
 
 def test_a_tenants_conversations_stay_on_one_replica(replicas):
