@@ -187,6 +187,39 @@ CACHE = _obj(
     },
 )
 
+ROUTING_POLICIES = ["prefix", "least-load", "round-robin", "none"]
+ROUTING = _obj(
+    "How requests reach the replicas",
+    {
+        "policy": _str(
+            "prefix: a router (`kubellm route`) keeps requests that share a prompt prefix "
+            "on the replica whose cache holds it, within bounded loads; least-load; "
+            "round-robin; none: the Service selects the replicas directly",
+            "prefix",
+            enum=ROUTING_POLICIES,
+        ),
+        "image": _str("The router's image; default the operator's own", nullable=True),
+        "inferencePool": _bool(
+            "Also emit a Gateway API InferencePool (inference.networking.k8s.io/v1) "
+            "selecting the replicas, for a gateway with an endpoint picker",
+            False,
+        ),
+        "endpointPicker": _obj(
+            "The InferencePool's endpoint picker, which you deploy (e.g. with the "
+            "Inference Extension's chart)",
+            {
+                "name": _str("Its Service; default <name>-epp", nullable=True),
+                "port": _int("Its port", 9002, minimum=1, maximum=65535),
+                "failureMode": _str(
+                    "What the gateway does while the picker does not answer",
+                    "FailClose",
+                    enum=["FailClose", "FailOpen"],
+                ),
+            },
+        ),
+    },
+)
+
 SPEC = _obj(
     "The desired state of an LLM deployment",
     {
@@ -226,6 +259,7 @@ SPEC = _obj(
                 "port": _int("Service port (to the pods' 8000)", 80, minimum=1, maximum=65535),
             },
         ),
+        "routing": ROUTING,
         "apiKeySecretRef": _secret_ref("Secret key holding the API key clients must send"),
         "rollout": _obj(
             "Rolling update; default GPU-safe (maxSurge 0) when GPUs are requested",
@@ -285,6 +319,15 @@ STATUS = {
         "selector": {"type": "string"},
         "endpoint": {"type": "string"},
         "observedGeneration": {"type": "integer"},
+        "router": {
+            "type": "object",
+            "description": "The router in front of the replicas (routing.policy other than none)",
+            "properties": {
+                "policy": {"type": "string"},
+                "replicas": {"type": "integer"},
+                "readyReplicas": {"type": "integer"},
+            },
+        },
         "conditions": {
             "type": "array",
             "items": CONDITION,

@@ -18,11 +18,12 @@ from kubellm.operator.converge import apply, remove
 from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
 from kubellm.operator.defaults import with_defaults
 from kubellm.operator.kube import Kube, KubeError, object_path
-from kubellm.operator.naming import managed_by
-from kubellm.operator.problems import CLUSTER_REASONS, Problem, find_problems
-from kubellm.operator.status import compute_status, now, same_status, transitions
+from kubellm.operator.naming import managed_by, router_name
+from kubellm.operator.problems import CLUSTER_REASONS, Problem, blocking, find_problems
+from kubellm.operator.status import compute_status, now, status_patch, transitions
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubellm/kubellm-runtime:{__version__}"
+DEFAULT_OPERATOR_IMAGE = f"ghcr.io/kubellm/kubellm-operator:{__version__}"  # runs routers too
 RECHECK_SECONDS = 60.0  # how often a resource waiting on a Secret or claim looks again
 
 
@@ -36,6 +37,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING  # our own events say what happened
     memo.kube = Kube.login(settings)
     memo.image = os.environ.get("KUBELLM_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE)
+    memo.router_image = os.environ.get("KUBELLM_OPERATOR_IMAGE", DEFAULT_OPERATOR_IMAGE)
     interval = float(os.environ.get("KUBELLM_OPERATOR_RECHECK_SECONDS", RECHECK_SECONDS))
     memo.rechecker = Rechecker(interval)
 
@@ -61,10 +63,12 @@ async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -
     spec = with_defaults(cr.get("spec"))
     key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
     problems = await find_problems(memo.kube, key[0], spec)
-    if problems:
+    if blocking(problems):
         logger.warning("not converging: %s", "; ".join(p.message for p in problems))
     else:
-        await _converge(memo, cr, logger)
+        for problem in problems:
+            logger.warning("%s", problem.message)
+        await _converge(memo, cr, logger, skip={p.reason for p in problems})
     if any(p.reason in CLUSTER_REASONS for p in problems):
         memo.rechecker.watch(key, memo)
     else:
@@ -122,9 +126,13 @@ async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     await refresh_status(memo.kube, cr, spec, problems)
 
 
-async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger) -> None:
-    children = build_children(cr, memo.image)
+async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger,
+                    skip: set[str]) -> None:  # fmt: skip
+    """`skip`: partial problems' reasons; an InferencePool is left out while its API is."""
+    children = build_children(cr, memo.image, memo.router_image)
     for obj in children.desired:
+        if obj["kind"] == "InferencePool" and "InferencePoolAPIMissing" in skip:
+            continue
         try:
             result = await apply(memo.kube, obj)
         except KubeError as exc:
@@ -134,10 +142,9 @@ async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger) ->
             continue
         if result != "unchanged":
             logger.info("%s %s %s", obj["kind"], obj["metadata"]["name"], result)
-    meta = cr["metadata"]
-    for kind in children.absent:
-        if await remove(memo.kube, kind, meta["namespace"], meta["name"]):
-            logger.info("%s %s deleted", kind, meta["name"])
+    for kind, name in children.absent:
+        if await remove(memo.kube, kind, cr["metadata"]["namespace"], name):
+            logger.info("%s %s deleted", kind, name)
 
 
 def _cache_not_resized(cr: dict[str, Any], claim: dict[str, Any], exc: KubeError,
@@ -156,11 +163,16 @@ async def refresh_status(
     """Write the status if it changed, with an event for each notable transition."""
     meta = cr["metadata"]
     deployment = await kube.get(object_path("Deployment", meta["namespace"], meta["name"]))
-    status = compute_status(cr, spec, deployment, problems, now())
-    if same_status(cr.get("status"), status):
+    router = None
+    if spec["routing"]["policy"] != "none":
+        path = object_path("Deployment", meta["namespace"], router_name(meta["name"]))
+        router = await kube.get(path)
+    status = compute_status(cr, spec, deployment, problems, now(), router)
+    patch = status_patch(cr.get("status"), status)
+    if not patch:
         return
     path = object_path(KIND, meta["namespace"], meta["name"], "status")
-    await kube.merge_patch(path, {"status": status})
+    await kube.merge_patch(path, {"status": patch})
     for condition in transitions(cr.get("status"), status):
         _announce(cr, condition)
 

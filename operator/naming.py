@@ -18,10 +18,24 @@ def selector_labels(name: str) -> dict[str, str]:
     return {NAME_LABEL: "kubellm", INSTANCE_LABEL: name}
 
 
+def router_selector_labels(name: str) -> dict[str, str]:
+    """What the router's Deployment and the `<name>` Service select router pods by
+    (another name label, so the replicas' selector never matches a router pod)."""
+    return {NAME_LABEL: "kubellm-router", INSTANCE_LABEL: name}
+
+
 def labels(name: str) -> dict[str, str]:
+    return _common_labels(selector_labels(name), "runtime")
+
+
+def router_labels(name: str) -> dict[str, str]:
+    return _common_labels(router_selector_labels(name), "router")
+
+
+def _common_labels(selector: dict[str, str], component: str) -> dict[str, str]:
     return {
-        **selector_labels(name),
-        "app.kubernetes.io/component": "runtime",
+        **selector,
+        "app.kubernetes.io/component": component,
         "app.kubernetes.io/part-of": "kubellm",
         **managed_by(),
     }
@@ -41,6 +55,16 @@ def cache_claim_name(name: str) -> str:
     return f"{name}-model-cache"
 
 
+def router_name(name: str) -> str:
+    """The router's Deployment, ServiceAccount, Role and RoleBinding."""
+    return f"{name}-router"
+
+
+def replicas_service_name(name: str) -> str:
+    """The headless Service whose EndpointSlices the router discovers replicas from."""
+    return f"{name}-replicas"
+
+
 def endpoint(name: str, namespace: str) -> str:
     return f"http://{name}.{namespace}.svc/v1"
 
@@ -57,11 +81,12 @@ def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_metadata(cr: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+def child_metadata(cr: dict[str, Any], name: str | None = None,
+                   child_labels: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     meta = cr["metadata"]
     return {
         "name": name or meta["name"],
         "namespace": meta["namespace"],
-        "labels": labels(meta["name"]),
+        "labels": child_labels or labels(meta["name"]),
         "ownerReferences": [owner_reference(cr)],
     }

@@ -13,7 +13,12 @@ from typing import Any
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.source import ModelSource
 
-CLUSTER_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound"})
+CLUSTER_REASONS = frozenset(
+    {"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound", "InferencePoolAPIMissing"}
+)
+# Problems with one optional child only: everything else still converges.
+PARTIAL_REASONS = frozenset({"InferencePoolAPIMissing"})
+INFERENCE_POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools"
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,26 @@ async def cluster_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> 
                 "ClaimNotFound",
                 f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
             ))  # fmt: skip
+    if spec["routing"]["inferencePool"] and await _no_pool_api(kube, namespace):
+        problems.append(Problem(
+            "InferencePoolAPIMissing",
+            "spec.routing.inferencePool is true but the cluster has no InferencePool API "
+            "(inference.networking.k8s.io/v1): install the Gateway API Inference Extension's "
+            "CRDs (kubectl apply -f https://github.com/kubernetes-sigs/gateway-api-inference-"
+            "extension/releases/latest/download/manifests.yaml) or set it to false; the rest "
+            "of the deployment is served meanwhile",
+        ))  # fmt: skip
     return problems
+
+
+async def _no_pool_api(kube: Kube, namespace: str) -> bool:
+    """Whether listing InferencePools is a 404 (no such resource: the CRD is missing)."""
+    return await kube.get(INFERENCE_POOLS.format(namespace=namespace) + "?limit=1") is None
+
+
+def blocking(problems: list[Problem]) -> list[Problem]:
+    """The problems that stop the operator from converging (all but PARTIAL_REASONS)."""
+    return [p for p in problems if p.reason not in PARTIAL_REASONS]
 
 
 async def find_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> list[Problem]:

@@ -19,19 +19,26 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+OPTIONAL_FIELDS = ("router",)  # written only while requests are routed
+
+
 def compute_status(
     cr: dict[str, Any],
     spec: dict[str, Any],
     deployment: dict[str, Any] | None,
     problems: list[Problem],
     timestamp: str,
+    router: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`router`: the router's Deployment, when requests are routed (else None)."""
     meta = cr["metadata"]
     observed = (deployment or {}).get("status", {})
     desired = spec["replicas"]
     ready = observed.get("readyReplicas", 0)
+    routed = spec["routing"]["policy"] != "none"
+    router_status = _router_status(spec, router) if routed else None
     conditions = [
-        _ready(desired, ready, spec, problems),
+        _ready(desired, ready, spec, problems, router_status),
         _progressing(desired, ready, observed, deployment),
         _degraded(problems, observed),
     ]
@@ -47,9 +54,17 @@ def compute_status(
         "endpoint": endpoint(meta["name"], meta["namespace"]),
         "conditions": conditions,
     }
+    if router_status is not None:
+        status["router"] = router_status
     if "generation" in meta:
         status["observedGeneration"] = meta["generation"]
     return status
+
+
+def _router_status(spec: dict[str, Any], router: dict[str, Any] | None) -> dict[str, Any]:
+    observed = (router or {}).get("status", {})
+    return {"policy": spec["routing"]["policy"], "replicas": observed.get("replicas", 0),
+            "readyReplicas": observed.get("readyReplicas", 0)}  # fmt: skip
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str) -> Condition:
@@ -57,10 +72,15 @@ def _condition(kind: str, ok: bool, reason: str, message: str) -> Condition:
             "message": message}  # fmt: skip
 
 
-def _ready(desired: int, ready: int, spec: dict[str, Any], problems: list[Problem]) -> Condition:
+def _ready(desired: int, ready: int, spec: dict[str, Any], problems: list[Problem],
+           router: dict[str, Any] | None) -> Condition:  # fmt: skip
+    """Ready: the endpoint answers. When routed, that also needs a ready router pod."""
     if desired == 0:
         return _condition("Ready", False, "ScaledToZero", "spec.replicas is 0")
     counted = f"{ready}/{desired} replicas ready"
+    if router is not None and router["readyReplicas"] == 0:
+        routers = f"; router {router['readyReplicas']}/{router['replicas']} ready"
+        return _condition("Ready", False, "RouterNotReady", counted + routers)
     if ready >= desired:
         return _condition("Ready", True, "AllReplicasReady", counted)
     hint = _why_not_ready(spec, problems)
@@ -118,5 +138,10 @@ def transitions(before: dict[str, Any] | None, after: dict[str, Any]) -> list[Co
     return [c for c in after["conditions"] if old.get(c["type"]) != c["status"]]
 
 
-def same_status(before: dict[str, Any] | None, after: dict[str, Any]) -> bool:
-    return {k: (before or {}).get(k) for k in after} == after
+def status_patch(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch from `before` to `after`, or {} when nothing changed. An optional
+    field `after` lacks is nulled; others in `before` (kopf's own) are left alone."""
+    before = before or {}
+    patch = {k: v for k, v in after.items() if before.get(k) != v}
+    patch.update({k: None for k in OPTIONAL_FIELDS if k in before and k not in after})
+    return patch

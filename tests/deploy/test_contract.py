@@ -17,7 +17,7 @@ def test_every_variable_the_operator_sets_is_understood_by_kubellm_serve():
                    "shutdownTimeoutSeconds": 45},
     }  # fmt: skip
     deployment = next(
-        o for o in build_children(custom_resource(**spec), "img").desired
+        o for o in build_children(custom_resource(**spec), "img", "router-img").desired
         if o["kind"] == "Deployment"
     )  # fmt: skip
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -55,7 +55,7 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
 
 def test_the_operator_passes_only_what_differs_from_the_default():
     deployment = next(
-        o for o in build_children(custom_resource(engine={"maxNumSeqs": 8}), "img").desired
+        o for o in build_children(custom_resource(engine={"maxNumSeqs": 8}), "img", "r").desired
         if o["kind"] == "Deployment"
     )  # fmt: skip
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -69,10 +69,28 @@ def test_the_operator_passes_only_what_differs_from_the_default():
 
 def test_a_tool_call_parser_reaches_the_runtime():
     deployment = next(
-        o for o in build_children(custom_resource(engine={"toolCallParser": "hermes"}), "img")
+        o for o in build_children(custom_resource(engine={"toolCallParser": "hermes"}), "img", "r")
         .desired if o["kind"] == "Deployment"
     )  # fmt: skip
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]
            ["containers"][0]["env"]}  # fmt: skip
     args = parse_args([], {k: v for k, v in env.items() if k.startswith("KUBELLM_")})
     assert args.tool_call_parser == "hermes"
+
+
+def test_every_variable_the_operator_gives_the_router_is_understood_by_kubellm_route():
+    from kubellm.router.main import parse_args as route_args
+
+    secret = {"name": "a", "key": "k"}
+    cr = custom_resource(routing={"policy": "least-load"}, apiKeySecretRef=secret)
+    desired = build_children(cr, "img", "router-img").desired
+    router = next(o for o in desired if o["metadata"]["name"] == "llama-router"
+                  and o["kind"] == "Deployment")  # fmt: skip
+    container = router["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["kubellm", "route"] and container["image"] == "router-img"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert set(env) == {"KUBELLM_DISCOVER", "KUBELLM_POLICY", "KUBELLM_HOST", "KUBELLM_PORT",
+                        "KUBELLM_API_KEY"}  # fmt: skip
+    args = route_args([], {k: v for k, v in env.items() if v is not None})  # a bad value exits
+    assert (args.discover, args.policy) == ("llama-replicas.ml", "least-load")
+    assert (args.host, args.port) == ("0.0.0.0", 8000)

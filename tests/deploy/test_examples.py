@@ -16,7 +16,8 @@ def test_example_children_validate(path):
         if document["kind"] != "LLMDeployment":
             continue
         document["metadata"].update(namespace="default", uid="uid-example")
-        children = build_children(document, "registry.example/kubellm-runtime:1")
+        children = build_children(document, "registry.example/kubellm-runtime:1",
+                                  "registry.example/kubellm-operator:1")  # fmt: skip
         assert any(c["kind"] == "Deployment" for c in children.desired)
         for child in children.desired:
             validate_kubernetes(child)

@@ -10,13 +10,21 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
+from kubellm.operator.builders.router import DISCOVERY_RULES
 from kubellm.operator.kube import collection_path, object_path
 from tests.deploy.chart import render
 from tests.deploy.rbac import granted, permission_of
 from tests.helpers import wait_for
-from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
+from tests.operator.emulator import (
+    Cluster,
+    condition,
+    create_llmd,
+    emulated_cluster,
+    register_inference_pools,
+)
 
 NS = "ml"
+ROUTER_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Deployment")
 
 
 def _scenario(cluster: Cluster) -> None:
@@ -44,17 +52,57 @@ def _scenario(cluster: Cluster) -> None:
     deployment = object_path("Deployment", NS, "full")
     cluster.patch(deployment + "/status", {"status": {"replicas": 1, "readyReplicas": 1,
                                                       "updatedReplicas": 1}})  # fmt: skip
+    cluster.patch(deployment.replace("/full", "/full-router") + "/status",
+                  {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
     wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
+    _route_and_pool(cluster, path)
     create_llmd(cluster, "claimed", model={"source": "pvc://missing/model"})
     claimed = object_path("LLMDeployment", NS, "claimed")
     wait_for(lambda: condition(cluster.get(claimed), "Degraded").get("reason") == "ClaimNotFound")
     wait_for(lambda: len(cluster.get(f"/api/v1/namespaces/{NS}/events")["items"]) >= 2)
 
 
+def _route_and_pool(cluster: Cluster, path: str) -> None:
+    """The router's objects drifted and restored at the next reconcile, an InferencePool
+    waiting for its API, created once it is served, patched after an edit, then all of
+    them deleted."""
+    router = {kind: object_path(kind, NS, "full-router") for kind in ROUTER_KINDS}
+    cluster.patch(router["Role"], {"rules": []})
+    cluster.patch(router["RoleBinding"], {"subjects": []})
+    cluster.patch(
+        router["ServiceAccount"], {"metadata": {"labels": {"app.kubernetes.io/name": "x"}}}
+    )
+    cluster.patch(path, {"spec": {"routing": {"policy": "round-robin"}}})  # a reconcile
+    wait_for(
+        lambda: (
+            cluster.get(router["Role"])["rules"] and cluster.get(router["RoleBinding"])["subjects"]
+        )
+    )
+    wait_for(
+        lambda: (
+            cluster.get(router["ServiceAccount"])["metadata"]["labels"]["app.kubernetes.io/name"]
+            != "x"
+        )
+    )
+    cluster.patch(path, {"spec": {"routing": {"inferencePool": True}}})
+    wait_for(
+        lambda: condition(cluster.get(path), "Degraded").get("reason") == "InferencePoolAPIMissing"
+    )
+    register_inference_pools(cluster.emulator)
+    pool = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools/full"
+    wait_for(lambda: cluster.get(pool), message="the InferencePool")
+    cluster.patch(path, {"spec": {"routing": {"endpointPicker": {"port": 9003}}}})
+    wait_for(lambda: cluster.get(pool)["spec"]["endpointPickerRef"]["port"] == {"number": 9003})
+    cluster.patch(path, {"spec": {"routing": {"policy": "none", "inferencePool": False}}})
+    wait_for(lambda: cluster.get(pool) is None and cluster.get(router["Deployment"]) is None)
+    wait_for(lambda: all(cluster.get(p) is None for p in router.values()), message="router gone")
+
+
 def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
     """(namespaced, cluster-level) permissions the operator used."""
     with emulated_cluster(tmp_path) as cluster:
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+        monkeypatch.setenv("KUBELLM_OPERATOR_RECHECK_SECONDS", "0.5")
         args = ["run", "--standalone", "-m", "kubellm.operator.handlers"]
         args += [f"--namespace={n}" for n in watch] or ["-A"]
         with KopfRunner(args, reraise=False) as runner:
@@ -69,7 +117,8 @@ def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
         needed = permission_of(method, path, query)
         if needed is not None:
             (namespaced if "/namespaces/" in path else cluster_level).add(needed)
-    return namespaced, cluster_level
+    # granting a Role needs its permissions held (or "bind"): RBAC forbids escalation
+    return namespaced | granted(DISCOVERY_RULES), cluster_level
 
 
 def _rules(values: dict[str, Any]) -> dict[tuple[str, str | None], set]:

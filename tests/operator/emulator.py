@@ -246,6 +246,18 @@ def _register_llmdeployment(emulator: FixedEmulator) -> None:
     )
 
 
+def register_inference_pools(emulator: FixedEmulator) -> None:
+    """Serve inference.networking.k8s.io/v1 InferencePools, as a cluster with the Gateway
+    API Inference Extension's CRDs installed does."""
+    emulator.resources["inference.networking.k8s.io/v1/inferencepools"] = kmock.ResourceInfo(
+        kind="InferencePool",
+        singular="inferencepool",
+        namespaced=True,
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        subresources={"status"},
+    )
+
+
 class Cluster:
     """The running emulator: its URL, a kubeconfig for it, and plain HTTP helpers."""
 

@@ -26,9 +26,57 @@ def custom_resource(name: str = "llama", namespace: str = "ml", **spec: Any) -> 
 
 
 def validate_kubernetes(obj: dict[str, Any]) -> None:
-    """Strict validation against Kubernetes' own schemas, for 1.30 and the newest."""
+    """Strict validation against Kubernetes' own schemas, for 1.30 and the newest; an
+    InferencePool (not a built-in kind) against the v1 API as its reference documents it."""
+    if obj.get("kind") == "InferencePool":
+        inference_pool_validator().validate(obj)
+        return
     for version in KUBERNETES_VERSIONS:
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _closed(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required,
+            "additionalProperties": False}  # fmt: skip
+
+
+_PORT = _closed({"number": {"type": "integer", "minimum": 1, "maximum": 65535}}, ["number"])
+_LABEL_VALUE = {"type": "string", "maxLength": 63,
+                "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}  # fmt: skip
+# inference.networking.k8s.io/v1 InferencePool, from the Gateway API Inference Extension's
+# API reference (v1.0): every field it documents, nothing else allowed.
+INFERENCE_POOL_V1 = _closed(
+    {
+        "apiVersion": {"enum": ["inference.networking.k8s.io/v1"]},
+        "kind": {"enum": ["InferencePool"]},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": _closed(
+            {
+                "selector": _closed(
+                    {"matchLabels": {"type": "object", "additionalProperties": _LABEL_VALUE}},
+                    ["matchLabels"],
+                ),
+                "targetPorts": {"type": "array", "items": _PORT, "minItems": 1, "maxItems": 1},
+                "endpointPickerRef": _closed(
+                    {
+                        "group": {"type": "string", "maxLength": 253},
+                        "kind": {"type": "string", "maxLength": 63, "minLength": 1},
+                        "name": {"type": "string", "maxLength": 253, "minLength": 1},
+                        "port": _PORT,
+                        "failureMode": {"enum": ["FailOpen", "FailClose"]},
+                    },
+                    ["name"],
+                ),
+            },
+            ["selector", "targetPorts", "endpointPickerRef"],
+        ),
+    },
+    ["apiVersion", "kind", "metadata", "spec"],
+)
+
+
+def inference_pool_validator() -> jsonschema.Draft4Validator:
+    return jsonschema.Draft4Validator(INFERENCE_POOL_V1)
 
 
 def _as_json_schema(schema: Any) -> Any:

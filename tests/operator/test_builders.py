@@ -10,6 +10,7 @@ from kubellm.operator.naming import TEMPLATE_HASH
 from tests.operator.manifests import custom_resource, validate_kubernetes
 
 IMAGE = "registry.example/kubellm-runtime:1"
+ROUTER_IMAGE = "registry.example/kubellm-operator:1"
 
 VARIANTS = {
     "builtin-cpu": {"resources": {"gpus": 0}},
@@ -48,7 +49,10 @@ VARIANTS = {
 
 
 def _children(**spec):
-    return {o["kind"]: o for o in build_children(custom_resource(**spec), IMAGE).desired}
+    """The children by kind, the router's left out (`routing` has tests of its own)."""
+    desired = build_children(custom_resource(**spec), IMAGE, ROUTER_IMAGE).desired
+    routers = {"llama-router", "llama-replicas"}
+    return {o["kind"]: o for o in desired if o["metadata"]["name"] not in routers}
 
 
 def _container(children):
@@ -61,7 +65,7 @@ def _env(children) -> dict:
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_child_validates_against_kubernetes_schemas(variant):
-    result = build_children(custom_resource(**VARIANTS[variant]), IMAGE)
+    result = build_children(custom_resource(**VARIANTS[variant]), IMAGE, ROUTER_IMAGE)
     assert result.desired
     for obj in result.desired:
         validate_kubernetes(obj)
@@ -83,7 +87,8 @@ def test_which_children_exist_depends_on_source_and_replicas():
     assert "PersistentVolumeClaim" not in _children(model={"source": "pvc://c/p"})
     no_cache = _children(model={"source": "hf://org/m"}, cache={"enabled": False})
     assert "PersistentVolumeClaim" not in no_cache
-    assert build_children(custom_resource(replicas=1), IMAGE).absent == ["PodDisruptionBudget"]
+    one = build_children(custom_resource(replicas=1), IMAGE, ROUTER_IMAGE)
+    assert one.absent == [("InferencePool", "llama"), ("PodDisruptionBudget", "llama")]
 
 
 def test_gpu_pods_roll_without_surge_and_cpu_pods_without_unavailability():
@@ -189,11 +194,11 @@ def test_replicas_do_not_change_the_pod_template_and_engine_settings_do():
 
 
 def test_service_maps_its_port_to_the_runtime():
-    service = _children(service={"port": 8080})["Service"]
+    service = _children(service={"port": 8080}, routing={"policy": "none"})["Service"]
     assert service["spec"]["ports"] == [
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
     ]
     assert (
         service["spec"]["selector"]
-        == (_children()["Deployment"]["spec"]["selector"]["matchLabels"])
+        == (_children(routing={"policy": "none"})["Deployment"]["spec"]["selector"]["matchLabels"])
     )

@@ -33,10 +33,15 @@ def test_lists_are_replaced_whole_and_owned_maps_lose_dropped_keys():
     assert merge_patch({"affinity": {"x": 1}}, {}) == {"affinity": None}
 
 
-def _status(deployment_status, cr=None, problems=(), timestamp="T1", **spec):
+READY_ROUTER = {"status": {"replicas": 1, "readyReplicas": 1}}
+
+
+def _status(deployment_status, cr=None, problems=(), timestamp="T1", router=READY_ROUTER,
+            **spec):  # fmt: skip
     cr = cr or custom_resource(**spec)
     deployment = None if deployment_status is None else {"status": deployment_status}
-    return compute_status(cr, with_defaults(cr["spec"]), deployment, list(problems), timestamp)
+    spec = with_defaults(cr["spec"])
+    return compute_status(cr, spec, deployment, list(problems), timestamp, router)
 
 
 def _conditions(status):
@@ -75,6 +80,19 @@ def test_conditions_follow_the_deployment():
     assert done == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Complete"),
                     "Degraded": ("False", "AsExpected")}  # fmt: skip
     assert _conditions(_status({}, replicas=0))["Ready"] == ("False", "ScaledToZero")
+
+
+def test_a_routed_endpoint_is_ready_only_with_a_ready_router():
+    replicas = {"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}
+    waiting = _status(replicas, replicas=2, router={"status": {"replicas": 2}})
+    ready = next(c for c in waiting["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "RouterNotReady")
+    assert ready["message"] == "2/2 replicas ready; router 0/2 ready"
+    assert waiting["router"] == {"policy": "prefix", "replicas": 2, "readyReplicas": 0}
+    up = _status(replicas, replicas=2, router={"status": {"replicas": 2, "readyReplicas": 1}})
+    assert _conditions(up)["Ready"] == ("True", "AllReplicasReady")
+    direct = _status(replicas, replicas=2, router=None, routing={"policy": "none"})
+    assert "router" not in direct and _conditions(direct)["Ready"][0] == "True"
 
 
 def test_a_stuck_rollout_or_a_problem_is_degraded():

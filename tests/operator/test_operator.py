@@ -9,20 +9,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
-from kopf.testing import KopfRunner
 
 from kubellm.operator.kube import collection_path, object_path
 from kubellm.operator.naming import TEMPLATE_HASH
 from tests.helpers import free_port, wait_for
 from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
 from tests.operator.manifests import ROOT, load_yaml_documents, validate_kubernetes
-
-NS = "ml"
+from tests.operator.operated import NS, child, events_for, mark_ready, operator
 
 
 @pytest.fixture(scope="module")
@@ -31,31 +27,12 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         yield running
 
 
-@contextmanager
-def operator(cluster: Cluster, monkeypatch) -> Iterator[KopfRunner]:
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
-    monkeypatch.setenv("KUBELLM_RUNTIME_IMAGE", "registry.example/kubellm-runtime:test")
-    monkeypatch.setenv("KUBELLM_OPERATOR_RECHECK_SECONDS", "0.5")
-    args = ["run", "--standalone", "-A", "--verbose", "-m", "kubellm.operator.handlers"]
-    with KopfRunner(args, reraise=False) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
-    assert "Traceback" not in runner.output, runner.output
-
-
-def child(cluster: Cluster, kind: str, name: str) -> dict[str, Any] | None:
-    return cluster.get(object_path(kind, NS, name))
-
-
-def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:
-    events = cluster.get(f"/api/v1/namespaces/{NS}/events") or {"items": []}
-    return [e for e in events["items"] if e.get("involvedObject", {}).get("name") == name]
-
-
 def test_the_operator_converges_scales_reports_and_survives_a_restart(cluster, monkeypatch):
+    """Today's objects (`routing.policy: none`); the router's have a test of their own."""
     name = "llama"
     with operator(cluster, monkeypatch):
-        cr = create_llmd(cluster, name, model={"source": "hf://org/model"}, replicas=2)
+        cr = create_llmd(cluster, name, model={"source": "hf://org/model"}, replicas=2,
+                         routing={"policy": "none"})  # fmt: skip
         deployment = wait_for(lambda: child(cluster, "Deployment", name), message="Deployment")
         service = wait_for(lambda: child(cluster, "Service", name), message="Service")
         claim = wait_for(lambda: child(cluster, "PersistentVolumeClaim", f"{name}-model-cache"))
@@ -194,8 +171,7 @@ def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, clu
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": spec["shm"]["sizeLimit"]}
         assert container["startupProbe"]["httpGet"]["path"] == "/health"
         assert claim["spec"]["resources"]["requests"]["storage"] == spec["cache"]["size"]
-        ready = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
-        cluster.patch(object_path("Deployment", NS, name) + "/status", {"status": ready})
+        mark_ready(cluster, name)
         path = object_path("LLMDeployment", NS, name)
         cr = wait_for(lambda: condition(c := cluster.get(path), "Ready").get("status") == "True"
                       and c, message="Ready")  # fmt: skip
@@ -226,11 +202,13 @@ def test_the_operator_rides_out_api_server_trouble(cluster, monkeypatch):
         cluster.patch(object_path("LLMDeployment", NS, first), {"spec": {"replicas": 2}})
         wait_for(lambda: child(cluster, "Deployment", first)["spec"]["replicas"] == 2,
                  timeout=60, message="an edit after the restart")  # fmt: skip
-    # the creates that reached the store (a fault answers before it): one per resource
-    # and kind; the claim whose 201 was lost is not created again (409: it exists)
+    # the creates that reached the store (a fault answers before it): each child once per
+    # resource (two Deployments and two Services each: the replicas' and the router's);
+    # the claim whose 201 was lost is not created again (409: it exists)
     creates = [p for m, p in cluster.requests()[start:] if m == "POST"]
-    for plural in ("deployments", "services", "persistentvolumeclaims"):
-        assert sum(p.endswith(f"/namespaces/{NS}/{plural}") for p in creates) == 2, plural
+    expected = {"deployments": 4, "services": 4, "persistentvolumeclaims": 2}
+    for plural, count in expected.items():
+        assert sum(p.endswith(f"/namespaces/{NS}/{plural}") for p in creates) == count, plural
 
 
 def test_a_bigger_cache_grows_the_claim_and_a_refused_resize_is_reported(cluster, monkeypatch):
@@ -309,10 +287,7 @@ def test_kubectl_applies_an_example_and_gets_it_with_printer_columns(cluster, mo
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
         assert applied.returncode == 0, applied.stderr
         assert "llmdeployment.kubellm.dev/smollm2 created" in applied.stdout
-        deployment = object_path("Deployment", NS, "smollm2")
-        wait_for(lambda: cluster.get(deployment), message="the example's Deployment")
-        ready = {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
-        cluster.patch(deployment + "/status", {"status": ready})
+        mark_ready(cluster, "smollm2")
         path = object_path("LLMDeployment", NS, "smollm2")
         wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
     listed = subprocess.run([*kubectl, "get", "llmd", "smollm2", "-o", "wide"],
