@@ -16,10 +16,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
     """Run `command` (its output into `log`) until it serves /health on `port`."""
     handle = log.open("w")
-    proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
