@@ -131,12 +131,14 @@ def _metric(text: str, name: str) -> float:
 
 
 @contextmanager
-def replicas(count: int, kv_blocks: int, logs: Path):
+def replicas(count: int, kv_blocks: int, logs: Path, base_port: int):
+    """`base_port`: the replicas listen on base_port + i (0: free ports), so that the
+    router's ring, which hashes their addresses, places the tenants alike in every run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONSAFEPATH": "1"}
     procs, urls = [], []
     try:
         for i in range(count):
-            port = free_port()
+            port = base_port + i if base_port else free_port()
             command = [*KUBELLM, "serve", "--port", str(port), "--num-kv-blocks", str(kv_blocks),
                        "--max-model-len", "2048"]  # fmt: skip
             procs.append(start(command, port, logs / f"replica-{i}.log", env))
@@ -150,9 +152,10 @@ def replicas(count: int, kv_blocks: int, logs: Path):
 
 
 @contextmanager
-def router(policy: str, urls: list[str], logs: Path):
+def router(policy: str, urls: list[str], logs: Path, load_factor: float):
     port = free_port()
-    command = [*KUBELLM, "route", "--port", str(port), "--policy", policy]
+    command = [*KUBELLM, "route", "--port", str(port), "--policy", policy,
+               "--load-factor", str(load_factor)]  # fmt: skip
     for url in urls:
         command += ["--replica", url]
     proc = start(command, port, logs / f"router-{policy}.log")
@@ -195,7 +198,7 @@ async def drive(conversations: list[Conversation], url_for, max_tokens: int) -> 
 
 def run_way(way: str, args: argparse.Namespace, logs: Path) -> dict:
     conversations = workload(args)
-    with replicas(args.replicas, args.kv_blocks, logs) as urls:
+    with replicas(args.replicas, args.kv_blocks, logs, args.base_port) as urls:
         before = prefix_counts(urls)
         if way == "client round-robin":
             turn = iter(range(10**9))
@@ -203,7 +206,7 @@ def run_way(way: str, args: argparse.Namespace, logs: Path) -> dict:
                                         args.max_tokens))  # fmt: skip
             split, spilled = "in turn", 0
         else:
-            with router(way, urls, logs) as base:
+            with router(way, urls, logs, args.load_factor) as base:
                 elapsed = asyncio.run(drive(conversations, lambda: base, args.max_tokens))
                 split, spilled = routed(base)
         after = prefix_counts(urls)
@@ -286,6 +289,9 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=200, help="per replica, 16 tokens each")
     p.add_argument("--spread", type=float, default=10.0, help="seconds over which to start")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-port", type=int, default=18100,
+                   help="replicas on this port and the next (0: free ports)")  # fmt: skip
+    p.add_argument("--load-factor", type=float, default=1.25, help="the router's")
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
@@ -294,10 +300,11 @@ def main() -> None:
     for way in args.ways:
         rows.append(run_way(way, args, logs))
         print(f"{way}: done in {rows[-1]['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
-    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {args.replicas} replicas, one thread"
-          f" each, {args.kv_blocks} KV blocks each; {args.tenants} tenants x {args.users} users"
-          f" x {args.turns} turns, ~{args.system_words}-token system prompts, "
-          f"{args.max_tokens} tokens per reply\n")  # fmt: skip
+    setup = (f"{args.replicas} replicas, one thread each, {args.kv_blocks} KV blocks each, "
+             f"load factor {args.load_factor:g}; {args.tenants} tenants x {args.users} users x "
+             f"{args.turns} turns, ~{args.system_words}-token system prompts, "
+             f"{args.max_tokens} tokens per reply")  # fmt: skip
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {setup}\n")
     print(table(rows))
     if {"prefix", "round-robin"} <= {r["way"] for r in rows}:
         print("\nTargets (prefix against round-robin):")

@@ -13,7 +13,7 @@ import sys
 from aiohttp import web
 
 from kubellm.router.discovery import EndpointSliceWatch
-from kubellm.router.policy import POLICIES
+from kubellm.router.policy import LOAD_FACTOR, POLICIES
 from kubellm.router.prefix import PREFIX_CHARS
 from kubellm.router.replicas import ReplicaSet
 from kubellm.router.server import Router, RouterSettings, build_app
@@ -31,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     add("--discover", default=None, metavar="SERVICE",
         help="the replicas' Service (name[.namespace]): its ready endpoints, watched")  # fmt: skip
     add("--policy", default="prefix", choices=POLICIES)
+    add("--load-factor", type=float, default=LOAD_FACTOR,
+        help="prefix: a replica keeps its prefixes while its load stays within this many "
+             "times the mean (at least 1)")  # fmt: skip
     add("--api-key", default=None, help="require 'Authorization: Bearer <key>' on /v1/*")
     add("--queue-timeout", type=float, default=60.0,
         help="seconds a request waits for a ready replica before a 503")  # fmt: skip
@@ -65,8 +68,12 @@ def main(argv: list[str]) -> int:
         print("kubellm route: name the replicas with --replica URL (repeatable) or "
               "--discover SERVICE, one of the two", file=sys.stderr)  # fmt: skip
         return 2
+    if args.load_factor < 1:
+        print(f"kubellm route: --load-factor must be at least 1 (the mean load), got "
+              f"{args.load_factor:g}", file=sys.stderr)  # fmt: skip
+        return 2
     settings = RouterSettings(args.policy, args.retries, args.queue_timeout, args.max_queue,
-                              args.prefix_chars, args.api_key)  # fmt: skip
+                              args.prefix_chars, args.api_key, args.load_factor)  # fmt: skip
     replicas = ReplicaSet(args.replica)
     discovery = EndpointSliceWatch(args.discover, replicas) if args.discover else None
     router = Router(replicas, settings, discovery)

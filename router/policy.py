@@ -45,16 +45,17 @@ def ring(replicas: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[str, ...]]:
     return tuple(p for p, _ in points), tuple(r for _, r in points)
 
 
-def load_bound(loads: dict[str, float]) -> float:
-    """The most load a replica may carry, this request included: LOAD_FACTOR x the mean
+def load_bound(loads: dict[str, float], factor: float = LOAD_FACTOR) -> float:
+    """The most load a replica may carry, this request included: `factor` x the mean
     (rounded up), and never less than MIN_LOAD_BOUND."""
-    return max(MIN_LOAD_BOUND, math.ceil(LOAD_FACTOR * (sum(loads.values()) + 1) / len(loads)))
+    return max(MIN_LOAD_BOUND, math.ceil(factor * (sum(loads.values()) + 1) / len(loads)))
 
 
-def choose(policy: str, key: bytes | None, loads: dict[str, float], turn: int = 0) -> Decision:
+def choose(policy: str, key: bytes | None, loads: dict[str, float], turn: int = 0,
+           load_factor: float = LOAD_FACTOR) -> Decision:  # fmt: skip
     """The replica for a request. `loads`: every ready replica's load (in-flight and
     queued requests); `key`: the request's prefix key (None: none); `turn`: the
-    router's request counter, for round-robin. At least one replica."""
+    router's request counter, for round-robin; `load_factor`: the bound, in means."""
     replicas = tuple(sorted(loads))
     if policy == "round-robin":
         return Decision(replicas[turn % len(replicas)], "round-robin")
@@ -64,7 +65,7 @@ def choose(policy: str, key: bytes | None, loads: dict[str, float], turn: int = 
     if key is None:
         return Decision(least, "no-affinity")
     points, owners = ring(replicas)
-    bound, seen = load_bound(loads), set()
+    bound, seen = load_bound(loads, load_factor), set()
     start = bisect.bisect(points, _hash(key))
     for step in range(len(points)):
         replica = owners[(start + step) % len(points)]

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from kubellm.router.discovery import EndpointSliceWatch
-from kubellm.router.policy import choose
+from kubellm.router.policy import LOAD_FACTOR, choose
 from kubellm.router.prefix import PREFIX_CHARS, prefix_key
 from kubellm.router.replicas import ReplicaSet
 
@@ -40,6 +40,7 @@ class RouterSettings:
     max_queue: int = 1024
     prefix_chars: int = PREFIX_CHARS
     api_key: str | None = None
+    load_factor: float = LOAD_FACTOR
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Router:
         return self._decide(key, loads)
 
     def _decide(self, key: bytes | None, loads: dict[str, float]) -> str:
-        decision = choose(self.settings.policy, key, loads, self.turn)
+        decision = choose(self.settings.policy, key, loads, self.turn, self.settings.load_factor)
         self.turn += 1
         self.metrics.decisions[decision.reason] += 1
         return decision.replica

@@ -46,6 +46,14 @@ def test_a_busy_owner_spills_within_the_bound_and_says_so():
     assert load_bound({"a": 1.0, "b": 0.0}) == MIN_LOAD_BOUND  # light load: no spill
 
 
+def test_a_larger_load_factor_lets_a_busy_owner_keep_its_prefixes():
+    owner = choose("prefix", _key(7), dict(IDLE)).replica
+    loads = {**dict.fromkeys(REPLICAS, 4.0), owner: 7.0}  # mean with it 16/3
+    assert choose("prefix", _key(7), loads).reason == "spilled"  # 8 > ceil(1.25 x 16/3) = 7
+    kept = choose("prefix", _key(7), loads, load_factor=1.5)  # bound ceil(8.0) = 8
+    assert kept.replica == owner and kept.reason == "prefix-hit"
+
+
 def test_losing_a_replica_moves_only_the_prefixes_it_held():
     before = {t: choose("prefix", _key(t), dict(IDLE)).replica for t in range(200)}
     gone = REPLICAS[0]
