@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+from kubellm.router.policy import LOAD_FACTOR
+
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import free_port, start
 from serve import WORDS
@@ -248,7 +250,7 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    base = next(r for r in rows if r["way"] == "round-robin")
+    base = next((r for r in rows if r["way"] == "round-robin"), None)
     lines = ["| routing | requests (per replica; spilled) | errors | prefix hit rate "
              "| TTFT p50 / p90 (s) | output tok/s | vs round-robin: TTFT p50 / p90, hit rate, "
              "tok/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -257,11 +259,17 @@ def table(rows: list[dict]) -> str:
             f"| {r['way']} | {r['requests']} ({r['split']}; {r['spilled']}) | {r['errors']} "
             f"| {r['hit_rate']:.1%} "
             f"| {r['ttft_p50']:.2f} / {r['ttft_p90']:.2f} | {r['output_tok_s']:.1f} "
-            f"| {r['ttft_p50'] / base['ttft_p50']:.2f}x / {r['ttft_p90'] / base['ttft_p90']:.2f}x,"
-            f" {r['hit_rate'] / max(base['hit_rate'], 1e-9):.2f}x,"
-            f" {r['output_tok_s'] / base['output_tok_s']:.2f}x |"
+            f"| {_ratios(r, base)} |"
         )
     return "\n".join(lines)
+
+
+def _ratios(row: dict, base: dict | None) -> str:
+    if base is None:
+        return "-"
+    ratio = lambda key: row[key] / max(base[key], 1e-9)  # noqa: E731
+    return (f"{ratio('ttft_p50'):.2f}x / {ratio('ttft_p90'):.2f}x, {ratio('hit_rate'):.2f}x, "
+            f"{ratio('output_tok_s'):.2f}x")  # fmt: skip
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -291,7 +299,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-port", type=int, default=18100,
                    help="replicas on this port and the next (0: free ports)")  # fmt: skip
-    p.add_argument("--load-factor", type=float, default=1.25, help="the router's")
+    p.add_argument("--load-factor", type=float, default=LOAD_FACTOR, help="the router's")
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
@@ -305,12 +313,12 @@ def main() -> None:
              f"{args.turns} turns, ~{args.system_words}-token system prompts, "
              f"{args.max_tokens} tokens per reply")  # fmt: skip
     print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {setup}\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     print(table(rows))
     if {"prefix", "round-robin"} <= {r["way"] for r in rows}:
         print("\nTargets (prefix against round-robin):")
         print("\n".join(targets(rows)))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 
 POLICIES = ("prefix", "least-load", "round-robin")
 VIRTUAL_NODES = 256  # KubeAI's replication
-LOAD_FACTOR = 1.25  # KubeAI's meanLoadFactor 125
+# KubeAI's meanLoadFactor is 1.25. Under overload a replica that owns more prefixes also
+# queues longer, so its in-flight count outgrows its share of requests, and at 1.25 its
+# prefixes kept moving to replicas that prefilled them cold: measured on four placements
+# (BENCHMARKS.md, "A fleet"), 2 spilled less than half as often (30 against 70 of 216
+# requests) and met the targets in three placements against two.
+LOAD_FACTOR = 2.0
 # Below this many requests a replica is never too busy for its prefixes: a continuous
 # batching engine runs a few requests a step for little more than one, while a prefix
 # sent elsewhere is prefilled again. (KubeAI's bound alone, at light load, spills the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from kubellm.router.policy import LOAD_FACTOR, MIN_LOAD_BOUND, choose, load_bound
@@ -35,21 +36,23 @@ def test_prefixes_spread_over_the_replicas():
 
 def test_a_busy_owner_spills_within_the_bound_and_says_so():
     owner = choose("prefix", _key(7), dict(IDLE)).replica
-    loads = {**IDLE, owner: 6.0}  # bound: 4 (7/3 x 1.25 rounds up to 3 only)
+    loads = {**IDLE, owner: 6.0}  # bound: 5 (2 x 7/3 rounds up), never under 4
     decision = choose("prefix", _key(7), loads)
     assert decision.replica != owner and decision.reason == "spilled"
     assert loads[decision.replica] + 1 <= load_bound(loads)
-    evenly = dict.fromkeys(REPLICAS, 3.0)  # bound ceil(1.25 x 10 / 3) = 5: room for one more
+    evenly = dict.fromkeys(REPLICAS, 3.0)  # bound ceil(2 x 10 / 3) = 7: room for one more
     assert choose("prefix", _key(7), evenly) == choose("prefix", _key(7), dict(IDLE))
     assert choose("prefix", _key(7), evenly).reason == "prefix-hit"
-    assert load_bound({"a": 3.0, "b": 3.0}) == 5 == -(-LOAD_FACTOR * 7 // 2)
+    assert load_bound({"a": 3.0, "b": 3.0}) == math.ceil(LOAD_FACTOR * 7 / 2)
+    assert load_bound({"a": 3.0, "b": 3.0}, 1.25) == 5
     assert load_bound({"a": 1.0, "b": 0.0}) == MIN_LOAD_BOUND  # light load: no spill
 
 
 def test_a_larger_load_factor_lets_a_busy_owner_keep_its_prefixes():
     owner = choose("prefix", _key(7), dict(IDLE)).replica
     loads = {**dict.fromkeys(REPLICAS, 4.0), owner: 7.0}  # mean with it 16/3
-    assert choose("prefix", _key(7), loads).reason == "spilled"  # 8 > ceil(1.25 x 16/3) = 7
+    spilled = choose("prefix", _key(7), loads, load_factor=1.25)  # 8 > ceil(1.25 x 16/3)
+    assert spilled.reason == "spilled"
     kept = choose("prefix", _key(7), loads, load_factor=1.5)  # bound ceil(8.0) = 8
     assert kept.replica == owner and kept.reason == "prefix-hit"
 

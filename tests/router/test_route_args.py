@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubellm.router.main import main, parse_args
+from kubellm.router.policy import LOAD_FACTOR
 
 
 def test_flags_win_over_variables_which_win_over_defaults():
@@ -12,7 +13,7 @@ def test_flags_win_over_variables_which_win_over_defaults():
     args = parse_args([], env)
     assert args.load_factor == 1.5 and args.replica == ["http://a:1", "http://b:2"]
     assert parse_args(["--load-factor", "2"], env).load_factor == 2.0
-    assert parse_args([], {}).load_factor == 1.25 and parse_args([], {}).policy == "prefix"
+    assert parse_args([], {}).load_factor == LOAD_FACTOR and parse_args([], {}).policy == "prefix"
 
 
 @pytest.mark.parametrize(("argv", "says"), [
