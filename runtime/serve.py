@@ -121,8 +121,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
     def _in_flight(self) -> int:
+        """Requests in the engine, and those admitted that have not reached it yet."""
         engine = self.app.state.engine
-        return engine.num_in_flight if engine is not None else 0
+        return (engine.num_in_flight if engine is not None else 0) + self.app.state.admitted
 
 
 def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:

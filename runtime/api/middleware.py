@@ -20,18 +20,26 @@ ALWAYS_OPEN = ("/health", "/live", "/metrics", "/version")  # probes and scraper
 def refuse_work_until_ready(app: FastAPI) -> None:
     """503 for everything but probes while the model loads (`app.state.engine` is None),
     once the engine died, and while draining (in-flight requests finish; new ones are
-    refused)."""
+    refused). `app.state.admitted` counts the requests let through whose handler has not
+    returned: one admitted just before a SIGTERM may not have reached the engine yet,
+    and the drain must wait for it too."""
+    app.state.admitted = 0
 
     @app.middleware("http")
     async def gate(request: Request, call_next):
-        if request.url.path not in ALWAYS_OPEN:
-            if app.state.engine is None:
-                return error_response(503, "the model is still loading")
-            if app.state.engine.failure is not None:
-                return error_response(503, f"the engine failed: {app.state.engine.failure}")
-            if app.state.draining:
-                return error_response(503, "the server is shutting down")
-        return await call_next(request)
+        if request.url.path in ALWAYS_OPEN:
+            return await call_next(request)
+        if app.state.engine is None:
+            return error_response(503, "the model is still loading")
+        if app.state.engine.failure is not None:
+            return error_response(503, f"the engine failed: {app.state.engine.failure}")
+        if app.state.draining:
+            return error_response(503, "the server is shutting down")
+        app.state.admitted += 1
+        try:
+            return await call_next(request)  # a stream's handler returns once submitted
+        finally:
+            app.state.admitted -= 1
 
 
 def require_api_key(app: FastAPI, api_key: str) -> None:
