@@ -279,7 +279,14 @@ KUBECTL = shutil.which("kubectl")
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-def test_kubectl_applies_an_example_and_gets_it_with_printer_columns(cluster, monkeypatch):
+def test_kubectl_applies_an_example_and_gets_it_with_printer_columns(tmp_path, monkeypatch):
+    """A cluster of its own: the module's holds a dozen resources by now, each with its
+    router, and an operator that starts resumes them all (slow on a loaded CI machine)."""
+    with emulated_cluster(tmp_path) as cluster:
+        _kubectl_apply_and_get(cluster, monkeypatch)
+
+
+def _kubectl_apply_and_get(cluster: Cluster, monkeypatch) -> None:
     kubectl = [KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "-n", NS]
     example = ROOT / "examples" / "cpu-smollm2.yaml"
     with operator(cluster, monkeypatch):
