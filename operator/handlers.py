@@ -14,6 +14,7 @@ import kopf
 
 from kubellm import __version__
 from kubellm.operator.builders import build_children
+from kubellm.operator.builders.service import routed
 from kubellm.operator.converge import apply, remove
 from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
 from kubellm.operator.defaults import with_defaults
@@ -164,7 +165,7 @@ async def refresh_status(
     meta = cr["metadata"]
     deployment = await kube.get(object_path("Deployment", meta["namespace"], meta["name"]))
     router = None
-    if spec["routing"]["policy"] != "none":
+    if routed(spec):
         path = object_path("Deployment", meta["namespace"], router_name(meta["name"]))
         router = await kube.get(path)
     status = compute_status(cr, spec, deployment, problems, now(), router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from kubellm.operator.builders.service import routed
 from kubellm.operator.naming import endpoint, selector_string
 from kubellm.operator.problems import Problem
 
@@ -35,8 +36,7 @@ def compute_status(
     observed = (deployment or {}).get("status", {})
     desired = spec["replicas"]
     ready = observed.get("readyReplicas", 0)
-    routed = spec["routing"]["policy"] != "none"
-    router_status = _router_status(spec, router) if routed else None
+    router_status = _router_status(spec, router) if routed(spec) else None
     conditions = [
         _ready(desired, ready, spec, problems, router_status),
         _progressing(desired, ready, observed, deployment),

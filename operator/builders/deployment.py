@@ -21,6 +21,12 @@ from kubellm.operator.source import MODELS_MOUNT, ModelSource
 
 HF_HOME = "/cache/huggingface"
 PRE_STOP_SECONDS = 5  # lets Services drop the pod before SIGTERM reaches the server
+# the restricted Pod Security Standard, for every container the operator runs
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
 STARTUP_PERIOD_SECONDS = 10
 RUNTIME_UID = 1000
 
@@ -119,11 +125,7 @@ def _container(name: str, spec: dict[str, Any], source: ModelSource, image: str)
         # /live: 503 once the engine died or hangs; unlike /health, 200 while draining
         "livenessProbe": _probe("/live", 15, 4),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
     }  # fmt: skip
     if not container["args"]:
         del container["args"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubellm.operator.builders.deployment import CONTAINER_SECURITY_CONTEXT, PRE_STOP_SECONDS
 from kubellm.operator.naming import (
     RUNTIME_PORT,
     RUNTIME_PORT_NAME,
@@ -23,7 +24,6 @@ from kubellm.operator.naming import (
 )
 
 ROUTER_UID = 10001  # the operator image's user
-PRE_STOP_SECONDS = 5  # the Service drops the pod before SIGTERM reaches the router
 DRAIN_SECONDS = 60  # aiohttp's graceful shutdown waits this long for open requests
 RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 DISCOVERY_RULES = [
@@ -122,9 +122,5 @@ def _container(cr: dict[str, Any], spec: dict[str, Any], image: str) -> dict[str
         "readinessProbe": probe,
         "livenessProbe": {**probe, "periodSeconds": 10},
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
     }
