@@ -46,10 +46,10 @@ class Decision:
 def recommend(bounds: Bounds, load: float, held: int) -> int:
     """ceil(load / targetRequests) within the bounds; at least one while a request waits."""
     wanted = math.ceil(load / bounds.target_requests - 1e-9)
-    return _clamp(bounds, max(wanted, 1) if held > 0 else wanted)
+    return clamp(bounds, max(wanted, 1) if held > 0 else wanted)
 
 
-def _clamp(bounds: Bounds, replicas: int) -> int:
+def clamp(bounds: Bounds, replicas: int) -> int:
     return min(bounds.max_replicas, max(bounds.min_replicas, replicas))
 
 
@@ -61,13 +61,13 @@ def decide(bounds: Bounds, current: int, load: float | None, held: int, window: 
     (None after a restart that lost it: the delay starts again from `current`)."""
     window = _within(window if window is not None else ((now, current),), bounds, now)
     if load is None:
-        wanted = _clamp(bounds, max(current, 1 if held > 0 else 0))
+        wanted = clamp(bounds, max(current, 1 if held > 0 else 0))
         return Decision(wanted, None, "MetricsMissing", _push(window, now, wanted))
     recommended = recommend(bounds, load, held)
     window = _push(window, now, recommended)
     if recommended > current:
         return Decision(recommended, recommended, "ScaledUp", window)
-    desired = _clamp(bounds, min(current, max(value for _, value in window)))
+    desired = clamp(bounds, min(current, max(value for _, value in window)))
     if desired < current:
         return Decision(desired, recommended, "ScaledDown", window)
     reason = "WaitingToScaleDown" if recommended < current else "Steady"

@@ -220,6 +220,34 @@ ROUTING = _obj(
     },
 )
 
+AUTOSCALING = {
+    "type": "object",
+    "description": "Replicas sized by load, down to zero: the operator owns spec.replicas "
+    "(through the scale subresource) while this is set",
+    "required": ["maxReplicas"],
+    "properties": {
+        "minReplicas": _int(
+            "Fewest replicas; 0 lets an idle deployment scale to zero (its router holds the "
+            "first request while a replica starts)",
+            1,
+            minimum=0,
+        ),
+        "maxReplicas": _int("Most replicas", minimum=1),
+        "targetRequests": _int(
+            "In-flight plus waiting requests per replica the autoscaler aims for", 100, minimum=1
+        ),
+        "scaleDownDelaySeconds": _int(
+            "How long the load must stay lower before replicas are removed", 300, minimum=0
+        ),
+    },
+    "x-kubernetes-validations": [
+        {
+            "rule": "self.minReplicas <= self.maxReplicas",
+            "message": "autoscaling.minReplicas cannot exceed autoscaling.maxReplicas",
+        }
+    ],
+}
+
 SPEC = _obj(
     "The desired state of an LLM deployment",
     {
@@ -260,6 +288,7 @@ SPEC = _obj(
             },
         ),
         "routing": ROUTING,
+        "autoscaling": AUTOSCALING,
         "apiKeySecretRef": _secret_ref("Secret key holding the API key clients must send"),
         "rollout": _obj(
             "Rolling update; default GPU-safe (maxSurge 0) when GPUs are requested",
@@ -293,6 +322,13 @@ SPEC = _obj(
             {
                 "rule": "self.resources.gpus > 0 || self.engine.tensorParallelSize == 1",
                 "message": "tensor parallelism needs GPUs (resources.gpus)",
+            },
+            {
+                "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas > 0 || "
+                "self.routing.policy != 'none'",
+                "message": "autoscaling.minReplicas 0 needs a router to hold requests while no "
+                "replica runs: set routing.policy to prefix (or another policy), or "
+                "autoscaling.minReplicas to 1 or more",
             },
         ]
     },
@@ -328,6 +364,35 @@ STATUS = {
                 "readyReplicas": {"type": "integer"},
             },
         },
+        "autoscaling": {
+            "type": "object",
+            "description": "The autoscaler's last evaluation (spec.autoscaling set)",
+            "properties": {
+                "load": {
+                    "type": "integer",
+                    "description": "In-flight plus waiting requests; absent when not read",
+                },
+                "heldRequests": {
+                    "type": "integer",
+                    "description": "Requests the routers hold for want of a ready replica",
+                },
+                "desiredReplicas": {"type": "integer"},
+                "reason": {"type": "string"},
+                "lastScaleTime": {"type": "string", "format": "date-time"},
+                "window": {
+                    "type": "array",
+                    "description": "Recommendations within scaleDownDelaySeconds (time in "
+                    "seconds since the epoch): the delay survives an operator restart",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "time": {"type": "number"},
+                            "replicas": {"type": "integer"},
+                        },
+                    },
+                },
+            },
+        },
         "conditions": {
             "type": "array",
             "items": CONDITION,
@@ -346,6 +411,7 @@ def _printer_columns() -> list[dict[str, Any]]:
         column("Model", ".spec.model.source"),
         column("Ready", ".status.readyReplicas", "integer"),
         column("Desired", ".spec.replicas", "integer"),
+        column("Load", ".status.autoscaling.load", "integer"),
         column("Status", '.status.conditions[?(@.type=="Ready")].reason'),
         column("Endpoint", ".status.endpoint", priority=1),
         column("Age", ".metadata.creationTimestamp", "date"),

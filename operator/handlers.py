@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import kopf
 
 from kubellm import __version__
+from kubellm.operator.autoscaler import INTERVAL_SECONDS, Autoscaler
+from kubellm.operator.autoscaler import start as start_autoscaling
 from kubellm.operator.builders import build_children
 from kubellm.operator.builders.service import routed
 from kubellm.operator.converge import apply, remove
@@ -20,7 +23,13 @@ from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
 from kubellm.operator.defaults import with_defaults
 from kubellm.operator.kube import Kube, KubeError, object_path
 from kubellm.operator.naming import managed_by, router_name
-from kubellm.operator.problems import CLUSTER_REASONS, Problem, blocking, find_problems
+from kubellm.operator.problems import (
+    AUTOSCALING_REASONS,
+    CLUSTER_REASONS,
+    Problem,
+    blocking,
+    find_problems,
+)
 from kubellm.operator.status import compute_status, now, status_patch, transitions
 
 DEFAULT_RUNTIME_IMAGE = f"ghcr.io/kubellm/kubellm-runtime:{__version__}"
@@ -41,11 +50,17 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.router_image = os.environ.get("KUBELLM_OPERATOR_IMAGE", DEFAULT_OPERATOR_IMAGE)
     interval = float(os.environ.get("KUBELLM_OPERATOR_RECHECK_SECONDS", RECHECK_SECONDS))
     memo.rechecker = Rechecker(interval)
+    autoscale_every = float(os.environ.get("KUBELLM_AUTOSCALE_INTERVAL_SECONDS", INTERVAL_SECONDS))
+    logger = logging.getLogger("kubellm.operator")
+    memo.autoscaler = Autoscaler(
+        memo.kube, autoscale_every, lambda cr: reconcile_resource(cr, memo, logger)
+    )
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     memo.rechecker.stop()
+    memo.autoscaler.stop()
     await memo.kube.close()
 
 
@@ -63,7 +78,10 @@ async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -
     cluster (a Secret or claim that may appear) is looked at again by the Rechecker."""
     spec = with_defaults(cr.get("spec"))
     key = (cr["metadata"]["namespace"], cr["metadata"]["name"])
-    problems = await find_problems(memo.kube, key[0], spec)
+    problems = await find_problems(memo.kube, key[0], key[1], spec)
+    if _autoscaler_starts(spec, cr, problems):
+        cr = await start_autoscaling(memo.kube, cr, time.time())
+        spec = with_defaults(cr["spec"])
     if blocking(problems):
         logger.warning("not converging: %s", "; ".join(p.message for p in problems))
     else:
@@ -74,7 +92,19 @@ async def reconcile_resource(cr: dict[str, Any], memo: kopf.Memo, logger: Any) -
         memo.rechecker.watch(key, memo)
     else:
         memo.rechecker.waiting.discard(key)
+    if spec.get("autoscaling") is not None:
+        memo.autoscaler.follow(key)
+    else:
+        memo.autoscaler.forget(key)
     await refresh_status(memo.kube, cr, spec, problems)
+
+
+def _autoscaler_starts(spec: dict[str, Any], cr: dict[str, Any], problems: list[Problem]) -> bool:
+    """Whether the autoscaler takes over spec.replicas now: it is asked to, has not yet,
+    and nothing stops it (invalid bounds, another autoscaler)."""
+    evaluated = (cr.get("status") or {}).get("autoscaling") is not None
+    stopped = any(p.reason in AUTOSCALING_REASONS for p in problems)
+    return spec.get("autoscaling") is not None and not evaluated and not stopped
 
 
 class Rechecker:
@@ -123,7 +153,7 @@ async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     if cr is None:
         return
     spec = with_defaults(cr.get("spec"))
-    problems = await find_problems(memo.kube, namespace, spec)
+    problems = await find_problems(memo.kube, namespace, owner["name"], spec)
     await refresh_status(memo.kube, cr, spec, problems)
 
 

@@ -13,12 +13,14 @@ from typing import Any
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.source import ModelSource
 
-CLUSTER_REASONS = frozenset(
-    {"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound", "InferencePoolAPIMissing"}
-)
-# Problems with one optional child only: everything else still converges.
-PARTIAL_REASONS = frozenset({"InferencePoolAPIMissing"})
+CLUSTER_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound",
+                             "InferencePoolAPIMissing", "AutoscalerConflict"})  # fmt: skip
+# Problems with one optional part only (a child, the autoscaler): the rest converges.
+AUTOSCALING_REASONS = frozenset({"InvalidAutoscaling", "AutoscalerConflict"})
+PARTIAL_REASONS = frozenset({"InferencePoolAPIMissing"}) | AUTOSCALING_REASONS
 INFERENCE_POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools"
+AUTOSCALERS = "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers"
+CONFLICT_WORDS = "also scales this LLMDeployment"  # in each AutoscalerConflict message
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,35 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
             f"resources.gpus is {gpus} but engine.tensorParallelSize is {tensor_parallel}: "
             f"{gpus - tensor_parallel} GPU(s) per pod would sit idle",
         ))  # fmt: skip
-    return problems
+    return problems + autoscaling_problems(spec)
 
 
-async def cluster_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> list[Problem]:
-    """What only the cluster can tell: referenced Secrets, keys and claims that are missing."""
+def autoscaling_problems(spec: dict[str, Any]) -> list[Problem]:
+    """What the CRD's schema and CEL refuse, for API servers that do not enforce them."""
+    autoscaling = spec.get("autoscaling")
+    if autoscaling is None:
+        return []
+    least, most = autoscaling.get("minReplicas", 1), autoscaling.get("maxReplicas", 0)
+    messages = []
+    if most < 1:
+        messages.append(f"autoscaling.maxReplicas is {most}: set it to 1 or more")
+    if least < 0 or least > most:
+        messages.append(f"autoscaling.minReplicas is {least} and maxReplicas {most}: set "
+                        "minReplicas between 0 and maxReplicas")  # fmt: skip
+    if autoscaling.get("targetRequests", 1) < 1:
+        messages.append("autoscaling.targetRequests must be 1 or more (requests per replica)")
+    if least == 0 and spec["routing"]["policy"] == "none":
+        messages.append("autoscaling.minReplicas 0 needs a router to hold requests while no "
+                        "replica runs: set routing.policy to prefix (or another policy), or "
+                        "minReplicas to 1 or more")  # fmt: skip
+    message = "; ".join(messages) + "; the autoscaler leaves spec.replicas alone meanwhile"
+    return [Problem("InvalidAutoscaling", message)] if messages else []
+
+
+async def cluster_problems(kube: Kube, namespace: str, name: str,
+                           spec: dict[str, Any]) -> list[Problem]:  # fmt: skip
+    """What only the cluster can tell: referenced Secrets, keys and claims that are
+    missing, an API that is, another autoscaler."""
     problems = []
     refs = {
         "spec.model.hfTokenSecretRef": spec["model"].get("hfTokenSecretRef"),
@@ -87,7 +113,27 @@ async def cluster_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> 
             "extension/releases/latest/download/manifests.yaml) or set it to false; the rest "
             "of the deployment is served meanwhile",
         ))  # fmt: skip
+    if spec.get("autoscaling") is not None:
+        problems.extend(await autoscaler_conflicts(kube, namespace, name))
     return problems
+
+
+async def autoscaler_conflicts(kube: Kube, namespace: str, name: str) -> list[Problem]:
+    """HorizontalPodAutoscalers that scale this LLMDeployment too (two controllers
+    writing spec.replicas would fight)."""
+    listed = await kube.get(AUTOSCALERS.format(namespace=namespace))
+    names = [
+        hpa["metadata"]["name"]
+        for hpa in (listed or {}).get("items", [])
+        if (hpa.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "LLMDeployment"
+        and hpa["spec"]["scaleTargetRef"].get("name") == name
+    ]
+    return [Problem(
+        "AutoscalerConflict",
+        f"HorizontalPodAutoscaler {n!r} {CONFLICT_WORDS}, which sets spec.autoscaling: "
+        f"delete the HPA (kubectl delete hpa {n} -n {namespace}) or remove "
+        "spec.autoscaling (until then the operator's autoscaler leaves spec.replicas alone)",
+    ) for n in names]  # fmt: skip
 
 
 async def _no_pool_api(kube: Kube, namespace: str) -> bool:
@@ -100,6 +146,11 @@ def blocking(problems: list[Problem]) -> list[Problem]:
     return [p for p in problems if p.reason not in PARTIAL_REASONS]
 
 
-async def find_problems(kube: Kube, namespace: str, spec: dict[str, Any]) -> list[Problem]:
-    """The spec's own problems, or else (only then: they cost API calls) the cluster's."""
-    return static_problems(spec) or await cluster_problems(kube, namespace, spec)
+async def find_problems(kube: Kube, namespace: str, name: str,
+                        spec: dict[str, Any]) -> list[Problem]:  # fmt: skip
+    """The spec's own problems, and unless they block (cluster checks cost API calls)
+    the cluster's."""
+    problems = static_problems(spec)
+    if blocking(problems):
+        return problems
+    return problems + await cluster_problems(kube, namespace, name, spec)

@@ -20,7 +20,9 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-OPTIONAL_FIELDS = ("router",)  # written only while requests are routed
+# Written only while requests are routed (router) or autoscaled (autoscaling, by the
+# autoscaler: carried over here, removed with spec.autoscaling).
+OPTIONAL_FIELDS = ("router", "autoscaling")
 
 
 def compute_status(
@@ -56,6 +58,9 @@ def compute_status(
     }
     if router_status is not None:
         status["router"] = router_status
+    autoscaled = (cr.get("status") or {}).get("autoscaling")
+    if spec.get("autoscaling") is not None and autoscaled is not None:
+        status["autoscaling"] = autoscaled
     if "generation" in meta:
         status["observedGeneration"] = meta["generation"]
     return status
@@ -74,8 +79,13 @@ def _condition(kind: str, ok: bool, reason: str, message: str) -> Condition:
 
 def _ready(desired: int, ready: int, spec: dict[str, Any], problems: list[Problem],
            router: dict[str, Any] | None) -> Condition:  # fmt: skip
-    """Ready: the endpoint answers. When routed, that also needs a ready router pod."""
+    """Ready: the endpoint answers. When routed, that also needs a ready router pod. At
+    zero replicas it answers only when a router holds requests while the autoscaler
+    starts a replica."""
     if desired == 0:
+        if spec.get("autoscaling") is not None and router and router["readyReplicas"] > 0:
+            return _condition("Ready", True, "ScaledToZero", "no replica runs while idle; "
+                              "the router holds a request while one starts")  # fmt: skip
         return _condition("Ready", False, "ScaledToZero", "spec.replicas is 0")
     counted = f"{ready}/{desired} replicas ready"
     if router is not None and router["readyReplicas"] == 0:

@@ -40,12 +40,13 @@ class Replica:
         return max(self.in_flight, self.waiting + self.running) + self.kv_usage
 
 
-def parse_gauges(text: str) -> dict[str, float]:
-    """The GAUGES' values in a Prometheus text exposition (summed over labels)."""
+def parse_gauges(text: str, gauges: dict[str, str] = GAUGES) -> dict[str, float]:
+    """The values of `gauges` (metric -> field) in a Prometheus text exposition, each
+    summed over its labels."""
     values: dict[str, float] = {}
     for name, value in _SAMPLE.findall(text):
-        if name in GAUGES:
-            values[GAUGES[name]] = values.get(GAUGES[name], 0.0) + float(value)
+        if name in gauges:
+            values[gauges[name]] = values.get(gauges[name], 0.0) + float(value)
     return values
 
 

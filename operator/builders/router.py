@@ -33,7 +33,11 @@ DISCOVERY_RULES = [
 
 
 def router_replicas(spec: dict[str, Any]) -> int:
-    return 2 if spec["replicas"] > 1 else 1
+    """Two (one may be drained or lost) once there can be more than one replica; an
+    autoscaled resource's count does not follow its load, so routers never churn."""
+    autoscaling = spec.get("autoscaling")
+    most = autoscaling["maxReplicas"] if autoscaling is not None else spec["replicas"]
+    return 2 if most > 1 else 1
 
 
 def build_router(cr: dict[str, Any], spec: dict[str, Any], image: str) -> list[dict[str, Any]]:

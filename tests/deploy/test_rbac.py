@@ -56,6 +56,7 @@ def _scenario(cluster: Cluster) -> None:
                   {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
     wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
     _route_and_pool(cluster, path)
+    _autoscale(cluster)
     create_llmd(cluster, "claimed", model={"source": "pvc://missing/model"})
     claimed = object_path("LLMDeployment", NS, "claimed")
     wait_for(lambda: condition(cluster.get(claimed), "Degraded").get("reason") == "ClaimNotFound")
@@ -98,11 +99,27 @@ def _route_and_pool(cluster: Cluster, path: str) -> None:
     wait_for(lambda: all(cluster.get(p) is None for p in router.values()), message="router gone")
 
 
+def _autoscale(cluster: Cluster) -> None:
+    """An autoscaled resource: taken over at min replicas, evaluated (EndpointSlices and
+    HPAs listed), a `kubectl scale` set back."""
+    create_llmd(cluster, "auto", model={"source": "hf://org/auto"},
+                autoscaling={"minReplicas": 0, "maxReplicas": 2})  # fmt: skip
+    path = object_path("LLMDeployment", NS, "auto")
+
+    def reason() -> str | None:
+        return ((cluster.get(path).get("status") or {}).get("autoscaling") or {}).get("reason")
+
+    wait_for(lambda: reason() not in (None, "Started"), message="an evaluation")
+    cluster.patch(path + "/scale", {"spec": {"replicas": 2}})
+    wait_for(lambda: cluster.get(path)["spec"]["replicas"] == 0, message="scale set back")
+
+
 def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
     """(namespaced, cluster-level) permissions the operator used."""
     with emulated_cluster(tmp_path) as cluster:
         monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
         monkeypatch.setenv("KUBELLM_OPERATOR_RECHECK_SECONDS", "0.5")
+        monkeypatch.setenv("KUBELLM_AUTOSCALE_INTERVAL_SECONDS", "0.3")
         args = ["run", "--standalone", "-m", "kubellm.operator.handlers"]
         args += [f"--namespace={n}" for n in watch] or ["-A"]
         with KopfRunner(args, reraise=False) as runner:

@@ -9,7 +9,9 @@ kmock 0.8 needs a few fixes to satisfy kopf and kubectl; they live here, and onl
 - no server-side printing: LLMDeployment lists render the CRD's printer columns as a
   Table when kubectl asks for one;
 - `GET /api/v1/namespaces` fails (kopf lists namespaces when given some to watch): served;
-- the LLMDeployment resource is registered the way its CRD declares it.
+- the LLMDeployment resource is registered the way its CRD declares it;
+- a write to the scale subresource does not bump `generation`, and a read of it returns
+  the whole object instead of a Scale: both as the API server does.
 
 And the trouble a real API server has: `refuse_claim_resize` answers a PATCH of a
 PersistentVolumeClaim as it does when the claim's StorageClass does not allow expansion;
@@ -137,7 +139,7 @@ class FixedEmulator(kmock.KubernetesEmulator):
                 meta["resourceVersion"] = str(next(self._versions))
             elif request.action == enums.action.UPDATE and request.name is not None:
                 meta["resourceVersion"] = str(next(self._versions))
-                if "spec" in request.data and request.subresource is None:
+                if "spec" in request.data and request.subresource in (None, "scale"):
                     current = self._current(request)
                     meta["generation"] = (current or {}).get("metadata", {}).get(
                         "generation", 0
@@ -154,6 +156,8 @@ class FixedEmulator(kmock.KubernetesEmulator):
         obj = await super()._serve_fetch(request)
         if _wants_table(request) and request.resource.plural == PLURAL:
             return printer_table([obj])
+        if request.subresource == "scale" and isinstance(obj, dict):
+            return _scale(obj)
         return obj
 
     async def _serve_list(self, request):
@@ -168,6 +172,18 @@ class FixedEmulator(kmock.KubernetesEmulator):
             else (f"{request.resource.group}/{request.resource.version}")
         )
         return {"kind": f"{kind}List", "apiVersion": group_version, **payload}
+
+
+def _scale(obj: dict[str, Any]) -> dict[str, Any]:
+    """The Scale object of a resource whose scale subresource maps spec.replicas,
+    status.replicas and status.selector (as the LLMDeployment CRD declares)."""
+    meta = obj["metadata"]
+    return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion")
+                         if k in meta},
+            "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
+            "status": {"replicas": obj.get("status", {}).get("replicas", 0),
+                       "selector": obj.get("status", {}).get("selector", "")}}  # fmt: skip
 
 
 def _forbidden_resize(name: str) -> aiohttp.web.Response:

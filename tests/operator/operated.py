@@ -20,6 +20,7 @@ def operator(cluster: Cluster, monkeypatch) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     monkeypatch.setenv("KUBELLM_RUNTIME_IMAGE", "registry.example/kubellm-runtime:test")
     monkeypatch.setenv("KUBELLM_OPERATOR_RECHECK_SECONDS", "0.5")
+    monkeypatch.setenv("KUBELLM_AUTOSCALE_INTERVAL_SECONDS", "0.3")
     args = ["run", "--standalone", "-A", "--verbose", "-m", "kubellm.operator.handlers"]
     with KopfRunner(args, reraise=False) as runner:
         yield runner

@@ -6,9 +6,9 @@ import pytest
 
 from kubellm.operator.converge import claim_growth, matches, merge_patch
 from kubellm.operator.defaults import with_defaults
-from kubellm.operator.problems import Problem, static_problems
+from kubellm.operator.problems import Problem, blocking, static_problems
 from kubellm.operator.quantity import parse_quantity
-from kubellm.operator.status import compute_status, transitions
+from kubellm.operator.status import compute_status, status_patch, transitions
 from tests.operator.manifests import custom_resource
 
 
@@ -138,3 +138,38 @@ def test_static_problems():
         spec = with_defaults({"resources": {"gpus": gpus}, "engine": {"tensorParallelSize": 4}})
         (problem,) = static_problems(spec)
         assert problem.reason == "TooFewGPUs" and "set resources.gpus to 4" in problem.message
+
+
+def test_bad_autoscaling_is_one_partial_problem_naming_what_to_set():
+    """What the schema and CEL refuse, for API servers that do not enforce them: the
+    autoscaler stands aside, everything else converges."""
+    inverted = with_defaults({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}})
+    (problem,) = static_problems(inverted)
+    assert problem.reason == "InvalidAutoscaling" and not blocking([problem])
+    assert "minReplicas between 0 and maxReplicas" in problem.message
+    unrouted = with_defaults({"routing": {"policy": "none"},
+                              "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})  # fmt: skip
+    (problem,) = static_problems(unrouted)
+    assert "set routing.policy to prefix" in problem.message
+    zero_target = with_defaults({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}})
+    assert "targetRequests must be 1 or more" in static_problems(zero_target)[0].message
+    fine = with_defaults({"routing": {"policy": "none"}, "autoscaling": {"maxReplicas": 2}})
+    assert static_problems(fine) == []  # minReplicas defaults to 1: no router needed
+
+
+def test_an_autoscaled_resource_at_zero_is_ready_once_a_router_can_hold_requests():
+    autoscaling = {"minReplicas": 0, "maxReplicas": 2}
+    idle = _status({}, replicas=0, autoscaling=autoscaling)
+    assert _conditions(idle)["Ready"] == ("True", "ScaledToZero")
+    no_router = _status({}, replicas=0, autoscaling=autoscaling, router={"status": {}})
+    assert _conditions(no_router)["Ready"] == ("False", "ScaledToZero")
+
+
+def test_status_autoscaling_is_kept_while_autoscaled_and_removed_after():
+    cr = custom_resource(autoscaling={"maxReplicas": 2})
+    saved = {"desiredReplicas": 1, "reason": "Steady", "window": []}
+    cr["status"] = {"autoscaling": saved}
+    kept = _status({}, cr=cr)
+    assert kept["autoscaling"] == saved and "autoscaling" not in status_patch(cr["status"], kept)
+    del cr["spec"]["autoscaling"]
+    assert status_patch(cr["status"], _status({}, cr=cr))["autoscaling"] is None

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 
+import celpy
 import pytest
 
-from kubellm.operator.crd import crd, render
+from kubellm.operator.crd import SPEC, crd, render
 from kubellm.operator.defaults import with_defaults
 from tests.operator.manifests import (
     ROOT,
@@ -18,6 +19,7 @@ from tests.operator.manifests import (
 )
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+CEL = celpy.Environment()
 
 
 def test_the_committed_crd_is_the_generated_one():
@@ -87,6 +89,10 @@ def test_every_example_validates(path):
         ({"resources": {"gpus": "one"}}, "gpus"),
         ({"apiKeySecretRef": {"name": "only-a-name"}}, "key"),
         ({"service": {"port": 70000}}, "port"),
+        ({"autoscaling": {"maxReplicas": 0}}, "maxReplicas"),
+        ({"autoscaling": {"minReplicas": 1}}, "maxReplicas"),
+        ({"autoscaling": {"maxReplicas": 2, "minReplicas": -1}}, "minReplicas"),
+        ({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}}, "targetRequests"),
     ],
 )
 def test_bad_resources_are_rejected(patch, where):
@@ -98,3 +104,49 @@ def test_bad_resources_are_rejected(patch, where):
             document["spec"][key] = value
     errors = list(llmd_validator().iter_errors(document))
     assert errors and any(where in str(e.path) or where in e.message for e in errors)
+
+
+def _cel_failures(value, schema) -> list[str]:
+    """The messages of the CEL rules (x-kubernetes-validations) `value` breaks, each
+    evaluated where it is declared with `self` bound there, as the API server does."""
+    failures = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = CEL.program(CEL.compile(rule["rule"]))
+        if not program.evaluate({"self": celpy.json_to_cel(value)}):
+            failures.append(rule["message"])
+    for name, prop in schema.get("properties", {}).items():
+        if isinstance(value, dict) and name in value:
+            failures += _cel_failures(value[name], prop)
+    return failures
+
+
+def test_every_example_passes_the_cel_rules():
+    for path in EXAMPLES:
+        for document in load_yaml_documents(path):
+            if document["kind"] == "LLMDeployment":
+                assert _cel_failures(with_defaults(document["spec"]), SPEC) == [], path.name
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "cannot exceed"),
+        ({"routing": {"policy": "none"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+         "set routing.policy to prefix"),
+        ({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 4}}, "cannot exceed"),
+        ({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 2}}, "needs GPUs"),
+        ({"model": {"source": "builtin://smollm2-135m-instruct", "revision": "v1"}}, "hf://"),
+    ],
+)  # fmt: skip
+def test_the_cel_rules_refuse_with_what_to_set(spec, words):
+    (message,) = _cel_failures(with_defaults(spec), SPEC)
+    assert words in message
+
+
+def test_the_cel_rules_allow_what_they_should():
+    for spec in (
+        {"autoscaling": {"minReplicas": 0, "maxReplicas": 1}},  # routed by default
+        {"routing": {"policy": "none"}, "autoscaling": {"maxReplicas": 3}},  # min 1
+        {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 4}},
+    ):
+        assert _cel_failures(with_defaults(spec), SPEC) == [], spec

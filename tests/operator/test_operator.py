@@ -301,6 +301,12 @@ def _kubectl_apply_and_get(cluster: Cluster, monkeypatch) -> None:
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     header, row = (line.split() for line in listed.stdout.splitlines()[:2])
-    assert header == ["NAME", "MODEL", "READY", "DESIRED", "STATUS", "ENDPOINT", "AGE"]
-    assert row[:6] == ["smollm2", "builtin://smollm2-135m-instruct", "1", "1",
-                       "AllReplicasReady", f"http://smollm2.{NS}.svc/v1"]  # fmt: skip
+    assert header == ["NAME", "MODEL", "READY", "DESIRED", "LOAD", "STATUS", "ENDPOINT", "AGE"]
+    assert row[:6] == [
+        "smollm2",
+        "builtin://smollm2-135m-instruct",
+        "1",
+        "1",  # LOAD blank:
+        "AllReplicasReady",
+        f"http://smollm2.{NS}.svc/v1",
+    ]  # not autoscaled

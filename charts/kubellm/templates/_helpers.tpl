@@ -42,7 +42,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: ["llmdeployments"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubellm.dev"]
-  resources: ["llmdeployments/status"]
+  resources: ["llmdeployments/status", "llmdeployments/scale"]
   verbs: ["patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
@@ -56,10 +56,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch", "delete"]
-{{- /* held so that the routers' Role may grant them (RBAC forbids escalation) */}}
+{{- /* read by the autoscaler; held so that the routers' Role may grant them too (RBAC
+forbids escalation) */}}
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
+{{- /* an HPA on an autoscaled resource is reported, not fought */}}
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["get", "list", "create", "patch", "delete"]
