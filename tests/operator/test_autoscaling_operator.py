@@ -1,10 +1,13 @@
 """The operator's autoscaler, run by kopf against the emulated cluster: it takes over
-spec.replicas, sets back a `kubectl scale`, stands aside for an HPA or invalid bounds
-(reported Degraded), and never scales down on a load it could not read. Scaling on real
-load is `test_autoscaling_loop.py`'s."""
+spec.replicas, scales up at once on the load a pod's /metrics reports, resumes its delay
+after a restart, sets back a `kubectl scale`, stands aside for an HPA or invalid bounds
+(reported Degraded), and never scales down on a load it could not read. The loop with
+real replicas and routers is `test_autoscaling_loop.py`'s."""
 
 from __future__ import annotations
 
+import http.server
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -156,3 +159,68 @@ def test_a_load_that_cannot_be_read_never_scales_down(cluster, monkeypatch):
         saved = _autoscaled(cluster, name)
         assert saved["reason"] == "MetricsMissing" and "load" not in saved
         assert _replicas(cluster, name) == (3, 3)
+
+
+class MetricsEndpoint:
+    """A pod's /metrics on 127.0.0.1 whose gauges the test sets (the load the autoscaler
+    reads), published as its Service's EndpointSlice."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.port = free_port()
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = endpoint.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def replica_load(self, running: int, waiting: int = 0) -> None:
+        self.text = (f"kubellm:num_requests_running{{model_name=\"m\"}} {running}\n"
+                     f"kubellm:num_requests_waiting{{model_name=\"m\"}} {waiting}\n")  # fmt: skip
+
+    def endpoint_slice(self, service: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": f"{service}-{self.port}", "namespace": NS,
+                         "labels": {"kubernetes.io/service-name": service}},
+            "ports": [{"name": "http", "port": self.port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+        }  # fmt: skip
+
+
+def test_up_at_once_and_a_restarted_operator_resumes_the_delay(cluster, monkeypatch):
+    name = "loaded"
+    pod = MetricsEndpoint()
+    pod.replica_load(running=7, waiting=0)
+    cluster.create(collection_path("EndpointSlice", NS), pod.endpoint_slice(name))
+    autoscaling = {"minReplicas": 1, "maxReplicas": 4, "targetRequests": 2,
+                   "scaleDownDelaySeconds": 3600}  # fmt: skip
+    with operator(cluster, monkeypatch):
+        create_llmd(cluster, name, model={"source": "hf://org/loaded"},
+                    routing={"policy": "none"}, autoscaling=autoscaling)  # fmt: skip
+        wait_for(lambda: _replicas(cluster, name) == (4, 4), message="up at once to 4")
+        assert _autoscaled(cluster, name)["load"] == 7
+        pod.replica_load(running=1)
+        wait_for(lambda: _autoscaled(cluster, name).get("reason") == "WaitingToScaleDown")
+        (high,) = [e for e in _autoscaled(cluster, name)["window"] if e["replicas"] == 4]
+    with operator(cluster, monkeypatch):  # a new operator process: only status remains
+        seen = _autoscaled(cluster, name)["window"]
+        wait_for(lambda: _autoscaled(cluster, name)["window"] != seen, message="evaluated")
+        saved = _autoscaled(cluster, name)
+        assert high in saved["window"]  # the delay runs from when the load fell, as before
+        assert saved["reason"] == "WaitingToScaleDown" and saved["load"] == 1
+        assert _replicas(cluster, name) == (4, 4)
+    events = [(e["reason"], e["message"]) for e in events_for(cluster, name)]
+    assert ("ScaledUp", "1 -> 4 replicas: load 7 requests (0 held), target 2 per replica") in events
+    pod.server.shutdown()
