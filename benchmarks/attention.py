@@ -56,18 +56,24 @@ def case(batch: int, context: int, num_sms: int) -> dict:
     scale = DIM**-0.5
     splits = decode_splits(batch, KV_HEADS, blocks_per_request, num_sms)
     if splits > 1:
-        ours = _time(lambda: paged_decode(query, k_cache, v_cache, tables, seq_lens, scale,
-                                          splits))  # fmt: skip
+        ours = _time(lambda: paged_decode(query, k_cache, v_cache, tables, seq_lens, scale, splits))
     else:
-        ours = _time(lambda: paged_attention(query, k_cache, v_cache, tables, starts, seq_lens,
-                                             scale, 1))  # fmt: skip
+        ours = _time(
+            lambda: paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, scale, 1)
+        )
     k = k_cache[tables.long()].reshape(batch, -1, KV_HEADS, DIM)[:, :context].transpose(1, 2)
     v = v_cache[tables.long()].reshape(batch, -1, KV_HEADS, DIM)[:, :context].transpose(1, 2)
     k, v, q = k.contiguous(), v.contiguous(), query[:, :, None]
     sdpa = _time(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
     kv_bytes = 2 * batch * context * KV_HEADS * DIM * 2
-    return {"batch": batch, "context": context, "splits": splits, "ours_ms": ours * 1e3,
-            "sdpa_ms": sdpa * 1e3, "ours_gbs": kv_bytes / ours / 1e9}  # fmt: skip
+    return {
+        "batch": batch,
+        "context": context,
+        "splits": splits,
+        "ours_ms": ours * 1e3,
+        "sdpa_ms": sdpa * 1e3,
+        "ours_gbs": kv_bytes / ours / 1e9,
+    }
 
 
 def main() -> None:
@@ -80,17 +86,21 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
     print(f"{props.name}: copy bandwidth {bandwidth:.0f} GB/s (read + write)\n")
-    print("| batch | context | splits | ours (ms) | GB/s | % of copy | SDPA contiguous (ms) "
-          "| ours / SDPA |")  # fmt: skip
+    print(
+        "| batch | context | splits | ours (ms) | GB/s | % of copy | SDPA contiguous (ms) "
+        "| ours / SDPA |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for batch in args.batches:
         for context in args.contexts:
             if batch * context > 256 * 32768 // 4:  # keep the pool under ~8 GiB
                 continue
             r = case(batch, context, props.multi_processor_count)
-            print(f"| {batch} | {context} | {r['splits']} | {r['ours_ms']:.3f} | "
-                  f"{r['ours_gbs']:.0f} | {100 * r['ours_gbs'] / bandwidth:.0f}% | "
-                  f"{r['sdpa_ms']:.3f} | {r['ours_ms'] / r['sdpa_ms']:.2f} |")  # fmt: skip
+            print(
+                f"| {batch} | {context} | {r['splits']} | {r['ours_ms']:.3f} | "
+                f"{r['ours_gbs']:.0f} | {100 * r['ours_gbs'] / bandwidth:.0f}% | "
+                f"{r['sdpa_ms']:.3f} | {r['ours_ms'] / r['sdpa_ms']:.2f} |"
+            )
 
 
 if __name__ == "__main__":

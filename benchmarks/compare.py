@@ -47,42 +47,82 @@ KUBELLM_MODES = {
 def base_install(revision: str, cache_dir: Path) -> Path:
     """kubellm as it was at `revision`, installed (without dependencies) into a folder of
     the cache that `kubellm-base` puts first on its PYTHONPATH."""
-    commit = subprocess.run(["git", "rev-parse", revision], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", revision], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     target = cache_dir / f"kubellm-{commit[:12]}"
     if not target.exists():
         source = cache_dir / f"source-{commit[:12]}"
         source.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, check=True,
-                                 capture_output=True).stdout  # fmt: skip
+        archive = subprocess.run(
+            ["git", "archive", commit], cwd=ROOT, check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                        "--no-build-isolation", "--target", str(target), str(source)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--target",
+                str(target),
+                str(source),
+            ],
+            check=True,
+        )
     return target
 
 
-def server_command(name: str, port: int, cache_dir: Path, slots: int,
-                   base: str | None = None) -> list[str]:  # fmt: skip
+def server_command(
+    name: str, port: int, cache_dir: Path, slots: int, base: str | None = None
+) -> list[str]:
     if name == "kubellm-base":
         if base is None:
             raise SystemExit("kubellm-base serves the commit named by --base")
         with_base = ["env", f"PYTHONPATH={base_install(base, cache_dir)}"]
         return with_base + server_command("kubellm", port, cache_dir, slots)
     if name in KUBELLM_MODES:
-        return [sys.executable, "-P", "-m", "kubellm", "serve", "--port", str(port),
-                "--served-model-name", MODEL_NAME, "--log-level", "warning",
-                *KUBELLM_MODES[name]]  # fmt: skip
+        return [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm",
+            "serve",
+            "--port",
+            str(port),
+            "--served-model-name",
+            MODEL_NAME,
+            "--log-level",
+            "warning",
+            *KUBELLM_MODES[name],
+        ]
     if name == "transformers":
         return [sys.executable, str(ROOT / "benchmarks" / "hf_server.py"), "--port", str(port)]
     if name == "llama.cpp":
         from kubellm.runtime.model.source import builtin_gguf_path
 
         binary = llama_server.build(cache_dir)
-        return [str(binary), "-m", str(builtin_gguf_path()), "--host", "127.0.0.1",
-                "--port", str(port), "--alias", MODEL_NAME, "--parallel", str(slots),
-                "--ctx-size", str(slots * 1024), "--threads", str(os.cpu_count() or 2),
-                "--cont-batching"]  # fmt: skip
+        return [
+            str(binary),
+            "-m",
+            str(builtin_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--alias",
+            MODEL_NAME,
+            "--parallel",
+            str(slots),
+            "--ctx-size",
+            str(slots * 1024),
+            "--threads",
+            str(os.cpu_count() or 2),
+            "--cont-batching",
+        ]
     raise ValueError(name)
 
 
@@ -99,10 +139,14 @@ def bench_server(name: str, args: argparse.Namespace) -> list[dict]:
         asyncio.run(serve.run(url, MODEL_NAME, warmup, 2, None, 120, True, fresh))
         for concurrency in args.concurrency:
             count = max(args.min_requests, args.requests_per_slot * concurrency)
-            requests = serve.synthetic(count, args.seed, tuple(args.prompt_words),
-                                       tuple(args.output_tokens))  # fmt: skip
-            row = asyncio.run(serve.run(url, MODEL_NAME, requests, concurrency, None,
-                                        args.max_seconds, True, fresh))  # fmt: skip
+            requests = serve.synthetic(
+                count, args.seed, tuple(args.prompt_words), tuple(args.output_tokens)
+            )
+            row = asyncio.run(
+                serve.run(
+                    url, MODEL_NAME, requests, concurrency, None, args.max_seconds, True, fresh
+                )
+            )
             row["server"] = name
             rows.append(row)
             print(serve.format_table([row]), flush=True)
@@ -122,8 +166,10 @@ def machine() -> str:
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     kernels = cpu_library.unavailable() or f"built for {cpu_library.level()}"
-    return (f"{os.cpu_count()} cores ({cpu_model()}; kubellm's CPU kernels {kernels}), "
-            f"{memory:.0f} GiB RAM, {platform.system()}")  # fmt: skip
+    return (
+        f"{os.cpu_count()} cores ({cpu_model()}; kubellm's CPU kernels {kernels}), "
+        f"{memory:.0f} GiB RAM, {platform.system()}"
+    )
 
 
 def peak_rss_gib(pid: int) -> float:
@@ -152,10 +198,19 @@ def plot(rows: list[dict], path: Path) -> None:
         levels = [r["concurrency"] for r in mine]
         throughput.plot(levels, [r["output_tokens_per_s"] for r in mine], marker="o", label=server)
         ttft.plot(levels, [r["ttft_s"]["p50"] for r in mine], marker="o", label=server)
-    throughput.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
-                   title="Throughput (higher is better)")  # fmt: skip
-    ttft.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds",
-             title="Time to first token, p50 (lower is better)")  # fmt: skip
+    throughput.set(
+        xscale="log",
+        xlabel="concurrent clients",
+        ylabel="output tokens/s",
+        title="Throughput (higher is better)",
+    )
+    ttft.set(
+        xscale="log",
+        yscale="log",
+        xlabel="concurrent clients",
+        ylabel="seconds",
+        title="Time to first token, p50 (lower is better)",
+    )
     for axis in (throughput, ttft):
         axis.set_xticks(levels, [str(level) for level in levels])
         axis.grid(alpha=0.3)
@@ -167,23 +222,25 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def markdown(rows: list[dict], args: argparse.Namespace, when: str) -> str:
     command = "python benchmarks/compare.py --update-benchmarks-md"
-    return "\n".join([
-        BEGIN,
-        f"Measured {when} on {machine()} with `{command.strip()}` "
-        f"(`make bench-serve`). Workload: seed {args.seed}, prompts of "
-        f"{args.prompt_words[0]}-{args.prompt_words[1]} words, "
-        f"{args.output_tokens[0]}-{args.output_tokens[1]} output tokens with ignore_eos, "
-        f"max({args.min_requests}, {args.requests_per_slot} x concurrency) requests per level, "
-        f"each level stopped after {args.max_seconds:.0f} s (in-flight requests are then "
-        f"cancelled; their tokens so far count).",
-        "",
-        serve.format_table(rows),
-        "",
-        peak_rss_line(rows),
-        "",
-        "![throughput and TTFT against concurrency](benchmarks/results/serving.png)",
-        END,
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            BEGIN,
+            f"Measured {when} on {machine()} with `{command.strip()}` "
+            f"(`make bench-serve`). Workload: seed {args.seed}, prompts of "
+            f"{args.prompt_words[0]}-{args.prompt_words[1]} words, "
+            f"{args.output_tokens[0]}-{args.output_tokens[1]} output tokens with ignore_eos, "
+            f"max({args.min_requests}, {args.requests_per_slot} x concurrency) requests per level, "
+            f"each level stopped after {args.max_seconds:.0f} s (in-flight requests are then "
+            f"cancelled; their tokens so far count).",
+            "",
+            serve.format_table(rows),
+            "",
+            peak_rss_line(rows),
+            "",
+            "![throughput and TTFT against concurrency](benchmarks/results/serving.png)",
+            END,
+        ]
+    )
 
 
 def main() -> None:

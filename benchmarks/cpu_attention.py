@@ -48,12 +48,19 @@ def decode_step(batch: int, rng: random.Random):
             query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-            block_size=BLOCK, max_query_len=1, max_seq_len=max(seq_lens),
-            query_lens_cpu=[1] * batch, seq_lens_cpu=seq_lens, contiguous_starts=[-1] * batch,
-        )  # fmt: skip
+            block_size=BLOCK,
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=[1] * batch,
+            seq_lens_cpu=seq_lens,
+            contiguous_starts=[-1] * batch,
+        )
 
-    new = (torch.randn(batch, HEADS, DIM), torch.randn(batch, KV_HEADS, DIM),
-           torch.randn(batch, KV_HEADS, DIM))  # fmt: skip
+    new = (
+        torch.randn(batch, HEADS, DIM),
+        torch.randn(batch, KV_HEADS, DIM),
+        torch.randn(batch, KV_HEADS, DIM),
+    )
     return new, kv_cache, metadata
 
 
@@ -83,7 +90,7 @@ def kv_dtype_timings(batch: int, rng: random.Random) -> dict[str, float]:
         v = pool[1].index_select(0, blocks).view(shape).transpose(1, 2).to(dtype)
         return F.scaled_dot_product_attention(
             query.to(dtype)[:, :, None], k, v, attn_mask=visible[:, None, None], enable_gqa=True
-        )  # fmt: skip
+        )
 
     out = {"fp32": microseconds(lambda: attend(rows, torch.float32))}
     for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):

@@ -21,24 +21,51 @@ MODES = ("eager", "compiled")
 
 
 @torch.library.custom_op("kubellm_bench::attention", mutates_args=("kv_cache",))
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              kv_cache: torch.Tensor, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
-              seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-              scale: float) -> torch.Tensor:  # fmt: skip
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
     """The torch backend over metadata rebuilt from tensors (the graph sees no lists)."""
     from kubellm.runtime.attention.backend import AttentionMetadata
     from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
 
     query_lens, lens = query_start_loc.diff().tolist(), seq_lens.tolist()
-    meta = AttentionMetadata(slot_mapping, query_start_loc, seq_lens, block_tables, block_size,
-                             max(query_lens), max(lens), query_lens, lens,
-                             [-1] * len(lens))  # fmt: skip
+    meta = AttentionMetadata(
+        slot_mapping,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        block_size,
+        max(query_lens),
+        max(lens),
+        query_lens,
+        lens,
+        [-1] * len(lens),
+    )
     return TorchAttentionBackend().forward(query, key, value, kv_cache, meta, scale).contiguous()
 
 
 @attention.register_fake
-def _(query, key, value, kv_cache, slot_mapping, query_start_loc, seq_lens, block_tables,
-      block_size, scale):  # fmt: skip
+def _(
+    query,
+    key,
+    value,
+    kv_cache,
+    slot_mapping,
+    query_start_loc,
+    seq_lens,
+    block_tables,
+    block_size,
+    scale,
+):
     return torch.empty_like(query)
 
 
@@ -48,8 +75,18 @@ class OpaqueAttention:
     supports_cuda_graphs = False
 
     def forward(self, query, key, value, kv_cache, meta, scale):
-        return attention(query, key, value, kv_cache, meta.slot_mapping, meta.query_start_loc,
-                         meta.seq_lens, meta.block_tables, meta.block_size, scale)  # fmt: skip
+        return attention(
+            query,
+            key,
+            value,
+            kv_cache,
+            meta.slot_mapping,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.block_size,
+            scale,
+        )
 
 
 def measure(mode: str) -> None:
@@ -77,8 +114,9 @@ def main() -> None:
         measure(sys.argv[1])
         return
     for mode in MODES:
-        result = subprocess.run([sys.executable, __file__, mode], capture_output=True, text=True,
-                                check=True)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, __file__, mode], capture_output=True, text=True, check=True
+        )
         lines = [line for line in result.stdout.splitlines() if line[:1] in "fr"]
         print(f"{mode}: " + "; ".join(lines), flush=True)
 

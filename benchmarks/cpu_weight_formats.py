@@ -34,8 +34,10 @@ def measure(quantization: str, dtype: str) -> str:
     llm = LLM(quantization=quantization, dtype=dtype)
     weight_bytes = resident_bytes(llm.engine.runner.model)
     rng = random.Random(0)
-    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
-               for _ in range(max(BATCHES))]  # fmt: skip
+    prompts = [
+        [rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
+        for _ in range(max(BATCHES))
+    ]
     params = SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     speeds = []
@@ -51,8 +53,9 @@ def main() -> None:
     if len(sys.argv) == 3:  # one mode, in a fresh process
         print(measure(sys.argv[1], sys.argv[2]))
         return
-    print("| weights | " + " | ".join(f"{b} requests, tok/s" for b in BATCHES)
-          + " | weight bytes |")  # fmt: skip
+    print(
+        "| weights | " + " | ".join(f"{b} requests, tok/s" for b in BATCHES) + " | weight bytes |"
+    )
     print("|---" * (len(BATCHES) + 2) + "|")
     for name, (quantization, dtype) in MODES.items():
         run = [sys.executable, __file__, quantization, dtype]

@@ -35,8 +35,9 @@ def decode_plan(llm: LLM, batch: int, rng: random.Random):
     plans = []
     execute = runner.execute
     runner.execute = lambda plan: plans.append(plan) or execute(plan)
-    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))]
-               for _ in range(batch)]  # fmt: skip
+    prompts = [
+        [rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))] for _ in range(batch)
+    ]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=26, ignore_eos=True))
     runner.execute = execute
     return next(p for p in reversed(plans) if len(p.input_ids) == batch)
@@ -65,8 +66,10 @@ def main() -> None:
             for name, llm in engines.items():
                 plan = decode_plan(llm, batch, random.Random(batch))
                 step, forward, logits, ops = costs(llm.engine.runner, plan)
-                print(f"| {batch} | {name} | {step:.1f} | {forward:.1f} | {logits:.1f} | "
-                      f"{ops:,} |", flush=True)  # fmt: skip
+                print(
+                    f"| {batch} | {name} | {step:.1f} | {forward:.1f} | {logits:.1f} | {ops:,} |",
+                    flush=True,
+                )
 
 
 def costs(runner, plan) -> tuple[float, float, float, int]:

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 
-def make_workload(count: int, seed: int, vocab: int, prompt_range=(32, 512),
-                  output_range=(64, 256)) -> list[tuple[list[int], int]]:  # fmt: skip
+def make_workload(
+    count: int, seed: int, vocab: int, prompt_range=(32, 512), output_range=(64, 256)
+) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     return [
         (
@@ -56,13 +57,26 @@ def llama_3_2_1b_shaped(directory: Path) -> Path:
     path = builtin_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=8192,
-        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, safe_serialization=True)
@@ -70,13 +84,18 @@ def llama_3_2_1b_shaped(directory: Path) -> Path:
     return directory
 
 
-def run_kubellm(workload, device: str, dtype: str, model: str | None = None,
-                enforce_eager: bool = False) -> dict:  # fmt: skip
+def run_kubellm(
+    workload, device: str, dtype: str, model: str | None = None, enforce_eager: bool = False
+) -> dict:
     from kubellm.runtime import LLM, SamplingParams
 
     context = max(len(prompt) + n for prompt, n in workload)  # not the model's 128k
-    options = {"device": device, "dtype": dtype, "max_model_len": context,
-               "enforce_eager": enforce_eager}  # fmt: skip
+    options = {
+        "device": device,
+        "dtype": dtype,
+        "max_model_len": context,
+        "enforce_eager": enforce_eager,
+    }
     # the built-in model as transformers runs it: its Q4_1 blocks dequantized at load
     llm = LLM(model=model, **options) if model else LLM(quantization="none", **options)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in workload]
@@ -154,8 +173,9 @@ def run_generate_batch(model, workload) -> dict:
     from transformers import GenerationConfig
 
     longest = max(n for _, n in workload)
-    config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)  # fmt: skip
+    config = GenerationConfig(
+        max_new_tokens=longest, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     started = time.perf_counter()
     outputs = model.generate_batch([p for p, _ in workload], generation_config=config)
     seconds = time.perf_counter() - started
@@ -184,15 +204,22 @@ def main() -> None:
     parser.add_argument("--shape", choices=["smollm2", "llama-3.2-1b"], default="smollm2")
     parser.add_argument("--prompt-range", type=int, nargs=2, default=(32, 512))
     parser.add_argument("--output-range", type=int, nargs=2, default=(64, 256))
-    parser.add_argument("--generate-batch", action="store_true",
-                        help="add transformers' generate_batch as a baseline")  # fmt: skip
-    parser.add_argument("--compare-eager", action="store_true",
-                        help="also run kubellm with enforce_eager (no CUDA graphs)")  # fmt: skip
+    parser.add_argument(
+        "--generate-batch",
+        action="store_true",
+        help="add transformers' generate_batch as a baseline",
+    )
+    parser.add_argument(
+        "--compare-eager",
+        action="store_true",
+        help="also run kubellm with enforce_eager (no CUDA graphs)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    workload = make_workload(args.requests, args.seed, 49152, tuple(args.prompt_range),
-                             tuple(args.output_range))  # fmt: skip
+    workload = make_workload(
+        args.requests, args.seed, 49152, tuple(args.prompt_range), tuple(args.output_range)
+    )
     with tempfile.TemporaryDirectory() as scratch:
         directory = llama_3_2_1b_shaped(Path(scratch)) if args.shape != "smollm2" else None
         results = run_all(args, workload, directory)
@@ -226,16 +253,22 @@ def run_all(args: argparse.Namespace, workload, directory: Path | None) -> dict:
 def print_table(results: dict, args: argparse.Namespace) -> None:
     rates = {name: r["tokens"] / r["seconds"] for name, r in results.items()}
     ours = rates["kubellm (continuous batching)"]
-    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"device {args.device}, {args.requests} requests, seed {args.seed}")  # fmt: skip
-    print(f"| {'system':<36} | {'requests':>8} | {'output tokens':>13} | {'seconds':>8} "
-          f"| {'tok/s':>7} | {'kubellm is':>10} |")  # fmt: skip
+    print(
+        f"\nmachine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"device {args.device}, {args.requests} requests, seed {args.seed}"
+    )
+    print(
+        f"| {'system':<36} | {'requests':>8} | {'output tokens':>13} | {'seconds':>8} "
+        f"| {'tok/s':>7} | {'kubellm is':>10} |"
+    )
     print(f"|{'-' * 38}|{'-' * 9}:|{'-' * 14}:|{'-' * 9}:|{'-' * 8}:|{'-' * 11}:|")
     for name, r in results.items():
         count = args.one_at_a_time_requests if "one at a time" in name else args.requests
         ratio = ours / rates[name]
-        print(f"| {name:<36} | {count:>8} | {r['tokens']:>13} | {r['seconds']:>8.1f} "
-              f"| {rates[name]:>7.1f} | {ratio:>9.2f}x |")  # fmt: skip
+        print(
+            f"| {name:<36} | {count:>8} | {r['tokens']:>13} | {r['seconds']:>8.1f} "
+            f"| {rates[name]:>7.1f} | {ratio:>9.2f}x |"
+        )
     rss = results["kubellm (continuous batching)"]["peak_rss_gib"]
     print(f"\nkubellm peak RSS (before transformers was loaded): {rss:.2f} GiB")
 

@@ -66,8 +66,9 @@ def workload(args: argparse.Namespace) -> list[Conversation]:
     def words(count: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(count))
 
-    systems = [f"You are assistant number {t}. {words(args.system_words)}"
-               for t in range(args.tenants)]  # fmt: skip
+    systems = [
+        f"You are assistant number {t}. {words(args.system_words)}" for t in range(args.tenants)
+    ]
     conversations = []
     for system in systems:
         for _ in range(args.users):
@@ -76,8 +77,9 @@ def workload(args: argparse.Namespace) -> list[Conversation]:
     return conversations
 
 
-async def converse(client: httpx.AsyncClient, url_for, conversation: Conversation,
-                   max_tokens: int, origin: float) -> None:  # fmt: skip
+async def converse(
+    client: httpx.AsyncClient, url_for, conversation: Conversation, max_tokens: int, origin: float
+) -> None:
     await asyncio.sleep(max(0.0, origin + conversation.start_at - time.perf_counter()))
     messages = [{"role": "system", "content": conversation.system}]
     for question in conversation.questions:
@@ -90,10 +92,18 @@ async def converse(client: httpx.AsyncClient, url_for, conversation: Conversatio
         messages.append({"role": "assistant", "content": reply})
 
 
-async def _stream(client: httpx.AsyncClient, base_url: str, messages: list[dict],
-                  max_tokens: int, turn: Turn) -> str:  # fmt: skip
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "ignore_eos": True, "min_tokens": max_tokens}  # fmt: skip
+async def _stream(
+    client: httpx.AsyncClient, base_url: str, messages: list[dict], max_tokens: int, turn: Turn
+) -> str:
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "min_tokens": max_tokens,
+    }
     text, started = [], time.perf_counter()
     try:
         async with client.stream("POST", base_url + "/v1/chat/completions", json=body) as r:
@@ -141,8 +151,16 @@ def replicas(count: int, kv_blocks: int, logs: Path, base_port: int):
     try:
         for i in range(count):
             port = base_port + i if base_port else free_port()
-            command = [*KUBELLM, "serve", "--port", str(port), "--num-kv-blocks", str(kv_blocks),
-                       "--max-model-len", "2048"]  # fmt: skip
+            command = [
+                *KUBELLM,
+                "serve",
+                "--port",
+                str(port),
+                "--num-kv-blocks",
+                str(kv_blocks),
+                "--max-model-len",
+                "2048",
+            ]
             procs.append(start(command, port, logs / f"replica-{i}.log", env))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:  # warm each up: the first request pays one-time costs
@@ -156,8 +174,16 @@ def replicas(count: int, kv_blocks: int, logs: Path, base_port: int):
 @contextmanager
 def router(policy: str, urls: list[str], logs: Path, load_factor: float):
     port = free_port()
-    command = [*KUBELLM, "route", "--port", str(port), "--policy", policy,
-               "--load-factor", str(load_factor)]  # fmt: skip
+    command = [
+        *KUBELLM,
+        "route",
+        "--port",
+        str(port),
+        "--policy",
+        policy,
+        "--load-factor",
+        str(load_factor),
+    ]
     for url in urls:
         command += ["--replica", url]
     proc = start(command, port, logs / f"router-{policy}.log")
@@ -175,8 +201,10 @@ def router(policy: str, urls: list[str], logs: Path, load_factor: float):
 
 def _ready_replicas(base: str) -> int:
     text = httpx.get(base + "/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(r"^kubellm:router_replica_ready\{.*\} (\S+)$",
-                                             text, re.MULTILINE))  # fmt: skip
+    return sum(
+        float(v)
+        for v in re.findall(r"^kubellm:router_replica_ready\{.*\} (\S+)$", text, re.MULTILINE)
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -193,8 +221,9 @@ async def drive(conversations: list[Conversation], url_for, max_tokens: int) -> 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
         origin = time.perf_counter()
-        await asyncio.gather(*(converse(client, url_for, c, max_tokens, origin)
-                               for c in conversations))  # fmt: skip
+        await asyncio.gather(
+            *(converse(client, url_for, c, max_tokens, origin) for c in conversations)
+        )
         return time.perf_counter() - origin
 
 
@@ -204,8 +233,9 @@ def run_way(way: str, args: argparse.Namespace, logs: Path) -> dict:
         before = prefix_counts(urls)
         if way == "client round-robin":
             turn = iter(range(10**9))
-            elapsed = asyncio.run(drive(conversations, lambda: urls[next(turn) % len(urls)],
-                                        args.max_tokens))  # fmt: skip
+            elapsed = asyncio.run(
+                drive(conversations, lambda: urls[next(turn) % len(urls)], args.max_tokens)
+            )
             split, spilled = "in turn", 0
         else:
             with router(way, urls, logs, args.load_factor) as base:
@@ -220,14 +250,20 @@ def routed(base: str) -> tuple[str, int]:
     """The router's own account: requests per replica (most first) and spilled decisions."""
     text = httpx.get(base + "/metrics", timeout=10).text
     samples = dict(re.findall(r"^kubellm:router_(\S+) (\S+)$", text, re.MULTILINE))
-    counts = sorted((int(float(v)) for k, v in samples.items()
-                     if k.startswith("requests_total{")), reverse=True)  # fmt: skip
+    counts = sorted(
+        (int(float(v)) for k, v in samples.items() if k.startswith("requests_total{")), reverse=True
+    )
     spilled = int(float(samples.get('decisions_total{reason="spilled"}', 0)))
     return "/".join(map(str, counts)), spilled
 
 
-def summarize(way: str, conversations: list[Conversation], elapsed: float,
-              before: tuple[float, float], after: tuple[float, float]) -> dict:  # fmt: skip
+def summarize(
+    way: str,
+    conversations: list[Conversation],
+    elapsed: float,
+    before: tuple[float, float],
+    after: tuple[float, float],
+) -> dict:
     turns = [t for c in conversations for t in c.turns]
     ttfts = sorted(t.ttft for t in turns if t.ttft is not None and not t.error)
     queries = after[1] - before[1]
@@ -251,9 +287,12 @@ def _quantile(ordered: list[float], q: float) -> float | None:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["way"] == "round-robin"), None)
-    lines = ["| routing | requests (per replica; spilled) | errors | prefix hit rate "
-             "| TTFT p50 / p90 (s) | output tok/s | vs round-robin: TTFT p50 / p90, hit rate, "
-             "tok/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| routing | requests (per replica; spilled) | errors | prefix hit rate "
+        "| TTFT p50 / p90 (s) | output tok/s | vs round-robin: TTFT p50 / p90, hit rate, "
+        "tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['way']} | {r['requests']} ({r['split']}; {r['spilled']}) | {r['errors']} "
@@ -268,8 +307,10 @@ def _ratios(row: dict, base: dict | None) -> str:
     if base is None:
         return "-"
     ratio = lambda key: row[key] / max(base[key], 1e-9)  # noqa: E731
-    return (f"{ratio('ttft_p50'):.2f}x / {ratio('ttft_p90'):.2f}x, {ratio('hit_rate'):.2f}x, "
-            f"{ratio('output_tok_s'):.2f}x")  # fmt: skip
+    return (
+        f"{ratio('ttft_p50'):.2f}x / {ratio('ttft_p90'):.2f}x, {ratio('hit_rate'):.2f}x, "
+        f"{ratio('output_tok_s'):.2f}x"
+    )
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -297,8 +338,12 @@ def main() -> None:
     p.add_argument("--kv-blocks", type=int, default=200, help="per replica, 16 tokens each")
     p.add_argument("--spread", type=float, default=10.0, help="seconds over which to start")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-port", type=int, default=18100,
-                   help="replicas on this port and the next (0: free ports)")  # fmt: skip
+    p.add_argument(
+        "--base-port",
+        type=int,
+        default=18100,
+        help="replicas on this port and the next (0: free ports)",
+    )
     p.add_argument("--load-factor", type=float, default=LOAD_FACTOR, help="the router's")
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     p.add_argument("--json", help="also write the rows here")
@@ -308,10 +353,12 @@ def main() -> None:
     for way in args.ways:
         rows.append(run_way(way, args, logs))
         print(f"{way}: done in {rows[-1]['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
-    setup = (f"{args.replicas} replicas, one thread each, {args.kv_blocks} KV blocks each, "
-             f"load factor {args.load_factor:g}; {args.tenants} tenants x {args.users} users x "
-             f"{args.turns} turns, ~{args.system_words}-token system prompts, "
-             f"{args.max_tokens} tokens per reply")  # fmt: skip
+    setup = (
+        f"{args.replicas} replicas, one thread each, {args.kv_blocks} KV blocks each, "
+        f"load factor {args.load_factor:g}; {args.tenants} tenants x {args.users} users x "
+        f"{args.turns} turns, ~{args.system_words}-token system prompts, "
+        f"{args.max_tokens} tokens per reply"
+    )
     print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; {setup}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

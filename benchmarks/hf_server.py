@@ -80,8 +80,13 @@ async def _generate(model, tokenizer, ids, kwargs, lock: asyncio.Lock, name: str
 
     def chunk(text: str, finish: str | None, usage: dict | None = None) -> str:
         choices = [] if usage else [{"index": 0, "text": text, "finish_reason": finish}]
-        body = {"id": request_id, "object": "text_completion", "created": created,
-                "model": name, "choices": choices}  # fmt: skip
+        body = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": name,
+            "choices": choices,
+        }
         if usage:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
@@ -98,8 +103,11 @@ async def _generate(model, tokenizer, ids, kwargs, lock: asyncio.Lock, name: str
             yield chunk(tokenizer.decode([token]), None)
         worker.join()
     yield chunk("", "length" if count >= kwargs["max_new_tokens"] else "stop")
-    usage = {"prompt_tokens": ids.shape[1], "completion_tokens": count,
-             "total_tokens": ids.shape[1] + count}  # fmt: skip
+    usage = {
+        "prompt_tokens": ids.shape[1],
+        "completion_tokens": count,
+        "total_tokens": ids.shape[1] + count,
+    }
     yield chunk("", None, usage)
     yield "data: [DONE]\n\n"
 

@@ -33,10 +33,16 @@ def one_layer_model(directory: Path) -> Path:
     gguf = builtin_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -109,8 +115,10 @@ def main() -> None:
         host = sum(r[name] for name in HOST_STAGES)
         other = r["step"] - sum(r[name] for name in columns)
         cells = " | ".join(f"{r[name]:.2f}" for name in columns)
-        print(f"| {batch} | {cells} | {other:.2f} | {r['step']:.2f} | {host:.2f} | "
-              f"{1e3 * host / batch:.1f} us |")  # fmt: skip
+        print(
+            f"| {batch} | {cells} | {other:.2f} | {r['step']:.2f} | {host:.2f} | "
+            f"{1e3 * host / batch:.1f} us |"
+        )
     print("\nmilliseconds per decode step; other: the engine's glue and freeing the step's tensors")
 
 

@@ -45,9 +45,11 @@ def sources_at(revision: str | None) -> dict[str, str]:
     paths = [*cpu_library.SOURCES, cpu_library.HEADER]
     if revision is None:
         return {path.name: path.read_text() for path in paths}
-    show = lambda path: subprocess.run(  # noqa: E731
-        ["git", "show", f"{revision}:{path.relative_to(REPO)}"], cwd=REPO, check=True,
-        capture_output=True, text=True).stdout  # fmt: skip
+
+    def show(path):
+        command = ["git", "show", f"{revision}:{path.relative_to(REPO)}"]
+        return subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True).stdout
+
     return {path.name: show(path) for path in paths}
 
 
@@ -64,16 +66,33 @@ def qgemm_case(M: int, K: int, N: int, bits: int = 4, group: int = 32):
     i64 = ctypes.c_int64
 
     def run(lib: ctypes.CDLL) -> torch.Tensor:
-        lib.kubellm_qgemm(pointer(x), i64(M), i64(K), pointer(codes), ctypes.c_int(bits),
-                          pointer(scales), pointer(offsets), i64(N), i64(group), pointer(y),
-                          ctypes.c_int(THREADS))  # fmt: skip
+        lib.kubellm_qgemm(
+            pointer(x),
+            i64(M),
+            i64(K),
+            pointer(codes),
+            ctypes.c_int(bits),
+            pointer(scales),
+            pointer(offsets),
+            i64(N),
+            i64(group),
+            pointer(y),
+            ctypes.c_int(THREADS),
+        )
         return y.clone()
 
     return run
 
 
-def attention_case(requests: int, longest: int, half: bool, heads: int = 9,
-                   kv_heads: int = 3, dim: int = 64, block_size: int = 16):  # fmt: skip
+def attention_case(
+    requests: int,
+    longest: int,
+    half: bool,
+    heads: int = 9,
+    kv_heads: int = 3,
+    dim: int = 64,
+    block_size: int = 16,
+):
     """Contexts of longest / 2 to longest positions in scattered blocks."""
     per_request = -(-longest // block_size)
     blocks = requests * per_request
@@ -114,8 +133,11 @@ def attention_case(requests: int, longest: int, half: bool, heads: int = 9,
 def cases() -> dict[str, object]:
     torch.manual_seed(0)
     found = {}
-    for shape, (K, N, bits) in {"576x960 (QKV)": (576, 960, 4), "1536x576 (down)": (1536, 576, 4),
-                                "576x960 8-bit": (576, 960, 8)}.items():  # fmt: skip
+    for shape, (K, N, bits) in {
+        "576x960 (QKV)": (576, 960, 4),
+        "1536x576 (down)": (1536, 576, 4),
+        "576x960 8-bit": (576, 960, 8),
+    }.items():
         for M in (1, 16, 64, 256):
             found[f"qgemm {shape}, M = {M}"] = qgemm_case(M, K, N, bits)
     for half in (True, False):
@@ -138,14 +160,17 @@ def main() -> None:
     parser.add_argument("--base", default="HEAD", help="the commit to compare against")
     levels = [name for name, _, _ in cpu_library.LEVELS]
     parser.add_argument("--base-level", choices=levels, default=cpu_library.level())
-    parser.add_argument("--level", choices=levels, default=cpu_library.level(),
-                        help="the working tree's build")  # fmt: skip
+    parser.add_argument(
+        "--level", choices=levels, default=cpu_library.level(), help="the working tree's build"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         base = build(sources_at(args.base), Path(scratch) / "base", args.base_level)
         current = build(sources_at(None), Path(scratch) / "current", args.level)
-        print(f"{cpu_model()}, {THREADS} threads; {args.base} ({args.base_level}) against "
-              f"the working tree ({args.level})\n")  # fmt: skip
+        print(
+            f"{cpu_model()}, {THREADS} threads; {args.base} ({args.base_level}) against "
+            f"the working tree ({args.level})\n"
+        )
         print("| case | base us | current us | base / current | same bits |")
         print("|---|---|---|---|---|")
         for name, run in cases().items():
@@ -153,8 +178,11 @@ def main() -> None:
             rounds = [(microseconds(run, base), microseconds(run, current)) for _ in range(7)]
             before = statistics.median(r[0] for r in rounds)
             after = statistics.median(r[1] for r in rounds)
-            print(f"| {name} | {before:,.1f} | {after:,.1f} | {before / after:.2f} | "
-                  f"{'yes' if same else 'no'} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {before:,.1f} | {after:,.1f} | {before / after:.2f} | "
+                f"{'yes' if same else 'no'} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path,
-          env: dict[str, str] | None = None) -> subprocess.Popen:  # fmt: skip
+def start(
+    command: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Run `command` (its output into `log`) until it serves /health on `port`."""
     handle = log.open("w")
     proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)

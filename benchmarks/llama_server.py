@@ -26,17 +26,30 @@ VERSION = "0.3.36"  # llama-cpp-python, whose sdist vendors llama.cpp
 
 
 # /proc/cpuinfo flag -> ggml's CMake option
-ISA_OPTIONS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
-               "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
-               "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}  # fmt: skip
+ISA_OPTIONS = {
+    "avx": "GGML_AVX",
+    "avx2": "GGML_AVX2",
+    "fma": "GGML_FMA",
+    "f16c": "GGML_F16C",
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
 
 
 def isa_options(flags: set[str]) -> list[str]:
     """CMake options for the instruction sets this CPU has, AMX and native detection off."""
-    options = [f"-D{option}={'ON' if flag in flags else 'OFF'}"
-               for flag, option in ISA_OPTIONS.items()]  # fmt: skip
-    return [*options, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF",
-            "-DGGML_NATIVE=OFF"]  # fmt: skip
+    options = [
+        f"-D{option}={'ON' if flag in flags else 'OFF'}" for flag, option in ISA_OPTIONS.items()
+    ]
+    return [
+        *options,
+        "-DGGML_AMX_TILE=OFF",
+        "-DGGML_AMX_INT8=OFF",
+        "-DGGML_AMX_BF16=OFF",
+        "-DGGML_NATIVE=OFF",
+    ]
 
 
 def build(cache_dir: Path, version: str = VERSION) -> Path:
@@ -51,10 +64,21 @@ def build(cache_dir: Path, version: str = VERSION) -> Path:
     sdist = cache_dir / f"llama_cpp_python-{version}.tar.gz"
     if not sdist.exists():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
-             "--no-deps", f"llama-cpp-python=={version}", "-d", str(cache_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"llama-cpp-python=={version}",
+                "-d",
+                str(cache_dir),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     unpacked = cache_dir / f"llama_cpp_python-{version}"
     if not unpacked.exists():
         with tarfile.open(sdist) as archive:
@@ -62,15 +86,30 @@ def build(cache_dir: Path, version: str = VERSION) -> Path:
     source = unpacked / "vendor" / "llama.cpp"
     build_dir = binary.parent.parent
     subprocess.run(
-        ["cmake", "-S", str(source), "-B", str(build_dir), "-G", "Ninja",
-         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
-         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", *options],
+        [
+            "cmake",
+            "-S",
+            str(source),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",
+            "-DLLAMA_BUILD_UI=OFF",
+            "-DLLAMA_USE_PREBUILT_UI=OFF",
+            *options,
+        ],
         check=True,
-    )  # fmt: skip
+    )
     jobs = str(os.cpu_count() or 2)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs], check=True
+    )
     return binary
 
 

@@ -18,9 +18,16 @@ from __future__ import annotations
 
 from kubellm.runtime import LLM, SamplingParams
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
-           "1, 2, 3, 4,", "Water boils at", "The quick brown fox", "SELECT * FROM",
-           "In 1492, Columbus"]  # fmt: skip
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "Water boils at",
+    "The quick brown fox",
+    "SELECT * FROM",
+    "In 1492, Columbus",
+]
 TOKENS = 32
 
 
@@ -40,14 +47,16 @@ def main() -> None:
     print("| activations | top-1 agreement | largest logprob gap on the oracle's token |")
     print("|---|---|---|")
     for dtype in ("bfloat16", "auto"):
-        with LLM(quantization="gguf", dtype=dtype, kv_cache_memory_gib=0.5,
-                 max_num_batched_tokens=32) as packed:  # fmt: skip
+        with LLM(
+            quantization="gguf", dtype=dtype, kv_cache_memory_gib=0.5, max_num_batched_tokens=32
+        ) as packed:
             agree, total, gap = compare(prompts, expected, scored(packed, texts))
         print(f"| {dtype} | {agree}/{total} ({100 * agree / total:.1f}%) | {gap:.3f} |")
 
 
-def compare(prompts: list[list[int]], expected: list[list], got: list[list]
-            ) -> tuple[int, int, float]:  # fmt: skip
+def compare(
+    prompts: list[list[int]], expected: list[list], got: list[list]
+) -> tuple[int, int, float]:
     """(positions whose top token is the oracle's, positions, largest logprob gap)."""
     agree = total = 0
     gap = 0.0

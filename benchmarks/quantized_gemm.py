@@ -57,8 +57,9 @@ def main() -> None:
             print(f"| {inputs}x{outputs} | {rows} | {cells} |", flush=True)
 
 
-def timings(ours: QuantizedWeight, torchs: QuantizedWeight, dense: torch.Tensor,
-            rows: int) -> list[float]:  # fmt: skip
+def timings(
+    ours: QuantizedWeight, torchs: QuantizedWeight, dense: torch.Tensor, rows: int
+) -> list[float]:
     """fp32 dense, bf16 dense, the two kernels, rebuilt -> fp32 and -> bf16 products."""
     x = torch.randn(rows, dense.shape[1])
     xb, dense_bf16 = x.bfloat16(), dense.bfloat16()
@@ -72,11 +73,12 @@ def timings(ours: QuantizedWeight, torchs: QuantizedWeight, dense: torch.Tensor,
         microseconds(lambda: linear(x, dense)),
         microseconds(lambda: linear(xb, dense_bf16)),
         microseconds(lambda: cpu_qgemm(x, ours.codes, *ours.half_scales, bits, group)),
-        microseconds(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-            xb, packed, 32, scales_and_zeros)),
+        microseconds(
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, scales_and_zeros)
+        ),
         microseconds(rebuilt(torch.float32)),
         microseconds(rebuilt(torch.bfloat16)),
-    ]  # fmt: skip
+    ]
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def dense_checkpoint(directory: Path) -> Path:
 
     path = builtin_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                  dtype=torch.float32)  # fmt: skip
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     config = loaded.config  # a plain model: one loaded from GGUF won't save
     del config.quantization_config  # its {"quant_method": "gguf"}
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -52,8 +53,17 @@ def quantized_checkpoint(dense: Path, directory: Path, fmt: str, sym: bool) -> P
 
     model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(dense))
-    rounder = AutoRound(model, tokenizer=tokenizer, bits=4, group_size=GROUP, sym=sym,
-                        iters=0, dataset=CALIBRATION, nsamples=8, seqlen=64)  # fmt: skip
+    rounder = AutoRound(
+        model,
+        tokenizer=tokenizer,
+        bits=4,
+        group_size=GROUP,
+        sym=sym,
+        iters=0,
+        dataset=CALIBRATION,
+        nsamples=8,
+        seqlen=64,
+    )
     rounder.quantize_and_save(str(directory), format=fmt)
     return next(p.parent for p in directory.rglob("config.json"))
 

@@ -54,8 +54,9 @@ class Result:
     error: str | None = None
 
 
-def synthetic(count: int, seed: int, prompt_range: tuple[int, int],
-              output_range: tuple[int, int]) -> list[Request]:  # fmt: skip
+def synthetic(
+    count: int, seed: int, prompt_range: tuple[int, int], output_range: tuple[int, int]
+) -> list[Request]:
     rng = random.Random(seed)
     return [
         Request(
@@ -73,8 +74,14 @@ def from_jsonl(path: str, count: int, default_max_tokens: int) -> list[Request]:
     return [Request(r["prompt"], int(r.get("max_tokens", default_max_tokens))) for r in rows]
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, model: str, request: Request,
-                     ignore_eos: bool, result: Result) -> None:  # fmt: skip
+async def stream_one(
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    request: Request,
+    ignore_eos: bool,
+    result: Result,
+) -> None:
     """Fill `result` as the stream arrives (so a cancelled request keeps what it got)."""
     body = {
         "model": model,
@@ -115,9 +122,17 @@ def _has_token(choice: dict) -> bool:
     return bool(choice.get("text")) or (choice.get("finish_reason") is None)
 
 
-async def run(base_url: str, model: str, requests: list[Request], concurrency: int | None,
-              rate: float | None, max_seconds: float, ignore_eos: bool,
-              fresh_connections: bool, seed: int = 0) -> dict:  # fmt: skip
+async def run(
+    base_url: str,
+    model: str,
+    requests: list[Request],
+    concurrency: int | None,
+    rate: float | None,
+    max_seconds: float,
+    ignore_eos: bool,
+    fresh_connections: bool,
+    seed: int = 0,
+) -> dict:
     host = urlparse(base_url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"loopback only: {base_url}")
@@ -167,8 +182,9 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "mean": statistics.fmean(ordered)}
 
 
-def summarize(results: list[Result], elapsed: float, concurrency: int | None,
-              rate: float | None) -> dict:  # fmt: skip
+def summarize(
+    results: list[Result], elapsed: float, concurrency: int | None, rate: float | None
+) -> dict:
     completed = [r for r in results if r.completed]
     output_tokens = sum(r.output_tokens for r in results)
     return {
@@ -189,8 +205,10 @@ def summarize(results: list[Result], elapsed: float, concurrency: int | None,
 
 
 def format_table(rows: list[dict], label: str = "server") -> str:
-    header = (f"| {label} | conc. | done | err | out tok/s | req/s | TTFT p50 / p90 / p99 (s) "
-              f"| ITL p50 / p90 / p99 (ms) | E2E p50 (s) |")  # fmt: skip
+    header = (
+        f"| {label} | conc. | done | err | out tok/s | req/s | TTFT p50 / p90 / p99 (s) "
+        f"| ITL p50 / p90 / p99 (ms) | E2E p50 (s) |"
+    )
     lines = [header, "|" + "---|" * 9]
     for row in rows:
         t, i, e = row["ttft_s"], row["itl_s"], row["e2e_s"]
@@ -231,13 +249,23 @@ def main() -> None:
     if args.jsonl:
         requests = from_jsonl(args.jsonl, args.num_requests, args.output_tokens[1])
     else:
-        requests = synthetic(args.num_requests, args.seed, tuple(args.prompt_words),
-                             tuple(args.output_tokens))  # fmt: skip
+        requests = synthetic(
+            args.num_requests, args.seed, tuple(args.prompt_words), tuple(args.output_tokens)
+        )
     concurrency = None if args.request_rate else args.concurrency
     summary = asyncio.run(
-        run(args.base_url, args.model, requests, concurrency, args.request_rate,
-            args.max_seconds, not args.no_ignore_eos, args.fresh_connections, args.seed)
-    )  # fmt: skip
+        run(
+            args.base_url,
+            args.model,
+            requests,
+            concurrency,
+            args.request_rate,
+            args.max_seconds,
+            not args.no_ignore_eos,
+            args.fresh_connections,
+            args.seed,
+        )
+    )
     summary["server"] = args.base_url
     print(format_table([summary], "endpoint"))
     if args.json:

@@ -34,8 +34,10 @@ def main() -> None:
     print("| prefix caching | tokens computed | seconds | speed-up |")
     print("|---|---|---|---|")
     for caching, (seconds, computed) in rows.items():
-        print(f"| {'on' if caching else 'off'} | {computed} | {seconds:.2f} | "
-              f"{rows[False][0] / seconds:.2f}x |")  # fmt: skip
+        print(
+            f"| {'on' if caching else 'off'} | {computed} | {seconds:.2f} | "
+            f"{rows[False][0] / seconds:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,19 @@ MAX_MODEL_LEN = 512
 PHASES = (4, 16, 32, 8)  # concurrent clients, one phase after another
 REQUEST_DEADLINE = 120.0  # seconds; longer is a hung request
 MAX_REQUESTS = 20_000
-KINDS = ("plain", "stream", "chat", "n", "hangup", "hangup-prefill", "at-limit",
-         "over-limit", "bad-value", "bad-model", "bad-json")  # fmt: skip
+KINDS = (
+    "plain",
+    "stream",
+    "chat",
+    "n",
+    "hangup",
+    "hangup-prefill",
+    "at-limit",
+    "over-limit",
+    "bad-value",
+    "bad-model",
+    "bad-json",
+)
 
 
 def rss_mib(pid: int) -> float:
@@ -133,8 +144,9 @@ class Soak:
         if status == 200 and response.status_code == 200:
             json.loads(response.text)  # a whole JSON body
 
-    async def _stream(self, client, kind: str, url: str, body: dict,
-                      hang_up_after: int | None) -> None:  # fmt: skip
+    async def _stream(
+        self, client, kind: str, url: str, body: dict, hang_up_after: int | None
+    ) -> None:
         """Read a stream to its end, or hang up after `hang_up_after` chunks."""
         async with client.stream("POST", url, json=body) as response:
             self._note(kind, response.status_code, 200)
@@ -178,11 +190,27 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / "kubellm-soak-server.log"
     server = start(
-        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--model", args.model,
-         "--served-model-name", "soak", "--port", str(port), "--max-model-len",
-         str(MAX_MODEL_LEN), "--kv-cache-memory-gib", "0.05", "--log-level", "warning"],
-        port, log,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm.runtime.serve",
+            "--model",
+            args.model,
+            "--served-model-name",
+            "soak",
+            "--port",
+            str(port),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--kv-cache-memory-gib",
+            "0.05",
+            "--log-level",
+            "warning",
+        ],
+        port,
+        log,
+    )
     try:
         soak = Soak(url, "soak", args.seed)
         asyncio.run(soak.run(5))  # warm-up, not counted
@@ -206,15 +234,17 @@ def main() -> int:
     print("| outcome | count |\n|---|---|")
     for outcome, count in sorted(soak.outcomes.items()):
         print(f"| {outcome} | {count} |")
-    print(f"\n| check | value |\n|---|---|\n| unexpected statuses or error events | "
-          f"{len(soak.unexpected)} |\n| hung requests | {soak.hung} |\n"
-          f"| running after | {state.get('kubellm:num_requests_running')} |\n"
-          f"| waiting after | {state.get('kubellm:num_requests_waiting')} |\n"
-          f"| KV cache in use after | {100 * state.get('kubellm:kv_cache_usage_perc', -1):.1f}% |\n"
-          f"| preemptions | {state.get('kubellm:num_preemptions_total', 0):.0f} |\n"
-          f"| /health after | {health} |\n"
-          f"| server RSS | {rss_before:.0f} -> {rss_after:.0f} MiB "
-          f"({rss_after - rss_before:+.0f}) |")  # fmt: skip
+    print(
+        f"\n| check | value |\n|---|---|\n| unexpected statuses or error events | "
+        f"{len(soak.unexpected)} |\n| hung requests | {soak.hung} |\n"
+        f"| running after | {state.get('kubellm:num_requests_running')} |\n"
+        f"| waiting after | {state.get('kubellm:num_requests_waiting')} |\n"
+        f"| KV cache in use after | {100 * state.get('kubellm:kv_cache_usage_perc', -1):.1f}% |\n"
+        f"| preemptions | {state.get('kubellm:num_preemptions_total', 0):.0f} |\n"
+        f"| /health after | {health} |\n"
+        f"| server RSS | {rss_before:.0f} -> {rss_after:.0f} MiB "
+        f"({rss_after - rss_before:+.0f}) |"
+    )
     for line in soak.unexpected[:20]:
         print("unexpected:", line)
     clean = not soak.unexpected and not soak.hung and code == 0 and health == 200

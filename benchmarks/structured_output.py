@@ -27,18 +27,23 @@ SCHEMA = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "maxLength": 24},
-        "facts": {"type": "array", "minItems": 3, "maxItems": 6,
-                  "items": {"type": "string", "maxLength": 60}},
+        "facts": {
+            "type": "array",
+            "minItems": 3,
+            "maxItems": 6,
+            "items": {"type": "string", "maxLength": 60},
+        },
         "population": {"type": "integer", "minimum": 0, "maximum": 50_000_000},
     },
     "required": ["city", "facts", "population"],
     "additionalProperties": False,
-}  # fmt: skip
+}
 QUESTIONS = [f"Describe city number {i} of Europe as JSON, with some facts." for i in range(64)]
 
 
-async def run(url: str, clients: int, rounds: int, lengths: list[int] | None
-              ) -> tuple[list[int], float]:  # fmt: skip
+async def run(
+    url: str, clients: int, rounds: int, lengths: list[int] | None
+) -> tuple[list[int], float]:
     """Tokens of each reply and the seconds of `rounds` waves of `clients` concurrent
     streams: constrained by SCHEMA (`lengths` None), or unconstrained with exactly these
     reply lengths, so both sides decode the same number of tokens per stream."""
@@ -46,16 +51,27 @@ async def run(url: str, clients: int, rounds: int, lengths: list[int] | None
 
     async def one(index: int) -> int:
         if lengths is None:
-            extra = {"response_format": {"type": "json_schema", "json_schema": {
-                "name": "city", "schema": SCHEMA}}, "max_tokens": 300}  # fmt: skip
+            extra = {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "city", "schema": SCHEMA},
+                },
+                "max_tokens": 300,
+            }
         else:
-            extra = {"max_tokens": lengths[index],
-                     "extra_body": {"ignore_eos": True, "min_tokens": lengths[index]}}  # fmt: skip
+            extra = {
+                "max_tokens": lengths[index],
+                "extra_body": {"ignore_eos": True, "min_tokens": lengths[index]},
+            }
         stream = await client.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": QUESTIONS[index]}],
-            stream=True, temperature=0.7, seed=1, stream_options={"include_usage": True},
+            model="bench",
+            messages=[{"role": "user", "content": QUESTIONS[index]}],
+            stream=True,
+            temperature=0.7,
+            seed=1,
+            stream_options={"include_usage": True},
             **extra,
-        )  # fmt: skip
+        )
         tokens = 0
         async for chunk in stream:
             if chunk.usage is not None:
@@ -80,11 +96,25 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / "kubellm-structured-output-server.log"
     server = start(
-        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--served-model-name", "bench",
-         "--port", str(port), "--max-model-len", "2048", "--kv-cache-memory-gib", "1",
-         "--log-level", "warning"],
-        port, log,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm.runtime.serve",
+            "--served-model-name",
+            "bench",
+            "--port",
+            str(port),
+            "--max-model-len",
+            "2048",
+            "--kv-cache-memory-gib",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        port,
+        log,
+    )
     try:
         asyncio.run(run(url, 2, 1, None))  # warm-up (and the schema's compilation)
         lengths, seconds = asyncio.run(run(url, args.clients, args.rounds, None))
@@ -94,9 +124,11 @@ def main() -> None:
         server.terminate()
         server.wait(60)
     constrained, free = tokens / seconds, free_tokens / free_seconds
-    print(f"\n{args.clients} concurrent streams x {args.rounds} rounds, "
-          f"{tokens / len(lengths):.0f} tokens per reply on average (the same lengths on "
-          f"both sides)\n")  # fmt: skip
+    print(
+        f"\n{args.clients} concurrent streams x {args.rounds} rounds, "
+        f"{tokens / len(lengths):.0f} tokens per reply on average (the same lengths on "
+        f"both sides)\n"
+    )
     print("| streams | output tokens | seconds | tok/s |\n|---|---|---|---|")
     print(f"| json_schema | {tokens} | {seconds:.1f} | {constrained:.1f} |")
     print(f"| unconstrained | {free_tokens} | {free_seconds:.1f} | {free:.1f} |")

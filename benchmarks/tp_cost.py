@@ -108,8 +108,16 @@ def transfer_and_collectives(batches: list[int]) -> list[dict]:
         pipe_us, broadcast_us = _per_call(by_pipe), _per_call(by_broadcast)
         all_reduce_us = _per_call(lambda x=x: dist.all_reduce(x))
         gather_us = _per_call(lambda logits=logits, parts=parts: dist.gather(logits, parts, 0))
-        rows.append(dict(batch=batch, bytes=size, pipe=pipe_us, broadcast=broadcast_us,
-                         all_reduce=all_reduce_us, gather=gather_us))  # fmt: skip
+        rows.append(
+            dict(
+                batch=batch,
+                bytes=size,
+                pipe=pipe_us,
+                broadcast=broadcast_us,
+                all_reduce=all_reduce_us,
+                gather=gather_us,
+            )
+        )
     barrier_us = _per_call(dist.barrier)
     for row in rows:  # the barrier that ends each transfer is not the transfer's
         row["pipe"] -= barrier_us
@@ -124,8 +132,12 @@ def decode_step_ms(tensor_parallel_size: int, batch: int, steps: int) -> float:
     """Median wall time of one decode step of `batch` requests on SmolLM2."""
     from kubellm.runtime import LLM, SamplingParams
 
-    with LLM(tensor_parallel_size=tensor_parallel_size, max_num_seqs=batch,
-             max_model_len=1024, kv_cache_memory_gib=0.3) as llm:  # fmt: skip
+    with LLM(
+        tensor_parallel_size=tensor_parallel_size,
+        max_num_seqs=batch,
+        max_model_len=1024,
+        kv_cache_memory_gib=0.3,
+    ) as llm:
         engine = llm.engine
         params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
         for i in range(batch):
@@ -148,24 +160,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     rows = transfer_and_collectives(args.batches)
-    print(f"\nplan transfer to {WORLD - 1} workers and one collective, {WORLD} ranks (gloo), "
-          f"microseconds (medians of {REPEATS})\n")  # fmt: skip
-    print("| decode batch | plan bytes | pipes | gloo broadcast | all-reduce [batch, 576] "
-          "| gather of logits |")  # fmt: skip
+    print(
+        f"\nplan transfer to {WORLD - 1} workers and one collective, {WORLD} ranks (gloo), "
+        f"microseconds (medians of {REPEATS})\n"
+    )
+    print(
+        "| decode batch | plan bytes | pipes | gloo broadcast | all-reduce [batch, 576] "
+        "| gather of logits |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['bytes']} | {r['pipe']:.0f} | {r['broadcast']:.0f} | "
-              f"{r['all_reduce']:.0f} | {r['gather']:.0f} |")  # fmt: skip
-    print(f"\nSmolLM2 decode step, milliseconds ({2 * LAYERS + 1} all-reduces and 1 gather "
-          f"per step at TP {WORLD})\n")  # fmt: skip
+        print(
+            f"| {r['batch']} | {r['bytes']} | {r['pipe']:.0f} | {r['broadcast']:.0f} | "
+            f"{r['all_reduce']:.0f} | {r['gather']:.0f} |"
+        )
+    print(
+        f"\nSmolLM2 decode step, milliseconds ({2 * LAYERS + 1} all-reduces and 1 gather "
+        f"per step at TP {WORLD})\n"
+    )
     print(f"| decode batch | TP 1 | TP {WORLD} | collectives (estimated) | plan (pipes) |")
     print("|---|---|---|---|---|")
     for r in rows:
         single = decode_step_ms(1, r["batch"], args.steps)
         split = decode_step_ms(WORLD, r["batch"], args.steps)
         collectives = ((2 * LAYERS + 1) * r["all_reduce"] + r["gather"]) / 1e3
-        print(f"| {r['batch']} | {single:.1f} | {split:.1f} | {collectives:.1f} | "
-              f"{r['pipe'] / 1e3:.2f} |")  # fmt: skip
+        print(
+            f"| {r['batch']} | {single:.1f} | {split:.1f} | {collectives:.1f} | "
+            f"{r['pipe'] / 1e3:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,21 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name)
-                for name in ("cpu_qgemm.c", "cpu_ops.c", "cpu_layer.c"))  # fmt: skip
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_qgemm.c", "cpu_ops.c", "cpu_layer.c")
+)
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 CPU_FLAGS = frozenset({"avx2", "fma", "f16c"})
-COMPILE_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp",
-                 "-shared", "-fPIC")  # fmt: skip
+COMPILE_FLAGS = (
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-shared",
+    "-fPIC",
+)
 # Instruction-set levels beyond the base, best first: (name, the CPU flags it needs, the
 # compiler flags it adds). VNNI makes the quantized product's 8-bit dot products one
 # instruction each, and AVX-512 takes codes four blocks per pass (cpu_qgemm.c);
@@ -83,8 +92,12 @@ def compile_library(sources: Sequence[Path], out: Path, flags: Sequence[str]) ->
     """`sources` (the C files; the header beside them) compiled with `flags` into the
     library `out`."""
     compiler = os.environ.get("CC", "cc")
-    subprocess.run([compiler, *flags, *map(str, sources), "-o", str(out)],
-                   capture_output=True, text=True, check=True)  # fmt: skip
+    subprocess.run(
+        [compiler, *flags, *map(str, sources), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
 
 @functools.cache

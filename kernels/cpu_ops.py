@@ -37,17 +37,24 @@ def _function(name: str):
     return function
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) * weight, x + residual) for x [M, H]; the sum is written
     into `residual` (with none: RMSNorm(x) * weight, x)."""
     x = x.contiguous()
     out = torch.empty_like(x)
     rows, size = x.shape
     _function("kubellm_add_rms_norm")(
-        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-        rows, size, eps, out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        x.data_ptr(),
+        None if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        rows,
+        size,
+        eps,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out, x if residual is None else residual
 
 
@@ -56,8 +63,16 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     in place by cos and signed sin [tokens, 1, dim] (contiguous); returns x."""
     tokens, heads, dim = x.shape
     assert x.stride(1) == dim and x.stride(2) == 1 and cos.is_contiguous()
-    _function("kubellm_rotate")(x.data_ptr(), tokens, heads, dim, x.stride(0), cos.data_ptr(),
-                                sin.data_ptr(), torch.get_num_threads())  # fmt: skip
+    _function("kubellm_rotate")(
+        x.data_ptr(),
+        tokens,
+        heads,
+        dim,
+        x.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        torch.get_num_threads(),
+    )
     return x
 
 
@@ -66,8 +81,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     rows, width = x.shape
     out = x.new_empty(rows, width // 2)
-    _function("kubellm_silu_and_mul")(x.data_ptr(), rows, width // 2, out.data_ptr(),
-                                      torch.get_num_threads())  # fmt: skip
+    _function("kubellm_silu_and_mul")(
+        x.data_ptr(), rows, width // 2, out.data_ptr(), torch.get_num_threads()
+    )
     return out
 
 
@@ -75,8 +91,9 @@ def _rows_of_heads(t: torch.Tensor) -> None:
     assert t.stride(-1) == 1 and t.stride(-2) == t.shape[-1], "heads must be contiguous"
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slots: torch.Tensor) -> None:  # fmt: skip
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """key, value [tokens, kv_heads, dim] into kv_cache [2, blocks, block_size, kv_heads,
     dim] (fp32 or fp16: `half_cache`) at their int64 slots (block * block_size + offset;
     -1: skipped)."""
@@ -84,10 +101,17 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
     assert kv_cache.is_contiguous() and slots.dtype == torch.int64
     _, blocks, block_size, kv_heads, dim = kv_cache.shape
     _function("kubellm_write_kv")(
-        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), slots.data_ptr(),
-        key.shape[0], kv_heads * dim, kv_cache.data_ptr(), blocks * block_size,
+        key.data_ptr(),
+        key.stride(0),
+        value.data_ptr(),
+        value.stride(0),
+        slots.data_ptr(),
+        key.shape[0],
+        kv_heads * dim,
+        kv_cache.data_ptr(),
+        blocks * block_size,
         half_cache(kv_cache),
-    )  # fmt: skip
+    )
 
 
 def half_cache(kv_cache: torch.Tensor) -> bool:
@@ -101,9 +125,15 @@ def attends(head_dim: int) -> bool:
     return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM
 
 
-def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor,
-                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> None:  # fmt: skip
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
     """One-token attention: for each request r, query row rows[r] ([tokens, heads, dim],
     heads contiguous) over its seq_lens[r] positions in the blocks block_tables[r] of
     kv_cache, into the same row of out ([tokens, heads, dim], contiguous). rows,
@@ -114,10 +144,23 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Te
     assert attends(dim) and out.is_contiguous() and kv_cache.is_contiguous()
     assert block_tables.stride(1) == 1 and rows.is_contiguous() and seq_lens.is_contiguous()
     status = _function("kubellm_decode_attention")(
-        query.data_ptr(), query.stride(0), heads, kv_cache.data_ptr(), blocks, block_size,
-        kv_heads, dim, half_cache(kv_cache), rows.data_ptr(),
-        seq_lens.data_ptr(), block_tables.data_ptr(), block_tables.stride(0), len(rows), scale,
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+        query.data_ptr(),
+        query.stride(0),
+        heads,
+        kv_cache.data_ptr(),
+        blocks,
+        block_size,
+        kv_heads,
+        dim,
+        half_cache(kv_cache),
+        rows.data_ptr(),
+        seq_lens.data_ptr(),
+        block_tables.data_ptr(),
+        block_tables.stride(0),
+        len(rows),
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     if status:
         raise MemoryError("decode_attention: no memory for the attention scores")

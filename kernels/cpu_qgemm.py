@@ -18,8 +18,19 @@ BLOCK = 32  # inputs per activation scale; K and the group size must be multiple
 def _function():
     function = library().kubellm_qgemm
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    function.argtypes = [pointer, i64, i64, pointer, ctypes.c_int, pointer, pointer, i64, i64,
-                         pointer, ctypes.c_int]  # fmt: skip
+    function.argtypes = [
+        pointer,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_int,
+        pointer,
+        pointer,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_int,
+    ]
     function.restype = ctypes.c_int
     return function
 
@@ -28,14 +39,30 @@ def _function():
 def _dequantize():
     function = library().kubellm_dequantize
     i64, pointer = ctypes.c_int64, ctypes.c_void_p
-    function.argtypes = [pointer, ctypes.c_int, pointer, pointer, i64, i64, i64, pointer,
-                         ctypes.c_int, ctypes.c_int]  # fmt: skip
+    function.argtypes = [
+        pointer,
+        ctypes.c_int,
+        pointer,
+        pointer,
+        i64,
+        i64,
+        i64,
+        pointer,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
     function.restype = None
     return function
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int,
-               group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The weight [N, K] of cpu_qgemm's operands in fp32 (`GroupQuantized.dequantize`'s
     values, bit for bit) or bf16 (those values rounded as `.to(torch.bfloat16)` rounds
     them, without the fp32 matrix in between)."""
@@ -44,15 +71,29 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
     rows = codes.shape[0]
     inputs = codes.shape[1] * 8 // bits
     out = torch.empty(rows, inputs, dtype=dtype)
-    _dequantize()(codes.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(), rows, inputs,
-                  group_size, out.data_ptr(), dtype == torch.bfloat16,
-                  torch.get_num_threads())  # fmt: skip
+    _dequantize()(
+        codes.data_ptr(),
+        bits,
+        scales.data_ptr(),
+        offsets.data_ptr(),
+        rows,
+        inputs,
+        group_size,
+        out.data_ptr(),
+        dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )
     return out
 
 
-def cpu_qgemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-              offsets: torch.Tensor | None, bits: int,
-              group_size: int) -> torch.Tensor:  # fmt: skip
+def cpu_qgemm(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
     """x [M, K] (fp32) @ W.T -> fp32 [M, N], W [N, K] = q * s + o per group: codes uint8
     [N, K/2] (4-bit, the even k in the low nibble) or int8 [N, K]; scales and offsets
     fp16 [N, K / group_size], offsets None for none (zero offsets' result, faster). Each
@@ -62,10 +103,18 @@ def cpu_qgemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     outputs = codes.shape[0]
     out = torch.empty(rows, outputs)
     status = _function()(
-        x.data_ptr(), rows, inputs, codes.data_ptr(), bits, scales.data_ptr(),
-        None if offsets is None else offsets.data_ptr(), outputs, group_size, out.data_ptr(),
+        x.data_ptr(),
+        rows,
+        inputs,
+        codes.data_ptr(),
+        bits,
+        scales.data_ptr(),
+        None if offsets is None else offsets.data_ptr(),
+        outputs,
+        group_size,
+        out.data_ptr(),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
     if status:
         raise MemoryError(f"cpu_qgemm: no memory for the int8 copy of x {list(x.shape)}")
     return out

@@ -30,10 +30,19 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 @triton.jit
 def _write_kv_kernel(
-    key, value, k_cache, v_cache, slots,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    key,
+    value,
+    k_cache,
+    v_cache,
+    slots,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     token = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slots + token).to(tl.int64)
@@ -56,20 +65,41 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert key.stride(2) == 1 and value.stride(2) == 1
     _write_kv_kernel[(tokens, num_kv_heads)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
-    )  # fmt: skip
+    )
 
 
 @triton.jit
 def _attend_blocks(
-    q_ptr, row_pos, row_ok,
-    k_cache, v_cache, table_row, first_block, last_block, seq_len, scale,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, kv_head, NATIVE_DOT: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    row_pos,
+    row_ok,
+    k_cache,
+    v_cache,
+    table_row,
+    first_block,
+    last_block,
+    seq_len,
+    scale,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    kv_head,
+    NATIVE_DOT: tl.constexpr,
+):
     """Load the query rows at `q_ptr` [M, D] and run their online softmax over the KV
     blocks [first_block, last_block); returns the unnormalized (acc, max, sum).
 
@@ -115,12 +145,28 @@ def _attend_blocks(
 
 @triton.jit
 def _paged_attention_kernel(
-    query, out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, NATIVE_DOT: tl.constexpr,
-):  # fmt: skip
+    query,
+    out,
+    k_cache,
+    v_cache,
+    block_tables,
+    query_start_loc,
+    seq_lens,
+    scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2)
@@ -141,10 +187,24 @@ def _paged_attention_kernel(
     last_pos = tl.minimum(seq_len - q_len + (tile + 1) * TILE_Q, seq_len)  # causal horizon
     last_block = tl.cdiv(last_pos, BLOCK_SIZE)
     acc, _, l_i = _attend_blocks(
-        q_ptr, row_pos, row_ok, k_cache, v_cache,
-        block_tables + request * stride_bt, 0, last_block, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head, NATIVE_DOT,
-    )  # fmt: skip
+        q_ptr,
+        row_pos,
+        row_ok,
+        k_cache,
+        v_cache,
+        block_tables + request * stride_bt,
+        0,
+        last_block,
+        seq_len,
+        scale,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_SIZE,
+        BLOCK_M,
+        kv_head,
+        NATIVE_DOT,
+    )
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = out + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
@@ -159,48 +219,92 @@ def _rows(tile_q: int, group: int) -> int:
     return max(16, triton.next_power_of_2(tile_q * group))
 
 
-def attention_constants(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                        max_query_len: int, native_dot: bool) -> dict[str, int | bool]:  # fmt: skip
+def attention_constants(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    max_query_len: int,
+    native_dot: bool,
+) -> dict[str, int | bool]:
     """The compile-time constants `paged_attention` launches its kernel with."""
     group = num_heads // num_kv_heads
     tile_q = max(1, min(triton.next_power_of_2(max_query_len), max(1, 64 // group)))
     return dict(
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, TILE_Q=tile_q,
-        BLOCK_M=_rows(tile_q, group), NATIVE_DOT=native_dot,
-    )  # fmt: skip
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=block_size,
+        TILE_Q=tile_q,
+        BLOCK_M=_rows(tile_q, group),
+        NATIVE_DOT=native_dot,
+    )
 
 
 def paged_attention(
-    query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale: float,
-    max_query_len: int, out=None,
-) -> torch.Tensor:  # fmt: skip
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    query_start_loc,
+    seq_lens,
+    scale: float,
+    max_query_len: int,
+    out=None,
+) -> torch.Tensor:
     """query [tokens, heads, dim] -> [tokens, heads, dim]; see `reference.py`."""
     tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
     if tokens == 0:
         return out
-    constants = attention_constants(num_heads, num_kv_heads, head_dim, block_size,
-                                    max_query_len, _native_dot(k_cache))  # fmt: skip
+    constants = attention_constants(
+        num_heads, num_kv_heads, head_dim, block_size, max_query_len, _native_dot(k_cache)
+    )
     grid = (len(seq_lens), num_kv_heads, triton.cdiv(max_query_len, constants["TILE_Q"]))
     _paged_attention_kernel[grid](
-        query, out, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        query,
+        out,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
         **constants,
-    )  # fmt: skip
+    )
     return out
 
 
 @triton.jit
 def _decode_split_kernel(
-    query, k_cache, v_cache, block_tables, seq_lens, scale,
-    part_acc, part_m, part_l,
-    stride_qt, stride_qh, stride_bt,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NATIVE_DOT: tl.constexpr,
-):  # fmt: skip
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale,
+    part_acc,
+    part_m,
+    part_l,
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -218,10 +322,24 @@ def _decode_split_kernel(
     q_ptr = query + request * stride_qt + head[:, None] * stride_qh + d[None, :]
     row_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + seq_len - 1  # a decode sees everything
     acc, m_i, l_i = _attend_blocks(
-        q_ptr, row_pos, row_ok, k_cache, v_cache,
-        block_tables + request * stride_bt, first, last, seq_len, scale,
-        NUM_KV_HEADS, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, kv_head, NATIVE_DOT,
-    )  # fmt: skip
+        q_ptr,
+        row_pos,
+        row_ok,
+        k_cache,
+        v_cache,
+        block_tables + request * stride_bt,
+        first,
+        last,
+        seq_len,
+        scale,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_SIZE,
+        BLOCK_M,
+        kv_head,
+        NATIVE_DOT,
+    )
     base = (request * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split
     tl.store(part_m + base * BLOCK_M + r, m_i)
     tl.store(part_l + base * BLOCK_M + r, l_i)
@@ -230,10 +348,19 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    out, part_acc, part_m, part_l, stride_ot, stride_oh,
-    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
+    out,
+    part_acc,
+    part_m,
+    part_l,
+    stride_ot,
+    stride_oh,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     r = tl.arange(0, BLOCK_M)
@@ -257,20 +384,32 @@ def _decode_merge_kernel(
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=ok)
 
 
-def merge_constants(num_heads: int, num_kv_heads: int, head_dim: int,
-                    num_splits: int) -> dict[str, int]:  # fmt: skip
+def merge_constants(
+    num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int
+) -> dict[str, int]:
     """The compile-time constants of `paged_decode`'s merge kernel; its split kernel
     takes these and BLOCK_SIZE and NATIVE_DOT."""
     group = num_heads // num_kv_heads
-    return dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
-                BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=_rows(1, group),
-                NUM_SPLITS=num_splits)  # fmt: skip
+    return dict(
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=_rows(1, group),
+        NUM_SPLITS=num_splits,
+    )
 
 
 def paged_decode(
-    query, k_cache, v_cache, block_tables, seq_lens, scale: float, num_splits: int,
+    query,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale: float,
+    num_splits: int,
     out=None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Decode only (one query token per request, query [requests, heads, dim]), with
     each request's context cut into `num_splits` equal segments attended in parallel."""
     requests, num_heads, head_dim = query.shape
@@ -284,10 +423,22 @@ def paged_decode(
     part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_acc = torch.empty((*shape, merge["BLOCK_D"]), dtype=torch.float32, device=query.device)
     _decode_split_kernel[(requests, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, scale, part_acc, part_m, part_l,
-        query.stride(0), query.stride(1), block_tables.stride(0),
-        BLOCK_SIZE=block_size, NATIVE_DOT=_native_dot(k_cache), **merge,
-    )  # fmt: skip
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        scale,
+        part_acc,
+        part_m,
+        part_l,
+        query.stride(0),
+        query.stride(1),
+        block_tables.stride(0),
+        BLOCK_SIZE=block_size,
+        NATIVE_DOT=_native_dot(k_cache),
+        **merge,
+    )
     _decode_merge_kernel[(requests, num_kv_heads)](
         out, part_acc, part_m, part_l, out.stride(0), out.stride(1), **merge
     )

@@ -55,8 +55,13 @@ def paged_attention_reference(
     return out
 
 
-def w4a16_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                    offsets: torch.Tensor, group_size: int) -> torch.Tensor:  # fmt: skip
+def w4a16_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] = q * s + o per group of `group_size` inputs; q: codes
     uint8 [N, K/2], the even k in the low nibble."""
     q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1).float()
@@ -65,8 +70,14 @@ def w4a16_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return (x.float() @ weight.T).to(x.dtype)
 
 
-def cpu_qgemm_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                        offsets: torch.Tensor, bits: int, group: int) -> torch.Tensor:  # fmt: skip
+def cpu_qgemm_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    bits: int,
+    group: int,
+) -> torch.Tensor:
     """What cpu_qgemm computes: each row of x rounded to int8 per block of 32 inputs
     (scale max|x| / 127, ties to even) times q * s, plus o times x's exact group sums;
     in fp32. codes as for w4a16_reference (4-bit) or int8 [N, K]; fp16 scales, offsets."""

@@ -19,11 +19,24 @@ import triton.language as tl
 
 @triton.jit
 def _w4a16_kernel(
-    x, codes, scales, offsets, partial, M, N, K, SPLIT_K,
-    stride_xm, stride_cn, stride_sn,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, NATIVE_DOT: tl.constexpr,
-):  # fmt: skip
+    x,
+    codes,
+    scales,
+    offsets,
+    partial,
+    M,
+    N,
+    K,
+    SPLIT_K,
+    stride_xm,
+    stride_cn,
+    stride_sn,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -34,8 +47,11 @@ def _w4a16_kernel(
         k0 = tile * BLOCK_K
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None], other=0.0)
-        packed = tl.load(codes + cols[:, None] * stride_cn + (k0 // 2 + half)[None, :],
-                         mask=col_ok[:, None], other=0)  # fmt: skip
+        packed = tl.load(
+            codes + cols[:, None] * stride_cn + (k0 // 2 + half)[None, :],
+            mask=col_ok[:, None],
+            other=0,
+        )
         q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
         group = k0 // GROUP
         s = tl.load(scales + cols * stride_sn + group, mask=col_ok, other=0.0)
@@ -52,9 +68,12 @@ def _w4a16_kernel(
 def w4a16_constants(rows: int, group_size: int, native_dot: bool) -> dict[str, int | bool]:
     """The compile-time constants `w4a16` launches its kernel with."""
     return dict(
-        GROUP=group_size, BLOCK_M=16 if rows <= 16 else 64, BLOCK_N=64,
-        BLOCK_K=min(group_size, 64), NATIVE_DOT=native_dot,
-    )  # fmt: skip
+        GROUP=group_size,
+        BLOCK_M=16 if rows <= 16 else 64,
+        BLOCK_N=64,
+        BLOCK_K=min(group_size, 64),
+        NATIVE_DOT=native_dot,
+    )
 
 
 def split_k(rows: int, columns: int, inputs: int, block_k: int, sms: int) -> int:
@@ -64,8 +83,14 @@ def split_k(rows: int, columns: int, inputs: int, block_k: int, sms: int) -> int
     return max(1, min(inputs // block_k, (2 * sms) // tiles))
 
 
-def w4a16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-          group_size: int, splits: int | None = None) -> torch.Tensor:  # fmt: skip
+def w4a16(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    group_size: int,
+    splits: int | None = None,
+) -> torch.Tensor:
     """x [M, K] @ W.T for W = q * s + o [N, K] -> [M, N] in x's dtype."""
     rows, inputs = x.shape
     columns = codes.shape[0]
@@ -80,7 +105,18 @@ def w4a16(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: t
     partial = torch.empty(splits, rows, columns, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows, constants["BLOCK_M"]), triton.cdiv(columns, 64), splits)
     _w4a16_kernel[grid](
-        x, codes, scales, offsets, partial, rows, columns, inputs, splits,
-        x.stride(0), codes.stride(0), scales.stride(0), **constants,
-    )  # fmt: skip
+        x,
+        codes,
+        scales,
+        offsets,
+        partial,
+        rows,
+        columns,
+        inputs,
+        splits,
+        x.stride(0),
+        codes.stride(0),
+        scales.stride(0),
+        **constants,
+    )
     return partial.sum(0).to(x.dtype)

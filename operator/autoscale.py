@@ -25,9 +25,12 @@ class Bounds:
 
     @classmethod
     def from_spec(cls, autoscaling: dict[str, Any]) -> Bounds:
-        return cls(autoscaling["minReplicas"], autoscaling["maxReplicas"],
-                   float(autoscaling["targetRequests"]),
-                   float(autoscaling["scaleDownDelaySeconds"]))  # fmt: skip
+        return cls(
+            autoscaling["minReplicas"],
+            autoscaling["maxReplicas"],
+            float(autoscaling["targetRequests"]),
+            float(autoscaling["scaleDownDelaySeconds"]),
+        )
 
 
 # (time, recommendation) pairs, each higher than every later one: the sliding maximum of
@@ -53,8 +56,9 @@ def clamp(bounds: Bounds, replicas: int) -> int:
     return min(bounds.max_replicas, max(bounds.min_replicas, replicas))
 
 
-def decide(bounds: Bounds, current: int, load: float | None, held: int, window: Window | None,
-           now: float) -> Decision:  # fmt: skip
+def decide(
+    bounds: Bounds, current: int, load: float | None, held: int, window: Window | None, now: float
+) -> Decision:
     """`current`: the replicas the resource asks for now; `load`: in-flight plus waiting
     requests over its routers and replicas (None: a source did not answer); `held`:
     requests its routers hold for want of a ready replica; `window`: the last decision's

@@ -52,8 +52,9 @@ class Autoscaler:
     """Evaluates the resources it follows; `refresh(cr)` reconciles one whose status
     must say why the autoscaler stands aside."""
 
-    def __init__(self, kube: Kube, interval: float,
-                 refresh: Callable[[dict[str, Any]], Awaitable[None]]) -> None:  # fmt: skip
+    def __init__(
+        self, kube: Kube, interval: float, refresh: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
         self.kube, self.interval, self.refresh = kube, interval, refresh
         self.followed: set[Key] = set()
         self.task: asyncio.Task | None = None
@@ -109,12 +110,19 @@ async def start(kube: Kube, cr: dict[str, Any], now: float) -> dict[str, Any]:
     if replicas != spec["replicas"]:
         path = object_path(KIND, meta["namespace"], meta["name"], "scale")
         await kube.merge_patch(path, {"spec": {"replicas": replicas}})
-    saved = {"heldRequests": 0, "desiredReplicas": replicas, "reason": "Started",
-             "window": window_to_status(((now, replicas),))}  # fmt: skip
+    saved = {
+        "heldRequests": 0,
+        "desiredReplicas": replicas,
+        "reason": "Started",
+        "window": window_to_status(((now, replicas),)),
+    }
     path = object_path(KIND, meta["namespace"], meta["name"], "status")
     await kube.merge_patch(path, {"status": {"autoscaling": saved}})
-    return {**cr, "spec": {**cr["spec"], "replicas": replicas},
-            "status": {**(cr.get("status") or {}), "autoscaling": saved}}  # fmt: skip
+    return {
+        **cr,
+        "spec": {**cr["spec"], "replicas": replicas},
+        "status": {**(cr.get("status") or {}), "autoscaling": saved},
+    }
 
 
 def _reported(cr: dict[str, Any]) -> set[str]:
@@ -126,8 +134,9 @@ def _reported(cr: dict[str, Any]) -> set[str]:
     return {m for m in degraded.get("message", "").split("; ") if CONFLICT_WORDS in m}
 
 
-async def evaluate(kube: Kube, session: aiohttp.ClientSession, cr: dict[str, Any],
-                   now: float) -> Decision:  # fmt: skip
+async def evaluate(
+    kube: Kube, session: aiohttp.ClientSession, cr: dict[str, Any], now: float
+) -> Decision:
     """One evaluation of one resource; the decision it acted on."""
     meta, spec = cr["metadata"], with_defaults(cr["spec"])
     saved = (cr.get("status") or {}).get("autoscaling") or {}
@@ -135,8 +144,9 @@ async def evaluate(kube: Kube, session: aiohttp.ClientSession, cr: dict[str, Any
     current = owned if owned is not None else spec["replicas"]
     load = await read_load(kube, session, meta["namespace"], meta["name"], spec)
     window = window_from_status(saved.get("window"))
-    decision = decide(Bounds.from_spec(spec["autoscaling"]), current, load.requests, load.held,
-                      window, now)  # fmt: skip
+    decision = decide(
+        Bounds.from_spec(spec["autoscaling"]), current, load.requests, load.held, window, now
+    )
     scaled = spec["replicas"] != decision.desired
     if scaled:
         path = object_path(KIND, meta["namespace"], meta["name"], "scale")
@@ -149,10 +159,13 @@ async def evaluate(kube: Kube, session: aiohttp.ClientSession, cr: dict[str, Any
     return decision
 
 
-def _status(saved: dict[str, Any], decision: Decision, load: Load,
-            scaled: bool) -> dict[str, Any]:  # fmt: skip
-    status = {"heldRequests": load.held, "desiredReplicas": decision.desired,
-              "reason": decision.reason, "window": window_to_status(decision.window)}  # fmt: skip
+def _status(saved: dict[str, Any], decision: Decision, load: Load, scaled: bool) -> dict[str, Any]:
+    status = {
+        "heldRequests": load.held,
+        "desiredReplicas": decision.desired,
+        "reason": decision.reason,
+        "window": window_to_status(decision.window),
+    }
     if load.requests is not None:
         status["load"] = load.requests
     last = timestamp() if scaled else saved.get("lastScaleTime")
@@ -166,15 +179,29 @@ def _nulled(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {**{k: None for k in before if k not in after}, **after}
 
 
-def _announce(cr: dict[str, Any], written: int, current: int, decision: Decision, load: Load,
-              autoscaling: dict[str, Any]) -> None:  # fmt: skip
+def _announce(
+    cr: dict[str, Any],
+    written: int,
+    current: int,
+    decision: Decision,
+    load: Load,
+    autoscaling: dict[str, Any],
+) -> None:
     if written != current:
-        kopf.event(cr, type="Warning", reason="ReplicasOverwritten", message=(
-            f"spec.replicas was set to {written} outside the autoscaler, which owns it while "
-            f"spec.autoscaling is set: set back to {decision.desired}; change "
-            "autoscaling.minReplicas or maxReplicas instead"))  # fmt: skip
+        kopf.event(
+            cr,
+            type="Warning",
+            reason="ReplicasOverwritten",
+            message=(
+                f"spec.replicas was set to {written} outside the autoscaler, which owns it while "
+                f"spec.autoscaling is set: set back to {decision.desired}; change "
+                "autoscaling.minReplicas or maxReplicas instead"
+            ),
+        )
         return
     seen = "unknown" if load.requests is None else f"{load.requests} requests"
-    message = (f"{current} -> {decision.desired} replicas: load {seen} ({load.held} held), "
-               f"target {autoscaling['targetRequests']} per replica")  # fmt: skip
+    message = (
+        f"{current} -> {decision.desired} replicas: load {seen} ({load.held} held), "
+        f"target {autoscaling['targetRequests']} per replica"
+    )
     kopf.event(cr, type="Normal", reason=decision.reason, message=message)

@@ -157,8 +157,9 @@ async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None
     await refresh_status(memo.kube, cr, spec, problems)
 
 
-async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger,
-                    skip: set[str]) -> None:  # fmt: skip
+async def _converge(
+    memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger, skip: set[str]
+) -> None:
     """`skip`: partial problems' reasons; an InferencePool is left out while its API is."""
     children = build_children(cr, memo.image, memo.router_image)
     for obj in children.desired:
@@ -178,8 +179,9 @@ async def _converge(memo: kopf.Memo, cr: dict[str, Any], logger: kopf.Logger,
             logger.info("%s %s deleted", kind, name)
 
 
-def _cache_not_resized(cr: dict[str, Any], claim: dict[str, Any], exc: KubeError,
-                       logger: Any) -> None:  # fmt: skip
+def _cache_not_resized(
+    cr: dict[str, Any], claim: dict[str, Any], exc: KubeError, logger: Any
+) -> None:
     """The API server refused to grow the cache claim (its StorageClass does not allow
     volume expansion): the model still serves from the claim as it is, so say so and go on."""
     size = claim["spec"]["resources"]["requests"]["storage"]

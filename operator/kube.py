@@ -124,8 +124,9 @@ class Kube:
         session = await self._connect()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         query = {**params, "watch": "true"}
-        async with session.get(self.server + path, params=query, headers=self._auth,
-                               timeout=timeout) as response:  # fmt: skip
+        async with session.get(
+            self.server + path, params=query, headers=self._auth, timeout=timeout
+        ) as response:
             if response.status == 401:
                 self._log_in_again()  # the caller's next watch sends the new token
             if response.status >= 400:

@@ -24,8 +24,10 @@ from kubellm.router.discovery import SERVICE_NAME_LABEL, ready_urls
 from kubellm.router.replicas import parse_gauges
 
 ROUTER_GAUGES = {"kubellm:router_queue_length": "held", "kubellm:router_in_flight": "sent"}
-REPLICA_GAUGES = {"kubellm:num_requests_waiting": "waiting",
-                  "kubellm:num_requests_running": "running"}  # fmt: skip
+REPLICA_GAUGES = {
+    "kubellm:num_requests_waiting": "waiting",
+    "kubellm:num_requests_running": "running",
+}
 SCRAPE_SECONDS = 3.0
 
 
@@ -35,8 +37,9 @@ class Load:
     held: int  # requests the routers hold for want of a ready replica
 
 
-async def read_load(kube: Kube, session: aiohttp.ClientSession, namespace: str, name: str,
-                    spec: dict[str, Any]) -> Load:  # fmt: skip
+async def read_load(
+    kube: Kube, session: aiohttp.ClientSession, namespace: str, name: str, spec: dict[str, Any]
+) -> Load:
     """With a router, its pods sit behind `<name>` and the replicas behind
     `<name>-replicas`; without one, the replicas behind `<name>`."""
     replicas_service = replicas_service_name(name) if routed(spec) else name
@@ -62,8 +65,9 @@ async def pod_urls(kube: Kube, namespace: str, service: str) -> list[str]:
     return sorted({url for item in (listed or {}).get("items", []) for url in ready_urls(item)})
 
 
-async def _scrape(session: aiohttp.ClientSession, url: str,
-                  gauges: dict[str, str]) -> dict[str, float] | None:  # fmt: skip
+async def _scrape(
+    session: aiohttp.ClientSession, url: str, gauges: dict[str, str]
+) -> dict[str, float] | None:
     try:
         timeout = aiohttp.ClientTimeout(total=SCRAPE_SECONDS)
         async with session.get(f"{url}/metrics", timeout=timeout) as response:

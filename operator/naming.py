@@ -81,8 +81,9 @@ def owner_reference(cr: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_metadata(cr: dict[str, Any], name: str | None = None,
-                   child_labels: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def child_metadata(
+    cr: dict[str, Any], name: str | None = None, child_labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta = cr["metadata"]
     return {
         "name": name or meta["name"],

@@ -13,8 +13,15 @@ from typing import Any
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.source import ModelSource
 
-CLUSTER_REASONS = frozenset({"SecretNotFound", "SecretKeyNotFound", "ClaimNotFound",
-                             "InferencePoolAPIMissing", "AutoscalerConflict"})  # fmt: skip
+CLUSTER_REASONS = frozenset(
+    {
+        "SecretNotFound",
+        "SecretKeyNotFound",
+        "ClaimNotFound",
+        "InferencePoolAPIMissing",
+        "AutoscalerConflict",
+    }
+)
 # Problems with one optional part only (a child, the autoscaler): the rest converges.
 AUTOSCALING_REASONS = frozenset({"InvalidAutoscaling", "AutoscalerConflict"})
 PARTIAL_REASONS = frozenset({"InferencePoolAPIMissing"}) | AUTOSCALING_REASONS
@@ -39,18 +46,22 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
     tensor_parallel = spec["engine"]["tensorParallelSize"]
     problems = []
     if tensor_parallel > max(gpus, 1) or (gpus == 0 and tensor_parallel > 1):
-        problems.append(Problem(
-            "TooFewGPUs",
-            f"engine.tensorParallelSize is {tensor_parallel} but resources.gpus is {gpus}: "
-            f"each rank needs a GPU of its own; set resources.gpus to {tensor_parallel} "
-            f"or lower engine.tensorParallelSize",
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                "TooFewGPUs",
+                f"engine.tensorParallelSize is {tensor_parallel} but resources.gpus is {gpus}: "
+                f"each rank needs a GPU of its own; set resources.gpus to {tensor_parallel} "
+                f"or lower engine.tensorParallelSize",
+            )
+        )
     elif gpus > tensor_parallel:
-        problems.append(Problem(
-            "GPUsUnused",
-            f"resources.gpus is {gpus} but engine.tensorParallelSize is {tensor_parallel}: "
-            f"{gpus - tensor_parallel} GPU(s) per pod would sit idle",
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                "GPUsUnused",
+                f"resources.gpus is {gpus} but engine.tensorParallelSize is {tensor_parallel}: "
+                f"{gpus - tensor_parallel} GPU(s) per pod would sit idle",
+            )
+        )
     return problems + autoscaling_problems(spec)
 
 
@@ -64,20 +75,25 @@ def autoscaling_problems(spec: dict[str, Any]) -> list[Problem]:
     if most < 1:
         messages.append(f"autoscaling.maxReplicas is {most}: set it to 1 or more")
     if least < 0 or least > most:
-        messages.append(f"autoscaling.minReplicas is {least} and maxReplicas {most}: set "
-                        "minReplicas between 0 and maxReplicas")  # fmt: skip
+        messages.append(
+            f"autoscaling.minReplicas is {least} and maxReplicas {most}: set "
+            "minReplicas between 0 and maxReplicas"
+        )
     if autoscaling.get("targetRequests", 1) < 1:
         messages.append("autoscaling.targetRequests must be 1 or more (requests per replica)")
     if least == 0 and spec["routing"]["policy"] == "none":
-        messages.append("autoscaling.minReplicas 0 needs a router to hold requests while no "
-                        "replica runs: set routing.policy to prefix (or another policy), or "
-                        "minReplicas to 1 or more")  # fmt: skip
+        messages.append(
+            "autoscaling.minReplicas 0 needs a router to hold requests while no "
+            "replica runs: set routing.policy to prefix (or another policy), or "
+            "minReplicas to 1 or more"
+        )
     message = "; ".join(messages) + "; the autoscaler leaves spec.replicas alone meanwhile"
     return [Problem("InvalidAutoscaling", message)] if messages else []
 
 
-async def cluster_problems(kube: Kube, namespace: str, name: str,
-                           spec: dict[str, Any]) -> list[Problem]:  # fmt: skip
+async def cluster_problems(
+    kube: Kube, namespace: str, name: str, spec: dict[str, Any]
+) -> list[Problem]:
     """What only the cluster can tell: referenced Secrets, keys and claims that are
     missing, an API that is, another autoscaler."""
     problems = []
@@ -93,26 +109,32 @@ async def cluster_problems(kube: Kube, namespace: str, name: str,
             problems.append(Problem("SecretNotFound", f"{field}: Secret {ref['name']!r} not found"))
         elif ref["key"] not in {**secret.get("data", {}), **secret.get("stringData", {})}:
             problems.append(
-                Problem("SecretKeyNotFound",
-                        f"{field}: Secret {ref['name']!r} has no key {ref['key']!r}")
-            )  # fmt: skip
+                Problem(
+                    "SecretKeyNotFound",
+                    f"{field}: Secret {ref['name']!r} has no key {ref['key']!r}",
+                )
+            )
     source = ModelSource.parse(spec["model"]["source"])
     if source.claim is not None:
         claim = await kube.get(object_path("PersistentVolumeClaim", namespace, source.claim))
         if claim is None:
-            problems.append(Problem(
-                "ClaimNotFound",
-                f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
-            ))  # fmt: skip
+            problems.append(
+                Problem(
+                    "ClaimNotFound",
+                    f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
+                )
+            )
     if spec["routing"]["inferencePool"] and await _no_pool_api(kube, namespace):
-        problems.append(Problem(
-            "InferencePoolAPIMissing",
-            "spec.routing.inferencePool is true but the cluster has no InferencePool API "
-            "(inference.networking.k8s.io/v1): install the Gateway API Inference Extension's "
-            "CRDs (kubectl apply -f https://github.com/kubernetes-sigs/gateway-api-inference-"
-            "extension/releases/latest/download/manifests.yaml) or set it to false; the rest "
-            "of the deployment is served meanwhile",
-        ))  # fmt: skip
+        problems.append(
+            Problem(
+                "InferencePoolAPIMissing",
+                "spec.routing.inferencePool is true but the cluster has no InferencePool API "
+                "(inference.networking.k8s.io/v1): install the Gateway API Inference Extension's "
+                "CRDs (kubectl apply -f https://github.com/kubernetes-sigs/gateway-api-inference-"
+                "extension/releases/latest/download/manifests.yaml) or set it to false; the rest "
+                "of the deployment is served meanwhile",
+            )
+        )
     if spec.get("autoscaling") is not None:
         problems.extend(await autoscaler_conflicts(kube, namespace, name))
     return problems
@@ -128,12 +150,15 @@ async def autoscaler_conflicts(kube: Kube, namespace: str, name: str) -> list[Pr
         if (hpa.get("spec") or {}).get("scaleTargetRef", {}).get("kind") == "LLMDeployment"
         and hpa["spec"]["scaleTargetRef"].get("name") == name
     ]
-    return [Problem(
-        "AutoscalerConflict",
-        f"HorizontalPodAutoscaler {n!r} {CONFLICT_WORDS}, which sets spec.autoscaling: "
-        f"delete the HPA (kubectl delete hpa {n} -n {namespace}) or remove "
-        "spec.autoscaling (until then the operator's autoscaler leaves spec.replicas alone)",
-    ) for n in names]  # fmt: skip
+    return [
+        Problem(
+            "AutoscalerConflict",
+            f"HorizontalPodAutoscaler {n!r} {CONFLICT_WORDS}, which sets spec.autoscaling: "
+            f"delete the HPA (kubectl delete hpa {n} -n {namespace}) or remove "
+            "spec.autoscaling (until then the operator's autoscaler leaves spec.replicas alone)",
+        )
+        for n in names
+    ]
 
 
 async def _no_pool_api(kube: Kube, namespace: str) -> bool:
@@ -146,8 +171,9 @@ def blocking(problems: list[Problem]) -> list[Problem]:
     return [p for p in problems if p.reason not in PARTIAL_REASONS]
 
 
-async def find_problems(kube: Kube, namespace: str, name: str,
-                        spec: dict[str, Any]) -> list[Problem]:  # fmt: skip
+async def find_problems(
+    kube: Kube, namespace: str, name: str, spec: dict[str, Any]
+) -> list[Problem]:
     """The spec's own problems, and unless they block (cluster checks cost API calls)
     the cluster's."""
     problems = static_problems(spec)

@@ -68,24 +68,35 @@ def compute_status(
 
 def _router_status(spec: dict[str, Any], router: dict[str, Any] | None) -> dict[str, Any]:
     observed = (router or {}).get("status", {})
-    return {"policy": spec["routing"]["policy"], "replicas": observed.get("replicas", 0),
-            "readyReplicas": observed.get("readyReplicas", 0)}  # fmt: skip
+    return {
+        "policy": spec["routing"]["policy"],
+        "replicas": observed.get("replicas", 0),
+        "readyReplicas": observed.get("readyReplicas", 0),
+    }
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str) -> Condition:
-    return {"type": kind, "status": "True" if ok else "False", "reason": reason,
-            "message": message}  # fmt: skip
+    return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message}
 
 
-def _ready(desired: int, ready: int, spec: dict[str, Any], problems: list[Problem],
-           router: dict[str, Any] | None) -> Condition:  # fmt: skip
+def _ready(
+    desired: int,
+    ready: int,
+    spec: dict[str, Any],
+    problems: list[Problem],
+    router: dict[str, Any] | None,
+) -> Condition:
     """Ready: the endpoint answers. When routed, that also needs a ready router pod. At
     zero replicas it answers only when a router holds requests while the autoscaler
     starts a replica."""
     if desired == 0:
         if spec.get("autoscaling") is not None and router and router["readyReplicas"] > 0:
-            return _condition("Ready", True, "ScaledToZero", "no replica runs while idle; "
-                              "the router holds a request while one starts")  # fmt: skip
+            return _condition(
+                "Ready",
+                True,
+                "ScaledToZero",
+                "no replica runs while idle; the router holds a request while one starts",
+            )
         return _condition("Ready", False, "ScaledToZero", "spec.replicas is 0")
     counted = f"{ready}/{desired} replicas ready"
     if router is not None and router["readyReplicas"] == 0:
@@ -136,9 +147,11 @@ def _degraded(problems: list[Problem], observed: dict[str, Any]) -> Condition:
         failing = condition.get("type") == "ReplicaFailure" and condition.get("status") == "True"
         if stuck or failing:
             return _condition(
-                "Degraded", True, condition.get("reason", "ReplicaFailure"),
+                "Degraded",
+                True,
+                condition.get("reason", "ReplicaFailure"),
                 condition.get("message", ""),
-            )  # fmt: skip
+            )
     return _condition("Degraded", False, "AsExpected", "no problems found")
 
 

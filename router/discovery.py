@@ -61,8 +61,7 @@ class EndpointSliceWatch:
         self.service, self.namespace = service_and_namespace(target)
         self.replicas = replicas
         self.slices: dict[str, list[str]] = {}  # EndpointSlice name -> ready URLs
-        self.path = (f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}"
-                     "/endpointslices")  # fmt: skip
+        self.path = f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
         self.selector = f"{SERVICE_NAME_LABEL}={self.service}"
 
     async def run(self) -> None:
@@ -77,8 +76,7 @@ class EndpointSliceWatch:
                 try:
                     await self._list_and_watch(kube)
                 except (KubeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    logger.warning("watching EndpointSlices: %s; again in %g s",
-                                   exc, RETRY_SECONDS)  # fmt: skip
+                    logger.warning("watching EndpointSlices: %s; again in %g s", exc, RETRY_SECONDS)
                     await asyncio.sleep(RETRY_SECONDS)
         finally:
             await kube.close()
@@ -89,8 +87,11 @@ class EndpointSliceWatch:
         for item in (listed or {}).get("items", []):
             self._apply("ADDED", item)
         self._publish()
-        params = {"labelSelector": self.selector, "allowWatchBookmarks": "true",
-                  "timeoutSeconds": str(WATCH_SECONDS)}  # fmt: skip
+        params = {
+            "labelSelector": self.selector,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
         version = ((listed or {}).get("metadata") or {}).get("resourceVersion")
         if version:
             params["resourceVersion"] = version

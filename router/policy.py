@@ -56,8 +56,13 @@ def load_bound(loads: dict[str, float], factor: float = LOAD_FACTOR) -> float:
     return max(MIN_LOAD_BOUND, math.ceil(factor * (sum(loads.values()) + 1) / len(loads)))
 
 
-def choose(policy: str, key: bytes | None, loads: dict[str, float], turn: int = 0,
-           load_factor: float = LOAD_FACTOR) -> Decision:  # fmt: skip
+def choose(
+    policy: str,
+    key: bytes | None,
+    loads: dict[str, float],
+    turn: int = 0,
+    load_factor: float = LOAD_FACTOR,
+) -> Decision:
     """The replica for a request. `loads`: every ready replica's load (in-flight and
     queued requests); `key`: the request's prefix key (None: none); `turn`: the
     router's request counter, for round-robin; `load_factor`: the bound, in means."""

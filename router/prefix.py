@@ -31,8 +31,11 @@ def prefix_key(path: str, body: Any, chars: int = PREFIX_CHARS) -> bytes | None:
         return None
     model = str(body.get("model", ""))
     if path.endswith("/chat/completions") and isinstance(body.get("messages"), list):
-        text = "".join(f"{m.get('role')}\n{_text(m.get('content'))}\n"
-                       for m in body["messages"] if isinstance(m, dict))  # fmt: skip
+        text = "".join(
+            f"{m.get('role')}\n{_text(m.get('content'))}\n"
+            for m in body["messages"]
+            if isinstance(m, dict)
+        )
         return f"{model}\n{text[:chars]}".encode()
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):

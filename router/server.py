@@ -26,8 +26,18 @@ from kubellm.router.policy import LOAD_FACTOR, choose
 from kubellm.router.prefix import PREFIX_CHARS, prefix_key
 from kubellm.router.replicas import ReplicaSet
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-              "proxy-authorization", "proxy-authenticate", "host", "content-length"}  # fmt: skip
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "host",
+    "content-length",
+}
 MAX_BODY_BYTES = 32 * 2**20
 RETRY_AFTER_SECONDS = 5
 
@@ -56,35 +66,57 @@ class RouterMetrics:
         lines = []
 
         def family(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.extend([f"# HELP kubellm:router_{name} {help_}",
-                          f"# TYPE kubellm:router_{name} {kind}"])  # fmt: skip
+            lines.extend(
+                [f"# HELP kubellm:router_{name} {help_}", f"# TYPE kubellm:router_{name} {kind}"]
+            )
             lines.extend(f"kubellm:router_{name}{labels} {value}" for labels, value in samples)
 
         def by(label: str, counts: Counter) -> list[tuple[str, float]]:
             return [(f'{{{label}="{key}"}}', value) for key, value in sorted(counts.items())]
 
-        family("requests_total", "counter", "Requests sent to each replica",
-               by("replica", self.requests))  # fmt: skip
-        family("decisions_total", "counter", "Routing decisions by reason",
-               by("reason", self.decisions))  # fmt: skip
-        family("upstream_errors_total", "counter", "Refused, reset or 503 answers by replica",
-               by("replica", self.upstream_errors))  # fmt: skip
-        family("retries_total", "counter", "Requests sent again to another replica",
-               [("", self.retries)])  # fmt: skip
-        family("rejected_total", "counter", "Requests refused with a 503 while none was ready",
-               by("reason", self.rejected))  # fmt: skip
-        family("queue_length", "gauge", "Requests waiting for a ready replica",
-               [("", self.queued)])  # fmt: skip
+        family(
+            "requests_total",
+            "counter",
+            "Requests sent to each replica",
+            by("replica", self.requests),
+        )
+        family(
+            "decisions_total",
+            "counter",
+            "Routing decisions by reason",
+            by("reason", self.decisions),
+        )
+        family(
+            "upstream_errors_total",
+            "counter",
+            "Refused, reset or 503 answers by replica",
+            by("replica", self.upstream_errors),
+        )
+        family(
+            "retries_total",
+            "counter",
+            "Requests sent again to another replica",
+            [("", self.retries)],
+        )
+        family(
+            "rejected_total",
+            "counter",
+            "Requests refused with a 503 while none was ready",
+            by("reason", self.rejected),
+        )
+        family("queue_length", "gauge", "Requests waiting for a ready replica", [("", self.queued)])
         in_flight = Counter({url: r.in_flight for url, r in replicas.replicas.items()})
-        family("in_flight", "gauge", "This router's requests on each replica",
-               by("replica", in_flight))  # fmt: skip
+        family(
+            "in_flight", "gauge", "This router's requests on each replica", by("replica", in_flight)
+        )
         ready = Counter({url: int(r.ready) for url, r in replicas.replicas.items()})
         family("replica_ready", "gauge", "1 when the replica is ready", by("replica", ready))
         return "\n".join(lines) + "\n"
 
 
-def openai_error(status: int, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:  # fmt: skip
+def openai_error(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status, headers=headers)
@@ -97,8 +129,12 @@ class NoReplica(Exception):
 
 
 class Router:
-    def __init__(self, replicas: ReplicaSet, settings: RouterSettings,
-                 discovery: EndpointSliceWatch | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        settings: RouterSettings,
+        discovery: EndpointSliceWatch | None = None,
+    ) -> None:
         self.replicas, self.settings, self.discovery = replicas, settings, discovery
         self.metrics = RouterMetrics()
         self.turn = 0
@@ -112,8 +148,10 @@ class Router:
         if untried or loads:
             return self._decide(key, untried or loads)
         if self.metrics.queued >= self.settings.max_queue:
-            raise NoReplica("queue-full", f"no replica is ready and {self.metrics.queued} "
-                                          "requests already wait for one")  # fmt: skip
+            raise NoReplica(
+                "queue-full",
+                f"no replica is ready and {self.metrics.queued} requests already wait for one",
+            )
         self.metrics.queued += 1
         try:
             async with asyncio.timeout(self.settings.queue_timeout):
@@ -121,8 +159,9 @@ class Router:
                     while not (loads := self.replicas.loads()):
                         await self.replicas.changed.wait()
         except TimeoutError:
-            raise NoReplica("queue-timeout", f"no replica became ready within "
-                            f"{self.settings.queue_timeout:g} s") from None  # fmt: skip
+            raise NoReplica(
+                "queue-timeout", f"no replica became ready within {self.settings.queue_timeout:g} s"
+            ) from None
         finally:
             self.metrics.queued -= 1
         return self._decide(key, loads)
@@ -149,8 +188,9 @@ class Router:
                 url = await self.pick(key, tried)
             except NoReplica as exc:
                 self.metrics.rejected[exc.reason] += 1
-                return openai_error(503, str(exc),
-                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})  # fmt: skip
+                return openai_error(
+                    503, str(exc), headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+                )
             tried.add(url)
             if attempt:
                 self.metrics.retries += 1
@@ -159,16 +199,18 @@ class Router:
                 return response
         return openai_error(502, f"every replica tried failed: {', '.join(sorted(tried))}")
 
-    async def _try(self, request: web.Request, url: str, body: bytes,
-                   headers: dict[str, str]) -> web.StreamResponse | None:  # fmt: skip
+    async def _try(
+        self, request: web.Request, url: str, body: bytes, headers: dict[str, str]
+    ) -> web.StreamResponse | None:
         """The replica's answer streamed to the client, or None (nothing sent yet) when
         the replica refused, reset or answered 503: the caller tries another."""
         replica = self.replicas.replicas[url]
         replica.in_flight += 1
         self.metrics.requests[url] += 1
         try:
-            async with self.session.request(request.method, url + request.path_qs, data=body,
-                                            headers=headers) as upstream:  # fmt: skip
+            async with self.session.request(
+                request.method, url + request.path_qs, data=body, headers=headers
+            ) as upstream:
                 if upstream.status == 503:
                     raise aiohttp.ClientResponseError(upstream.request_info, (), status=503)
                 self.replicas.succeeded(url)
@@ -180,8 +222,9 @@ class Router:
         finally:
             replica.in_flight -= 1
 
-    async def _relay(self, request: web.Request,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:  # fmt: skip
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
@@ -191,8 +234,14 @@ class Router:
                 await response.write(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if streaming:  # bytes already reached the client: end the stream, loudly
-                error = {"error": {"message": f"the replica's stream broke: {exc!r}",
-                                   "type": "server_error", "param": None, "code": 502}}  # fmt: skip
+                error = {
+                    "error": {
+                        "message": f"the replica's stream broke: {exc!r}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": 502,
+                    }
+                }
                 await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
         await response.write_eof()
         return response
@@ -206,12 +255,14 @@ def build_app(router: Router) -> web.Application:
         return web.json_response({"status": "ok", "ready_replicas": ready})
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=router.metrics.render(router.replicas),
-                            content_type="text/plain", charset="utf-8")  # fmt: skip
+        return web.Response(
+            text=router.metrics.render(router.replicas), content_type="text/plain", charset="utf-8"
+        )
 
     async def lifecycle(app: web.Application):
-        router.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=5))  # fmt: skip
+        router.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5)
+        )
         tasks = [asyncio.create_task(router.replicas.poll_forever(router.session))]
         if router.discovery is not None:
             tasks.append(asyncio.create_task(router.discovery.run()))

@@ -132,9 +132,12 @@ class AsyncEngine:
         return self.engine.compile_grammar(spec)
 
     def submit(
-        self, request_id: str, prompts: Sequence[list[int]], params: SamplingParams,
+        self,
+        request_id: str,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
         grammar=None,
-    ) -> RequestStream:  # fmt: skip
+    ) -> RequestStream:
         """Queue every prompt (token ids, as `request_id-k`), all or none: bad input raises
         ValueError and queues nothing; a dead engine raises EngineDeadError. Call from
         the event loop."""

@@ -108,45 +108,65 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 class EngineConfig:
     """The engine's knobs, named after vLLM's where they mean the same."""
 
-    model: str = setting(BUILTIN_MODEL, "the built-in model, a .gguf file, an HF directory "
-                         "or a hub id (org/name)")  # fmt: skip
+    model: str = setting(
+        BUILTIN_MODEL, "the built-in model, a .gguf file, an HF directory or a hub id (org/name)"
+    )
     revision: str | None = setting(None, "hub revision (branch, tag or commit) of the model")
-    download_dir: str | None = setting(None, "where hub models are downloaded (default: "
-                                       "the Hugging Face cache under HF_HOME)")  # fmt: skip
+    download_dir: str | None = setting(
+        None, "where hub models are downloaded (default: the Hugging Face cache under HF_HOME)"
+    )
     max_model_len: int | None = setting(None, "context length (default: the model's own)")
     block_size: int = setting(16, "tokens per KV-cache block")
-    num_kv_blocks: int | None = setting(None, "KV-cache blocks per rank (default: from "
-                                        "memory, see the next two)")  # fmt: skip
+    num_kv_blocks: int | None = setting(
+        None, "KV-cache blocks per rank (default: from memory, see the next two)"
+    )
     kv_cache_memory_gib: float = setting(2.0, "on CPU, GiB of KV cache per rank")
-    gpu_memory_utilization: float = setting(0.9, "on CUDA, the share of each GPU's memory "
-                                            "for weights, activations and KV cache")  # fmt: skip
-    tensor_parallel_size: int = setting(1, "ranks one model is split over (GPUs on CUDA, "
-                                        "processes on CPU)")  # fmt: skip
-    pipeline_parallel_size: int = setting(1, "only 1: kubellm runs a model within one pod "
-                                          "(use tensor parallelism over its GPUs)")  # fmt: skip
+    gpu_memory_utilization: float = setting(
+        0.9, "on CUDA, the share of each GPU's memory for weights, activations and KV cache"
+    )
+    tensor_parallel_size: int = setting(
+        1, "ranks one model is split over (GPUs on CUDA, processes on CPU)"
+    )
+    pipeline_parallel_size: int = setting(
+        1, "only 1: kubellm runs a model within one pod (use tensor parallelism over its GPUs)"
+    )
     max_num_seqs: int = setting(256, "most requests in one batch")
-    max_num_batched_tokens: int = setting(2048, "token budget of one step (prefill chunks "
-                                          "and decodes together)")  # fmt: skip
+    max_num_batched_tokens: int = setting(
+        2048, "token budget of one step (prefill chunks and decodes together)"
+    )
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of shared prompt prefixes")
-    swap_space: float = setting(0, "only 0: preempted requests are recomputed (mostly from "
-                                "the prefix cache), never swapped to host memory")  # fmt: skip
-    dtype: str = setting("auto", "weights and activations; auto: bfloat16 on GPUs that have "
-                         "it, else float32", ("auto", *DTYPES))  # fmt: skip
-    quantization: str | None = setting(None, "default: the checkpoint's own, its 4-bit "
-                                       "weights kept packed ($KUBELLM_QUANTIZATION "
-                                       "overrides); none: dequantized at load",
-                                       ("none", *QUANTIZATION_METHODS))  # fmt: skip
-    device: str = setting("auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)",
-                          ("auto", *DEVICES))  # fmt: skip
-    attention_backend: str = setting("auto", "auto: triton on CUDA, cpu (kubellm's C "
-                                     "kernels) for float32 on CPUs with AVX2, else torch",
-                                     ("auto", *ATTENTION_BACKENDS))  # fmt: skip
-    enforce_eager: bool = setting(False, "on CUDA, run decode steps eagerly instead of "
-                                  "replaying CUDA graphs")  # fmt: skip
-    tokenizer_mode: str = setting("auto", "only auto: the checkpoint's fast tokenizer",
-                                  ("auto",))  # fmt: skip
-    trust_remote_code: bool = setting(False, "accepted for vLLM's command lines: kubellm "
-                                      "never runs a checkpoint's own code")  # fmt: skip
+    swap_space: float = setting(
+        0,
+        "only 0: preempted requests are recomputed (mostly from "
+        "the prefix cache), never swapped to host memory",
+    )
+    dtype: str = setting(
+        "auto",
+        "weights and activations; auto: bfloat16 on GPUs that have it, else float32",
+        ("auto", *DTYPES),
+    )
+    quantization: str | None = setting(
+        None,
+        "default: the checkpoint's own, its 4-bit "
+        "weights kept packed ($KUBELLM_QUANTIZATION "
+        "overrides); none: dequantized at load",
+        ("none", *QUANTIZATION_METHODS),
+    )
+    device: str = setting(
+        "auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)", ("auto", *DEVICES)
+    )
+    attention_backend: str = setting(
+        "auto",
+        "auto: triton on CUDA, cpu (kubellm's C kernels) for float32 on CPUs with AVX2, else torch",
+        ("auto", *ATTENTION_BACKENDS),
+    )
+    enforce_eager: bool = setting(
+        False, "on CUDA, run decode steps eagerly instead of replaying CUDA graphs"
+    )
+    tokenizer_mode: str = setting("auto", "only auto: the checkpoint's fast tokenizer", ("auto",))
+    trust_remote_code: bool = setting(
+        False, "accepted for vLLM's command lines: kubellm never runs a checkpoint's own code"
+    )
     seed: int = setting(0, "seed of the unseeded requests' sampling")
 
     def __post_init__(self) -> None:

@@ -61,9 +61,11 @@ class DecodeGraphs:
         max_blocks = -(-max_seq_len // block_size)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int64, device=device)
         self.hidden = torch.zeros(
-            largest, model.config.hidden_size, dtype=model.embed_tokens.weight.dtype,
+            largest,
+            model.config.hidden_size,
+            dtype=model.embed_tokens.weight.dtype,
             device=device,
-        )  # fmt: skip
+        )
         query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.metadata = {
             size: AttentionMetadata(
@@ -108,9 +110,11 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info(
             "captured %d CUDA graphs for decode batches of 1 to %d in %.1f s (%.0f MiB)",
-            len(self.graphs), self.sizes[-1], time.perf_counter() - started,
+            len(self.graphs),
+            self.sizes[-1],
+            time.perf_counter() - started,
             (torch.cuda.memory_allocated() - before) / 2**20,
-        )  # fmt: skip
+        )
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

@@ -64,25 +64,38 @@ SINGLE_RANK = TensorParallel()  # no tensor parallelism: every collective is a n
 
 def open_store(world_size: int) -> dist.TCPStore:
     """Rank 0's rendezvous on a port the kernel picks."""
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
 
 
-def join_group(rank: int, world_size: int, port: int, device: torch.device,
-               store: dist.TCPStore | None = None, ready_key: str | None = None,
-               ) -> TensorParallel:  # fmt: skip
+def join_group(
+    rank: int,
+    world_size: int,
+    port: int,
+    device: torch.device,
+    store: dist.TCPStore | None = None,
+    ready_key: str | None = None,
+) -> TensorParallel:
     """Join the group. Workers connect to rank 0's store on `port` and first set
     `ready_key` in it, so rank 0 knows they are alive before it waits in the rendezvous."""
     if store is None:
-        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False,
-                              timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+        store = dist.TCPStore(
+            "127.0.0.1", port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT
+        )
     if ready_key is not None:
         store.set(ready_key, "1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
     return TensorParallel(rank, world_size)
 
 

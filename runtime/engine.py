@@ -46,8 +46,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self.config = config
-        source = resolve(config.model, config.revision, config.download_dir,
-                     config.quantization)  # fmt: skip
+        source = resolve(config.model, config.revision, config.download_dir, config.quantization)
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
         placement = resolve_placement(config, source.stays_quantized)
@@ -67,8 +66,9 @@ class LLMEngine:
         self.eos_token_ids = frozenset(source.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         )
-        self.grammars = GrammarCompiler(self.tokenizer, source.config.vocab_size,
-                                        sorted(self.eos_token_ids))  # fmt: skip
+        self.grammars = GrammarCompiler(
+            self.tokenizer, source.config.vocab_size, sorted(self.eos_token_ids)
+        )
         self.sampler = Sampler(config.seed, self.grammars)
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, int]] = {}
@@ -76,10 +76,15 @@ class LLMEngine:
         logger.info(
             "loaded %s in %.1f s on %s (%s, tensor parallel %d); KV cache: %d blocks x %d "
             "tokens = %d tokens",
-            config.model, self.load_seconds, placement.device,
-            str(placement.dtype).removeprefix("torch."), config.tensor_parallel_size,
-            num_blocks, config.block_size, num_blocks * config.block_size,
-        )  # fmt: skip
+            config.model,
+            self.load_seconds,
+            placement.device,
+            str(placement.dtype).removeprefix("torch."),
+            config.tensor_parallel_size,
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+        )
 
     @staticmethod
     def _start_workers(config: EngineConfig, placement) -> WorkerGroup | None:
@@ -113,8 +118,9 @@ class LLMEngine:
         it cannot be compiled). Slow for a new schema: callers run it off the step thread."""
         return self.grammars.compile(spec)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    grammar=None) -> None:  # fmt: skip
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar=None
+    ) -> None:
         """Queue a prompt (text or token ids) for `params.n` sequences. Bad input raises
         ValueError and changes nothing. `grammar`: `params.structured_output` compiled
         (compiled here when not given)."""
@@ -239,11 +245,17 @@ class LLMEngine:
             request.finish("abort")
             group, index = self._sequences[request.request_id]
             return StepDelta(
-                request_id=group.request_id, index=index, new_token_ids=[], new_text="",
-                new_logprobs=[], finish_reason="abort", stop_reason=None,
+                request_id=group.request_id,
+                index=index,
+                new_token_ids=[],
+                new_text="",
+                new_logprobs=[],
+                finish_reason="abort",
+                stop_reason=None,
                 num_prompt_tokens=len(request.prompt_token_ids),
-                queue_seconds=request.queue_seconds, error=f"{type(exc).__name__}: {exc}",
-            )  # fmt: skip
+                queue_seconds=request.queue_seconds,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def _execute(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every rank runs the plan; rank 0 gets the logits."""
@@ -261,8 +273,9 @@ class LLMEngine:
                 continue
             request = item.request
             targets = [request.prompt_token_ids[p + 1] for p in positions]
-            scored = score_tokens(prompt_logits[row : row + len(targets)], targets,
-                                  request.params.prompt_logprobs)  # fmt: skip
+            scored = score_tokens(
+                prompt_logits[row : row + len(targets)], targets, request.params.prompt_logprobs
+            )
             request.prompt_logprobs[positions.start + 1 : positions.stop + 1] = scored
             row += len(targets)
 

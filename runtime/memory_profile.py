@@ -26,8 +26,9 @@ if TYPE_CHECKING:
     from kubellm.runtime.model_runner import ModelRunner
 
 
-def profile_batch(num_tokens: int, num_seqs: int, block_size: int
-                  ) -> tuple[StepPlan, list[Request], int]:  # fmt: skip
+def profile_batch(
+    num_tokens: int, num_seqs: int, block_size: int
+) -> tuple[StepPlan, list[Request], int]:
     """The largest step: `num_tokens` prompt tokens over min(num_seqs, num_tokens) requests
     that each sample; its plan, its requests and the blocks a throwaway cache needs."""
     count = min(num_seqs, num_tokens)

@@ -50,9 +50,16 @@ class ModelRunner:
         self.dtype, self.kv_dtype = placement.dtype, placement.kv_dtype
         kernel = self._quantized_kernel(placement, source)
         layouts = source.layouts(packed_vocabulary=kernel == "qgemm")
-        self.model = build_model(source.config, max_model_len, placement.attention_backend,
-                                 self.device, self.dtype, tp, layouts,
-                                 layer_ops(placement.fused_cpu_ops))  # fmt: skip
+        self.model = build_model(
+            source.config,
+            max_model_len,
+            placement.attention_backend,
+            self.device,
+            self.dtype,
+            tp,
+            layouts,
+            layer_ops(placement.fused_cpu_ops),
+        )
         load_weights(self.model, source.tensors())
         for module in self.model.modules():
             if isinstance(module, QuantizedWeight):
@@ -60,8 +67,9 @@ class ModelRunner:
         if placement.fused_cpu_ops:
             for layer in self.model.layers:
                 layer.fuse()
-        logger.info("rank %d weights: %.0f MiB resident", tp.rank,
-                    resident_bytes(self.model) / 2**20)  # fmt: skip
+        logger.info(
+            "rank %d weights: %.0f MiB resident", tp.rank, resident_bytes(self.model) / 2**20
+        )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)
@@ -82,8 +90,9 @@ class ModelRunner:
         attention = self.model.layers[0].self_attn
         shape = (2, num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
         # Zeros, not empty: masked-out slots are still multiplied by zero weights.
-        return [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-                for _ in self.model.layers]  # fmt: skip
+        return [
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in self.model.layers
+        ]
 
     def kv_block_bytes(self) -> int:
         """Bytes one block of `allocate_kv`'s caches takes on this rank, over all layers."""
@@ -106,9 +115,15 @@ class ModelRunner:
         logger.info(
             "rank %d KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
             "%.1f GiB of activations at %d tokens over %d sequences)",
-            self.tp.rank, budget / 2**30, 100 * self.config.gpu_memory_utilization,
-            total / 2**30, used / 2**30, activations / 2**30, tokens, self.config.max_num_seqs,
-        )  # fmt: skip
+            self.tp.rank,
+            budget / 2**30,
+            100 * self.config.gpu_memory_utilization,
+            total / 2**30,
+            used / 2**30,
+            activations / 2**30,
+            tokens,
+            self.config.max_num_seqs,
+        )
         if budget <= 0:
             raise ValueError(
                 "no GPU memory is left for the KV cache: raise gpu_memory_utilization "
@@ -118,13 +133,18 @@ class ModelRunner:
 
     def _capture_decode_graphs(self) -> None:
         if not self.model.attention_backend.supports_cuda_graphs:
-            logger.info("no CUDA graphs: the %s attention backend cannot be captured",
-                        type(self.model.attention_backend).__name__)  # fmt: skip
+            logger.info(
+                "no CUDA graphs: the %s attention backend cannot be captured",
+                type(self.model.attention_backend).__name__,
+            )
             return
         graphs = DecodeGraphs(
-            self.model, self.kv_caches, graph_batch_sizes(self.config.max_num_seqs),
-            self.max_model_len, self.block_size,
-        )  # fmt: skip
+            self.model,
+            self.kv_caches,
+            graph_batch_sizes(self.config.max_num_seqs),
+            self.max_model_len,
+            self.block_size,
+        )
         graphs.capture()
         self.decode_graphs = graphs
 
@@ -171,14 +191,21 @@ class ModelRunner:
         return torch.from_numpy(values).to(self.device)
 
 
-def build_model(cfg: ModelConfig, max_positions: int, attention_backend: str,
-                device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE_RANK,
-                layouts: WeightLayouts = all_dense,
-                ops: LayerOps = TorchOps) -> LlamaForCausalLM:  # fmt: skip
+def build_model(
+    cfg: ModelConfig,
+    max_positions: int,
+    attention_backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TensorParallel = SINGLE_RANK,
+    layouts: WeightLayouts = all_dense,
+    ops: LayerOps = TorchOps,
+) -> LlamaForCausalLM:
     """This rank's shard of the model with uninitialized weights (the loader fills them)."""
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions, get_backend(attention_backend), tp,
-                                 layouts, ops)  # fmt: skip
+        model = LlamaForCausalLM(
+            cfg, max_positions, get_backend(attention_backend), tp, layouts, ops
+        )
     model = model.to_empty(device=device).to(dtype).eval()
     model.tie_weights()
     model.rope.to(torch.float32).reset()

@@ -53,8 +53,10 @@ def resolve_placement(config: EngineConfig, stays_quantized: bool = False) -> Pl
     kv_dtype = dtype
     if backend == "cpu" and quantized:  # fp32 that auto chose: half the bytes attention reads
         kv_dtype = torch.float16
-        logger.info("KV cache: float16 (the cpu attention backend with dtype auto; "
-                    "--dtype float32 keeps it float32)")  # fmt: skip
+        logger.info(
+            "KV cache: float16 (the cpu attention backend with dtype auto; "
+            "--dtype float32 keeps it float32)"
+        )
     return Placement(device, dtype, backend, dense, quantized, fused, kv_dtype)
 
 
@@ -124,8 +126,10 @@ def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False
         )
         if fast and stays_quantized and cpu_library.unavailable() is None:
             fast = False  # measured on an AMD Zen 5 and an Intel Xeon with AMX: BENCHMARKS.md
-            why = (f"quantized weights on a CPU with {', '.join(found)}: kubellm's int8 C "
-                   "kernels with fp32 activations decode faster than bf16")  # fmt: skip
+            why = (
+                f"quantized weights on a CPU with {', '.join(found)}: kubellm's int8 C "
+                "kernels with fp32 activations decode faster than bf16"
+            )
     chosen = torch.bfloat16 if fast else torch.float32
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen

@@ -172,8 +172,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
-    app = build_app(None, args.served_model_name or args.model, args.api_key,
-                    args.tool_call_parser)  # fmt: skip
+    app = build_app(None, args.served_model_name or args.model, args.api_key, args.tool_call_parser)
     app.state.load_failed = False
     # access_log off: ours (kubellm.access) has request ids and token counts
     uv_config = uvicorn.Config(
@@ -184,7 +183,7 @@ def main(argv: list[str]) -> int:
         log_level=args.log_level,
         access_log=False,
         timeout_graceful_shutdown=1,
-    )  # fmt: skip
+    )
     server = DrainingServer(uv_config, app, args.shutdown_timeout)
     load_in_background(config, app, server)
     server.run()

@@ -45,8 +45,9 @@ class StepPlan:
             input_ids += request.token_ids[start:end]
             positions += range(start, end)
             table = request.block_ids
-            slots += [table[p // block_size] * block_size + p % block_size
-                      for p in range(start, end)]  # fmt: skip
+            slots += [
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            ]
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
             if item.samples:

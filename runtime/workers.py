@@ -53,9 +53,11 @@ class WorkerGroup:
         for rank in range(1, size):
             receive, send = context.Pipe(duplex=False)
             process = context.Process(
-                target=worker_main, name=f"kubellm-tp-rank{rank}", daemon=True,
+                target=worker_main,
+                name=f"kubellm-tp-rank{rank}",
+                daemon=True,
                 args=(config, placement, rank, store.port, receive, _log_settings()),
-            )  # fmt: skip
+            )
             process.start()
             receive.close()
             self.processes.append(process)
@@ -63,14 +65,18 @@ class WorkerGroup:
         self._finalizer = weakref.finalize(self, _stop, self.processes, self._pipes)
         try:
             self._wait_for_workers(store)
-            self.tp: TensorParallel = join_group(0, size, store.port,
-                                                 placement.device_of(0, size), store)  # fmt: skip
+            self.tp: TensorParallel = join_group(
+                0, size, store.port, placement.device_of(0, size), store
+            )
         except BaseException:
             self.kill()
             raise
         self._store = store  # kept alive: the workers rendezvous through it
-        logger.info("tensor-parallel group of %d ranks: worker pids %s", size,
-                    " ".join(str(pid) for pid in self.pids))  # fmt: skip
+        logger.info(
+            "tensor-parallel group of %d ranks: worker pids %s",
+            size,
+            " ".join(str(pid) for pid in self.pids),
+        )
 
     def _wait_for_workers(self, store) -> None:
         """Every worker has started and is about to join the group; a worker that died on
@@ -104,8 +110,10 @@ class WorkerGroup:
             if self._stopping:
                 return
             gone = next(p for p in self.processes if not p.is_alive())
-            on_lost(f"tensor-parallel worker {gone.name} (pid {gone.pid}) exited "
-                    f"with code {gone.exitcode}")  # fmt: skip
+            on_lost(
+                f"tensor-parallel worker {gone.name} (pid {gone.pid}) exited "
+                f"with code {gone.exitcode}"
+            )
 
         threading.Thread(target=watchdog, name="kubellm-tp-watchdog", daemon=True).start()
 
@@ -149,8 +157,14 @@ def _log_settings() -> tuple[str, str]:
     return logging.getLevelName(root.getEffectiveLevel()).lower(), log_format
 
 
-def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int,
-                commands: Connection, log_settings: tuple[str, str]) -> None:  # fmt: skip
+def worker_main(
+    config: EngineConfig,
+    placement: Placement,
+    rank: int,
+    port: int,
+    commands: Connection,
+    log_settings: tuple[str, str],
+) -> None:
     """A worker process: join the group, build this rank's runner, run rank 0's commands."""
     configure_logging(*log_settings)
     from kubellm.runtime.model.source import resolve
@@ -159,12 +173,15 @@ def worker_main(config: EngineConfig, placement: Placement, rank: int, port: int
     size = config.tensor_parallel_size
     if placement.device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = join_group(rank, size, port, placement.device_of(rank, size),
-                    ready_key=ready_key(mp.current_process().name))  # fmt: skip
-    source = resolve(config.model, config.revision, config.download_dir,
-                     config.quantization)  # fmt: skip
-    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config),
-                         placement, tp)  # fmt: skip
+    tp = join_group(
+        rank,
+        size,
+        port,
+        placement.device_of(rank, size),
+        ready_key=ready_key(mp.current_process().name),
+    )
+    source = resolve(config.model, config.revision, config.download_dir, config.quantization)
+    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config), placement, tp)
     while True:
         try:
             method, args = pickle.loads(commands.recv_bytes())

@@ -116,3 +116,13 @@ def test_the_router_uses_only_the_operators_kubernetes_client():
         for line in source.read_text().splitlines():
             if "kubellm.operator" in line and ("import" in line):
                 assert line.strip().startswith("from kubellm.operator.kube import"), source
+
+
+def test_ruff_format_is_the_house_style_with_no_exceptions():
+    """`make lint` checks `ruff format`; a formatter directive to skip a statement or
+    turn formatting off would let a file keep a style of its own."""
+    for source in ROOT.rglob("*.py"):
+        if ".venv" in source.parts or not source.is_relative_to(ROOT):
+            continue
+        text = source.read_text()
+        assert "fmt: " + "skip" not in text and "fmt: " + "off" not in text, source

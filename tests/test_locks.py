@@ -22,8 +22,9 @@ def _pins(lock: str) -> dict[str, str]:
 def _check(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-P", str(root / "requirements" / "lock.py"), "--check"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("lock", LOCKS)

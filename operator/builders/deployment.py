@@ -119,14 +119,15 @@ def _container(name: str, spec: dict[str, Any], source: ModelSource, image: str)
         "env": _env(name, spec, source),
         "resources": _resources(spec),
         "volumeMounts": _mounts(spec, source),
-        "startupProbe": _probe("/health", STARTUP_PERIOD_SECONDS,
-                               math.ceil(startup_budget / STARTUP_PERIOD_SECONDS)),
+        "startupProbe": _probe(
+            "/health", STARTUP_PERIOD_SECONDS, math.ceil(startup_budget / STARTUP_PERIOD_SECONDS)
+        ),
         "readinessProbe": _probe("/health", 5, 3),
         # /live: 503 once the engine died or hangs; unlike /health, 200 while draining
         "livenessProbe": _probe("/live", 15, 4),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}},
         "securityContext": CONTAINER_SECURITY_CONTEXT,
-    }  # fmt: skip
+    }
     if not container["args"]:
         del container["args"]
     return container
@@ -158,8 +159,10 @@ def _env(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[str,
             # a default is the runtime's own (tested): leave it to the runtime
             values[variable] = str(value).lower() if isinstance(value, bool) else str(value)
     env = [{"name": k, "value": v} for k, v in values.items()]
-    secrets = {"HF_TOKEN": spec["model"].get("hfTokenSecretRef"),
-               "KUBELLM_API_KEY": spec.get("apiKeySecretRef")}  # fmt: skip
+    secrets = {
+        "HF_TOKEN": spec["model"].get("hfTokenSecretRef"),
+        "KUBELLM_API_KEY": spec.get("apiKeySecretRef"),
+    }
     for variable, ref in secrets.items():
         if ref:
             selector = {"name": ref["name"], "key": ref["key"]}

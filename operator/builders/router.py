@@ -27,9 +27,12 @@ ROUTER_UID = 10001  # the operator image's user
 DRAIN_SECONDS = 60  # aiohttp's graceful shutdown waits this long for open requests
 RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 DISCOVERY_RULES = [
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-     "verbs": ["list", "watch"]},
-]  # fmt: skip
+    {
+        "apiGroups": ["discovery.k8s.io"],
+        "resources": ["endpointslices"],
+        "verbs": ["list", "watch"],
+    },
+]
 
 
 def router_replicas(spec: dict[str, Any]) -> int:
@@ -56,8 +59,12 @@ def _service_account(cr: dict[str, Any]) -> dict[str, Any]:
 
 
 def _role(cr: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": _metadata(cr), "rules": DISCOVERY_RULES}  # fmt: skip
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(cr),
+        "rules": DISCOVERY_RULES,
+    }
 
 
 def _role_binding(cr: dict[str, Any]) -> dict[str, Any]:
@@ -104,18 +111,24 @@ def _deployment(cr: dict[str, Any], spec: dict[str, Any], image: str) -> dict[st
 def _container(cr: dict[str, Any], spec: dict[str, Any], image: str) -> dict[str, Any]:
     meta = cr["metadata"]
     env = [
-        {"name": "KUBELLM_DISCOVER",
-         "value": f"{replicas_service_name(meta['name'])}.{meta['namespace']}"},
+        {
+            "name": "KUBELLM_DISCOVER",
+            "value": f"{replicas_service_name(meta['name'])}.{meta['namespace']}",
+        },
         {"name": "KUBELLM_POLICY", "value": spec["routing"]["policy"]},
         {"name": "KUBELLM_HOST", "value": "0.0.0.0"},
         {"name": "KUBELLM_PORT", "value": str(RUNTIME_PORT)},
-    ]  # fmt: skip
+    ]
     if spec.get("apiKeySecretRef"):
         ref = spec["apiKeySecretRef"]
         selector = {"name": ref["name"], "key": ref["key"]}
         env.append({"name": "KUBELLM_API_KEY", "valueFrom": {"secretKeyRef": selector}})
-    probe = {"httpGet": {"path": "/health", "port": RUNTIME_PORT_NAME}, "periodSeconds": 5,
-             "timeoutSeconds": 3, "failureThreshold": 3}  # fmt: skip
+    probe = {
+        "httpGet": {"path": "/health", "port": RUNTIME_PORT_NAME},
+        "periodSeconds": 5,
+        "timeoutSeconds": 3,
+        "failureThreshold": 3,
+    }
     return {
         "name": "router",
         "image": spec["routing"].get("image") or image,

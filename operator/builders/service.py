@@ -54,5 +54,9 @@ def build_replicas_service(cr: dict[str, Any]) -> dict[str, Any]:
 
 
 def _port(port: int) -> dict[str, Any]:
-    return {"name": RUNTIME_PORT_NAME, "port": port, "targetPort": RUNTIME_PORT_NAME,
-            "protocol": "TCP"}  # fmt: skip
+    return {
+        "name": RUNTIME_PORT_NAME,
+        "port": port,
+        "targetPort": RUNTIME_PORT_NAME,
+        "protocol": "TCP",
+    }

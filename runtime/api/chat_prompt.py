@@ -54,10 +54,14 @@ def tool_call_format(template: str | None) -> tuple[str | None, str]:
     where the template renders tools in a format none of TEMPLATE_MARKERS names, or
     names markers of two formats."""
     if not shows_tools(template):
-        return "hermes", "the chat template shows no tools: kubellm's fallback prompt asks " \
-                         "for <tool_call> calls"  # fmt: skip
-    found = [(marker, name, whose) for marker, name, whose in TEMPLATE_MARKERS
-             if marker in template]  # fmt: skip
+        return (
+            "hermes",
+            "the chat template shows no tools: kubellm's fallback prompt asks "
+            "for <tool_call> calls",
+        )
+    found = [
+        (marker, name, whose) for marker, name, whose in TEMPLATE_MARKERS if marker in template
+    ]
     markers = ", ".join(marker for marker, _, _ in found)
     if not found:
         every = ", ".join(marker for marker, _, _ in TEMPLATE_MARKERS)
@@ -93,12 +97,18 @@ def _fallback(messages: list[dict[str, Any]], signatures: list[dict]) -> list[di
 def _as_text(message: dict[str, Any]) -> dict[str, Any]:
     """A tool call or a tool result, written as text a plain template shows."""
     if message["role"] == "tool":
-        return {"role": "user", "content": f"<tool_response>\n{message['content']}\n"
-                                           f"</tool_response>"}  # fmt: skip
+        return {
+            "role": "user",
+            "content": f"<tool_response>\n{message['content']}\n</tool_response>",
+        }
     calls = message.pop("tool_calls", None)
     if calls:
-        written = [json.dumps({"name": call["function"]["name"], "arguments": call["function"][
-            "arguments"]}) for call in calls]  # fmt: skip
+        written = [
+            json.dumps(
+                {"name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+            )
+            for call in calls
+        ]
         text = "\n".join(f"<tool_call>\n{call}\n</tool_call>" for call in written)
         message["content"] = (message["content"] + "\n" if message["content"] else "") + text
     return message

@@ -53,8 +53,9 @@ class _EngineState:
                 yield metric
         # vLLM's cache_config_info (what a Gateway API endpoint picker reads), value 1
         labels = ["model_name", "block_size", "num_gpu_blocks"]
-        config = GaugeMetricFamily("kubellm:cache_config_info", "The KV cache's configuration",
-                                   labels=labels)  # fmt: skip
+        config = GaugeMetricFamily(
+            "kubellm:cache_config_info", "The KV cache's configuration", labels=labels
+        )
         config.add_metric([self.model_name, str(stats.block_size), str(stats.num_blocks)], 1)
         yield config
 
@@ -83,9 +84,12 @@ class ServerMetrics:
 
     def _histogram(self, name: str, documentation: str) -> Histogram:
         return Histogram(
-            f"kubellm:{name}", documentation, ["model_name"], registry=self.registry,
+            f"kubellm:{name}",
+            documentation,
+            ["model_name"],
+            registry=self.registry,
             buckets=_LATENCY_BUCKETS,
-        )  # fmt: skip
+        )
 
     def count_aborted(self, num_sequences: int) -> None:
         """Sequences stopped before they finished (a client that hung up, a shutdown)."""

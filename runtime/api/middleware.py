@@ -91,8 +91,13 @@ class AccessLog:
             client = scope.get("client") or ("-", 0)
             access_logger.info(
                 "%s %s %s %d prompt_tokens=%d completion_tokens=%d %.3fs client=%s",
-                record.request_id, scope["method"], scope["path"], status,
-                record.prompt_tokens, record.completion_tokens,
-                time.perf_counter() - started, client[0],
+                record.request_id,
+                scope["method"],
+                scope["path"],
+                status,
+                record.prompt_tokens,
+                record.completion_tokens,
+                time.perf_counter() - started,
+                client[0],
                 extra={"request_id": record.request_id},
-            )  # fmt: skip
+            )

@@ -41,8 +41,11 @@ class StructuredOutputs(BaseModel):
             "choice": (self.choice, GrammarSpec.choice),
             "grammar": (self.grammar, lambda g: GrammarSpec("grammar", g)),
         }
-        return [(prefix + name, make(value)) for name, (value, make) in makers.items()
-                if value is not None]  # fmt: skip
+        return [
+            (prefix + name, make(value))
+            for name, (value, make) in makers.items()
+            if value is not None
+        ]
 
 
 class JSONSchemaFormat(BaseModel):
@@ -102,22 +105,33 @@ class _SamplingFields(BaseModel):
         return self._constraints()[0][0].split(".")[0]
 
     def _constraints(self) -> list[tuple[str, GrammarSpec]]:
-        guided = StructuredOutputs.model_validate({
-            "json": self.guided_json, "regex": self.guided_regex,
-            "choice": self.guided_choice, "grammar": self.guided_grammar,
-        })  # fmt: skip
+        guided = StructuredOutputs.model_validate(
+            {
+                "json": self.guided_json,
+                "regex": self.guided_regex,
+                "choice": self.guided_choice,
+                "grammar": self.guided_grammar,
+            }
+        )
         out = self.structured_outputs or StructuredOutputs()
-        return [*out.specs("structured_outputs."), *guided.specs("guided_")]  # fmt: skip
+        return [*out.specs("structured_outputs."), *guided.specs("guided_")]
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """`max_tokens` and `logprobs` as the endpoint resolved them (None: up to the
         context length; no logprobs), and the prompt's logprobs (completions' echo)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         same = self.model_dump(include=_SAME_AS_ENGINE)
-        return SamplingParams(**same, max_tokens=max_tokens, stop=stop, logprobs=logprobs,
-                              logit_bias=self._logit_bias(), prompt_logprobs=prompt_logprobs,
-                              structured_output=self.grammar_spec())  # fmt: skip
+        return SamplingParams(
+            **same,
+            max_tokens=max_tokens,
+            stop=stop,
+            logprobs=logprobs,
+            logit_bias=self._logit_bias(),
+            prompt_logprobs=prompt_logprobs,
+            structured_output=self.grammar_spec(),
+        )
 
     def _logit_bias(self) -> dict[int, float]:
         try:
@@ -191,15 +205,18 @@ class ChatMessage(BaseModel):
             for part in content:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind != "text":
-                    raise ValueError(f"content part type {kind!r} is not supported: this "
-                                     f"model reads text parts only")  # fmt: skip
+                    raise ValueError(
+                        f"content part type {kind!r} is not supported: this "
+                        f"model reads text parts only"
+                    )
         return content
 
     @model_validator(mode="after")
     def _complete(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required (it may be null only for an assistant "
-                             "message with tool_calls)")  # fmt: skip
+            raise ValueError(
+                "content is required (it may be null only for an assistant message with tool_calls)"
+            )
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")
         return self
@@ -219,11 +236,16 @@ class ChatMessage(BaseModel):
                 message[key] = getattr(self, key)
         if self.tool_calls:
             message["tool_calls"] = [
-                {"id": call.id, "type": "function", "function": {
-                    "name": call.function.name,
-                    "arguments": _json_or_text(call.function.arguments)}}
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _json_or_text(call.function.arguments),
+                    },
+                }
                 for call in self.tool_calls
-            ]  # fmt: skip
+            ]
         return message
 
 
@@ -280,8 +302,10 @@ class ChatCompletionRequest(_SamplingFields):
     def _tool_choice_shape(cls, choice: Any) -> Any:
         """One clear message instead of pydantic's one per union branch."""
         if not isinstance(choice, dict) and choice not in (None, "none", "auto", "required"):
-            raise ValueError('must be "none", "auto", "required" or '
-                             '{"type": "function", "function": {"name": ...}}')  # fmt: skip
+            raise ValueError(
+                'must be "none", "auto", "required" or '
+                '{"type": "function", "function": {"name": ...}}'
+            )
         return choice
 
     def chosen_tool_use(self) -> str | NamedToolChoice:
@@ -300,11 +324,18 @@ class ChatCompletionRequest(_SamplingFields):
             return GrammarSpec.json_schema(tools[choice.function.name].arguments_schema())
         if choice != "required":
             return None
-        calls = [{"type": "object", "properties": {
-                      "name": {"type": "string", "enum": [name]},
-                      "arguments": function.arguments_schema()},
-                  "required": ["name", "arguments"], "additionalProperties": False}
-                 for name, function in tools.items()]  # fmt: skip
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "arguments": function.arguments_schema(),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for name, function in tools.items()
+        ]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         if not self.parallel_tool_calls:
             schema["maxItems"] = 1

@@ -62,8 +62,11 @@ def _call_id() -> str:
 
 
 def _tool_call(call_id: str, call: ParsedCall) -> dict:
-    return {"id": call_id, "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
 
 
 def _finish_reason(reason: str | None, called: bool) -> str | None:
@@ -221,8 +224,9 @@ async def sse(
             role = {"role": "assistant", "content": ""}
             yield _chunk(shape, [{"index": i, "delta": role} for i in range(shape.num_choices)])
         text_length = [0] * shape.num_choices
-        tools = [ToolCallStream(shape.tool_parser) for _ in range(shape.num_choices)
-                 if shape.tool_parser]  # fmt: skip
+        tools = [
+            ToolCallStream(shape.tool_parser) for _ in range(shape.num_choices) if shape.tool_parser
+        ]
         started: set[int] = set()  # choices that sent their first chunk (echo goes there)
         prompt_tokens: dict[str, int] = {}
         async for index, delta in stream:
@@ -253,8 +257,9 @@ async def sse(
         on_close()
 
 
-def _delta_choice(index: int, delta: StepDelta, shape: ResponseShape, offset: int,
-                  first: bool) -> dict:  # fmt: skip
+def _delta_choice(
+    index: int, delta: StepDelta, shape: ResponseShape, offset: int, first: bool
+) -> dict:
     logprobs = None
     if shape.chat:
         if shape.logprobs:

@@ -142,8 +142,9 @@ def build_app(
         params = _params(body, max_tokens, logprobs)
         if tool_parser is mistral:
             params.skip_special_tokens = False  # its [TOOL_CALLS] marker is a special token
-        return await _respond(engine, metrics, raw, "chatcmpl", body, [prompt_ids], params,
-                              tool_parser=tool_parser)  # fmt: skip
+        return await _respond(
+            engine, metrics, raw, "chatcmpl", body, [prompt_ids], params, tool_parser=tool_parser
+        )
 
     return app
 
@@ -180,8 +181,9 @@ def _check_model(model: str, served: str) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
 
-def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None,
-                 why: str) -> ToolParser | None:  # fmt: skip
+def _tool_parser(
+    body: ChatCompletionRequest, auto_parser: str | None, why: str
+) -> ToolParser | None:
     """What reads the reply's tool calls (None: the reply is text), once the request's
     tools and tool_choice are known to agree. `auto_parser` (None: none is known, `why`)
     reads the calls of `auto`."""
@@ -200,11 +202,14 @@ def _tool_parser(body: ChatCompletionRequest, auto_parser: str | None,
         return required_calls
     if choice == "auto":
         if auto_parser is None:
-            raise APIError(400, f'"auto" tool choice: kubellm cannot tell this model\'s '
-                                f"tool-call format ({why}); start the server with "
-                                f"--tool-call-parser NAME ({', '.join(sorted(AUTO_PARSERS))}), "
-                                'or send tool_choice "required" or a named function',
-                           "tool_choice")  # fmt: skip
+            raise APIError(
+                400,
+                f'"auto" tool choice: kubellm cannot tell this model\'s '
+                f"tool-call format ({why}); start the server with "
+                f"--tool-call-parser NAME ({', '.join(sorted(AUTO_PARSERS))}), "
+                'or send tool_choice "required" or a named function',
+                "tool_choice",
+            )
         return AUTO_PARSERS[auto_parser]
     return None
 
@@ -216,8 +221,9 @@ def _prompt_list(prompt: str | list[int] | list[str | list[int]]) -> list:
     return list(prompt) or [[]]  # [] is an empty prompt: the engine says so
 
 
-def _params(body, max_tokens: int | None, logprobs: int | None,
-            prompt_logprobs: int | None = None) -> SamplingParams:  # fmt: skip
+def _params(
+    body, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
     try:
         return body.sampling_params(max_tokens, logprobs, prompt_logprobs)
     except ValueError as exc:

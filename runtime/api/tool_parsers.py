@@ -96,8 +96,9 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
-def scan_call(text: str, start: int,
-              memo: Memo | None = None) -> tuple[ParsedCall | None, int | None]:  # fmt: skip
+def scan_call(
+    text: str, start: int, memo: Memo | None = None
+) -> tuple[ParsedCall | None, int | None]:
     """The call written as `{"name": ..., "arguments": {...}}` at `start` (None until
     its name is complete) and where the object ends (None while it is unfinished)."""
     if text[start : start + 1] != "{":
@@ -135,8 +136,9 @@ def _call(name: object, arguments: str) -> ParsedCall | None:
     return ParsedCall(name, arguments) if isinstance(name, str) else None
 
 
-def scan_call_list(text: str, at: int, separators: str = ",",
-                   memo: Memo | None = None) -> list[ParsedCall]:  # fmt: skip
+def scan_call_list(
+    text: str, at: int, separators: str = ",", memo: Memo | None = None
+) -> list[ParsedCall]:
     """Calls written one after another from `at`, separated by `separators`."""
     calls = []
     while True:

@@ -42,8 +42,9 @@ def batched_decodes(query_lens: list[int], seq_lens: list[int]) -> list[int]:
     of them, shortest first, whose padding to the longest at most doubles the context
     read (so one long request among short ones is left to a call of its own); none
     unless at least two."""
-    decoding = sorted((seq_len, i) for i, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens))
-                      if q_len == 1)  # fmt: skip
+    decoding = sorted(
+        (seq_len, i) for i, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)) if q_len == 1
+    )
     total, count = 0, 0
     for n, (seq_len, _) in enumerate(decoding, 1):
         total += seq_len
@@ -115,11 +116,19 @@ class AttentionMetadata:
             return None
         blocks = -(-max(self.seq_lens_cpu[i] for i in requests) // self.block_size)
         if len(requests) == len(self.seq_lens_cpu):
-            return DecodeBatch(requests, self.query_start_loc[:-1].long(),
-                               self.block_tables[:, :blocks], self.seq_lens)  # fmt: skip
+            return DecodeBatch(
+                requests,
+                self.query_start_loc[:-1].long(),
+                self.block_tables[:, :blocks],
+                self.seq_lens,
+            )
         index = torch.tensor(requests, device=self.seq_lens.device)
-        return DecodeBatch(requests, self.query_start_loc[index].long(),
-                           self.block_tables[index, :blocks], self.seq_lens[index])  # fmt: skip
+        return DecodeBatch(
+            requests,
+            self.query_start_loc[index].long(),
+            self.block_tables[index, :blocks],
+            self.seq_lens[index],
+        )
 
     @cached_property
     def request_blocks(self) -> list[torch.Tensor]:

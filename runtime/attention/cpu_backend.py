@@ -35,8 +35,9 @@ class CpuAttentionBackend:
         out = torch.empty(query.shape)
         if cpu_ops.attends(query.shape[-1]):
             tokens = meta.token_contexts
-            cpu_ops.decode_attention(query, kv_cache, tokens.rows, tokens.seq_lens,
-                                     tokens.block_tables, scale, out)  # fmt: skip
+            cpu_ops.decode_attention(
+                query, kv_cache, tokens.rows, tokens.seq_lens, tokens.block_tables, scale, out
+            )
         else:
             attend_each(query, out, kv_cache, meta, scale, [])
         return out

@@ -17,8 +17,13 @@ import torch.nn.functional as F
 from kubellm.runtime.attention.backend import AttentionMetadata, DecodeBatch
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-             slots: torch.Tensor, skips_slots: bool) -> None:  # fmt: skip
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    skips_slots: bool,
+) -> None:
     """Scatter new K/V rows into the cache; with `skips_slots`, slot -1 (padding) is skipped."""
     if skips_slots:
         keep = slots >= 0
@@ -41,9 +46,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: f
         mask = torch.arange(kv_len, device=query.device)[None, :] <= positions
     causal = q_len == kv_len and q_len > 1
     out = F.scaled_dot_product_attention(
-        query[None], key[None], value[None], attn_mask=mask, is_causal=causal, scale=scale,
+        query[None],
+        key[None],
+        value[None],
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
         enable_gqa=True,
-    )  # fmt: skip
+    )
     return out[0]
 
 
@@ -68,8 +78,9 @@ class TorchAttentionBackend:
         out = torch.empty_like(query)
         if batch is not None:
             rows = batch.token_rows
-            out[rows] = decode(query[rows], k_rows, v_rows, batch, meta.block_size,
-                               num_kv_heads, scale)  # fmt: skip
+            out[rows] = decode(
+                query[rows], k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale
+            )
         skip = batch.requests if batch is not None else []
         attend_each(query, out, kv_cache, meta, scale, skip)
         return out
@@ -82,8 +93,14 @@ def kv_rows(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_cache[0].view(num_blocks, -1), kv_cache[1].view(num_blocks, -1)
 
 
-def attend_each(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float, skip: list[int]) -> None:  # fmt: skip
+def attend_each(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    skip: list[int],
+) -> None:
     """The step's requests, but those in `skip`, attended one call each into their
     rows of out, each reading only its own context (in place when its blocks are
     consecutive)."""
@@ -108,18 +125,24 @@ def attend_each(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
         out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
 
 
-def decode(query: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-           batch: DecodeBatch, block_size: int, num_kv_heads: int, scale: float):  # fmt: skip
+def decode(
+    query: torch.Tensor,
+    k_rows: torch.Tensor,
+    v_rows: torch.Tensor,
+    batch: DecodeBatch,
+    block_size: int,
+    num_kv_heads: int,
+    scale: float,
+):
     """The one-token queries [requests, heads, dim] of a `DecodeBatch` in one call: their
     contexts gathered, padded to the longest, and attended under a padding mask."""
     head_dim = query.shape[-1]
-    shape = (len(batch.requests), batch.block_table.shape[1] * block_size, num_kv_heads,
-             head_dim)  # fmt: skip
+    shape = (len(batch.requests), batch.block_table.shape[1] * block_size, num_kv_heads, head_dim)
     blocks = batch.block_table.reshape(-1)
     k = k_rows.index_select(0, blocks).view(shape).transpose(1, 2)
     v = v_rows.index_select(0, blocks).view(shape).transpose(1, 2)
     visible = torch.arange(shape[1], device=query.device) < batch.seq_lens[:, None]
     out = F.scaled_dot_product_attention(
         query[:, :, None], k, v, attn_mask=visible[:, None, None], scale=scale, enable_gqa=True
-    )  # fmt: skip
+    )
     return out[:, :, 0]

@@ -50,14 +50,22 @@ class TritonAttentionBackend:
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             splits = decode_splits(
-                meta.seq_lens.shape[0], k_cache.shape[2], -(-meta.max_seq_len // meta.block_size),
+                meta.seq_lens.shape[0],
+                k_cache.shape[2],
+                -(-meta.max_seq_len // meta.block_size),
                 self.num_sms,
-            )  # fmt: skip
+            )
             if splits > 1:
                 return paged_decode(
                     query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits
                 )
         return paged_attention(
-            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-            scale, meta.max_query_len,
-        )  # fmt: skip
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            meta.max_query_len,
+        )

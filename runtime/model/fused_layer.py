@@ -30,8 +30,15 @@ def _weight(linear) -> cpu_layer.QuantizedWeight | None:
     rows, inputs = weight.shape
     offsets_at = None if offsets is None else offsets.data_ptr()
     layout = weight.layout
-    return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(), offsets_at, rows,
-                                     inputs, layout.group_size, layout.bits)  # fmt: skip
+    return cpu_layer.QuantizedWeight(
+        codes.data_ptr(),
+        scales.data_ptr(),
+        offsets_at,
+        rows,
+        inputs,
+        layout.group_size,
+        layout.bits,
+    )
 
 
 def fuse(layer) -> cpu_layer.Layer | None:
@@ -42,17 +49,25 @@ def fuse(layer) -> cpu_layer.Layer | None:
         return None
     if attention.o_proj.tp.size != 1 or not cpu_ops.attends(attention.head_dim):
         return None
-    weights = [_weight(m) for m in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
-                                    mlp.down_proj)]  # fmt: skip
+    weights = [
+        _weight(m) for m in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    ]
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if None in weights or any(n.weight.dtype != torch.float32 for n in norms):
         return None
     bias = attention.qkv_proj.bias
     return cpu_layer.Layer(
-        *weights, None if bias is None else bias.data_ptr(), norms[0].weight.data_ptr(),
-        norms[1].weight.data_ptr(), norms[0].eps, attention.scale, norms[0].weight.shape[0],
-        attention.num_heads, attention.num_kv_heads, attention.head_dim,
-    )  # fmt: skip
+        *weights,
+        None if bias is None else bias.data_ptr(),
+        norms[0].weight.data_ptr(),
+        norms[1].weight.data_ptr(),
+        norms[0].eps,
+        attention.scale,
+        norms[0].weight.shape[0],
+        attention.num_heads,
+        attention.num_kv_heads,
+        attention.head_dim,
+    )
 
 
 @dataclass
@@ -63,16 +78,28 @@ class FusedStep:
     tensors: tuple[torch.Tensor, ...]
 
 
-def fused_step(rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor,
-               tokens: int) -> FusedStep | None:  # fmt: skip
+def fused_step(
+    rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor, tokens: int
+) -> FusedStep | None:
     """The step as fused layers read it; None unless every request decodes."""
     decodes = meta.one_token_requests
     if decodes is None or len(decodes.requests) != tokens:
         return None
     _, blocks, block_size, _, _ = kv_cache.shape
-    tensors = (rope.cos, rope.sin, meta.slot_mapping, decodes.rows, decodes.seq_lens,
-               decodes.block_tables)  # fmt: skip
-    struct = cpu_layer.DecodeStep(tokens, *(t.data_ptr() for t in tensors),
-                                  decodes.block_tables.stride(0), blocks, block_size,
-                                  cpu_ops.half_cache(kv_cache))  # fmt: skip
+    tensors = (
+        rope.cos,
+        rope.sin,
+        meta.slot_mapping,
+        decodes.rows,
+        decodes.seq_lens,
+        decodes.block_tables,
+    )
+    struct = cpu_layer.DecodeStep(
+        tokens,
+        *(t.data_ptr() for t in tensors),
+        decodes.block_tables.stride(0),
+        blocks,
+        block_size,
+        cpu_ops.half_cache(kv_cache),
+    )
     return FusedStep(struct, tensors)

@@ -108,8 +108,9 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
 
 
-def _unpermute_rotary(weight: torch.Tensor | GroupQuantized, num_heads: int
-                      ) -> torch.Tensor | GroupQuantized:  # fmt: skip
+def _unpermute_rotary(
+    weight: torch.Tensor | GroupQuantized, num_heads: int
+) -> torch.Tensor | GroupQuantized:
     """llama.cpp stores Q/K rows interleaved for its rotary layout; undo it for HF's halves."""
     rows = weight.shape[0]
     half = rows // num_heads // 2

@@ -16,8 +16,9 @@ from kubellm.runtime.model.rope import RopeTables, rotate
 
 class TorchOps:
     @staticmethod
-    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def add_rms_norm(
+        x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(RMSNorm(x + residual) * weight, x + residual), as Hugging Face's: the sum
         normalized in fp32, cast back, then scaled. With no residual, x itself."""
         if residual is not None:

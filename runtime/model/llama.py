@@ -34,8 +34,9 @@ class RMSNorm(Replicated):
         self.eps = eps
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The normed sum x + residual, and the sum (the next layer's residual)."""
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
@@ -54,9 +55,14 @@ def qkv_shards(cfg: ModelConfig, tp: TensorParallel) -> list[Shard]:
 
 class Attention(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
-        layouts: WeightLayouts, prefix: str, ops: LayerOps,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        layouts: WeightLayouts,
+        prefix: str,
+        ops: LayerOps,
+    ) -> None:
         super().__init__()
         self.ops = ops
         shards = qkv_shards(cfg, tp)
@@ -64,10 +70,12 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = shards[0].size, shards[1].size
         self.num_heads = self.q_size // cfg.head_dim  # this rank's
         self.num_kv_heads = self.kv_size // cfg.head_dim
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, shards, cfg.attention_bias,
-                                             layouts(prefix + "qkv_proj"))  # fmt: skip
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp,
-                                        layouts(prefix + "o_proj"))  # fmt: skip
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, shards, cfg.attention_bias, layouts(prefix + "qkv_proj")
+        )
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, layouts(prefix + "o_proj")
+        )
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
 
@@ -88,16 +96,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layouts: WeightLayouts,
-                 prefix: str, ops: LayerOps) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel,
+        layouts: WeightLayouts,
+        prefix: str,
+        ops: LayerOps,
+    ) -> None:
         super().__init__()
         self.ops = ops
         shard = Shard.even(cfg.intermediate_size, tp)
         self.gate_up_proj = ColumnParallelLinear(
             cfg.hidden_size, [shard, shard], False, layouts(prefix + "gate_up_proj")
         )
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp,
-                                           layouts(prefix + "down_proj"))  # fmt: skip
+        self.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, tp, layouts(prefix + "down_proj")
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -105,9 +120,14 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, backend: AttentionBackend, tp: TensorParallel,
-        layouts: WeightLayouts, prefix: str, ops: LayerOps,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        tp: TensorParallel,
+        layouts: WeightLayouts,
+        prefix: str,
+        ops: LayerOps,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.", ops)
@@ -135,17 +155,22 @@ class LlamaForCausalLM(nn.Module):
     which linear layers keep quantized weights (by our module names)."""
 
     def __init__(
-        self, cfg: ModelConfig, max_positions: int, backend: AttentionBackend,
-        tp: TensorParallel = SINGLE_RANK, layouts: WeightLayouts = all_dense,
+        self,
+        cfg: ModelConfig,
+        max_positions: int,
+        backend: AttentionBackend,
+        tp: TensorParallel = SINGLE_RANK,
+        layouts: WeightLayouts = all_dense,
         ops: LayerOps = TorchOps,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.tp = tp
         self.attention_backend = backend
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp,
-                                                   layouts("embed_tokens"))  # fmt: skip
+        self.embed_tokens = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, tp, layouts("embed_tokens")
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.", ops)
             for i in range(cfg.num_layers)

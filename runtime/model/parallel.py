@@ -49,8 +49,12 @@ def _check_rows(tensor: LazyTensor, dim: int, expected: int, what: str) -> None:
         )
 
 
-def _copy(target: torch.Tensor | QuantizedWeight, dim: int, offset: int,
-          value: torch.Tensor | GroupQuantized) -> None:  # fmt: skip
+def _copy(
+    target: torch.Tensor | QuantizedWeight,
+    dim: int,
+    offset: int,
+    value: torch.Tensor | GroupQuantized,
+) -> None:
     """Put `value` at `offset` along `dim` (a quantized weight takes whole rows only)."""
     if isinstance(target, QuantizedWeight):
         if not isinstance(value, GroupQuantized):
@@ -63,15 +67,17 @@ def _copy(target: torch.Tensor | QuantizedWeight, dim: int, offset: int,
         target.narrow(dim, offset, value.shape[dim]).copy_(value)
 
 
-def _weight(rows: int, columns: int, layout: QuantizedLayout | None
-            ) -> nn.Parameter | QuantizedWeight:  # fmt: skip
+def _weight(
+    rows: int, columns: int, layout: QuantizedLayout | None
+) -> nn.Parameter | QuantizedWeight:
     if layout is None:
         return nn.Parameter(torch.empty(rows, columns))
     return QuantizedWeight(rows, columns, layout)
 
 
-def _linear(x: torch.Tensor, weight: nn.Parameter | QuantizedWeight,
-            bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def _linear(
+    x: torch.Tensor, weight: nn.Parameter | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     if isinstance(weight, QuantizedWeight):
         return weight(x, bias)
     return linear(x, weight, bias)
@@ -80,8 +86,13 @@ def _linear(x: torch.Tensor, weight: nn.Parameter | QuantizedWeight,
 class ColumnParallelLinear(nn.Module):
     """This rank's output rows of one or several fused projections (one `Shard` each)."""
 
-    def __init__(self, in_features: int, shards: list[Shard], bias: bool,
-                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        shards: list[Shard],
+        bias: bool,
+        layout: QuantizedLayout | None = None,
+    ) -> None:
         super().__init__()
         self.shards = shards
         self.offsets = [sum(s.size for s in shards[:i]) for i in range(len(shards))]
@@ -102,8 +113,13 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """This rank's input columns; the partial products are summed over the ranks."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TensorParallel,
-                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        tp: TensorParallel,
+        layout: QuantizedLayout | None = None,
+    ) -> None:
         super().__init__()
         self.tp = tp
         self.shard = Shard.even(in_features, tp)
@@ -123,8 +139,13 @@ class VocabParallelEmbedding(nn.Module):
     With a `QuantizedLayout` (a GGUF file's Q8_0 token embedding, on CPU with kubellm's
     kernel) the rows stay quantized: looked up by dequantizing the rows asked for."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TensorParallel,
-                 layout: QuantizedLayout | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        tp: TensorParallel,
+        layout: QuantizedLayout | None = None,
+    ) -> None:
         super().__init__()
         self.tp = tp
         self.shard = Shard.even(vocab_size, tp)

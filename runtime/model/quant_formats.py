@@ -36,18 +36,24 @@ class HFQuantization:
     def from_config(cls, config: dict[str, Any], where: str) -> HFQuantization:
         method = config.get("quant_method")
         if method not in ("gptq", "awq"):
-            raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not read "
-                             f"by kubellm (it reads gptq, awq and GGUF files)")  # fmt: skip
+            raise ValueError(
+                f"{where}: quantization_config.quant_method {method!r} is not read "
+                f"by kubellm (it reads gptq, awq and GGUF files)"
+            )
         bits = config.get("bits", config.get("w_bit"))
         if bits != 4:
-            raise ValueError(f"{where}: {method} with {bits} bits is not read by kubellm "
-                             f"(it reads 4-bit {method})")  # fmt: skip
+            raise ValueError(
+                f"{where}: {method} with {bits} bits is not read by kubellm "
+                f"(it reads 4-bit {method})"
+            )
         group_size = int(config.get("group_size", config.get("q_group_size", 128)))
         if method == "awq":
             version = str(config.get("version", "gemm")).lower()
             if version != "gemm":
-                raise ValueError(f"{where}: AWQ version {version!r} is not read by kubellm "
-                                 f"(it reads the 'gemm' layout)")  # fmt: skip
+                raise ValueError(
+                    f"{where}: AWQ version {version!r} is not read by kubellm "
+                    f"(it reads the 'gemm' layout)"
+                )
             return cls("awq", group_size)
         v1 = config.get("checkpoint_format", "gptq") == "gptq"
         return cls("gptq", group_size, zeros_minus_one=v1)
@@ -59,12 +65,15 @@ class HFQuantization:
     def check_divides(self, sizes: dict[str, int], where: str) -> None:
         for name, size in sizes.items():
             if self.group_size != -1 and size % self.group_size:
-                raise ValueError(f"{where}: group_size {self.group_size} does not divide "
-                                 f"the model's {name} {size}: a malformed checkpoint")  # fmt: skip
+                raise ValueError(
+                    f"{where}: group_size {self.group_size} does not divide "
+                    f"the model's {name} {size}: a malformed checkpoint"
+                )
 
 
-def unpack_int32(words: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))
-                 ) -> torch.Tensor:  # fmt: skip
+def unpack_int32(
+    words: torch.Tensor, dim: int, order: tuple[int, ...] = tuple(range(8))
+) -> torch.Tensor:
     """4-bit codes packed eight to an int32 along `dim`: code j of a word at bits 4 * i
     where order[i] == j."""
     nibbles = [(words >> (4 * i)) & 15 for i in range(8)]
@@ -110,8 +119,9 @@ def from_awq(parts: dict[str, torch.Tensor], q: HFQuantization) -> GroupQuantize
     return GroupQuantized(pack_pairs(codes), scales, -zeros * scales, 4, group)
 
 
-def grouped_hf_tensors(tensors: Iterator[tuple[str, LazyTensor]], q: HFQuantization
-                       ) -> Iterator[tuple[str, LazyTensor]]:  # fmt: skip
+def grouped_hf_tensors(
+    tensors: Iterator[tuple[str, LazyTensor]], q: HFQuantization
+) -> Iterator[tuple[str, LazyTensor]]:
     """The checkpoint's tensors with each module's qweight, qzeros, scales (and g_idx)
     as one quantized `<module>.weight`; a module missing one of them is refused."""
     parts: dict[str, dict[str, LazyTensor]] = {}
@@ -125,9 +135,11 @@ def grouped_hf_tensors(tensors: Iterator[tuple[str, LazyTensor]], q: HFQuantizat
     for module, found in parts.items():
         missing = [kind for kind in GPTQ_PARTS if kind not in found]
         if missing:
-            raise ValueError(f"{q.method} checkpoint: {module} has {sorted(found)} but no "
-                             f"{', '.join(missing)} (each quantized layer needs qweight, "
-                             f"qzeros and scales)")  # fmt: skip
+            raise ValueError(
+                f"{q.method} checkpoint: {module} has {sorted(found)} but no "
+                f"{', '.join(missing)} (each quantized layer needs qweight, "
+                f"qzeros and scales)"
+            )
         whole = {kind: tensor.full() for kind, tensor in found.items()}
         try:
             weight = convert(whole, q)
@@ -168,12 +180,14 @@ def _from_q4_k(b: torch.Tensor, d: torch.Tensor, rows: int) -> GroupQuantized:
     qs = b[:, 16:].view(-1, 4, 1, 32)  # 4 chunks of 64: low nibbles first, then high
     codes = torch.cat((qs & 15, qs >> 4), dim=2).reshape(-1, 8, 32)
     scales, offsets = d * sc.float(), -(dmin * mins.float())
-    return _gguf_result(codes.reshape(-1, 32), scales.reshape(-1, 1), offsets.reshape(-1, 1),
-                        rows, 4)  # fmt: skip
+    return _gguf_result(
+        codes.reshape(-1, 32), scales.reshape(-1, 1), offsets.reshape(-1, 1), rows, 4
+    )
 
 
-def _gguf_result(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                 rows: int, bits: int) -> GroupQuantized:  # fmt: skip
+def _gguf_result(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, rows: int, bits: int
+) -> GroupQuantized:
     """Per-32-element blocks (codes [blocks, 32], scale and offset [blocks, 1]) as rows."""
     codes = codes.reshape(rows, -1)
     if bits == 4:

@@ -51,12 +51,13 @@ def cpu_kernel() -> str:
     "int4pack" (torch's). Decided once per process, and logged."""
     reason = cpu_library.unavailable()
     if reason is None:
-        logger.info("quantized layers: kubellm's CPU kernel (int8 dot products, activations "
-                    "rounded to int8 per 32 inputs; built for %s)",
-                    cpu_library.level())  # fmt: skip
+        logger.info(
+            "quantized layers: kubellm's CPU kernel (int8 dot products, activations "
+            "rounded to int8 per 32 inputs; built for %s)",
+            cpu_library.level(),
+        )
         return "qgemm"
-    logger.warning("quantized layers: torch's int4 kernel, not kubellm's CPU kernel: %s",
-                   reason)  # fmt: skip
+    logger.warning("quantized layers: torch's int4 kernel, not kubellm's CPU kernel: %s", reason)
     return "int4pack"
 
 
@@ -93,8 +94,14 @@ class GroupQuantized:
 
     def rows(self, index: torch.Tensor | slice) -> GroupQuantized:
         """The weight of some output rows (a shard, or rows reordered)."""
-        return GroupQuantized(self.codes[index], self.scales[index], self.offsets[index],
-                              self.bits, self.group_size, self.perm)  # fmt: skip
+        return GroupQuantized(
+            self.codes[index],
+            self.scales[index],
+            self.offsets[index],
+            self.bits,
+            self.group_size,
+            self.perm,
+        )
 
     def columns(self, start: int, length: int) -> GroupQuantized:
         """The weight of inputs [start, start + length) (a row-parallel shard): whole
@@ -102,8 +109,10 @@ class GroupQuantized:
         if (start, length) == (0, self.shape[1]):
             return self
         if self.perm is not None:
-            raise ValueError("an act-order (desc_act) weight cannot be split along its "
-                             "inputs: use tensor_parallel_size 1 for this checkpoint")  # fmt: skip
+            raise ValueError(
+                "an act-order (desc_act) weight cannot be split along its "
+                "inputs: use tensor_parallel_size 1 for this checkpoint"
+            )
         if start % self.group_size or length % self.group_size:
             raise ValueError(
                 f"quantization groups of {self.group_size} inputs do not fall on the "
@@ -113,8 +122,9 @@ class GroupQuantized:
         per_byte = 8 // self.bits
         groups = slice(start // self.group_size, (start + length) // self.group_size)
         codes = self.codes[:, start // per_byte : (start + length) // per_byte]
-        return GroupQuantized(codes, self.scales[:, groups], self.offsets[:, groups],
-                              self.bits, self.group_size)  # fmt: skip
+        return GroupQuantized(
+            codes, self.scales[:, groups], self.offsets[:, groups], self.bits, self.group_size
+        )
 
 
 @dataclass(frozen=True)
@@ -141,8 +151,10 @@ class QuantizedWeight(nn.Module):
     def __init__(self, out_features: int, in_features: int, layout: QuantizedLayout) -> None:
         super().__init__()
         if in_features % layout.group_size:
-            raise ValueError(f"quantization group size {layout.group_size} does not divide "
-                             f"the layer's {in_features} inputs")  # fmt: skip
+            raise ValueError(
+                f"quantization group size {layout.group_size} does not divide "
+                f"the layer's {in_features} inputs"
+            )
         self.layout = layout
         self.shape = (out_features, in_features)
         groups = in_features // layout.group_size
@@ -180,8 +192,10 @@ class QuantizedWeight(nn.Module):
             self.offsets[rows] = value.offsets.float()
         if value.perm is not None:
             if self.perm is not None and not torch.equal(self.perm, value.perm):
-                raise ValueError("the parts of one fused layer have different act-order "
-                                 "permutations; this checkpoint cannot be fused")  # fmt: skip
+                raise ValueError(
+                    "the parts of one fused layer have different act-order "
+                    "permutations; this checkpoint cannot be fused"
+                )
             self.perm = value.perm
 
     def stored(self, rows: torch.Tensor | None = None) -> GroupQuantized:
@@ -191,8 +205,9 @@ class QuantizedWeight(nn.Module):
         scales, offsets = self.half_scales or (self.scales, self.offsets)
         if rows is not None:
             codes, scales, offsets = (t.index_select(0, rows) for t in (codes, scales, offsets))
-        return GroupQuantized(codes, scales.float(), offsets.float(), self.layout.bits,
-                              self.layout.group_size)  # fmt: skip
+        return GroupQuantized(
+            codes, scales.float(), offsets.float(), self.layout.bits, self.layout.group_size
+        )
 
     def prepare(self, kernel: str | None, dense_dtype: torch.dtype) -> None:
         """Once loaded: the dtype of the dense product (fp32 where the CPU has no fast
@@ -215,8 +230,14 @@ class QuantizedWeight(nn.Module):
             return  # the kernel's own limits: such layers take the dense product
         codes = self.stored().unpacked_codes()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        block = next((b for b in (64, 32, 16) if self.shape[0] % b == 0
-                      and torch.equal(_int4pack_codes(packed, b), codes)), None)  # fmt: skip
+        block = next(
+            (
+                b
+                for b in (64, 32, 16)
+                if self.shape[0] % b == 0 and torch.equal(_int4pack_codes(packed, b), codes)
+            ),
+            None,
+        )
         if block is None:
             return  # a layout we cannot read back: keep ours, take the dense product
         zeros = self.offsets + 8 * self.scales
@@ -302,7 +323,8 @@ def resident_bytes(model: nn.Module) -> int:
     """The bytes of every tensor a model keeps (parameters, buffers, the quantized layers'
     kernel storage), each storage counted once (tied weights, views)."""
     tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for m in model.modules() if isinstance(m, QuantizedWeight)
-                for t in m.held_tensors()]  # fmt: skip
+    tensors += [
+        t for m in model.modules() if isinstance(m, QuantizedWeight) for t in m.held_tensors()
+    ]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())

@@ -89,18 +89,27 @@ class ModelSource:
         if self.gguf:
             kinds = self.gguf.tensor_types().items()
             vocabulary_tensors = VOCABULARY_TENSORS if vocabulary else ()
-            packed = [(n, k) for n, k in kinds if k in GGUF_PACKED
-                      and (".layers." in n or n in vocabulary_tensors)]  # fmt: skip
-            return {name.removesuffix(".weight"): QuantizedLayout(GGUF_PACKED[kind][1], 32)
-                    for name, kind in packed}  # fmt: skip
+            packed = [
+                (n, k)
+                for n, k in kinds
+                if k in GGUF_PACKED and (".layers." in n or n in vocabulary_tensors)
+            ]
+            return {
+                name.removesuffix(".weight"): QuantizedLayout(GGUF_PACKED[kind][1], 32)
+                for name, kind in packed
+            }
         q = self.hf_quantization
         if q is None:
             return {}
         inputs = {"o_proj": cfg.num_heads * cfg.head_dim, "down_proj": cfg.intermediate_size}
-        names = [n.removesuffix(".qweight") for n in _tensor_names(self.path)
-                 if n.endswith(".qweight") and ".layers." in n]  # fmt: skip
-        return {name: q.layout(inputs.get(name.rsplit(".", 1)[-1], cfg.hidden_size))
-                for name in names}  # fmt: skip
+        names = [
+            n.removesuffix(".qweight")
+            for n in _tensor_names(self.path)
+            if n.endswith(".qweight") and ".layers." in n
+        ]
+        return {
+            name: q.layout(inputs.get(name.rsplit(".", 1)[-1], cfg.hidden_size)) for name in names
+        }
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -121,8 +130,12 @@ def builtin_gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
 
 
-def resolve(model: str, revision: str | None = None, download_dir: str | None = None,
-            quantization: str | None = None) -> ModelSource:  # fmt: skip
+def resolve(
+    model: str,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    quantization: str | None = None,
+) -> ModelSource:
     """Find the model named `model`: builtin, a .gguf file, an HF directory, or a hub id
     (downloaded into `download_dir`, default the Hugging Face cache). `quantization`:
     None reads the checkpoint as it is, "none" dequantizes its quantized weights at load,
@@ -133,10 +146,13 @@ def resolve(model: str, revision: str | None = None, download_dir: str | None = 
     if quantization == "none":
         source.keep_packed = False
     elif quantization is not None and quantization != source.quantization:
-        found = (f"is {source.quantization}-quantized: drop --quantization or set it to "
-                 f"{source.quantization}" if source.quantization else
-                 "is not quantized (its config.json has no quantization_config): drop "
-                 "--quantization")  # fmt: skip
+        found = (
+            f"is {source.quantization}-quantized: drop --quantization or set it to "
+            f"{source.quantization}"
+            if source.quantization
+            else "is not quantized (its config.json has no quantization_config): drop "
+            "--quantization"
+        )
         raise ValueError(f"--quantization {quantization}, but the model {model!r} {found}")
     return source
 
@@ -181,8 +197,7 @@ def _hf_source(name: str, directory: Path) -> ModelSource:
     if "quantization_config" in hf_config:
         where = f"model {name!r}"
         quantization = HFQuantization.from_config(hf_config["quantization_config"], where)
-        sizes = {"hidden_size": config.hidden_size,
-                 "intermediate_size": config.intermediate_size}  # fmt: skip
+        sizes = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
         quantization.check_divides(sizes, where)
     return ModelSource(name, config, directory, hf_quantization=quantization)
 
@@ -191,8 +206,11 @@ def _download(repo_id: str, revision: str | None, download_dir: str | None) -> P
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
-                                      allow_patterns=_HUB_PATTERNS))  # fmt: skip
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_PATTERNS
+            )
+        )
     except Exception as exc:  # network, auth, missing repo: one line that says what to do
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -13,14 +13,20 @@ VARIANTS = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
     "hf-token": {"hfToken": {"create": True, "token": "hf_abc"}},
-    "own-service-account": {"serviceAccount": {"create": False, "name": "ops"},
-                            "rbac": {"create": False}},
-    "tuned": {"image": {"repository": "registry.example/op", "tag": "1.2.3"},
-              "runtimeImage": {"repository": "registry.example/rt", "tag": "cpu"},
-              "verbose": True, "recheckSeconds": 5, "healthPort": 9090,
-              "nodeSelector": {"pool": "system"},
-              "tolerations": [{"key": "x", "operator": "Exists"}]},
-}  # fmt: skip
+    "own-service-account": {
+        "serviceAccount": {"create": False, "name": "ops"},
+        "rbac": {"create": False},
+    },
+    "tuned": {
+        "image": {"repository": "registry.example/op", "tag": "1.2.3"},
+        "runtimeImage": {"repository": "registry.example/rt", "tag": "cpu"},
+        "verbose": True,
+        "recheckSeconds": 5,
+        "healthPort": 9090,
+        "nodeSelector": {"pool": "system"},
+        "tolerations": [{"key": "x", "operator": "Exists"}],
+    },
+}
 
 
 def test_the_chart_lints_strictly():
@@ -76,8 +82,11 @@ def test_rbac_follows_watch_namespaces():
 
 
 def test_a_helm_test_hook_checks_the_operator_health():
-    hooks = [o for o in rendered_objects({}) if o["metadata"].get("annotations", {}).get(
-        "helm.sh/hook") == "test"]  # fmt: skip
+    hooks = [
+        o
+        for o in rendered_objects({})
+        if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"
+    ]
     (pod,) = hooks
     assert "/healthz" in " ".join(pod["spec"]["containers"][0]["command"])
 
@@ -92,9 +101,15 @@ def test_the_hf_token_secret_is_optional_and_needs_a_token():
 
 @pytest.mark.parametrize(
     "values",
-    [{"watchNamespaces": "team-a"}, {"watchNamespaces": ["Bad_Name"]}, {"healthPort": 80},
-     {"image": {"repository": ""}}, {"unknownKey": 1}, {"recheckSeconds": 0}],
-)  # fmt: skip
+    [
+        {"watchNamespaces": "team-a"},
+        {"watchNamespaces": ["Bad_Name"]},
+        {"healthPort": 80},
+        {"image": {"repository": ""}},
+        {"unknownKey": 1},
+        {"recheckSeconds": 0},
+    ],
+)
 def test_the_values_schema_refuses_bad_values(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(values)

@@ -11,15 +11,22 @@ from tests.operator.manifests import custom_resource
 def test_every_variable_the_operator_sets_is_understood_by_kubellm_serve():
     spec = {
         "model": {"source": "hf://org/m", "revision": "v2", "servedName": "m"},
-        "engine": {"maxModelLen": 4096, "gpuMemoryUtilization": 0.8, "blockSize": 32,
-                   "maxNumSeqs": 8, "maxNumBatchedTokens": 1024,
-                   "enablePrefixCaching": False, "dtype": "bfloat16",
-                   "shutdownTimeoutSeconds": 45},
-    }  # fmt: skip
+        "engine": {
+            "maxModelLen": 4096,
+            "gpuMemoryUtilization": 0.8,
+            "blockSize": 32,
+            "maxNumSeqs": 8,
+            "maxNumBatchedTokens": 1024,
+            "enablePrefixCaching": False,
+            "dtype": "bfloat16",
+            "shutdownTimeoutSeconds": 45,
+        },
+    }
     deployment = next(
-        o for o in build_children(custom_resource(**spec), "img", "router-img").desired
+        o
+        for o in build_children(custom_resource(**spec), "img", "router-img").desired
         if o["kind"] == "Deployment"
-    )  # fmt: skip
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     ours = {k: v for k, v in env.items() if k.startswith("KUBELLM_")}
@@ -55,25 +62,39 @@ def test_the_crd_engine_defaults_are_the_runtime_defaults():
 
 def test_the_operator_passes_only_what_differs_from_the_default():
     deployment = next(
-        o for o in build_children(custom_resource(engine={"maxNumSeqs": 8}), "img", "r").desired
+        o
+        for o in build_children(custom_resource(engine={"maxNumSeqs": 8}), "img", "r").desired
         if o["kind"] == "Deployment"
-    )  # fmt: skip
+    )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     engine_env = {e["name"] for e in container["env"]} & {
-        f"KUBELLM_{n}" for n in ("MAX_NUM_SEQS", "BLOCK_SIZE", "DTYPE", "MAX_NUM_BATCHED_TOKENS",
-                                 "ENABLE_PREFIX_CACHING", "TENSOR_PARALLEL_SIZE",
-                                 "GPU_MEMORY_UTILIZATION", "SHUTDOWN_TIMEOUT")
-    }  # fmt: skip
+        f"KUBELLM_{n}"
+        for n in (
+            "MAX_NUM_SEQS",
+            "BLOCK_SIZE",
+            "DTYPE",
+            "MAX_NUM_BATCHED_TOKENS",
+            "ENABLE_PREFIX_CACHING",
+            "TENSOR_PARALLEL_SIZE",
+            "GPU_MEMORY_UTILIZATION",
+            "SHUTDOWN_TIMEOUT",
+        )
+    }
     assert engine_env == {"KUBELLM_MAX_NUM_SEQS"}
 
 
 def test_a_tool_call_parser_reaches_the_runtime():
     deployment = next(
-        o for o in build_children(custom_resource(engine={"toolCallParser": "hermes"}), "img", "r")
-        .desired if o["kind"] == "Deployment"
-    )  # fmt: skip
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]
-           ["containers"][0]["env"]}  # fmt: skip
+        o
+        for o in build_children(
+            custom_resource(engine={"toolCallParser": "hermes"}), "img", "r"
+        ).desired
+        if o["kind"] == "Deployment"
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     args = parse_args([], {k: v for k, v in env.items() if k.startswith("KUBELLM_")})
     assert args.tool_call_parser == "hermes"
 
@@ -84,13 +105,19 @@ def test_every_variable_the_operator_gives_the_router_is_understood_by_kubellm_r
     secret = {"name": "a", "key": "k"}
     cr = custom_resource(routing={"policy": "least-load"}, apiKeySecretRef=secret)
     desired = build_children(cr, "img", "router-img").desired
-    router = next(o for o in desired if o["metadata"]["name"] == "llama-router"
-                  and o["kind"] == "Deployment")  # fmt: skip
+    router = next(
+        o for o in desired if o["metadata"]["name"] == "llama-router" and o["kind"] == "Deployment"
+    )
     container = router["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["kubellm", "route"] and container["image"] == "router-img"
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert set(env) == {"KUBELLM_DISCOVER", "KUBELLM_POLICY", "KUBELLM_HOST", "KUBELLM_PORT",
-                        "KUBELLM_API_KEY"}  # fmt: skip
+    assert set(env) == {
+        "KUBELLM_DISCOVER",
+        "KUBELLM_POLICY",
+        "KUBELLM_HOST",
+        "KUBELLM_PORT",
+        "KUBELLM_API_KEY",
+    }
     args = route_args([], {k: v for k, v in env.items() if v is not None})  # a bad value exits
     assert (args.discover, args.policy) == ("llama-replicas.ml", "least-load")
     assert (args.host, args.port) == ("0.0.0.0", 8000)

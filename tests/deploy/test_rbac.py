@@ -31,8 +31,12 @@ def _scenario(cluster: Cluster) -> None:
     """Every write and read the operator has: create, patch back drift, delete, status,
     events, Secrets, claims (created, looked up, grown)."""
     for name, key in (("hf", "token"), ("api", "key")):
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
-                  "data": {key: "eHl6"}}  # fmt: skip
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS},
+            "data": {key: "eHl6"},
+        }
         cluster.create(collection_path("Secret", NS), secret)
     model = {"source": "hf://org/m", "hfTokenSecretRef": {"name": "hf", "key": "token"}}
     api_key = {"name": "api", "key": "key"}
@@ -50,10 +54,14 @@ def _scenario(cluster: Cluster) -> None:
     claim = object_path("PersistentVolumeClaim", NS, "full-model-cache")
     wait_for(lambda: cluster.get(claim)["spec"]["resources"]["requests"]["storage"] == "80Gi")
     deployment = object_path("Deployment", NS, "full")
-    cluster.patch(deployment + "/status", {"status": {"replicas": 1, "readyReplicas": 1,
-                                                      "updatedReplicas": 1}})  # fmt: skip
-    cluster.patch(deployment.replace("/full", "/full-router") + "/status",
-                  {"status": {"replicas": 1, "readyReplicas": 1}})  # fmt: skip
+    cluster.patch(
+        deployment + "/status",
+        {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}},
+    )
+    cluster.patch(
+        deployment.replace("/full", "/full-router") + "/status",
+        {"status": {"replicas": 1, "readyReplicas": 1}},
+    )
     wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
     _route_and_pool(cluster, path)
     _autoscale(cluster)
@@ -102,8 +110,12 @@ def _route_and_pool(cluster: Cluster, path: str) -> None:
 def _autoscale(cluster: Cluster) -> None:
     """An autoscaled resource: taken over at min replicas, evaluated (EndpointSlices and
     HPAs listed), a `kubectl scale` set back."""
-    create_llmd(cluster, "auto", model={"source": "hf://org/auto"},
-                autoscaling={"minReplicas": 0, "maxReplicas": 2})  # fmt: skip
+    create_llmd(
+        cluster,
+        "auto",
+        model={"source": "hf://org/auto"},
+        autoscaling={"minReplicas": 0, "maxReplicas": 2},
+    )
     path = object_path("LLMDeployment", NS, "auto")
 
     def reason() -> str | None:
@@ -125,8 +137,12 @@ def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
         with KopfRunner(args, reraise=False) as runner:
             _scenario(cluster)
             if watch:  # kopf also keeps track of which namespaces exist
-                wait_for(lambda: any(p == "/api/v1/namespaces" and q.get("watch")
-                                     for _, p, q in cluster.operator_requests()))  # fmt: skip
+                wait_for(
+                    lambda: any(
+                        p == "/api/v1/namespaces" and q.get("watch")
+                        for _, p, q in cluster.operator_requests()
+                    )
+                )
         assert runner.exception is None, runner.output
         requests = cluster.operator_requests()
     namespaced, cluster_level = set(), set()
@@ -141,8 +157,11 @@ def _record(tmp_path, monkeypatch, watch: list[str]) -> tuple[set, set]:
 def _rules(values: dict[str, Any]) -> dict[tuple[str, str | None], set]:
     """(kind, namespace) -> granted permissions, from the rendered chart."""
     rendered = yaml.safe_load_all(render(values)["kubellm/templates/rbac.yaml"])
-    return {(d["kind"], d["metadata"].get("namespace")): granted(d["rules"])
-            for d in rendered if d and d["kind"] in ("ClusterRole", "Role")}  # fmt: skip
+    return {
+        (d["kind"], d["metadata"].get("namespace")): granted(d["rules"])
+        for d in rendered
+        if d and d["kind"] in ("ClusterRole", "Role")
+    }
 
 
 def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(tmp_path, monkeypatch):
@@ -154,8 +173,9 @@ def test_cluster_wide_rbac_is_exactly_what_the_operator_uses(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("watch", [[NS]])
-def test_namespaced_rbac_is_a_role_there_and_only_discovery_cluster_wide(tmp_path, monkeypatch,
-                                                                        watch):  # fmt: skip
+def test_namespaced_rbac_is_a_role_there_and_only_discovery_cluster_wide(
+    tmp_path, monkeypatch, watch
+):
     namespaced, cluster_level = _record(tmp_path, monkeypatch, watch)
     rules = _rules({"watchNamespaces": watch})
     assert rules[("Role", NS)] == namespaced

@@ -21,8 +21,16 @@ from concurrent.futures import ProcessPoolExecutor
 # (query heads, KV heads, head dim) of one rank: SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B,
 # Qwen2-7B, MHA; under tensor parallelism Llama-3.1-8B at TP 2 and Llama-3.1-70B (64 heads,
 # 8 KV heads) at TP 4 and TP 8 (one KV head per rank).
-SHAPES = [(9, 3, 64), (32, 8, 64), (32, 8, 128), (28, 4, 128), (16, 16, 128),
-          (16, 4, 128), (16, 2, 128), (8, 1, 128)]  # fmt: skip
+SHAPES = [
+    (9, 3, 64),
+    (32, 8, 64),
+    (32, 8, 128),
+    (28, 4, 128),
+    (16, 16, 128),
+    (16, 4, 128),
+    (16, 2, 128),
+    (8, 1, 128),
+]
 RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP 8 of 70B
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
@@ -51,15 +59,15 @@ def jobs() -> list[tuple[str, str, dict]]:
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
         for kv_heads in RANK_KV_HEADS:
-            out.append(("write_kv", dtype, dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=128,
-                                                BLOCK_D=128)))  # fmt: skip
+            out.append(("write_kv", dtype, dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=128, BLOCK_D=128)))
         for (heads, kv_heads, dim), query_len in itertools.product(SHAPES, (1, 2048)):
             constants = attention_constants(heads, kv_heads, dim, BLOCK_SIZE, query_len, native)
             out.append(("attention", dtype, constants))
         for heads, kv_heads, dim in SHAPES:
             merge = merge_constants(heads, kv_heads, dim, SPLITS)
-            out.append(("decode_split", dtype, dict(merge, BLOCK_SIZE=BLOCK_SIZE,
-                                                     NATIVE_DOT=native)))  # fmt: skip
+            out.append(
+                ("decode_split", dtype, dict(merge, BLOCK_SIZE=BLOCK_SIZE, NATIVE_DOT=native))
+            )
             out.append(("decode_merge", dtype, merge))
         for group, rows in itertools.product(W4A16_GROUPS, W4A16_ROWS):
             out.append(("w4a16", dtype, w4a16_constants(rows, group, native)))
@@ -76,31 +84,66 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
 
     name, dtype, constants = job
     kernel, types = {
-        "write_kv": (kernels._write_kv_kernel, {
-            **_pointers(dtype, "key value k_cache v_cache"), "slots": "*i64",
-            **_ints("stride_kt stride_kh stride_vt stride_vh")}),
-        "attention": (kernels._paged_attention_kernel, {
-            **_pointers(dtype, "query out k_cache v_cache"), "block_tables": "*i64",
-            "query_start_loc": "*i32", "seq_lens": "*i32", "scale": "fp32",
-            **_ints("stride_qt stride_qh stride_ot stride_oh stride_bt")}),
-        "decode_split": (kernels._decode_split_kernel, {
-            **_pointers(dtype, "query k_cache v_cache"), "block_tables": "*i64",
-            "seq_lens": "*i32", "scale": "fp32", **_pointers("fp32", "part_acc part_m part_l"),
-            **_ints("stride_qt stride_qh stride_bt")}),
-        "decode_merge": (kernels._decode_merge_kernel, {
-            **_pointers(dtype, "out"), **_pointers("fp32", "part_acc part_m part_l"),
-            **_ints("stride_ot stride_oh")}),
-        "w4a16": (w4a16._w4a16_kernel, {
-            "x": f"*{dtype}", "codes": "*u8", **_pointers("fp32", "scales offsets partial"),
-            **_ints("M N K SPLIT_K stride_xm stride_cn stride_sn")}),
-    }[name]  # fmt: skip
+        "write_kv": (
+            kernels._write_kv_kernel,
+            {
+                **_pointers(dtype, "key value k_cache v_cache"),
+                "slots": "*i64",
+                **_ints("stride_kt stride_kh stride_vt stride_vh"),
+            },
+        ),
+        "attention": (
+            kernels._paged_attention_kernel,
+            {
+                **_pointers(dtype, "query out k_cache v_cache"),
+                "block_tables": "*i64",
+                "query_start_loc": "*i32",
+                "seq_lens": "*i32",
+                "scale": "fp32",
+                **_ints("stride_qt stride_qh stride_ot stride_oh stride_bt"),
+            },
+        ),
+        "decode_split": (
+            kernels._decode_split_kernel,
+            {
+                **_pointers(dtype, "query k_cache v_cache"),
+                "block_tables": "*i64",
+                "seq_lens": "*i32",
+                "scale": "fp32",
+                **_pointers("fp32", "part_acc part_m part_l"),
+                **_ints("stride_qt stride_qh stride_bt"),
+            },
+        ),
+        "decode_merge": (
+            kernels._decode_merge_kernel,
+            {
+                **_pointers(dtype, "out"),
+                **_pointers("fp32", "part_acc part_m part_l"),
+                **_ints("stride_ot stride_oh"),
+            },
+        ),
+        "w4a16": (
+            w4a16._w4a16_kernel,
+            {
+                "x": f"*{dtype}",
+                "codes": "*u8",
+                **_pointers("fp32", "scales offsets partial"),
+                **_ints("M N K SPLIT_K stride_xm stride_cn stride_sn"),
+            },
+        ),
+    }[name]
     signature = {arg: "constexpr" if arg in constants else types[arg] for arg in kernel.arg_names}
     compiled = triton.compile(
         ASTSource(kernel, signature, constants), target=GPUTarget("cuda", arch, 32)
     )
-    return {"kernel": name, "dtype": dtype, "constants": constants, "arch": arch,
-            "cubin_bytes": len(compiled.asm["cubin"]),
-            "shared_bytes": compiled.metadata.shared}  # fmt: skip
+    return {
+        "kernel": name,
+        "dtype": dtype,
+        "constants": constants,
+        "arch": arch,
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "shared_bytes": compiled.metadata.shared,
+    }
 
 
 def main() -> None:

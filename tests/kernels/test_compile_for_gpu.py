@@ -24,8 +24,11 @@ def test_every_launch_configuration_compiles_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, "-P", str(Path(__file__).with_name("compile_for_gpu.py")), "--arch", "90"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
     w4a16 = len(W4A16_GROUPS) * len(W4A16_ROWS)

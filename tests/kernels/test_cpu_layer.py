@@ -35,8 +35,9 @@ def _quantized(rows: int, cols: int, bits: int, group: int, seed: int):
 def _struct(weight) -> cpu_layer.QuantizedWeight:
     codes, scales, offsets, bits, group = weight
     inputs = codes.shape[1] * 8 // bits
-    return cpu_layer.QuantizedWeight(codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(),
-                                     codes.shape[0], inputs, group, bits)  # fmt: skip
+    return cpu_layer.QuantizedWeight(
+        codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(), codes.shape[0], inputs, group, bits
+    )
 
 
 def _composed(weights, bias, norms, x, residual, rope, kv_cache, slots, lens, tables):
@@ -52,8 +53,7 @@ def _composed(weights, bias, norms, x, residual, rope, kv_cache, slots, lens, ta
     v = qkv[:, q_size + kv_size :].view(-1, KV_HEADS, DIM)
     cpu_ops.write_kv(k, v, kv_cache, slots)
     attended = torch.empty(q.shape)
-    cpu_ops.decode_attention(q, kv_cache, torch.arange(len(x)), lens, tables, DIM**-0.5,
-                             attended)  # fmt: skip
+    cpu_ops.decode_attention(q, kv_cache, torch.arange(len(x)), lens, tables, DIM**-0.5, attended)
     projected = cpu_qgemm(attended.reshape(-1, q_size), *o_w)
     normed, residual = CpuOps.add_rms_norm(projected, residual, norms[1], 1e-5)
     activated = CpuOps.silu_and_mul(cpu_qgemm(normed, *gate_up_w))
@@ -62,13 +62,21 @@ def _composed(weights, bias, norms, x, residual, rope, kv_cache, slots, lens, ta
 
 @pytest.mark.parametrize(
     ("requests", "bits", "bias", "first_layer", "cache_dtype"),
-    [(1, (4, 4, 4, 4), False, False, torch.float32), (3, (8, 4, 4, 8), True, False, torch.float16),
-     (5, (4, 8, 4, 4), True, True, torch.float32), (2, (4, 4, 8, 4), False, True, torch.float16)],
-)  # fmt: skip
+    [
+        (1, (4, 4, 4, 4), False, False, torch.float32),
+        (3, (8, 4, 4, 8), True, False, torch.float16),
+        (5, (4, 8, 4, 4), True, True, torch.float32),
+        (2, (4, 4, 8, 4), False, True, torch.float16),
+    ],
+)
 def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_layer, cache_dtype):
     q_size, kv_size = HEADS * DIM, KV_HEADS * DIM
-    shapes = [(q_size + 2 * kv_size, HIDDEN, 32), (HIDDEN, q_size, 64), (2 * INNER, HIDDEN, 32),
-              (HIDDEN, INNER, 32)]  # fmt: skip
+    shapes = [
+        (q_size + 2 * kv_size, HIDDEN, 32),
+        (HIDDEN, q_size, 64),
+        (2 * INNER, HIDDEN, 32),
+        (HIDDEN, INNER, 32),
+    ]
     weights = [_quantized(n, k, b, g, seed=i) for i, ((n, k, g), b) in enumerate(zip(shapes, bits))]
     qkv_bias = _random(q_size + 2 * kv_size, seed=20) if bias else None
     norms = (_random(HIDDEN, seed=21).abs() + 0.5, _random(HIDDEN, seed=22).abs() + 0.5)
@@ -80,8 +88,9 @@ def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_laye
     used = 0
     for r, count in enumerate(per_request):
         tables[r, :count], used = order[used : used + count], used + count
-    slots = torch.stack([tables[r, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK
-                         for r, n in enumerate(lens.tolist())])  # fmt: skip
+    slots = torch.stack(
+        [tables[r, (n - 1) // BLOCK] * BLOCK + (n - 1) % BLOCK for r, n in enumerate(lens.tolist())]
+    )
     kv_cache = _random(2, blocks, BLOCK, KV_HEADS, DIM, seed=24).to(cache_dtype)
     rope = RopeTables(_random(requests, 1, DIM, seed=25), _random(requests, 1, DIM, seed=26))
     x = _random(requests, HIDDEN, seed=27, scale=2)
@@ -89,19 +98,45 @@ def test_decode_layer_equals_the_separate_calls(requests, bits, bias, first_laye
 
     kv_expected = kv_cache.clone()
     expected, expected_stream = _composed(
-        weights, qkv_bias, norms, x.clone(), None if residual is None else residual.clone(), rope,
-        kv_expected, slots, lens, tables,
-    )  # fmt: skip
+        weights,
+        qkv_bias,
+        norms,
+        x.clone(),
+        None if residual is None else residual.clone(),
+        rope,
+        kv_expected,
+        slots,
+        lens,
+        tables,
+    )
 
     bias_pointer = None if qkv_bias is None else qkv_bias.data_ptr()
-    layer = cpu_layer.Layer(*map(_struct, weights), bias_pointer, norms[0].data_ptr(),
-                            norms[1].data_ptr(), 1e-5, DIM**-0.5, HIDDEN, HEADS, KV_HEADS,
-                            DIM)  # fmt: skip
+    layer = cpu_layer.Layer(
+        *map(_struct, weights),
+        bias_pointer,
+        norms[0].data_ptr(),
+        norms[1].data_ptr(),
+        1e-5,
+        DIM**-0.5,
+        HIDDEN,
+        HEADS,
+        KV_HEADS,
+        DIM,
+    )
     rows = torch.arange(requests)
-    step = cpu_layer.DecodeStep(requests, rope.cos.data_ptr(), rope.sin.data_ptr(),
-                                slots.data_ptr(), rows.data_ptr(), lens.data_ptr(),
-                                tables.data_ptr(), tables.stride(0), blocks, BLOCK,
-                                cpu_ops.half_cache(kv_cache))  # fmt: skip
+    step = cpu_layer.DecodeStep(
+        requests,
+        rope.cos.data_ptr(),
+        rope.sin.data_ptr(),
+        slots.data_ptr(),
+        rows.data_ptr(),
+        lens.data_ptr(),
+        tables.data_ptr(),
+        tables.stride(0),
+        blocks,
+        BLOCK,
+        cpu_ops.half_cache(kv_cache),
+    )
     out, stream = cpu_layer.decode_layer(layer, step, kv_cache, x, residual)
     assert torch.equal(out, expected) and torch.equal(stream, expected_stream)
     assert torch.equal(kv_cache, kv_expected)  # the new K/V went to the same slots

@@ -34,8 +34,9 @@ def test_add_rms_norm_matches_torch(rows, size):
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     alone, same = CpuOps.add_rms_norm(x, None, weight, 1e-5)
     assert same is x
-    torch.testing.assert_close(alone, TorchOps.add_rms_norm(x, None, weight, 1e-5)[0],
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        alone, TorchOps.add_rms_norm(x, None, weight, 1e-5)[0], rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(("tokens", "heads", "dim"), [(1, 12, 64), (6, 3, 16), (5, 4, 128)])
@@ -53,8 +54,9 @@ def test_rotate_matches_torch_bit_for_bit(tokens, heads, dim):
 def test_silu_and_mul_matches_torch(rows, width):
     gate_up = _random(rows, width, seed=rows, scale=30)  # far into both tails of e^-g
     gate_up[0, :4] = torch.tensor([0.0, -100.0, 100.0, 1e-3])
-    torch.testing.assert_close(CpuOps.silu_and_mul(gate_up), TorchOps.silu_and_mul(gate_up),
-                               rtol=2e-6, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        CpuOps.silu_and_mul(gate_up), TorchOps.silu_and_mul(gate_up), rtol=2e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
@@ -76,12 +78,19 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding(cache_dtype, kv_hea
 
 @pytest.mark.parametrize(
     ("seq_lens", "block_size", "heads", "kv_heads", "dim"),
-    [([1, 5, 8, 9, 37], 16, 9, 3, 64), ([130, 3], 5, 4, 4, 128), ([17, 64], 16, 2, 1, 8),
-     ([23], 4, 6, 2, 24), ([3, 40, 17, 9, 64], 16, 8, 2, 32), ([12, 33, 50, 7], 8, 16, 2, 40)],
-)  # fmt: skip
+    [
+        ([1, 5, 8, 9, 37], 16, 9, 3, 64),
+        ([130, 3], 5, 4, 4, 128),
+        ([17, 64], 16, 2, 1, 8),
+        ([23], 4, 6, 2, 24),
+        ([3, 40, 17, 9, 64], 16, 8, 2, 32),
+        ([12, 33, 50, 7], 8, 16, 2, 40),
+    ],
+)
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_heads, dim,
-                                                cache_dtype):  # fmt: skip
+def test_decode_attention_matches_the_reference(
+    seq_lens, block_size, heads, kv_heads, dim, cache_dtype
+):
     """An fp16 cache: the reference over its values in fp32 (the kernel's arithmetic)."""
     per_request = [-(-n // block_size) for n in seq_lens]
     blocks = sum(per_request) + 3
@@ -99,8 +108,9 @@ def test_decode_attention_matches_the_reference(seq_lens, block_size, heads, kv_
     cpu_ops.decode_attention(query, kv_cache, torch.arange(tokens), lens, tables, dim**-0.5, out)
     starts = torch.arange(tokens + 1, dtype=torch.int32)
     k_cache, v_cache = kv_cache.float()
-    expected = paged_attention_reference(query, k_cache, v_cache, tables, starts, lens.int(),
-                                         dim**-0.5)  # fmt: skip
+    expected = paged_attention_reference(
+        query, k_cache, v_cache, tables, starts, lens.int(), dim**-0.5
+    )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -109,8 +119,10 @@ def test_decode_attention_over_fp16_equals_fp32_holding_the_same_values():
     of those values, so the cache's dtype changes only what is stored."""
     half = _random(2, 5, 16, 2, 64, seed=13).half()
     query = _random(3, 6, 64, seed=14, scale=3)
-    lens, tables = torch.tensor([70, 9, 33]), torch.tensor([[4, 0, 2, 1, 3], [1, 0, 0, 0, 0],
-                                                            [3, 2, 0, 0, 0]])  # fmt: skip
+    lens, tables = (
+        torch.tensor([70, 9, 33]),
+        torch.tensor([[4, 0, 2, 1, 3], [1, 0, 0, 0, 0], [3, 2, 0, 0, 0]]),
+    )
     outs = []
     for kv_cache in (half, half.float()):
         out = torch.empty(3, 6, 64)
@@ -130,8 +142,15 @@ def test_decode_attention_of_a_request_is_the_same_alone_or_in_a_batch():
     cpu_ops.decode_attention(query, kv_cache, torch.arange(8), lens, tables, 0.125, batch)
     for r in (0, 5):
         alone = torch.empty(1, 9, 64)
-        cpu_ops.decode_attention(query[r : r + 1], kv_cache, torch.arange(1), lens[r : r + 1],
-                                 tables[r : r + 1], 0.125, alone)  # fmt: skip
+        cpu_ops.decode_attention(
+            query[r : r + 1],
+            kv_cache,
+            torch.arange(1),
+            lens[r : r + 1],
+            tables[r : r + 1],
+            0.125,
+            alone,
+        )
         assert torch.equal(alone[0], batch[r])
 
 
@@ -144,7 +163,8 @@ def test_decode_attention_writes_only_the_rows_it_is_given():
     out = torch.full((5, 2, 16), float("nan"))
     cpu_ops.decode_attention(query, kv_cache, rows, lens, tables, 0.25, out)
     starts = torch.arange(3, dtype=torch.int32)
-    expected = paged_attention_reference(query[rows], kv_cache[0], kv_cache[1], tables, starts,
-                                         lens.int(), 0.25)  # fmt: skip
+    expected = paged_attention_reference(
+        query[rows], kv_cache[0], kv_cache[1], tables, starts, lens.int(), 0.25
+    )
     torch.testing.assert_close(out[rows], expected, rtol=1e-5, atol=1e-5)
     assert out[[0, 2, 3]].isnan().all()

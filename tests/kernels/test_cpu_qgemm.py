@@ -26,9 +26,18 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(
     ("rows", "cols", "inputs", "group"),
-    [(1, 64, 128, 32), (2, 37, 96, 32), (5, 80, 256, 64), (9, 48, 384, 128), (4, 16, 160, 160),
-     (3, 40, 160, 32), (6, 24, 576, 32), (2, 13, 1056, 32), (7, 8, 512, 64)],
-)  # fmt: skip
+    [
+        (1, 64, 128, 32),
+        (2, 37, 96, 32),
+        (5, 80, 256, 64),
+        (9, 48, 384, 128),
+        (4, 16, 160, 160),
+        (3, 40, 160, 32),
+        (6, 24, 576, 32),
+        (2, 13, 1056, 32),
+        (7, 8, 512, 64),
+    ],
+)
 def test_cpu_qgemm_matches_the_reference_and_the_definition(bits, rows, cols, inputs, group):
     weight = random_group_quantized(cols, inputs, bits, group, seed=rows + inputs)
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)) * 3
@@ -49,8 +58,10 @@ def test_no_offsets_gives_zero_offsets_result_bit_for_bit(bits):
     weight = random_group_quantized(20, 576, bits, 32, seed=bits)
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(3))
     scales, zeros = weight.scales.half(), torch.zeros_like(weight.offsets).half()
-    assert torch.equal(cpu_qgemm.cpu_qgemm(x, weight.codes, scales, None, bits, 32),
-                       cpu_qgemm.cpu_qgemm(x, weight.codes, scales, zeros, bits, 32))  # fmt: skip
+    assert torch.equal(
+        cpu_qgemm.cpu_qgemm(x, weight.codes, scales, None, bits, 32),
+        cpu_qgemm.cpu_qgemm(x, weight.codes, scales, zeros, bits, 32),
+    )
 
 
 def test_rounding_x_is_per_block_of_32():
@@ -81,9 +92,18 @@ def _qgemm_with(library: ctypes.CDLL, x: torch.Tensor, weight, bits: int) -> tor
     out = torch.empty(x.shape[0], weight.codes.shape[0])
     i64, pointer = ctypes.c_int64, lambda t: ctypes.c_void_p(t.data_ptr())
     status = library.kubellm_qgemm(
-        pointer(x), i64(x.shape[0]), i64(x.shape[1]), pointer(weight.codes), ctypes.c_int(bits),
-        pointer(scales), pointer(offsets), i64(out.shape[1]), i64(weight.group_size),
-        pointer(out), ctypes.c_int(2))  # fmt: skip
+        pointer(x),
+        i64(x.shape[0]),
+        i64(x.shape[1]),
+        pointer(weight.codes),
+        ctypes.c_int(bits),
+        pointer(scales),
+        pointer(offsets),
+        i64(out.shape[1]),
+        i64(weight.group_size),
+        pointer(out),
+        ctypes.c_int(2),
+    )
     assert status == 0
     return out
 
@@ -101,8 +121,13 @@ def test_each_vnni_build_sums_what_the_avx2_build_sums(level, bits, tmp_path, mo
     extreme codes and inputs, quads, pairs and single blocks, and 1-9 rows."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     builds = [ctypes.CDLL(str(cpu_library.build(name))) for name in (level, "avx2")]
-    for rows, cols, inputs, group in [(1, 64, 576, 32), (9, 24, 1056, 32), (4, 16, 160, 160),
-                                      (3, 16, 512, 64), (2, 8, 384, 128)]:  # fmt: skip
+    for rows, cols, inputs, group in [
+        (1, 64, 576, 32),
+        (9, 24, 1056, 32),
+        (4, 16, 160, 160),
+        (3, 16, 512, 64),
+        (2, 8, 384, 128),
+    ]:
         weight = random_group_quantized(cols, inputs, bits, group, seed=rows)
         if bits == 8:  # the extremes: |w| = 128 is the largest unsigned operand
             weight.codes.view(torch.int8)[0, :32] = -128
@@ -122,8 +147,9 @@ def test_dequantize_equals_the_definition_bit_for_bit(bits, rows, inputs, group)
     """The weight of the dense product for large M: GroupQuantized's values exactly."""
     weight = random_group_quantized(rows, inputs, bits, group, seed=inputs + bits)
     halves = weight.scales.half(), weight.offsets.half()
-    assert torch.equal(cpu_qgemm.dequantize(weight.codes, *halves, bits, group),
-                       weight.dequantize())  # fmt: skip
+    assert torch.equal(
+        cpu_qgemm.dequantize(weight.codes, *halves, bits, group), weight.dequantize()
+    )
 
 
 @pytest.mark.parametrize("bits", [4, 8])

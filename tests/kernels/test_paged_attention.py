@@ -37,9 +37,14 @@ def _batch(rng: random.Random, shapes, num_kv_heads, group, head_dim, block_size
     for q_len, _ in shapes:
         starts.append(starts[-1] + q_len)
     query = torch.randn(starts[-1], num_kv_heads * group, head_dim, generator=gen).to(dtype)
-    return (query.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE),
-            torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-            torch.tensor([s for _, s in shapes], dtype=torch.int32, device=DEVICE))  # fmt: skip
+    return (
+        query.to(DEVICE),
+        k_cache.to(DEVICE),
+        v_cache.to(DEVICE),
+        tables.to(DEVICE),
+        torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        torch.tensor([s for _, s in shapes], dtype=torch.int32, device=DEVICE),
+    )
 
 
 MIXED = [  # (new tokens, context): fresh prefill, decodes, a chunk after a prefix hit
@@ -57,8 +62,9 @@ CASES = [  # (kv heads, group, head dim, block size)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim", "block_size"), CASES)
 @pytest.mark.parametrize("shapes", MIXED, ids=["five-kinds", "long-chunk"])
-def test_paged_attention_matches_the_reference(shapes, num_kv_heads, group, head_dim,
-                                               block_size, dtype):  # fmt: skip
+def test_paged_attention_matches_the_reference(
+    shapes, num_kv_heads, group, head_dim, block_size, dtype
+):
     rng = random.Random(hash((tuple(shapes), num_kv_heads, group, head_dim, block_size)))
     query, k_cache, v_cache, tables, starts, seq_lens = _batch(
         rng, shapes, num_kv_heads, group, head_dim, block_size, dtype
@@ -66,16 +72,17 @@ def test_paged_attention_matches_the_reference(shapes, num_kv_heads, group, head
     scale = head_dim**-0.5
     max_q = max(q for q, _ in shapes)
     got = paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, scale, max_q)
-    want = paged_attention_reference(query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(),
-                                     starts.cpu(), seq_lens.cpu(), scale)  # fmt: skip
-    torch.testing.assert_close(got.cpu().float(), want.float(), atol=TOLERANCE[dtype],
-                               rtol=TOLERANCE[dtype])  # fmt: skip
+    want = paged_attention_reference(
+        query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), starts.cpu(), seq_lens.cpu(), scale
+    )
+    torch.testing.assert_close(
+        got.cpu().float(), want.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype]
+    )
 
 
 @pytest.mark.parametrize("splits", [1, 3, 8])
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim", "block_size"), CASES[:3])
-def test_split_kv_decode_matches_the_reference(splits, num_kv_heads, group, head_dim,
-                                               block_size):  # fmt: skip
+def test_split_kv_decode_matches_the_reference(splits, num_kv_heads, group, head_dim, block_size):
     shapes = [(1, 70), (1, 5), (1, 33)]  # more segments than the short contexts have blocks
     rng = random.Random(splits * 7 + group)
     query, k_cache, v_cache, tables, starts, seq_lens = _batch(
@@ -83,8 +90,9 @@ def test_split_kv_decode_matches_the_reference(splits, num_kv_heads, group, head
     )
     scale = head_dim**-0.5
     got = paged_decode(query, k_cache, v_cache, tables, seq_lens, scale, splits)
-    want = paged_attention_reference(query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(),
-                                     starts.cpu(), seq_lens.cpu(), scale)  # fmt: skip
+    want = paged_attention_reference(
+        query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), starts.cpu(), seq_lens.cpu(), scale
+    )
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
 
 

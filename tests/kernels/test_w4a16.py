@@ -28,11 +28,15 @@ def _weight(rows: int, cols: int, group: int, seed: int) -> GroupQuantized:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("rows", "cols", "inputs", "group", "splits"),
-    [(1, 64, 128, 32, 1), (1, 96, 256, 64, 3), (5, 80, 256, 128, 2), (33, 64, 128, 32, 1),
-     (3, 64, 192, 64, 1)],
-)  # fmt: skip
-def test_w4a16_matches_the_reference_and_the_definition(dtype, rows, cols, inputs, group,
-                                                        splits):  # fmt: skip
+    [
+        (1, 64, 128, 32, 1),
+        (1, 96, 256, 64, 3),
+        (5, 80, 256, 128, 2),
+        (33, 64, 128, 32, 1),
+        (3, 64, 192, 64, 1),
+    ],
+)
+def test_w4a16_matches_the_reference_and_the_definition(dtype, rows, cols, inputs, group, splits):
     weight = _weight(cols, inputs, group, seed=rows + inputs)
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(dtype)
     on = [t.to(TRITON_DEVICE) for t in (x, weight.codes, weight.scales, weight.offsets)]

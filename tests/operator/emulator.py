@@ -65,8 +65,9 @@ class FixedEmulator(kmock.KubernetesEmulator):
     faults: list[Fault]
     faults_served: int = 0
 
-    def inject(self, method: str, fragment: str, status: int, times: int,
-               applied: bool = False) -> None:  # fmt: skip
+    def inject(
+        self, method: str, fragment: str, status: int, times: int, applied: bool = False
+    ) -> None:
         """Answer the next `times` requests `method` to a path containing `fragment`
         with `status` (an API-server-shaped Status body). `applied`: the request is
         carried out first, only its answer is lost (a create whose 201 never arrived,
@@ -93,8 +94,13 @@ class FixedEmulator(kmock.KubernetesEmulator):
         if fault is not None:
             if fault.applied:
                 await self._answer(raw_request)
-            body = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": f"injected {fault.status}", "code": fault.status}  # fmt: skip
+            body = {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": f"injected {fault.status}",
+                "code": fault.status,
+            }
             headers = {"Retry-After": "1"} if fault.status == 429 else None
             return aiohttp.web.json_response(body, status=fault.status, headers=headers)
         return await self._answer(raw_request)
@@ -108,9 +114,12 @@ class FixedEmulator(kmock.KubernetesEmulator):
             return _forbidden_resize(raw_request.path.rsplit("/", 1)[-1])
         if raw_request.path == "/api/v1/namespaces":  # kmock cannot parse this path
             self._requests.append(
-                rendering.Request(method=raw_request.method, url=raw_request.url,
-                                  headers=dict(raw_request.headers))
-            )  # fmt: skip
+                rendering.Request(
+                    method=raw_request.method,
+                    url=raw_request.url,
+                    headers=dict(raw_request.headers),
+                )
+            )
             return await self._serve_namespaces(raw_request)
         return await super().__call__(raw_request)
 
@@ -123,9 +132,13 @@ class FixedEmulator(kmock.KubernetesEmulator):
         names = sorted({ns for (_, ns, _) in list(self.objects.keys()) if ns} | {"default"})
         items = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in names]
         return aiohttp.web.json_response(
-            {"kind": "NamespaceList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"},
-             "items": items}
-        )  # fmt: skip
+            {
+                "kind": "NamespaceList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": "1"},
+                "items": items,
+            }
+        )
 
     async def _handle(self, request):
         if request.resource is not None and isinstance(request.data, dict):
@@ -178,12 +191,18 @@ def _scale(obj: dict[str, Any]) -> dict[str, Any]:
     """The Scale object of a resource whose scale subresource maps spec.replicas,
     status.replicas and status.selector (as the LLMDeployment CRD declares)."""
     meta = obj["metadata"]
-    return {"apiVersion": "autoscaling/v1", "kind": "Scale",
-            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion")
-                         if k in meta},
-            "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
-            "status": {"replicas": obj.get("status", {}).get("replicas", 0),
-                       "selector": obj.get("status", {}).get("selector", "")}}  # fmt: skip
+    return {
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {
+            k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion") if k in meta
+        },
+        "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
+        "status": {
+            "replicas": obj.get("status", {}).get("replicas", 0),
+            "selector": obj.get("status", {}).get("selector", ""),
+        },
+    }
 
 
 def _forbidden_resize(name: str) -> aiohttp.web.Response:
@@ -191,8 +210,15 @@ def _forbidden_resize(name: str) -> aiohttp.web.Response:
         f'persistentvolumeclaims "{name}" is forbidden: only dynamically provisioned pvc can '
         "be resized and the storageclass that provisions the pvc must support resize"
     )
-    status = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-              "message": message, "reason": "Forbidden", "code": 403}  # fmt: skip
+    status = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "Forbidden",
+        "code": 403,
+    }
     return aiohttp.web.json_response(status, status=403)
 
 
@@ -205,11 +231,18 @@ def printer_table(items: list[dict[str, Any]]) -> dict[str, Any]:
     (what `kubectl get llmd` asks for)."""
     columns = crd()["spec"]["versions"][0]["additionalPrinterColumns"]
     definitions = [{"name": "Name", "type": "string", "format": "name", "priority": 0}]
-    definitions += [{"name": c["name"], "type": c["type"], "format": "",
-                     "priority": c.get("priority", 0)} for c in columns]  # fmt: skip
+    definitions += [
+        {"name": c["name"], "type": c["type"], "format": "", "priority": c.get("priority", 0)}
+        for c in columns
+    ]
     rows = [_row(item, columns) for item in items]
-    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {},
-            "columnDefinitions": definitions, "rows": rows}  # fmt: skip
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {},
+        "columnDefinitions": definitions,
+        "rows": rows,
+    }
 
 
 def _row(item: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
@@ -217,8 +250,11 @@ def _row(item: dict[str, Any], columns: list[dict[str, Any]]) -> dict[str, Any]:
     for column in columns:
         value = _json_path(item, column["jsonPath"])
         cells.append(_age(value) if column["type"] == "date" and value else value)
-    metadata = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                "metadata": item["metadata"]}  # fmt: skip
+    metadata = {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": item["metadata"],
+    }
     return {"cells": cells, "object": metadata}
 
 
@@ -277,8 +313,9 @@ def register_inference_pools(emulator: FixedEmulator) -> None:
 class Cluster:
     """The running emulator: its URL, a kubeconfig for it, and plain HTTP helpers."""
 
-    def __init__(self, emulator: FixedEmulator, url: str, kubeconfig: Path,
-                 restart: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self, emulator: FixedEmulator, url: str, kubeconfig: Path, restart: Any = None
+    ) -> None:
         self.emulator, self.url, self.kubeconfig = emulator, url, kubeconfig
         self.http = httpx.Client(base_url=url, timeout=10)
         self._restart = restart
@@ -328,8 +365,12 @@ class Cluster:
 
 
 def create_llmd(cluster: Cluster, name: str, namespace: str = "ml", **spec: Any) -> dict[str, Any]:
-    body = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
-            "metadata": {"name": name, "namespace": namespace}, "spec": spec}  # fmt: skip
+    body = {
+        "apiVersion": "kubellm.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
     return cluster.create(f"/apis/kubellm.dev/v1alpha1/namespaces/{namespace}/llmdeployments", body)
 
 
@@ -405,7 +446,9 @@ def _kubeconfig(url: str) -> dict[str, Any]:
         "clusters": [{"name": "emulator", "cluster": {"server": url}}],
         "users": [{"name": "tester", "user": {"token": "unused"}}],
         "contexts": [
-            {"name": "emulator", "context": {"cluster": "emulator", "user": "tester",
-                                             "namespace": "default"}}
+            {
+                "name": "emulator",
+                "context": {"cluster": "emulator", "user": "tester", "namespace": "default"},
+            }
         ],
-    }  # fmt: skip
+    }

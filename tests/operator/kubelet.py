@@ -52,8 +52,9 @@ class Workload:
 
 
 class KubeletStandIn:
-    def __init__(self, cluster: Cluster, namespace: str, name: str,
-                 replica_args: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, cluster: Cluster, namespace: str, name: str, replica_args: tuple[str, ...] = ()
+    ) -> None:
         self.cluster, self.namespace = cluster, namespace
         self.http = httpx.Client(base_url=cluster.url, timeout=10)
         self.replicas = Workload(name, f"{name}-replicas", "serve", replica_args)
@@ -105,40 +106,52 @@ class KubeletStandIn:
                 self._stop_pod(workload, pod)
             elif not pod.ready and _healthy(pod.process.url):
                 pod.ready = True
-                self._create(collection_path("EndpointSlice", self.namespace),
-                             self._endpoint_slice(workload, pod))  # fmt: skip
+                self._create(
+                    collection_path("EndpointSlice", self.namespace),
+                    self._endpoint_slice(workload, pod),
+                )
         if deployment is not None:
             self._report(workload)
 
     def _start(self, workload: Workload, deployment: dict[str, Any]) -> Pod:
         container = deployment["spec"]["template"]["spec"]["containers"][0]
-        env = {e["name"]: e["value"] for e in container.get("env", [])
-               if "value" in e and e["name"] not in POD_ONLY}  # fmt: skip
+        env = {
+            e["name"]: e["value"]
+            for e in container.get("env", [])
+            if "value" in e and e["name"] not in POD_ONLY
+        }
         env["KUBECONFIG"] = str(self.cluster.kubeconfig)  # the pod's service account
         process = ServeProcess(*workload.args, command=workload.command, env=env)
         return Pod(process, int(process.url.rsplit(":", 1)[1]))
 
     def _stop_pod(self, workload: Workload, pod: Pod) -> None:
-        self.http.delete(object_path("EndpointSlice", self.namespace,
-                                     _slice_name(workload, pod)))  # fmt: skip
+        self.http.delete(object_path("EndpointSlice", self.namespace, _slice_name(workload, pod)))
         if pod.process.proc.poll() is None:
             pod.process.proc.send_signal(signal.SIGTERM)
         threading.Thread(target=_reap, args=(pod.process,), daemon=True).start()
 
     def _endpoint_slice(self, workload: Workload, pod: Pod) -> dict[str, Any]:
         return {
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
             "addressType": "IPv4",
-            "metadata": {"name": _slice_name(workload, pod), "namespace": self.namespace,
-                         "labels": {"kubernetes.io/service-name": workload.service}},
+            "metadata": {
+                "name": _slice_name(workload, pod),
+                "namespace": self.namespace,
+                "labels": {"kubernetes.io/service-name": workload.service},
+            },
             "ports": [{"name": "http", "port": pod.port, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-        }  # fmt: skip
+        }
 
     def _report(self, workload: Workload) -> None:
         ready = sum(pod.ready for pod in workload.pods)
-        status = {"replicas": len(workload.pods), "updatedReplicas": len(workload.pods),
-                  "readyReplicas": ready, "availableReplicas": ready}  # fmt: skip
+        status = {
+            "replicas": len(workload.pods),
+            "updatedReplicas": len(workload.pods),
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+        }
         if status != workload.reported:
             path = object_path("Deployment", self.namespace, workload.deployment, "status")
             headers = {"Content-Type": "application/merge-patch+json"}

@@ -36,13 +36,20 @@ def validate_kubernetes(obj: dict[str, Any]) -> None:
 
 
 def _closed(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required,
-            "additionalProperties": False}  # fmt: skip
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
 
 
 _PORT = _closed({"number": {"type": "integer", "minimum": 1, "maximum": 65535}}, ["number"])
-_LABEL_VALUE = {"type": "string", "maxLength": 63,
-                "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}  # fmt: skip
+_LABEL_VALUE = {
+    "type": "string",
+    "maxLength": 63,
+    "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+}
 # inference.networking.k8s.io/v1 InferencePool, from the Gateway API Inference Extension's
 # API reference (v1.0): every field it documents, nothing else allowed.
 INFERENCE_POOL_V1 = _closed(

@@ -36,12 +36,13 @@ def mark_ready(cluster: Cluster, name: str) -> None:
     """Report the resource's Deployments (the replicas' and, when routed, the router's)
     fully rolled out, as the kube-controller-manager would."""
     for deployment_name in (name, f"{name}-router"):
-        deployment = wait_for(lambda n=deployment_name: child(cluster, "Deployment", n),
-                              message=f"Deployment {deployment_name}")  # fmt: skip
+        deployment = wait_for(
+            lambda n=deployment_name: child(cluster, "Deployment", n),
+            message=f"Deployment {deployment_name}",
+        )
         count = deployment["spec"]["replicas"]
         ready = {"replicas": count, "readyReplicas": count, "updatedReplicas": count}
-        cluster.patch(object_path("Deployment", NS, deployment_name) + "/status",
-                      {"status": ready})  # fmt: skip
+        cluster.patch(object_path("Deployment", NS, deployment_name) + "/status", {"status": ready})
 
 
 def events_for(cluster: Cluster, name: str) -> list[dict[str, Any]]:

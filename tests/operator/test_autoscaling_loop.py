@@ -32,10 +32,14 @@ MANIFEST = {
     "spec": {
         "resources": {"gpus": 0},
         "engine": {"maxModelLen": 512},
-        "autoscaling": {"minReplicas": 0, "maxReplicas": 2, "targetRequests": 2,
-                        "scaleDownDelaySeconds": 4},
+        "autoscaling": {
+            "minReplicas": 0,
+            "maxReplicas": 2,
+            "targetRequests": 2,
+            "scaleDownDelaySeconds": 4,
+        },
     },
-}  # fmt: skip
+}
 REPLICA_ARGS = ("--kv-cache-memory-gib", "0.05")  # two replicas on a small machine
 CLIENTS = 6  # three replicas' worth of load at targetRequests 2: more than maxReplicas
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -49,8 +53,15 @@ def _apply(cluster: Cluster, directory: Path) -> None:
     if kubectl is None:
         cluster.create(collection_path("LLMDeployment", NS), MANIFEST)
         return
-    command = [kubectl, "--kubeconfig", str(cluster.kubeconfig), "apply", "--validate=false",
-               "-f", str(manifest)]  # fmt: skip
+    command = [
+        kubectl,
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+        "apply",
+        "--validate=false",
+        "-f",
+        str(manifest),
+    ]
     applied = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert applied.returncode == 0, applied.stderr
 
@@ -73,8 +84,10 @@ class Clients:
         self.stop = threading.Event()
         self.answers: list[str] = []
         self.failures: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._loop, args=(routers[i % len(routers)],))
-                        for i in range(CLIENTS)]  # fmt: skip
+        self.threads = [
+            threading.Thread(target=self._loop, args=(routers[i % len(routers)],))
+            for i in range(CLIENTS)
+        ]
 
     def _loop(self, url: str) -> None:
         while not self.stop.is_set():
@@ -107,8 +120,11 @@ def test_the_replicas_follow_the_load_from_zero_to_max_and_back(tmp_path, monkey
     ):
         began = time.monotonic()
         _apply(cluster, tmp_path)
-        routers = wait_for(lambda: len(kubelet.router_urls()) == 2 and kubelet.router_urls(),
-                           timeout=60, message="two routers")  # fmt: skip
+        routers = wait_for(
+            lambda: len(kubelet.router_urls()) == 2 and kubelet.router_urls(),
+            timeout=60,
+            message="two routers",
+        )
         ready = wait_for(
             lambda: (
                 condition(cluster.get(path), "Ready").get("status") == "True"
@@ -139,6 +155,8 @@ def test_the_replicas_follow_the_load_from_zero_to_max_and_back(tmp_path, monkey
         assert max(counts) == 2 and counts[-1] == 0
         assert condition(cluster.get(path), "Ready")["reason"] == "ScaledToZero"
     # after kopf's runner, which captures stdout: the figures for the record (pytest -s)
-    print(f"\ncold start {cold_start:.1f} s; {len(clients.answers)} ramp answers, "
-          f"0 failed; back to zero {to_zero:.1f} s after the load stopped; "
-          f"(s, replica pods, ready): {_counts(kubelet, began)}")  # fmt: skip
+    print(
+        f"\ncold start {cold_start:.1f} s; {len(clients.answers)} ramp answers, "
+        f"0 failed; back to zero {to_zero:.1f} s after the load stopped; "
+        f"(s, replica pods, ready): {_counts(kubelet, began)}"
+    )

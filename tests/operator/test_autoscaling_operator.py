@@ -72,15 +72,19 @@ def test_kubectl_scale_is_set_back_with_an_event(cluster, monkeypatch):
         path = object_path("LLMDeployment", NS, name)
         autoscaling = {"minReplicas": 1, "maxReplicas": 4, "scaleDownDelaySeconds": 600}
         cluster.patch(path, {"spec": {"autoscaling": autoscaling}})
-        wait_for(lambda: _autoscaled(cluster, name).get("desiredReplicas") == 2,
-                 message="a running resource keeps its count")  # fmt: skip
+        wait_for(
+            lambda: _autoscaled(cluster, name).get("desiredReplicas") == 2,
+            message="a running resource keeps its count",
+        )
         _scale(cluster, name, 4)
         wait_for(lambda: _replicas(cluster, name) == (2, 2), message="set back to 2")
         reasons = {e["reason"] for e in events_for(cluster, name)}
         assert "ReplicasOverwritten" in reasons
         cluster.patch(path, {"spec": {"autoscaling": None}})
-        wait_for(lambda: "autoscaling" not in (_cr(cluster, name).get("status") or {}),
-                 message="status.autoscaling removed")  # fmt: skip
+        wait_for(
+            lambda: "autoscaling" not in (_cr(cluster, name).get("status") or {}),
+            message="status.autoscaling removed",
+        )
         _scale(cluster, name, 3)  # no autoscaling: the user's count stands
         wait_for(lambda: _replicas(cluster, name) == (3, 3), message="the user's 3")
 
@@ -88,21 +92,37 @@ def test_kubectl_scale_is_set_back_with_an_event(cluster, monkeypatch):
 def test_an_hpa_on_the_same_resource_is_reported_and_not_fought(cluster, monkeypatch):
     name = "contested"
     hpa = {
-        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
         "metadata": {"name": "old-hpa", "namespace": NS},
-        "spec": {"scaleTargetRef": {"apiVersion": "kubellm.dev/v1alpha1",
-                                    "kind": "LLMDeployment", "name": name},
-                 "minReplicas": 1, "maxReplicas": 5},
-    }  # fmt: skip
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "kubellm.dev/v1alpha1",
+                "kind": "LLMDeployment",
+                "name": name,
+            },
+            "minReplicas": 1,
+            "maxReplicas": 5,
+        },
+    }
     validate_kubernetes(hpa)
     with operator(cluster, monkeypatch):
-        create_llmd(cluster, name, model={"source": "hf://org/contested"},
-                    autoscaling={"minReplicas": 1, "maxReplicas": 2})  # fmt: skip
+        create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/contested"},
+            autoscaling={"minReplicas": 1, "maxReplicas": 2},
+        )
         wait_for(lambda: _autoscaled(cluster, name).get("desiredReplicas") == 1)
         cluster.create(HPAS, hpa)
         degraded = wait_for(
-            lambda: (c := condition(_cr(cluster, name), "Degraded")).get("reason")
-            == "AutoscalerConflict" and c, message="Degraded AutoscalerConflict")  # fmt: skip
+            lambda: (
+                (c := condition(_cr(cluster, name), "Degraded")).get("reason")
+                == "AutoscalerConflict"
+                and c
+            ),
+            message="Degraded AutoscalerConflict",
+        )
         assert (
             "'old-hpa'" in degraded["message"]
             and "kubectl delete hpa old-hpa" in degraded["message"]
@@ -110,8 +130,10 @@ def test_an_hpa_on_the_same_resource_is_reported_and_not_fought(cluster, monkeyp
         _scale(cluster, name, 5)  # the HPA's write: left alone while both claim it
         wait_for(lambda: _replicas(cluster, name) == (5, 5), message="the HPA's 5 stands")
         cluster.http.delete(f"{HPAS}/old-hpa").raise_for_status()
-        wait_for(lambda: condition(_cr(cluster, name), "Degraded").get("status") == "False",
-                 message="recovered")  # fmt: skip
+        wait_for(
+            lambda: condition(_cr(cluster, name), "Degraded").get("status") == "False",
+            message="recovered",
+        )
         wait_for(lambda: _replicas(cluster, name) == (1, 1), message="back within bounds")
 
 
@@ -119,12 +141,22 @@ def test_invalid_bounds_are_reported_and_the_rest_converges(cluster, monkeypatch
     """What CEL refuses, for an API server that does not enforce it (the emulator)."""
     name = "inverted"
     with operator(cluster, monkeypatch):
-        create_llmd(cluster, name, model={"source": "hf://org/inverted"}, replicas=1,
-                    routing={"policy": "none"},
-                    autoscaling={"minReplicas": 0, "maxReplicas": 0})  # fmt: skip
+        create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/inverted"},
+            replicas=1,
+            routing={"policy": "none"},
+            autoscaling={"minReplicas": 0, "maxReplicas": 0},
+        )
         degraded = wait_for(
-            lambda: (c := condition(_cr(cluster, name), "Degraded")).get("reason")
-            == "InvalidAutoscaling" and c, message="Degraded InvalidAutoscaling")  # fmt: skip
+            lambda: (
+                (c := condition(_cr(cluster, name), "Degraded")).get("reason")
+                == "InvalidAutoscaling"
+                and c
+            ),
+            message="Degraded InvalidAutoscaling",
+        )
         for words in ("maxReplicas is 0", "routing.policy"):
             assert words in degraded["message"]
         assert child(cluster, "Deployment", name)["spec"]["replicas"] == 1
@@ -134,12 +166,17 @@ def test_invalid_bounds_are_reported_and_the_rest_converges(cluster, monkeypatch
 def _dead_endpoint_slice(service: str) -> dict[str, Any]:
     """A ready endpoint on a port nothing listens on (a pod whose /metrics fails)."""
     return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": f"{service}-dead", "namespace": NS,
-                     "labels": {"kubernetes.io/service-name": service}},
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "addressType": "IPv4",
+        "metadata": {
+            "name": f"{service}-dead",
+            "namespace": NS,
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "ports": [{"name": "http", "port": free_port(), "protocol": "TCP"}],
         "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-    }  # fmt: skip
+    }
 
 
 def test_a_load_that_cannot_be_read_never_scales_down(cluster, monkeypatch):
@@ -151,8 +188,10 @@ def test_a_load_that_cannot_be_read_never_scales_down(cluster, monkeypatch):
         path = object_path("LLMDeployment", NS, name)
         autoscaling = {"minReplicas": 1, "maxReplicas": 3, "scaleDownDelaySeconds": 0}
         cluster.patch(path, {"spec": {"autoscaling": autoscaling}})
-        wait_for(lambda: _autoscaled(cluster, name).get("reason") == "MetricsMissing",
-                 message="an evaluation without metrics")  # fmt: skip
+        wait_for(
+            lambda: _autoscaled(cluster, name).get("reason") == "MetricsMissing",
+            message="an evaluation without metrics",
+        )
         for _ in range(3):  # several evaluations past the (zero) delay
             seen = _autoscaled(cluster, name)["window"]
             wait_for(lambda s=seen: _autoscaled(cluster, name)["window"] != s)
@@ -186,17 +225,24 @@ class MetricsEndpoint:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def replica_load(self, running: int, waiting: int = 0) -> None:
-        self.text = (f"kubellm:num_requests_running{{model_name=\"m\"}} {running}\n"
-                     f"kubellm:num_requests_waiting{{model_name=\"m\"}} {waiting}\n")  # fmt: skip
+        self.text = (
+            f'kubellm:num_requests_running{{model_name="m"}} {running}\n'
+            f'kubellm:num_requests_waiting{{model_name="m"}} {waiting}\n'
+        )
 
     def endpoint_slice(self, service: str) -> dict[str, Any]:
         return {
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": f"{service}-{self.port}", "namespace": NS,
-                         "labels": {"kubernetes.io/service-name": service}},
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "addressType": "IPv4",
+            "metadata": {
+                "name": f"{service}-{self.port}",
+                "namespace": NS,
+                "labels": {"kubernetes.io/service-name": service},
+            },
             "ports": [{"name": "http", "port": self.port, "protocol": "TCP"}],
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-        }  # fmt: skip
+        }
 
 
 def test_up_at_once_and_a_restarted_operator_resumes_the_delay(cluster, monkeypatch):
@@ -204,11 +250,20 @@ def test_up_at_once_and_a_restarted_operator_resumes_the_delay(cluster, monkeypa
     pod = MetricsEndpoint()
     pod.replica_load(running=7, waiting=0)
     cluster.create(collection_path("EndpointSlice", NS), pod.endpoint_slice(name))
-    autoscaling = {"minReplicas": 1, "maxReplicas": 4, "targetRequests": 2,
-                   "scaleDownDelaySeconds": 3600}  # fmt: skip
+    autoscaling = {
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "targetRequests": 2,
+        "scaleDownDelaySeconds": 3600,
+    }
     with operator(cluster, monkeypatch):
-        create_llmd(cluster, name, model={"source": "hf://org/loaded"},
-                    routing={"policy": "none"}, autoscaling=autoscaling)  # fmt: skip
+        create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/loaded"},
+            routing={"policy": "none"},
+            autoscaling=autoscaling,
+        )
         wait_for(lambda: _replicas(cluster, name) == (4, 4), message="up at once to 4")
         assert _autoscaled(cluster, name)["load"] == 7
         pod.replica_load(running=1)

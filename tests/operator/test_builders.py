@@ -26,8 +26,10 @@ VARIANTS = {
         "replicas": 3,
     },
     "hf-tp2": {
-        "model": {"source": "hf://meta-llama/Llama-2-13b-chat-hf",
-                  "hfTokenSecretRef": {"name": "hf", "key": "token"}},
+        "model": {
+            "source": "hf://meta-llama/Llama-2-13b-chat-hf",
+            "hfTokenSecretRef": {"name": "hf", "key": "token"},
+        },
         "engine": {"tensorParallelSize": 2},
         "resources": {"gpus": 2, "memory": "64Gi"},
     },
@@ -39,13 +41,19 @@ VARIANTS = {
         "env": [{"name": "KUBELLM_MAX_NUM_SEQS", "value": "64"}, {"name": "EXTRA", "value": "1"}],
         "nodeSelector": {"gpu": "h100"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                    ]
+                }
+            }
+        },
         "service": {"type": "LoadBalancer", "port": 8080},
         "replicas": 0,
     },
-}  # fmt: skip
+}
 
 
 def _children(**spec):

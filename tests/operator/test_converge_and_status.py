@@ -14,9 +14,14 @@ from tests.operator.manifests import custom_resource
 
 def test_what_the_api_server_adds_does_not_count_as_a_difference():
     desired = {"spec": {"containers": [{"name": "runtime", "image": "a"}], "replicas": 1}}
-    current = {"spec": {"containers": [{"name": "runtime", "image": "a",
-                                        "imagePullPolicy": "IfNotPresent"}],
-                        "replicas": 1, "revisionHistoryLimit": 10}, "status": {"x": 1}}  # fmt: skip
+    current = {
+        "spec": {
+            "containers": [{"name": "runtime", "image": "a", "imagePullPolicy": "IfNotPresent"}],
+            "replicas": 1,
+            "revisionHistoryLimit": 10,
+        },
+        "status": {"x": 1},
+    }
     assert matches(desired, current) and merge_patch(current, desired) == {}
 
 
@@ -36,8 +41,7 @@ def test_lists_are_replaced_whole_and_owned_maps_lose_dropped_keys():
 READY_ROUTER = {"status": {"replicas": 1, "readyReplicas": 1}}
 
 
-def _status(deployment_status, cr=None, problems=(), timestamp="T1", router=READY_ROUTER,
-            **spec):  # fmt: skip
+def _status(deployment_status, cr=None, problems=(), timestamp="T1", router=READY_ROUTER, **spec):
     cr = cr or custom_resource(**spec)
     deployment = None if deployment_status is None else {"status": deployment_status}
     spec = with_defaults(cr["spec"])
@@ -75,10 +79,14 @@ def test_conditions_follow_the_deployment():
     assert starting["Progressing"] == ("True", "Starting")
     partial = _status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 1}, replicas=2)
     assert _conditions(partial)["Ready"] == ("True", "PartiallyReady")
-    done = _conditions(_status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2},
-                               replicas=2))  # fmt: skip
-    assert done == {"Ready": ("True", "AllReplicasReady"), "Progressing": ("False", "Complete"),
-                    "Degraded": ("False", "AsExpected")}  # fmt: skip
+    done = _conditions(
+        _status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 2}, replicas=2)
+    )
+    assert done == {
+        "Ready": ("True", "AllReplicasReady"),
+        "Progressing": ("False", "Complete"),
+        "Degraded": ("False", "AsExpected"),
+    }
     assert _conditions(_status({}, replicas=0))["Ready"] == ("False", "ScaledToZero")
 
 
@@ -96,8 +104,16 @@ def test_a_routed_endpoint_is_ready_only_with_a_ready_router():
 
 
 def test_a_stuck_rollout_or_a_problem_is_degraded():
-    stuck = {"conditions": [{"type": "Progressing", "status": "False",
-                             "reason": "ProgressDeadlineExceeded", "message": "slow"}]}  # fmt: skip
+    stuck = {
+        "conditions": [
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "slow",
+            }
+        ]
+    }
     assert _conditions(_status(stuck))["Degraded"] == ("True", "ProgressDeadlineExceeded")
     problem = Problem("SecretNotFound", "Secret 'hf' not found")
     status = _status(None, problems=[problem])
@@ -114,16 +130,20 @@ def test_transition_times_move_only_when_a_status_changes():
     again = _status({"replicas": 1, "updatedReplicas": 1}, cr=cr, timestamp="T2")
     assert [c["lastTransitionTime"] for c in again["conditions"]] == ["T1"] * 3
     assert transitions(first, again) == []
-    ready = _status({"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}, cr=cr,
-                    timestamp="T3")  # fmt: skip
+    ready = _status(
+        {"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1}, cr=cr, timestamp="T3"
+    )
     changed = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
     assert changed == {"Ready": "T3", "Progressing": "T3", "Degraded": "T1"}
     assert [c["type"] for c in transitions(first, ready)] == ["Ready", "Progressing"]
 
 
 def test_replicas_sharing_a_read_write_once_cache_are_told_why_they_wait():
-    status = _status({"replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
-                     model={"source": "hf://org/m"}, replicas=2)  # fmt: skip
+    status = _status(
+        {"replicas": 2, "updatedReplicas": 2, "readyReplicas": 1},
+        model={"source": "hf://org/m"},
+        replicas=2,
+    )
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert "ReadWriteOnce" in ready["message"]
 
@@ -147,8 +167,9 @@ def test_bad_autoscaling_is_one_partial_problem_naming_what_to_set():
     (problem,) = static_problems(inverted)
     assert problem.reason == "InvalidAutoscaling" and not blocking([problem])
     assert "minReplicas between 0 and maxReplicas" in problem.message
-    unrouted = with_defaults({"routing": {"policy": "none"},
-                              "autoscaling": {"minReplicas": 0, "maxReplicas": 2}})  # fmt: skip
+    unrouted = with_defaults(
+        {"routing": {"policy": "none"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}}
+    )
     (problem,) = static_problems(unrouted)
     assert "set routing.policy to prefix" in problem.message
     zero_target = with_defaults({"autoscaling": {"maxReplicas": 2, "targetRequests": 0}})

@@ -131,13 +131,15 @@ def test_every_example_passes_the_cel_rules():
     ("spec", "words"),
     [
         ({"autoscaling": {"minReplicas": 3, "maxReplicas": 2}}, "cannot exceed"),
-        ({"routing": {"policy": "none"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
-         "set routing.policy to prefix"),
+        (
+            {"routing": {"policy": "none"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
+            "set routing.policy to prefix",
+        ),
         ({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 4}}, "cannot exceed"),
         ({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 2}}, "needs GPUs"),
         ({"model": {"source": "builtin://smollm2-135m-instruct", "revision": "v1"}}, "hf://"),
     ],
-)  # fmt: skip
+)
 def test_the_cel_rules_refuse_with_what_to_set(spec, words):
     (message,) = _cel_failures(with_defaults(spec), SPEC)
     assert words in message

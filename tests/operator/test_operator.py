@@ -31,8 +31,13 @@ def test_the_operator_converges_scales_reports_and_survives_a_restart(cluster, m
     """Today's objects (`routing.policy: none`); the router's have a test of their own."""
     name = "llama"
     with operator(cluster, monkeypatch):
-        cr = create_llmd(cluster, name, model={"source": "hf://org/model"}, replicas=2,
-                         routing={"policy": "none"})  # fmt: skip
+        cr = create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/model"},
+            replicas=2,
+            routing={"policy": "none"},
+        )
         deployment = wait_for(lambda: child(cluster, "Deployment", name), message="Deployment")
         service = wait_for(lambda: child(cluster, "Service", name), message="Service")
         claim = wait_for(lambda: child(cluster, "PersistentVolumeClaim", f"{name}-model-cache"))
@@ -85,9 +90,13 @@ def test_the_operator_converges_scales_reports_and_survives_a_restart(cluster, m
         assert annotations[TEMPLATE_HASH] != template["metadata"]["annotations"][TEMPLATE_HASH]
 
     # restart: the resume handler finds everything in place and writes nothing
-    paths = [path, deployment_path, object_path("Service", NS, name),
-             object_path("PersistentVolumeClaim", NS, f"{name}-model-cache"),
-             object_path("PodDisruptionBudget", NS, name)]  # fmt: skip
+    paths = [
+        path,
+        deployment_path,
+        object_path("Service", NS, name),
+        object_path("PersistentVolumeClaim", NS, f"{name}-model-cache"),
+        object_path("PodDisruptionBudget", NS, name),
+    ]
     versions = {p: cluster.versions(p) for p in paths}
     served = len(cluster.requests())
     with operator(cluster, monkeypatch):
@@ -123,8 +132,12 @@ def test_a_resource_that_cannot_work_is_degraded_without_a_deployment(cluster, m
         assert warnings[0]["reason"] == "SecretNotFound"
 
         # the Secret appears: the recheck finds it, the Deployment follows, Degraded clears
-        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf", "namespace": NS},
-                  "data": {"token": "aGZfeHl6"}}  # fmt: skip
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "hf", "namespace": NS},
+            "data": {"token": "aGZfeHl6"},
+        }
         cluster.create(collection_path("Secret", NS), secret)
         wait_for(lambda: child(cluster, "Deployment", name), message="Deployment after the fix")
         cr = wait_for(
@@ -137,8 +150,13 @@ def test_a_resource_that_cannot_work_is_degraded_without_a_deployment(cluster, m
 def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatch):
     name = "big"
     with operator(cluster, monkeypatch) as runner:
-        create_llmd(cluster, name, model={"source": "hf://org/big"},
-                    engine={"tensorParallelSize": 4}, resources={"gpus": 2})  # fmt: skip
+        create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/big"},
+            engine={"tensorParallelSize": 4},
+            resources={"gpus": 2},
+        )
         path = object_path("LLMDeployment", NS, name)
         cr = wait_for(lambda: condition(c := cluster.get(path), "Degraded") and c)
         assert condition(cr, "Degraded")["reason"] == "TooFewGPUs"
@@ -148,13 +166,16 @@ def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatc
 
 
 @pytest.mark.parametrize("example", ["gpu-tp2-13b.yaml", "gpu-tp4-70b.yaml"])
-def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, cluster,
-                                                                    monkeypatch):  # fmt: skip
+def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, cluster, monkeypatch):
     (cr,) = load_yaml_documents(ROOT / "examples" / example)
     name, spec = cr["metadata"]["name"], cr["spec"]
     ranks = spec["engine"]["tensorParallelSize"]
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token",
-              "namespace": NS}, "data": {"token": "aGZfeHl6"}}  # fmt: skip
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "hf-token", "namespace": NS},
+        "data": {"token": "aGZfeHl6"},
+    }
     if cluster.get(object_path("Secret", NS, "hf-token")) is None:
         cluster.create(collection_path("Secret", NS), secret)
     with operator(cluster, monkeypatch):
@@ -173,8 +194,10 @@ def test_a_tensor_parallel_example_gets_one_pod_with_a_gpu_per_rank(example, clu
         assert claim["spec"]["resources"]["requests"]["storage"] == spec["cache"]["size"]
         mark_ready(cluster, name)
         path = object_path("LLMDeployment", NS, name)
-        cr = wait_for(lambda: condition(c := cluster.get(path), "Ready").get("status") == "True"
-                      and c, message="Ready")  # fmt: skip
+        cr = wait_for(
+            lambda: condition(c := cluster.get(path), "Ready").get("status") == "True" and c,
+            message="Ready",
+        )
         assert condition(cr, "Degraded")["status"] == "False"
 
 
@@ -190,18 +213,27 @@ def test_the_operator_rides_out_api_server_trouble(cluster, monkeypatch):
         emulator.inject("POST", f"/namespaces/{NS}/persistentvolumeclaims", 409, 1, applied=True)
         emulator.inject("GET", f"/deployments/{first}", 401, 1)
         create_llmd(cluster, first, model={"source": "hf://org/sturdy"})
-        for kind, child_name in (("Deployment", first), ("Service", first),
-                                 ("PersistentVolumeClaim", f"{first}-model-cache")):  # fmt: skip
+        for kind, child_name in (
+            ("Deployment", first),
+            ("Service", first),
+            ("PersistentVolumeClaim", f"{first}-model-cache"),
+        ):
             wait_for(lambda k=kind, n=child_name: child(cluster, k, n), message=kind)
         assert emulator.faults_served == 7  # each fault was met and ridden out
         cluster.restart(down_seconds=2)  # watch streams cut; requests refused for 2 s
         time.sleep(3)
         create_llmd(cluster, second, model={"source": "hf://org/sturdy"})
-        wait_for(lambda: child(cluster, "Deployment", second), timeout=60,
-                 message="a resource created after the restart")  # fmt: skip
+        wait_for(
+            lambda: child(cluster, "Deployment", second),
+            timeout=60,
+            message="a resource created after the restart",
+        )
         cluster.patch(object_path("LLMDeployment", NS, first), {"spec": {"replicas": 2}})
-        wait_for(lambda: child(cluster, "Deployment", first)["spec"]["replicas"] == 2,
-                 timeout=60, message="an edit after the restart")  # fmt: skip
+        wait_for(
+            lambda: child(cluster, "Deployment", first)["spec"]["replicas"] == 2,
+            timeout=60,
+            message="an edit after the restart",
+        )
     # the creates that reached the store (a fault answers before it): each child once per
     # resource (two Deployments and two Services each: the replicas' and the router's);
     # the claim whose 201 was lost is not created again (409: it exists)
@@ -249,15 +281,31 @@ def test_kubellm_operator_watches_its_namespace_and_answers_its_liveness_probe(c
     port = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
     proc = subprocess.Popen(
-        [sys.executable, "-P", "-m", "kubellm", "operator", "--namespace", NS,
-         "--liveness", f"http://127.0.0.1:{port}/healthz"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm",
+            "operator",
+            "--namespace",
+            NS,
+            "--liveness",
+            f"http://127.0.0.1:{port}/healthz",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         create_llmd(cluster, "cli", resources={"gpus": 0})
         wait_for(lambda: child(cluster, "Deployment", "cli"), message="Deployment from the CLI")
-        other = {"apiVersion": "kubellm.dev/v1alpha1", "kind": "LLMDeployment",
-                 "metadata": {"name": "elsewhere", "namespace": "other"}, "spec": {}}  # fmt: skip
+        other = {
+            "apiVersion": "kubellm.dev/v1alpha1",
+            "kind": "LLMDeployment",
+            "metadata": {"name": "elsewhere", "namespace": "other"},
+            "spec": {},
+        }
         cluster.create(collection_path("LLMDeployment", "other"), other)
         assert wait_for(lambda: _live(port), message="liveness") == 200
         assert cluster.get(object_path("Deployment", "other", "elsewhere")) is None
@@ -290,15 +338,23 @@ def _kubectl_apply_and_get(cluster: Cluster, monkeypatch) -> None:
     kubectl = [KUBECTL, "--kubeconfig", str(cluster.kubeconfig), "-n", NS]
     example = ROOT / "examples" / "cpu-smollm2.yaml"
     with operator(cluster, monkeypatch):
-        applied = subprocess.run([*kubectl, "apply", "--validate=false", "-f", str(example)],
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        applied = subprocess.run(
+            [*kubectl, "apply", "--validate=false", "-f", str(example)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert applied.returncode == 0, applied.stderr
         assert "llmdeployment.kubellm.dev/smollm2 created" in applied.stdout
         mark_ready(cluster, "smollm2")
         path = object_path("LLMDeployment", NS, "smollm2")
         wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
-    listed = subprocess.run([*kubectl, "get", "llmd", "smollm2", "-o", "wide"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    listed = subprocess.run(
+        [*kubectl, "get", "llmd", "smollm2", "-o", "wide"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert listed.returncode == 0, listed.stderr
     header, row = (line.split() for line in listed.stdout.splitlines()[:2])
     assert header == ["NAME", "MODEL", "READY", "DESIRED", "LOAD", "STATUS", "ENDPOINT", "AGE"]

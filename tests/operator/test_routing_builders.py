@@ -34,11 +34,15 @@ def test_every_child_of_every_policy_validates(policy, replicas):
 def test_a_routed_deployment_puts_the_router_between_its_service_and_its_replicas():
     built, absent = _built(replicas=3, service={"port": 8080})
     assert set(built) == {
-        ("Deployment", "llama"), ("Deployment", "llama-router"), ("Service", "llama"),
-        ("Service", "llama-replicas"), ("ServiceAccount", "llama-router"),
-        ("Role", "llama-router"), ("RoleBinding", "llama-router"),
+        ("Deployment", "llama"),
+        ("Deployment", "llama-router"),
+        ("Service", "llama"),
+        ("Service", "llama-replicas"),
+        ("ServiceAccount", "llama-router"),
+        ("Role", "llama-router"),
+        ("RoleBinding", "llama-router"),
         ("PodDisruptionBudget", "llama"),
-    }  # fmt: skip
+    }
     assert absent == [("InferencePool", "llama")]
     runtime_pods = built[("Deployment", "llama")]["spec"]["template"]["metadata"]["labels"]
     router = built[("Deployment", "llama-router")]
@@ -52,8 +56,12 @@ def test_a_routed_deployment_puts_the_router_between_its_service_and_its_replica
     assert not _matches(runtime_selector, router_pods)  # the replicas never adopt a router
     assert headless["spec"]["clusterIP"] == "None"
     assert headless["spec"]["ports"][0]["port"] == 8000
-    assert endpoint["spec"]["ports"][0] == {"name": "http", "port": 8080, "targetPort": "http",
-                                            "protocol": "TCP"}  # fmt: skip
+    assert endpoint["spec"]["ports"][0] == {
+        "name": "http",
+        "port": 8080,
+        "targetPort": "http",
+        "protocol": "TCP",
+    }
     assert router["spec"]["replicas"] == 2
     pod = router["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "llama-router"
@@ -72,12 +80,21 @@ def test_one_replica_gets_one_router_and_the_spec_may_name_its_image():
 def test_the_routers_role_allows_exactly_listing_and_watching_endpoint_slices():
     built, _ = _built()
     role, binding = built[("Role", "llama-router")], built[("RoleBinding", "llama-router")]
-    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                              "verbs": ["list", "watch"]}]  # fmt: skip
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": "llama-router"}  # fmt: skip
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama-router",
-                                    "namespace": "ml"}]  # fmt: skip
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["list", "watch"],
+        }
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "llama-router",
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "llama-router", "namespace": "ml"}
+    ]
 
 
 def test_policy_none_gives_exactly_the_objects_of_before_and_removes_the_routers():
@@ -85,9 +102,13 @@ def test_policy_none_gives_exactly_the_objects_of_before_and_removes_the_routers
     assert set(built) == {("Deployment", "llama"), ("Service", "llama")}
     pods = built[("Deployment", "llama")]["spec"]["template"]["metadata"]["labels"]
     assert _matches(built[("Service", "llama")]["spec"]["selector"], pods)
-    assert set(absent) >= {("Service", "llama-replicas"), ("Deployment", "llama-router"),
-                           ("Role", "llama-router"), ("RoleBinding", "llama-router"),
-                           ("ServiceAccount", "llama-router")}  # fmt: skip
+    assert set(absent) >= {
+        ("Service", "llama-replicas"),
+        ("Deployment", "llama-router"),
+        ("Role", "llama-router"),
+        ("RoleBinding", "llama-router"),
+        ("ServiceAccount", "llama-router"),
+    }
 
 
 def test_the_inference_pool_selects_the_replicas_on_8000_through_the_users_picker():
@@ -99,21 +120,30 @@ def test_the_inference_pool_selects_the_replicas_on_8000_through_the_users_picke
     router_pods = built[("Deployment", "llama-router")]["spec"]["template"]["metadata"]["labels"]
     assert not _matches(pool["spec"]["selector"]["matchLabels"], router_pods)
     assert pool["spec"]["targetPorts"] == [{"number": 8000}]
-    assert pool["spec"]["endpointPickerRef"] == {"kind": "Service", "name": "llama-epp",
-                                                 "port": {"number": 9002},
-                                                 "failureMode": "FailClose"}  # fmt: skip
+    assert pool["spec"]["endpointPickerRef"] == {
+        "kind": "Service",
+        "name": "llama-epp",
+        "port": {"number": 9002},
+        "failureMode": "FailClose",
+    }
     picker = {"name": "shared-epp", "port": 9003, "failureMode": "FailOpen"}
     chosen, _ = _built(routing={"inferencePool": True, "endpointPicker": picker})
     ref = chosen[("InferencePool", "llama")]["spec"]["endpointPickerRef"]
-    assert (ref["name"], ref["port"], ref["failureMode"]) == ("shared-epp", {"number": 9003},
-                                                              "FailOpen")  # fmt: skip
+    assert (ref["name"], ref["port"], ref["failureMode"]) == (
+        "shared-epp",
+        {"number": 9003},
+        "FailOpen",
+    )
 
 
-@pytest.mark.parametrize("broken", [
-    {"targetPortNumber": 8000},  # v1alpha2's field name
-    {"targetPorts": [{"number": 8000}, {"number": 8001}]},  # at most one port
-    {"extensionRef": {"name": "epp"}},  # v1alpha2's picker reference
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"targetPortNumber": 8000},  # v1alpha2's field name
+        {"targetPorts": [{"number": 8000}, {"number": 8001}]},  # at most one port
+        {"extensionRef": {"name": "epp"}},  # v1alpha2's picker reference
+    ],
+)
 def test_the_pool_schema_refuses_what_v1_does_not_have(broken):
     built, _ = _built(routing={"inferencePool": True})
     pool = built[("InferencePool", "llama")]

@@ -41,8 +41,10 @@ def test_a_routed_resource_gets_its_router_and_drops_it_for_policy_none(cluster,
     router = f"{name}-router"
     with operator(cluster, monkeypatch) as runner:
         create_llmd(cluster, name, model={"source": "hf://org/fleet"}, replicas=3)
-        objects = {kind: wait_for(lambda k=kind: child(cluster, k, router), message=kind)
-                   for kind in ROUTER_KINDS}  # fmt: skip
+        objects = {
+            kind: wait_for(lambda k=kind: child(cluster, k, router), message=kind)
+            for kind in ROUTER_KINDS
+        }
         headless = wait_for(lambda: child(cluster, "Service", f"{name}-replicas"))
         service = wait_for(lambda: child(cluster, "Service", name))
         for obj in [*objects.values(), headless, service]:
@@ -66,8 +68,11 @@ def test_a_routed_resource_gets_its_router_and_drops_it_for_policy_none(cluster,
         wait_for(lambda: _ready(cluster, name).get("reason") == "RouterNotReady")
         mark_ready(cluster, name)
         wait_for(lambda: _ready(cluster, name).get("status") == "True", message="Ready")
-        assert _status(cluster, name)["router"] == {"policy": "prefix", "replicas": 2,
-                                                    "readyReplicas": 2}  # fmt: skip
+        assert _status(cluster, name)["router"] == {
+            "policy": "prefix",
+            "replicas": 2,
+            "readyReplicas": 2,
+        }
 
         path = object_path("LLMDeployment", NS, name)
         cluster.patch(path, {"spec": {"routing": {"policy": "none"}}})
@@ -79,15 +84,18 @@ def test_a_routed_resource_gets_its_router_and_drops_it_for_policy_none(cluster,
     assert f"Deployment {router} deleted" in runner.output
 
 
-def test_an_inference_pool_waits_for_its_api_and_the_rest_serves_meanwhile(cluster,
-                                                                          monkeypatch):  # fmt: skip
+def test_an_inference_pool_waits_for_its_api_and_the_rest_serves_meanwhile(cluster, monkeypatch):
     name = "pooled"
     path = object_path("LLMDeployment", NS, name)
     pool_path = f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools/{name}"
     with operator(cluster, monkeypatch):
-        create_llmd(cluster, name, model={"source": "hf://org/pooled"}, replicas=2,
-                    routing={"inferencePool": True,
-                             "endpointPicker": {"failureMode": "FailOpen"}})  # fmt: skip
+        create_llmd(
+            cluster,
+            name,
+            model={"source": "hf://org/pooled"},
+            replicas=2,
+            routing={"inferencePool": True, "endpointPicker": {"failureMode": "FailOpen"}},
+        )
         mark_ready(cluster, name)  # everything but the pool converged
         degraded = wait_for(
             lambda: (
@@ -106,7 +114,9 @@ def test_an_inference_pool_waits_for_its_api_and_the_rest_serves_meanwhile(clust
         assert pool["spec"]["selector"] == {"matchLabels": replicas}
         assert pool["spec"]["endpointPickerRef"]["name"] == f"{name}-epp"
         assert pool["spec"]["endpointPickerRef"]["failureMode"] == "FailOpen"
-        wait_for(lambda: condition(cluster.get(path), "Degraded").get("status") == "False",
-                 message="Degraded cleared")  # fmt: skip
+        wait_for(
+            lambda: condition(cluster.get(path), "Degraded").get("status") == "False",
+            message="Degraded cleared",
+        )
         cluster.patch(path, {"spec": {"routing": {"inferencePool": False}}})
         wait_for(lambda: cluster.get(pool_path) is None, message="the pool removed")

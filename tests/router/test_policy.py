@@ -16,15 +16,20 @@ def _key(tenant: int, user: int = 0, turn: int = 0) -> bytes:
     system = f"You are tenant {tenant}'s assistant. " + "Policy text. " * 200
     messages = [{"role": "system", "content": system}]
     for t in range(turn + 1):
-        messages += [{"role": "user", "content": f"user {user} question {t}"},
-                     {"role": "assistant", "content": f"answer {t}"}]  # fmt: skip
+        messages += [
+            {"role": "user", "content": f"user {user} question {t}"},
+            {"role": "assistant", "content": f"answer {t}"},
+        ]
     return prefix_key("/v1/chat/completions", {"model": "m", "messages": messages})
 
 
 def test_a_prefix_stays_on_one_replica_and_two_routers_decide_alike():
     for tenant in range(20):
-        picks = {choose("prefix", _key(tenant, user, turn), dict(IDLE)).replica
-                 for user in range(5) for turn in range(4)}  # fmt: skip
+        picks = {
+            choose("prefix", _key(tenant, user, turn), dict(IDLE)).replica
+            for user in range(5)
+            for turn in range(4)
+        }
         assert len(picks) == 1, tenant  # every user and turn of a tenant: one replica
     assert choose("prefix", _key(3), dict(IDLE)) == choose("prefix", _key(3), dict(IDLE))
 
@@ -60,8 +65,10 @@ def test_a_larger_load_factor_lets_a_busy_owner_keep_its_prefixes():
 def test_losing_a_replica_moves_only_the_prefixes_it_held():
     before = {t: choose("prefix", _key(t), dict(IDLE)).replica for t in range(200)}
     gone = REPLICAS[0]
-    after = {t: choose("prefix", _key(t), {r: 0.0 for r in REPLICAS if r != gone}).replica
-             for t in range(200)}  # fmt: skip
+    after = {
+        t: choose("prefix", _key(t), {r: 0.0 for r in REPLICAS if r != gone}).replica
+        for t in range(200)
+    }
     moved = {t for t in before if before[t] != after[t]}
     assert moved == {t for t in before if before[t] == gone}
 
@@ -77,9 +84,13 @@ def test_least_load_round_robin_and_requests_without_a_prompt():
 
 
 def test_the_key_is_the_prompt_as_the_model_sees_it():
-    chat = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
-                                       {"role": "user", "content": [{"type": "text",
-                                                                     "text": "Hi"}]}]}  # fmt: skip
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+    }
     assert prefix_key("/v1/chat/completions", chat) == b"m\nsystem\nBe brief.\nuser\nHi\n"
     assert prefix_key("/v1/completions", {"model": "m", "prompt": "x" * 5000}) == (
         b"m\n" + b"x" * 1000

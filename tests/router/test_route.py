@@ -21,8 +21,14 @@ from tests.runtime.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
 MODEL = "smol"
-REPLICA_ARGS = ("--served-model-name", MODEL, "--max-model-len", "512",
-                "--kv-cache-memory-gib", "0.05")  # fmt: skip
+REPLICA_ARGS = (
+    "--served-model-name",
+    MODEL,
+    "--max-model-len",
+    "512",
+    "--kv-cache-memory-gib",
+    "0.05",
+)
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
@@ -78,14 +84,20 @@ def test_replies_and_streams_pass_through_unchanged(replicas):
         messages = _chat("You are brief.", "What is the capital of France?")
         direct = _client(replicas[0].url).chat.completions.create(
             model=MODEL, messages=messages, **GREEDY
-        )  # fmt: skip
+        )
         routed = _client(router.url).chat.completions.create(
             model=MODEL, messages=messages, **GREEDY
-        )  # fmt: skip
+        )
         assert routed.choices[0].message.content == direct.choices[0].message.content
-        chunks = list(_client(router.url).chat.completions.create(
-            model=MODEL, messages=messages, stream=True,
-            stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+        chunks = list(
+            _client(router.url).chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **GREEDY,
+            )
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == direct.choices[0].message.content and len(chunks) > 3
         assert chunks[-1].usage.completion_tokens == direct.usage.completion_tokens
@@ -97,13 +109,19 @@ def _endpoint_slice(name: str, service: str, endpoints: list[tuple[str, bool]]) 
     """An EndpointSlice as the EndpointSlice controller writes one: (URL, ready) each."""
     port = int(endpoints[0][0].rsplit(":", 1)[1])
     return {
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": {"name": name, "namespace": "ml",
-                     "labels": {"kubernetes.io/service-name": service}},
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "addressType": "IPv4",
+        "metadata": {
+            "name": name,
+            "namespace": "ml",
+            "labels": {"kubernetes.io/service-name": service},
+        },
         "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}
-                      for _, ready in endpoints],
-    }  # fmt: skip
+        "endpoints": [
+            {"addresses": ["127.0.0.1"], "conditions": {"ready": ready}} for _, ready in endpoints
+        ],
+    }
 
 
 def _ready(router_url: str) -> set[str]:
@@ -125,14 +143,14 @@ def test_discover_follows_the_services_endpoint_slices(replicas, tmp_path):
         with router:
             router.wait_healthy(30)
             wait_for(lambda: _ready(router.url) == {first}, timeout=30, message="first")
-            reply = _client(router.url).completions.create(model=MODEL, prompt="Hi",
-                                                           max_tokens=2)  # fmt: skip
+            reply = _client(router.url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
             assert reply.choices[0].text is not None
             cluster.create(slices, _endpoint_slice("smol-b", "smol-replicas", [(second, True)]))
             wait_for(lambda: _ready(router.url) == {first, second}, timeout=30, message="both")
             a = object_path("EndpointSlice", "ml", "smol-a")
-            cluster.patch(a, {"endpoints": [{"addresses": ["127.0.0.1"],
-                                             "conditions": {"ready": False}}]})  # fmt: skip
+            cluster.patch(
+                a, {"endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": False}}]}
+            )
             wait_for(lambda: _ready(router.url) == {second}, timeout=30, message="unready")
             cluster.http.delete(object_path("EndpointSlice", "ml", "smol-b")).raise_for_status()
             wait_for(lambda: _ready(router.url) == set(), timeout=30, message="deleted")
@@ -151,7 +169,7 @@ def test_a_tenants_conversations_stay_on_one_replica(replicas):
             for user in range(3):
                 client.chat.completions.create(
                     model=MODEL, messages=_chat(system, f"User {user}: hello?"), **GREEDY
-                )  # fmt: skip
+                )
             after = _counts(router.url, "requests_total", "replica")
             grew = {r: after[r] - before.get(r, 0) for r in after if after[r] != before.get(r)}
             assert list(grew.values()) == [3], grew
@@ -162,13 +180,16 @@ def test_bad_input_gets_the_4xx_a_replica_would_give(replicas):
     with _router(replicas[0].url) as router:
         _wait_ready(router.url, 1)
         for url in (router.url, replicas[0].url):
-            bad = httpx.post(url + "/v1/chat/completions", content=b"{not json",
-                             headers={"Content-Type": "application/json"})  # fmt: skip
+            bad = httpx.post(
+                url + "/v1/chat/completions",
+                content=b"{not json",
+                headers={"Content-Type": "application/json"},
+            )
             assert bad.status_code == 400 and "message" in bad.json()["error"], bad.text
         with pytest.raises(openai.NotFoundError) as unknown:
             _client(router.url).chat.completions.create(
                 model="nope", messages=_chat("a", "b"), **GREEDY
-            )  # fmt: skip
+            )
         assert unknown.value.body["param"] == "model"
         huge = httpx.post(router.url + "/v1/completions", content=b"x" * (33 * 2**20))
         assert huge.status_code == 413 and huge.json()["error"]["code"] == 413
@@ -184,8 +205,10 @@ def test_after_a_replica_is_killed_every_request_succeeds(replicas):
         client = _client(router.url)
         spare.proc.send_signal(signal.SIGKILL)
         spare.proc.wait(10)
-        results = [client.completions.create(model=MODEL, prompt=f"Count {i}:", max_tokens=4)
-                   for i in range(6)]  # fmt: skip
+        results = [
+            client.completions.create(model=MODEL, prompt=f"Count {i}:", max_tokens=4)
+            for i in range(6)
+        ]
         assert all(len(r.choices) == 1 for r in results)
         assert _counts(router.url, "replica_ready", "replica")[spare.url] == 0
         # a request sent to it was refused and counted, unless the health poll (every
@@ -200,8 +223,13 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event_and_done(replicas):
     victim.wait_healthy()
     with _router(victim.url) as router:
         _wait_ready(router.url, 1)
-        body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400,
-                "stream": True, "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "prompt": "Once upon a time",
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", router.url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
@@ -221,9 +249,14 @@ def test_sigterm_drains_a_replica_without_client_errors(replicas):
 
         def ask(i: int) -> None:
             try:
-                results.append(client.completions.create(
-                    model=MODEL, prompt=f"Story {i}:", max_tokens=40,
-                    extra_body={"ignore_eos": True}))  # fmt: skip
+                results.append(
+                    client.completions.create(
+                        model=MODEL,
+                        prompt=f"Story {i}:",
+                        max_tokens=40,
+                        extra_body={"ignore_eos": True},
+                    )
+                )
             except openai.APIError as exc:
                 results.append(exc)
 
@@ -250,7 +283,7 @@ def test_a_request_sent_while_no_replica_is_up_waits_for_one():
         def ask() -> None:
             result["reply"] = _client(router.url).completions.create(
                 model=MODEL, prompt="Hello", max_tokens=4
-            )  # fmt: skip
+            )
 
         asker = threading.Thread(target=ask)
         asker.start()
@@ -265,7 +298,8 @@ def test_a_request_sent_while_no_replica_is_up_waits_for_one():
 
 def test_no_replica_within_the_queue_timeout_is_a_503_with_retry_after():
     with _router(f"http://127.0.0.1:{free_port()}", extra=("--queue-timeout", "1")) as router:
-        refused = httpx.post(router.url + "/v1/completions",
-                             json={"model": MODEL, "prompt": "x"}, timeout=30)  # fmt: skip
+        refused = httpx.post(
+            router.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=30
+        )
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "5"
         assert "no replica became ready within 1 s" in refused.json()["error"]["message"]

@@ -16,11 +16,14 @@ def test_flags_win_over_variables_which_win_over_defaults():
     assert parse_args([], {}).load_factor == LOAD_FACTOR and parse_args([], {}).policy == "prefix"
 
 
-@pytest.mark.parametrize(("argv", "says"), [
-    ([], "--replica URL (repeatable) or --discover SERVICE"),
-    (["--replica", "http://a:1", "--discover", "svc"], "one of the two"),
-    (["--replica", "http://a:1", "--load-factor", "0.9"], "--load-factor must be at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        ([], "--replica URL (repeatable) or --discover SERVICE"),
+        (["--replica", "http://a:1", "--discover", "svc"], "one of the two"),
+        (["--replica", "http://a:1", "--load-factor", "0.9"], "--load-factor must be at least 1"),
+    ],
+)
 def test_what_cannot_work_exits_2_and_says_what_to_set(argv, says, capsys, monkeypatch):
     for name in ("KUBELLM_REPLICA", "KUBELLM_DISCOVER", "KUBELLM_LOAD_FACTOR"):
         monkeypatch.delenv(name, raising=False)

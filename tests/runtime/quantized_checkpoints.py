@@ -12,13 +12,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            tie_word_embeddings=False)  # fmt: skip
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
 GROUP = 32
 CALIBRATION = [" ".join(["the quick brown fox jumps over the lazy dog"] * 8)] * 16
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def random_llama(tokenizer):
@@ -33,8 +46,17 @@ def auto_round(tokenizer, directory: Path, fmt: str, sym: bool) -> Path:
     from auto_round import AutoRound
 
     model = random_llama(tokenizer)
-    rounder = AutoRound(model, tokenizer=tokenizer, bits=4, group_size=GROUP, sym=sym, iters=0,
-                        dataset=CALIBRATION, nsamples=16, seqlen=32)  # fmt: skip
+    rounder = AutoRound(
+        model,
+        tokenizer=tokenizer,
+        bits=4,
+        group_size=GROUP,
+        sym=sym,
+        iters=0,
+        dataset=CALIBRATION,
+        nsamples=16,
+        seqlen=32,
+    )
     rounder.quantize_and_save(str(directory), format=fmt)
     return next(p.parent for p in directory.rglob("config.json"))
 
@@ -63,15 +85,21 @@ def act_order_gptq(tokenizer, directory: Path, v2: bool = False, act_order: bool
         state.update(quantize_gptq(module, tensor, orders[reads], v2))
     save_file(state, str(directory / "model.safetensors"))
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP,
-                                     "desc_act": act_order, "sym": False,
-                                     "checkpoint_format": "gptq_v2" if v2 else "gptq"}  # fmt: skip
+    config["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": GROUP,
+        "desc_act": act_order,
+        "sym": False,
+        "checkpoint_format": "gptq_v2" if v2 else "gptq",
+    }
     (directory / "config.json").write_text(json.dumps(config))
     return directory
 
 
-def quantize_gptq(module: str, weight: torch.Tensor, order: torch.Tensor, v2: bool,
-                  group_size: int = GROUP) -> dict[str, torch.Tensor]:  # fmt: skip
+def quantize_gptq(
+    module: str, weight: torch.Tensor, order: torch.Tensor, v2: bool, group_size: int = GROUP
+) -> dict[str, torch.Tensor]:
     """qweight [K/8, N] (row 8r + j at bits 4j), qzeros [G, N/8] (z, or z - 1 for v1),
     fp16 scales [G, N], g_idx [K]: input order[i] is in group i // group_size."""
     out_features, in_features = weight.shape

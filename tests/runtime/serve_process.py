@@ -19,8 +19,14 @@ class ServeProcess:
     """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or a script, or another
     `kubellm` command, with the same command line); killed on exit."""
 
-    def __init__(self, *args: str, script: Path | None = None, command: str | None = None,
-                 port: int | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *args: str,
+        script: Path | None = None,
+        command: str | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         port = port or free_port()
         program = ["-m", "kubellm.runtime.serve"]
         if script or command:
@@ -29,9 +35,11 @@ class ServeProcess:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-P", *program, *args, "--port", str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -74,8 +82,9 @@ def is_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def start_long_requests(client, results: dict, streaming: threading.Event
-                        ) -> list[threading.Thread]:  # fmt: skip
+def start_long_requests(
+    client, results: dict, streaming: threading.Event
+) -> list[threading.Thread]:
     """A plain and a streaming completion (openai SDK), long enough to be running when a
     fault comes: `results["plain"]` gets the response or the APIError, `results["stream"]`
     the stream's APIError; `streaming` is set at the first chunk."""

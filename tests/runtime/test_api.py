@@ -80,9 +80,13 @@ def test_a_list_of_prompts_gets_n_choices_each_in_order(client, offline):
 def test_chat_streams_role_first_then_content_then_usage(client):
     messages = [{"role": "user", "content": "hello"}]
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=6, stream=True,
-        stream_options={"include_usage": True}, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=messages,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -103,9 +107,14 @@ def test_chat_without_max_tokens_may_use_the_rest_of_the_context(client):
 def test_the_same_seed_gives_the_same_text_and_the_n_choices_differ(client):
     def sample() -> list[str]:
         out = client.completions.create(
-            model=MODEL, prompt="once upon", n=2, max_tokens=12, temperature=1.0, seed=7,
+            model=MODEL,
+            prompt="once upon",
+            n=2,
+            max_tokens=12,
+            temperature=1.0,
+            seed=7,
             extra_body={"ignore_eos": True},
-        )  # fmt: skip
+        )
         return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
 
     first = sample()
@@ -137,9 +146,13 @@ def test_completion_logprobs_report_the_chosen_token_and_the_top_n(client):
 
 def test_chat_logprobs_streamed_equal_whole(client):
     kwargs = dict(
-        model=MODEL, messages=[{"role": "user", "content": "hey"}], max_tokens=5,
-        logprobs=True, top_logprobs=2, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=[{"role": "user", "content": "hey"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
     assert len(whole) == 5
     for entry in whole:
@@ -181,27 +194,34 @@ def test_64_concurrent_streaming_clients_get_their_own_outputs(server, offline):
 def test_logit_bias_bans_and_forces_tokens(client, offline):
     greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     first = offline.generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids[0]
-    banned_params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                   logit_bias={first: -100})  # fmt: skip
+    banned_params = SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, logit_bias={first: -100}
+    )
     expected = offline.generate([[5, 6, 7]], banned_params)[0].outputs[0]
     assert expected.token_ids[0] != first
-    banned = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=4,
-                                       logit_bias={str(first): -100}, **GREEDY)  # fmt: skip
+    banned = client.completions.create(
+        model=MODEL, prompt=[5, 6, 7], max_tokens=4, logit_bias={str(first): -100}, **GREEDY
+    )
     assert banned.choices[0].text == expected.text
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-        logit_bias={"42": 100}, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        logit_bias={"42": 100},
+        **GREEDY,
+    )
     assert chat.choices[0].message.content == offline.tokenizer.decode([42] * 3)
 
 
 def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(client, offline):
     prompt = [5, 6, 7, 8, 9, 10]
     # lm-evaluation-harness's loglikelihood request: echo, logprobs=1, max_tokens=1
-    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1,
-                                    echo=True, **GREEDY)  # fmt: skip
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=1,
-                            prompt_logprobs=1)  # fmt: skip
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, logprobs=1, echo=True, **GREEDY
+    )
+    params = SamplingParams(
+        temperature=0, max_tokens=1, ignore_eos=True, logprobs=1, prompt_logprobs=1
+    )
     expected = offline.generate([prompt], params)[0]
     prompt_text = offline.tokenizer.decode(prompt)
     choice = out.choices[0]
@@ -218,14 +238,16 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(client, offlin
 
 def test_echo_streams_the_prompt_first_for_every_choice(client, offline):
     prompts = ["One two", [11, 12, 13]]
-    stream = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2,
-                                       echo=True, stream=True, **GREEDY)  # fmt: skip
+    stream = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=3, n=2, echo=True, stream=True, **GREEDY
+    )
     texts = ["" for _ in range(4)]
     for chunk in stream:
         for choice in chunk.choices:
             texts[choice.index] += choice.text
-    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=3, n=2,
-                                      echo=True, **GREEDY)  # fmt: skip
+    whole = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=3, n=2, echo=True, **GREEDY
+    )
     assert texts == [c.text for c in whole.choices]
     echoed = ["One two", offline.tokenizer.decode([11, 12, 13])]
     greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
@@ -259,10 +281,18 @@ def test_tokenize_uses_the_model_tokenizer(server):
         ("completions", {"model": MODEL, "prompt": "x", "n": 1000}, 400, "n"),
         ("completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs"),
         ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400, "logit_bias"),
-        ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}}, 400,
-         "logit_bias"),
-        ("completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400,
-         "logit_bias"),
+        (
+            "completions",
+            {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}},
+            400,
+            "logit_bias",
+        ),
+        (
+            "completions",
+            {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}},
+            400,
+            "logit_bias",
+        ),
         ("completions", {"model": MODEL, "prompt": "x", "tools": []}, 400, "not supported"),
         ("completions", {"model": MODEL, "prompt": list(range(1, 300))}, 400, "context length"),
         ("completions", {"model": MODEL, "prompt": ["ok", []]}, 400, "empty"),
@@ -270,20 +300,50 @@ def test_tokenize_uses_the_model_tokenizer(server):
         ("completions", {"model": MODEL, "prompt": 5}, 400, "prompt"),
         ("completions", {"model": MODEL}, 400, "prompt"),
         ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
-        ("chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
-         400, "role"),
-        ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
-         400, "tool_call_id"),
-        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-         400, "content part type 'image_url' is not supported"),
-        ("chat/completions", {"model": MODEL, "messages": [{"role": "assistant",
-                                                             "content": None}]},
-         400, "content is required"),
-        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                              "functions": [{"name": "f"}]}, 400, "not supported"),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "role",
+        ),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+            400,
+            "tool_call_id",
+        ),
+        (
+            "chat/completions",
+            {
+                "model": MODEL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+                    }
+                ],
+            },
+            400,
+            "content part type 'image_url' is not supported",
+        ),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": [{"role": "assistant", "content": None}]},
+            400,
+            "content is required",
+        ),
+        (
+            "chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "functions": [{"name": "f"}],
+            },
+            400,
+            "not supported",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_get_openai_shaped_errors_and_change_nothing(
     server, client, offline, path, body, status, needle
 ):
@@ -424,8 +484,7 @@ def _access_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "kubellm.access"]
 
 
-def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offline,
-                                                            monkeypatch):  # fmt: skip
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offline, monkeypatch):
     """A fault injected into one request's detokenizer: that request gets a 500 (a stream,
     an error event), a concurrent one gets its usual text, and the server serves on."""
     from kubellm.runtime.detokenizer import IncrementalDetokenizer
@@ -443,8 +502,9 @@ def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offl
     async def both():
         async def failing():
             with pytest.raises(openai.InternalServerError) as error:
-                await aclient.completions.create(model=MODEL, prompt="x", max_tokens=20,
-                                                 stop=["boom"], **GREEDY)  # fmt: skip
+                await aclient.completions.create(
+                    model=MODEL, prompt="x", max_tokens=20, stop=["boom"], **GREEDY
+                )
             return error.value
 
         async def failing_stream():
@@ -474,11 +534,15 @@ def test_agent_framework_messages_reach_the_template(client, server):
     `developer` as `system` (this template does not know it)."""
 
     def reply(messages):
-        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
-                                              **GREEDY).choices[0].message.content  # fmt: skip
+        return (
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, **GREEDY)
+            .choices[0]
+            .message.content
+        )
 
-    plain = reply([{"role": "system", "content": "Be brief."},
-                   {"role": "user", "content": "Name a colour."}])  # fmt: skip
+    plain = reply(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    )
     parts = reply(
         [
             {
@@ -489,8 +553,11 @@ def test_agent_framework_messages_reach_the_template(client, server):
         ]
     )
     assert parts == plain
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "colour", "arguments": '{"kind": "warm"}'}}  # fmt: skip
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "colour", "arguments": '{"kind": "warm"}'},
+    }
     after_tool = reply(
         [
             {"role": "user", "content": "Name a colour."},

@@ -40,9 +40,15 @@ def _decode_step(requests: list[tuple[int, list[int]]]) -> StepPlan:
 
 @pytest.mark.parametrize("num_sms", [1, 16], ids=["one-launch", "split-kv"])
 def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_dir, num_sms):
-    llm = LLM(model=str(tiny_model_dir("gqa4-untied")), attention_backend="triton",
-              block_size=16, num_kv_blocks=40, device=TRITON_DEVICE, dtype="float32",
-              enforce_eager=True)  # fmt: skip
+    llm = LLM(
+        model=str(tiny_model_dir("gqa4-untied")),
+        attention_backend="triton",
+        block_size=16,
+        num_kv_blocks=40,
+        device=TRITON_DEVICE,
+        dtype="float32",
+        enforce_eager=True,
+    )
     runner = llm.engine.runner
     runner.model.attention_backend.num_sms = num_sms  # 16: the graphs' decode splits the KV
     # Four requests fill a batch of 4; then one is gone and its block belongs to another
@@ -72,9 +78,16 @@ def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_
 
 
 def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
-    llm = LLM(model=str(tiny_model_dir("gqa3-llama3-rope")), attention_backend="triton",
-              block_size=16, max_num_batched_tokens=32, num_kv_blocks=40, device=TRITON_DEVICE,
-              dtype="float32", enforce_eager=True)  # fmt: skip
+    llm = LLM(
+        model=str(tiny_model_dir("gqa3-llama3-rope")),
+        attention_backend="triton",
+        block_size=16,
+        max_num_batched_tokens=32,
+        num_kv_blocks=40,
+        device=TRITON_DEVICE,
+        dtype="float32",
+        enforce_eager=True,
+    )
     runner = llm.engine.runner
     prompts = [list(range(3, 3 + n)) for n in (5, 19, 2, 40, 11)]
     # Staggered lengths: the decode batch shrinks 5 -> 1 through padded sizes, and the
@@ -84,8 +97,9 @@ def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
     def generate() -> list[list[int]]:
         tokens = []
         for wave_prompts, lengths in waves:
-            params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
-                      for m in lengths]  # fmt: skip
+            params = [
+                SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths
+            ]
             tokens += [o.outputs[0].token_ids for o in llm.generate(wave_prompts, params)]
         return tokens
 

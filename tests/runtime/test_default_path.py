@@ -39,9 +39,12 @@ def test_a_greedy_chat_reply_is_the_same_computed_found_in_part_found_whole_and_
 
         def ask(text: str, **extra):
             return client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}], temperature=0,
-                max_tokens=48, **extra,
-            )  # fmt: skip
+                model=MODEL,
+                messages=[{"role": "user", "content": text}],
+                temperature=0,
+                max_tokens=48,
+                **extra,
+            )
 
         ask("What is the capital of France?")
         hits = default_engine.kv.prefix_hits

@@ -145,8 +145,12 @@ def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_
     params = SamplingParams(n=4, temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
     outputs = {}
     for caching in (True, False):
-        llm = LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256,
-                  num_kv_blocks=64, enable_prefix_caching=caching)  # fmt: skip
+        llm = LLM(
+            model=str(tiny_model_dir("mha-tied")),
+            max_model_len=256,
+            num_kv_blocks=64,
+            enable_prefix_caching=caching,
+        )
         out = llm.generate([prompt], params)[0]
         outputs[caching] = [o.token_ids for o in out.outputs]
         computed = llm.engine.scheduler.num_computed_tokens - 4 * 5  # less the decodes
@@ -159,8 +163,12 @@ def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_
 
 
 def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
-    llm = LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256, num_kv_blocks=64,
-              max_num_batched_tokens=32)  # fmt: skip
+    llm = LLM(
+        model=str(tiny_model_dir("mha-tied")),
+        max_model_len=256,
+        num_kv_blocks=64,
+        max_num_batched_tokens=32,
+    )
     engine, prompt = llm.engine, list(range(1, 101))  # a prefill of four steps
     engine.add_request("g", prompt, SamplingParams(n=3, max_tokens=2, ignore_eos=True))
     engine.step()
@@ -206,10 +214,19 @@ def test_random_workloads_on_the_real_engine(
 def test_vllms_offline_call_runs_unchanged(tiny_model_dir, tmp_path):
     from kubellm.runtime import LLM as VLLMStyleLLM  # as `from vllm import LLM` would
 
-    llm = VLLMStyleLLM(model=str(tiny_model_dir("mha-tied")), trust_remote_code=True,
-                       dtype="auto", download_dir=str(tmp_path), tokenizer_mode="auto",
-                       quantization=None, enforce_eager=False, enable_prefix_caching=True,
-                       block_size=16, max_model_len=256, kv_cache_memory_gib=0.01)  # fmt: skip
+    llm = VLLMStyleLLM(
+        model=str(tiny_model_dir("mha-tied")),
+        trust_remote_code=True,
+        dtype="auto",
+        download_dir=str(tmp_path),
+        tokenizer_mode="auto",
+        quantization=None,
+        enforce_eager=False,
+        enable_prefix_caching=True,
+        block_size=16,
+        max_model_len=256,
+        kv_cache_memory_gib=0.01,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=6, skip_special_tokens=True)
     as_ids = llm.generate([[5, 6, 7]], params)[0].outputs[0].token_ids
     tokens_prompt = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0]

@@ -35,8 +35,7 @@ def _decode_plan(llm: LLM):
 
 
 @pytest.mark.slow
-def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_path,
-                                                                         monkeypatch):  # fmt: skip
+def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_path, monkeypatch):
     with LLM(max_model_len=512, kv_cache_memory_gib=0.1) as llm:
         runner, layers = llm.engine.runner, llm.engine.runner.model.layers
         fused = [layer.fused for layer in layers]
@@ -44,8 +43,9 @@ def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_
         plan = _decode_plan(llm)
         calls = []
         decode_layer = llama.decode_layer
-        monkeypatch.setattr(llama, "decode_layer",
-                            lambda *args: calls.append(1) or decode_layer(*args))  # fmt: skip
+        monkeypatch.setattr(
+            llama, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args)
+        )
         logits, _ = runner.execute(plan)
         assert len(calls) == len(layers)
         for layer in layers:

@@ -84,9 +84,13 @@ STEPS = {
 
 BACKENDS = [
     TorchAttentionBackend,
-    pytest.param(CpuAttentionBackend, marks=pytest.mark.skipif(
-        cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")),
-]  # fmt: skip
+    pytest.param(
+        CpuAttentionBackend,
+        marks=pytest.mark.skipif(
+            cpu_library.unavailable() is not None, reason="needs kubellm's CPU library"
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -53,8 +53,10 @@ def test_tiny_models_match_transformers(name, tiny_model_dir):
     directory = tiny_model_dir(name)
     oracle = AutoModelForCausalLM.from_pretrained(directory).eval()
     llm = LLM(model=str(directory), max_num_batched_tokens=16, kv_cache_memory_gib=0.01)
-    prompts = [[(7 * i + 3 * j) % 4000 + 100 for j in range(length)] for i, length in
-               enumerate([1, 5, 16, 17, 40, 90])]  # fmt: skip
+    prompts = [
+        [(7 * i + 3 * j) % 4000 + 100 for j in range(length)]
+        for i, length in enumerate([1, 5, 16, 17, 40, 90])
+    ]
     ours = llm.generate(prompts, GREEDY_32)
     for prompt, output in zip(prompts, ours):
         assert output.outputs[0].token_ids == hf_greedy(oracle, prompt, 32), len(prompt)

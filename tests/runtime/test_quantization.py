@@ -28,9 +28,16 @@ from tests.runtime.conftest import hf_greedy
 from tests.runtime.quantized_checkpoints import act_order_gptq, auto_round, dense_twin
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
-           "1, 2, 3, 4,", "Water boils at", "The quick brown fox", "SELECT * FROM",
-           "In 1492, Columbus"]  # fmt: skip
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "Water boils at",
+    "The quick brown fox",
+    "SELECT * FROM",
+    "In 1492, Columbus",
+]
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
@@ -132,8 +139,9 @@ def checkpoints(tmp_path_factory, smollm2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gptq-sym", "gptq-asym", "awq", "gptq-act-order",
-                                  "gptq-v2-act-order"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name", ["gptq-sym", "gptq-asym", "awq", "gptq-act-order", "gptq-v2-act-order"]
+)
 def test_gptq_and_awq_unpacking_equals_the_definition(checkpoints, name):
     directory, _, method = checkpoints[name]
     q = _config(directory)
@@ -212,8 +220,7 @@ def test_the_builtin_q4_1_kept_packed_gives_the_dense_tokens(smollm2):
     prompts = [smollm2.tokenizer.encode(p) for p in PARITY_PROMPTS]
     dense = [o.outputs[0].token_ids for o in smollm2.generate(prompts, GREEDY_32)]
     with LLM(quantization="gguf", max_num_batched_tokens=64, kv_cache_memory_gib=0.5) as packed:
-        layers = [m for m in packed.engine.runner.model.modules()
-                  if isinstance(m, QuantizedWeight)]  # fmt: skip
+        layers = [m for m in packed.engine.runner.model.modules() if isinstance(m, QuantizedWeight)]
         assert len(layers) == 4 * 30 and {m.layout.bits for m in layers} == {4}
         assert [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY_32)] == dense
 
@@ -329,8 +336,9 @@ def test_tensor_parallel_shards_quantized_weights(checkpoints):
     prompts = [[(7 * i + j) % 3000 + 100 for j in range(9 + 5 * i)] for i in range(4)]
     with LLM(model=str(directory), quantization=method, kv_cache_memory_gib=0.1) as single:
         expected = [o.outputs[0].token_ids for o in single.generate(prompts, GREEDY)]
-    with LLM(model=str(directory), quantization=method, tensor_parallel_size=2,
-             kv_cache_memory_gib=0.1) as split:  # fmt: skip
+    with LLM(
+        model=str(directory), quantization=method, tensor_parallel_size=2, kv_cache_memory_gib=0.1
+    ) as split:
         assert [o.outputs[0].token_ids for o in split.generate(prompts, GREEDY)] == expected
     act_order, _, _ = checkpoints["gptq-act-order"]
     with pytest.raises(ValueError, match=r"act-order .* cannot be split along its inputs"):
@@ -356,10 +364,12 @@ def _with_config(directory, tmp_path, change) -> str:
     [
         (lambda q: q.update(quant_method="fp8"), "quant_method 'fp8' is not read by kubellm"),
         (lambda q: q.update(bits=8), "gptq with 8 bits is not read by kubellm"),
-        (lambda q: q.update(group_size=48), "group_size 48 does not divide the model's "
-         "hidden_size 64"),
+        (
+            lambda q: q.update(group_size=48),
+            "group_size 48 does not divide the model's hidden_size 64",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_checkpoint_kubellm_does_not_read_is_refused_saying_why(
     checkpoints, tmp_path, change, needle
 ):
@@ -397,8 +407,13 @@ def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
     prompts = [[(7 * i + j) % 3000 + 100 for j in range(9 + 5 * i)] for i in range(4)]
     with LLM(model=str(dense_dir), device="cpu", kv_cache_memory_gib=0.1) as dense:
         expected = [o.outputs[0].token_ids for o in dense.generate(prompts, GREEDY)]
-    with LLM(model=str(directory), quantization=method, device="cuda", dtype=dtype,
-             gpu_memory_utilization=0.3) as packed:  # fmt: skip
+    with LLM(
+        model=str(directory),
+        quantization=method,
+        device="cuda",
+        dtype=dtype,
+        gpu_memory_utilization=0.3,
+    ) as packed:
         got = [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY)]
     same = sum(a == b for x, y in zip(got, expected) for a, b in zip(x, y))
     assert same == 4 * 32 if dtype == "float32" else same >= 0.9 * 4 * 32
@@ -427,8 +442,9 @@ def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2, monkeypa
         assert model.lm_head.weight is embedding and embedding.half_scales is not None
         assert not embedding.has_offsets  # Q8_0 has none: the kernel skips their share
         assert model.layers[0].mlp.down_proj.weight.has_offsets  # Q4_1's minimums
-        token_embd = next(t for t in GGUFReader(builtin_gguf_path()).tensors
-                          if t.name == "token_embd.weight")  # fmt: skip
+        token_embd = next(
+            t for t in GGUFReader(builtin_gguf_path()).tensors if t.name == "token_embd.weight"
+        )
         rows = torch.tensor([0, 1, 500, 49151])
         file_rows = dequantize(token_embd.data, token_embd.tensor_type)[rows.numpy()]
         assert torch.equal(embedding.dense_rows(rows), torch.from_numpy(file_rows))

@@ -113,8 +113,11 @@ def test_unseeded_draws_in_one_batch_are_independent_and_follow_the_distribution
 
 def test_logit_bias_moves_only_its_own_row():
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
-    requests = [req(temperature=0.0, logit_bias={0: -100}), req(temperature=0.0),
-                req(temperature=0.0, logit_bias={2: 2.5})]  # fmt: skip
+    requests = [
+        req(temperature=0.0, logit_bias={0: -100}),
+        req(temperature=0.0),
+        req(temperature=0.0, logit_bias={2: 2.5}),
+    ]
     out = Sampler(seed=0)(logits, requests)
     assert out.token_ids == [1, 0, 2]
 

@@ -42,9 +42,11 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
 
     monkeypatch.delenv("KUBELLM_DTYPE")
     cpu = torch.device("cpu")
-    for flags, expected in (({"avx2", "fma"}, torch.float32),
-                            ({"avx512f", "avx512_bf16"}, torch.bfloat16),
-                            ({"amx_tile", "amx_bf16"}, torch.bfloat16)):  # fmt: skip
+    for flags, expected in (
+        ({"avx2", "fma"}, torch.float32),
+        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+        ({"amx_tile", "amx_bf16"}, torch.bfloat16),
+    ):
         monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
         assert placement.resolve_dtype("auto", cpu) == expected
         if cpu_library.unavailable() is not None:

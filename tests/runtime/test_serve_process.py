@@ -20,17 +20,31 @@ from .serve_process import ServeProcess, start_long_requests
 
 
 def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
-    with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
-                      "--max-model-len", "512", "--shutdown-timeout", "60",
-                      "--log-level", "warning") as server:  # fmt: skip
+    with ServeProcess(
+        "--model",
+        str(tiny_model_dir("mha-tied")),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "512",
+        "--shutdown-timeout",
+        "60",
+        "--log-level",
+        "warning",
+    ) as server:
         server.wait_healthy()
         url, proc = server.url, server.proc
         chunks: list[dict] = []
         first_chunk = threading.Event()
 
         def stream() -> None:
-            body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 400, "ignore_eos": True,
-                    "stream": True}  # fmt: skip
+            body = {
+                "model": "tiny",
+                "prompt": [1, 2],
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "stream": True,
+            }
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: {"):
@@ -55,20 +69,40 @@ def test_sigterm_lets_the_in_flight_request_finish_then_exits_0(tiny_model_dir):
 def test_a_model_that_cannot_be_loaded_exits_1_saying_why(tmp_path):
     missing = tmp_path / "no-such-model.gguf"
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--model", str(missing),
-         "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm.runtime.serve",
+            "--model",
+            str(missing),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert f"could not load {missing}" in done.stderr and "does not exist" in done.stderr
 
 
 def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it():
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "kubellm.runtime.serve", "--tensor-parallel-size", "2",
-         "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-P",
+            "-m",
+            "kubellm.runtime.serve",
+            "--tensor-parallel-size",
+            "2",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "tensor_parallel_size 2 does not divide this model's 9 attention heads" in done.stderr
     assert "choose one of 1, 3" in done.stderr
@@ -85,15 +119,24 @@ def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it
 def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):
     done = subprocess.run(
         [sys.executable, "-P", "-m", "kubellm.runtime.serve", *flag],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2 and needle in done.stderr
 
 
 def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_model_dir):
-    with ServeProcess("--model", str(tiny_model_dir("mha-tied")), "--served-model-name", "tiny",
-                      "--max-model-len", "512", script=Path(__file__).with_name("faulty_serve.py"),
-                      env={"KUBELLM_TEST_FAIL_FORWARD_AT": "30"}) as server:  # fmt: skip
+    with ServeProcess(
+        "--model",
+        str(tiny_model_dir("mha-tied")),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "512",
+        script=Path(__file__).with_name("faulty_serve.py"),
+        env={"KUBELLM_TEST_FAIL_FORWARD_AT": "30"},
+    ) as server:
         server.wait_healthy()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
         results: dict = {}
@@ -120,15 +163,17 @@ def test_a_step_that_raises_fails_every_request_then_the_server_exits_1(tiny_mod
 def test_log_level_warning_prints_no_info_and_json_lines_carry_the_request_id(tiny_model_dir):
     model = str(tiny_model_dir("mha-tied"))
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
-    with ServeProcess("--model", model, "--served-model-name", "tiny",
-                      "--log-level", "warning") as quiet:  # fmt: skip
+    with ServeProcess(
+        "--model", model, "--served-model-name", "tiny", "--log-level", "warning"
+    ) as quiet:
         quiet.wait_healthy()
         assert httpx.post(quiet.url + "/v1/completions", json=body).status_code == 200
         quiet.proc.send_signal(signal.SIGTERM)
         assert quiet.proc.wait(60) == 0
     assert " INFO " not in quiet.output, quiet.output
-    with ServeProcess("--model", model, "--served-model-name", "tiny",
-                      "--log-format", "json") as loud:  # fmt: skip
+    with ServeProcess(
+        "--model", model, "--served-model-name", "tiny", "--log-format", "json"
+    ) as loud:
         loud.wait_healthy()
         replies = [httpx.post(loud.url + "/v1/completions", json=body) for _ in range(3)]
         loud.proc.send_signal(signal.SIGTERM)
@@ -143,16 +188,40 @@ def test_log_level_warning_prints_no_info_and_json_lines_carry_the_request_id(ti
 # Command lines from the vLLM deployment guides our users copy (with --model and --port
 # ours): each runs unchanged or is refused at start saying what kubellm does instead.
 VLLM_COMMAND_LINES = {
-    "tp1-guide": (["--host", "0.0.0.0", "--tensor-parallel-size", "1",
-                   "--gpu-memory-utilization", "0.90", "--max-model-len", "4096"], None),
-    "swap-space": (["--gpu-memory-utilization", "0.90", "--max-num-batched-tokens", "32768",
-                    "--max-num-seqs", "256", "--block-size", "16", "--swap-space", "4",
-                    "--enforce-eager"],
-                   "swap_space 4 is not supported: kubellm preempts by recomputation"),
-    "pipeline": (["--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"],
-                 "pipeline_parallel_size 2 is not supported: kubellm serves a model within "
-                 "one pod"),
-}  # fmt: skip
+    "tp1-guide": (
+        [
+            "--host",
+            "0.0.0.0",
+            "--tensor-parallel-size",
+            "1",
+            "--gpu-memory-utilization",
+            "0.90",
+            "--max-model-len",
+            "4096",
+        ],
+        None,
+    ),
+    "swap-space": (
+        [
+            "--gpu-memory-utilization",
+            "0.90",
+            "--max-num-batched-tokens",
+            "32768",
+            "--max-num-seqs",
+            "256",
+            "--block-size",
+            "16",
+            "--swap-space",
+            "4",
+            "--enforce-eager",
+        ],
+        "swap_space 4 is not supported: kubellm preempts by recomputation",
+    ),
+    "pipeline": (
+        ["--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"],
+        "pipeline_parallel_size 2 is not supported: kubellm serves a model within one pod",
+    ),
+}
 
 
 @pytest.mark.parametrize("name", sorted(VLLM_COMMAND_LINES))
@@ -161,8 +230,11 @@ def test_vllm_command_lines_run_or_are_refused_saying_why(name):
     with ServeProcess("--model", "smollm2-135m-instruct", *flags) as server:
         if refusal is None:
             server.wait_healthy()
-            reply = httpx.post(server.url + "/v1/completions", timeout=60, json={
-                "model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 3})  # fmt: skip
+            reply = httpx.post(
+                server.url + "/v1/completions",
+                timeout=60,
+                json={"model": "smollm2-135m-instruct", "prompt": "Hello", "max_tokens": 3},
+            )
             assert reply.status_code == 200, reply.text
         else:
             assert server.proc.wait(60) == 2

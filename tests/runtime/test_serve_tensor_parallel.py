@@ -32,19 +32,30 @@ def test_smollm2_over_three_ranks_serves_the_single_rank_text(smollm2):
     prompts = [f"Write the number {i} in words:" for i in range(32)]
     greedy = SamplingParams(temperature=0.0, max_tokens=8)
     expected = [o.outputs[0].text for o in smollm2.generate(prompts, greedy)]
-    with ServeProcess("--tensor-parallel-size", "3", "--served-model-name", "smol",
-                      "--kv-cache-memory-gib", "0.2", "--log-level", "info") as server:  # fmt: skip
+    with ServeProcess(
+        "--tensor-parallel-size",
+        "3",
+        "--served-model-name",
+        "smol",
+        "--kv-cache-memory-gib",
+        "0.2",
+        "--log-level",
+        "info",
+    ) as server:
         server.wait_healthy()
         workers = _worker_pids(server)
         assert len(workers) == 2 and all(is_running(pid) for pid in workers)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
         reply = client.chat.completions.create(
-            model="smol", temperature=0, max_tokens=20,
+            model="smol",
+            temperature=0,
+            max_tokens=20,
             messages=[{"role": "user", "content": "What is the capital of France?"}],
-        )  # fmt: skip
+        )
         assert "Paris" in reply.choices[0].message.content
-        whole = client.completions.create(model="smol", prompt=prompts[0], temperature=0,
-                                          max_tokens=8)  # fmt: skip
+        whole = client.completions.create(
+            model="smol", prompt=prompts[0], temperature=0, max_tokens=8
+        )
         assert whole.choices[0].text == expected[0]
 
         async def streams() -> list[str]:
@@ -70,9 +81,18 @@ def test_smollm2_over_three_ranks_serves_the_single_rank_text(smollm2):
 def test_a_killed_worker_fails_in_flight_requests_and_the_server_exits_non_zero(
     tiny_model_dir,
 ):
-    with ServeProcess("--model", str(tiny_model_dir("gqa3-llama3-rope")), "--served-model-name",
-                      "tiny", "--tensor-parallel-size", "2", "--max-model-len", "512",
-                      "--log-level", "info") as server:  # fmt: skip
+    with ServeProcess(
+        "--model",
+        str(tiny_model_dir("gqa3-llama3-rope")),
+        "--served-model-name",
+        "tiny",
+        "--tensor-parallel-size",
+        "2",
+        "--max-model-len",
+        "512",
+        "--log-level",
+        "info",
+    ) as server:
         server.wait_healthy()
         (worker,) = _worker_pids(server)
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)

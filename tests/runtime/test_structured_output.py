@@ -67,8 +67,10 @@ def client(server):
 
 
 def _json_schema(name: str) -> dict:
-    return {"type": "json_schema",
-            "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}  # fmt: skip
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True},
+    }
 
 
 @pytest.mark.slow
@@ -76,9 +78,13 @@ def _json_schema(name: str) -> dict:
 def test_json_schema_outputs_validate_greedy_and_sampled(client, server, name):
     for temperature, seed in ((0.0, None), (1.0, 0), (1.0, 1), (1.0, 2)):
         reply = client.chat.completions.create(
-            model=MODEL, messages=QUESTION, response_format=_json_schema(name),
-            temperature=temperature, seed=seed, max_tokens=200,
-        )  # fmt: skip
+            model=MODEL,
+            messages=QUESTION,
+            response_format=_json_schema(name),
+            temperature=temperature,
+            seed=seed,
+            max_tokens=200,
+        )
         choice = reply.choices[0]
         assert choice.finish_reason == "stop", choice.message.content
         jsonschema.validate(json.loads(choice.message.content), SCHEMAS[name])
@@ -87,8 +93,13 @@ def test_json_schema_outputs_validate_greedy_and_sampled(client, server, name):
 
 @pytest.mark.slow
 def test_a_streamed_constrained_reply_is_the_whole_reply(client):
-    request = dict(model=MODEL, messages=QUESTION, response_format=_json_schema("city"),
-                   temperature=0, max_tokens=200)  # fmt: skip
+    request = dict(
+        model=MODEL,
+        messages=QUESTION,
+        response_format=_json_schema("city"),
+        temperature=0,
+        max_tokens=200,
+    )
     whole = client.chat.completions.create(**request).choices[0].message.content
     chunks = client.chat.completions.create(**request, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
@@ -98,20 +109,32 @@ def test_a_streamed_constrained_reply_is_the_whole_reply(client):
 def test_json_object_regex_and_choice(client):
     question = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
     reply = client.chat.completions.create(
-        model=MODEL, messages=question, response_format={"type": "json_object"},
-        temperature=0, max_tokens=120,
-    )  # fmt: skip
+        model=MODEL,
+        messages=question,
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=120,
+    )
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     phone = client.completions.create(
-        model=MODEL, prompt="Call me at", max_tokens=12, temperature=1.0, seed=3,
+        model=MODEL,
+        prompt="Call me at",
+        max_tokens=12,
+        temperature=1.0,
+        seed=3,
         extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}},
-    )  # fmt: skip
+    )
     assert phone.choices[0].text[3] == "-" and len(phone.choices[0].text) == 8
     answers = client.completions.create(
-        model=MODEL, prompt="Is Paris in France?", max_tokens=5, n=4, temperature=1.0, seed=1,
+        model=MODEL,
+        prompt="Is Paris in France?",
+        max_tokens=5,
+        n=4,
+        temperature=1.0,
+        seed=1,
         extra_body={"guided_choice": ["yes", "no"]},  # vLLM's older name
-    )  # fmt: skip
+    )
     assert {c.text for c in answers.choices} <= {"yes", "no"}
     assert all(c.finish_reason == "stop" for c in answers.choices)
 
@@ -119,14 +142,25 @@ def test_json_object_regex_and_choice(client):
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {
-            "name": "x", "schema": {"type": "objekt"}}}}, "response_format", "cannot be compiled"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objekt"}},
+                }
+            },
+            "response_format",
+            "cannot be compiled",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format.type", "response_format"),
-        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs",
-         "cannot be compiled"),
+        (
+            {"structured_outputs": {"regex": "(unclosed"}},
+            "structured_outputs",
+            "cannot be compiled",
+        ),
         ({"guided_choice": ["a"], "guided_regex": "a"}, None, "not several"),
     ],
-)  # fmt: skip
+)
 def test_a_constraint_that_cannot_work_is_a_400_naming_its_field(server, body, param, needle):
     url, engine = server
     request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}
@@ -147,7 +181,8 @@ def test_langchain_with_structured_output_returns_a_valid_model(server):
         city: str = Field(max_length=24)
         country: str = Field(max_length=24)
 
-    llm = ChatOpenAI(base_url=server[0] + "/v1", api_key="unused", model=MODEL,
-                     temperature=0, max_tokens=60)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=server[0] + "/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=60
+    )
     answer = llm.with_structured_output(Capital).invoke("What is the capital of France?")
     assert isinstance(answer, Capital) and answer.city

@@ -55,10 +55,16 @@ def test_tiny_models_split_over_ranks_match_transformers(name, size, tiny_model_
 
     directory = tiny_model_dir(name)
     oracle = AutoModelForCausalLM.from_pretrained(directory).eval()
-    prompts = [[(5 * i + 3 * j) % 4000 + 100 for j in range(length)] for i, length in
-               enumerate([1, 17, 40])]  # fmt: skip
-    with LLM(model=str(directory), tensor_parallel_size=size, max_num_batched_tokens=16,
-             kv_cache_memory_gib=0.01) as llm:  # fmt: skip
+    prompts = [
+        [(5 * i + 3 * j) % 4000 + 100 for j in range(length)]
+        for i, length in enumerate([1, 17, 40])
+    ]
+    with LLM(
+        model=str(directory),
+        tensor_parallel_size=size,
+        max_num_batched_tokens=16,
+        kv_cache_memory_gib=0.01,
+    ) as llm:
         ours = llm.generate(prompts, GREEDY_32)
     for prompt, output in zip(prompts, ours):
         assert output.outputs[0].token_ids == hf_greedy(oracle, prompt, 32), len(prompt)
@@ -71,12 +77,19 @@ def test_two_gpus_give_the_one_gpu_tokens(tiny_model_dir):
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    prompts = [[(5 * i + 3 * j) % 4000 + 100 for j in range(length)] for i, length in
-               enumerate([1, 17, 40, 3])]  # fmt: skip
+    prompts = [
+        [(5 * i + 3 * j) % 4000 + 100 for j in range(length)]
+        for i, length in enumerate([1, 17, 40, 3])
+    ]
     tokens = {}
     for size in (1, 2):
-        with LLM(model=str(tiny_model_dir("gqa3-llama3-rope")), tensor_parallel_size=size,
-                 device="cuda", dtype="float32", gpu_memory_utilization=0.3) as llm:  # fmt: skip
+        with LLM(
+            model=str(tiny_model_dir("gqa3-llama3-rope")),
+            tensor_parallel_size=size,
+            device="cuda",
+            dtype="float32",
+            gpu_memory_utilization=0.3,
+        ) as llm:
             assert llm.engine.runner.decode_graphs is not None
             tokens[size] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY_32)]
     assert tokens[2] == tokens[1]

@@ -23,36 +23,73 @@ TRICKY = {"query": 'say "}" and {braces}, <tool_call> or \\ too', "n": [1, 2.5, 
 # (parser, recorded reply, expected content, expected calls as (name, arguments object))
 RECORDED = [
     # Qwen2.5's calls (hermes), with and without text first, one and two calls
-    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
-     '"unit": "celsius"}}\n</tool_call>', "", [("get_weather", WEATHER)]),
-    ("hermes", 'Let me look that up.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
-     '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
-     '"arguments": {"timezone": "Europe/Paris"}}\n</tool_call>', "Let me look that up.",
-     [("get_weather", WEATHER), ("get_time", TIME)]),
-    ("hermes", "<tool_call>\n" + json.dumps({"name": "search", "arguments": TRICKY})
-     + "\n</tool_call>", "", [("search", TRICKY)]),
-    ("hermes", 'Voilà ☀️\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
-     '"note": "東京 \\u00e9"}}\n</tool_call>', "Voilà ☀️",
-     [("get_weather", {"city": "Zürich", "note": "東京 é"})]),
-    ("hermes", "It is sunny in Paris, 3 < 4 and <b>warm</b>.\n", "It is sunny in Paris, 3 < 4 "
-     "and <b>warm</b>.\n", []),
+    (
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+        '"unit": "celsius"}}\n</tool_call>',
+        "",
+        [("get_weather", WEATHER)],
+    ),
+    (
+        "hermes",
+        'Let me look that up.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris", "unit": "celsius"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", '
+        '"arguments": {"timezone": "Europe/Paris"}}\n</tool_call>',
+        "Let me look that up.",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (
+        "hermes",
+        "<tool_call>\n" + json.dumps({"name": "search", "arguments": TRICKY}) + "\n</tool_call>",
+        "",
+        [("search", TRICKY)],
+    ),
+    (
+        "hermes",
+        'Voilà ☀️\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", '
+        '"note": "東京 \\u00e9"}}\n</tool_call>',
+        "Voilà ☀️",
+        [("get_weather", {"city": "Zürich", "note": "東京 é"})],
+    ),
+    (
+        "hermes",
+        "It is sunny in Paris, 3 < 4 and <b>warm</b>.\n",
+        "It is sunny in Paris, 3 < 4 and <b>warm</b>.\n",
+        [],
+    ),
     # Llama 3.1-3.3 JSON calls
-    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "unit": '
-     '"celsius"}}', "", [("get_weather", WEATHER)]),
-    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
-     '"unit": "celsius"}}; {"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}',
-     "", [("get_weather", WEATHER), ("get_time", TIME)]),
+    (
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}',
+        "",
+        [("get_weather", WEATHER)],
+    ),
+    (
+        "llama3_json",
+        '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", '
+        '"unit": "celsius"}}; {"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}',
+        "",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
     ("llama3_json", "The capital of France is Paris.", "The capital of France is Paris.", []),
     ("llama3_json", "{not a call}", "{not a call}", []),
     # Mistral: v3 tokenizers' JSON list, and v11's name[ARGS]arguments
-    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
-     '"celsius"}}, {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]', "",
-     [("get_weather", WEATHER), ("get_time", TIME)]),
-    ("mistral", 'Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
-     '[TOOL_CALLS]get_time[ARGS]{"timezone": "Europe/Paris"}', "Checking.",
-     [("get_weather", WEATHER), ("get_time", TIME)]),
+    (
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
+        '"celsius"}}, {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]',
+        "",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
+    (
+        "mistral",
+        'Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+        '[TOOL_CALLS]get_time[ARGS]{"timezone": "Europe/Paris"}',
+        "Checking.",
+        [("get_weather", WEATHER), ("get_time", TIME)],
+    ),
     ("mistral", "Bonjour! [Note] TOOL is not CALLS.", "Bonjour! [Note] TOOL is not CALLS.", []),
-]  # fmt: skip
+]
 
 
 def _whole(parser, text: str) -> tuple[str, list[tuple[str, object]]]:
@@ -103,8 +140,9 @@ def test_a_stream_never_takes_back_what_it_sent(name, reply, content, calls):
 def test_constrained_shapes_named_and_required():
     arguments = json.dumps(WEATHER)
     assert _whole(named_function("get_weather"), arguments) == ("", [("get_weather", WEATHER)])
-    written = json.dumps([{"name": "get_weather", "arguments": WEATHER},
-                          {"name": "get_time", "arguments": TIME}])  # fmt: skip
+    written = json.dumps(
+        [{"name": "get_weather", "arguments": WEATHER}, {"name": "get_time", "arguments": TIME}]
+    )
     expected = ("", [("get_weather", WEATHER), ("get_time", TIME)])
     assert _whole(required_calls, written) == expected
     assert _streamed(required_calls, list(written)) == expected
@@ -118,9 +156,16 @@ def test_a_call_cut_short_keeps_what_was_written():
 
 @pytest.mark.parametrize(
     "text, end",
-    [('"a\\"b" x', 6), ("{\"k\": [1, {\"x\": \"}\"}]} tail", 22), ("123,", 3), ("12", None),
-     ('{"open": ', None), ("[1, 2]", 6), ("true}", 4)],
-)  # fmt: skip
+    [
+        ('"a\\"b" x', 6),
+        ('{"k": [1, {"x": "}"}]} tail', 22),
+        ("123,", 3),
+        ("12", None),
+        ('{"open": ', None),
+        ("[1, 2]", 6),
+        ("true}", 4),
+    ],
+)
 def test_value_end(text, end):
     assert value_end(text, 0) == end
 

@@ -37,11 +37,23 @@ CLOCK = {
     "additionalProperties": False,
 }
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Current weather "
-     "in a city", "parameters": WEATHER}},
-    {"type": "function", "function": {"name": "get_time", "description": "The time in a "
-     "timezone", "parameters": CLOCK}},
-]  # fmt: skip
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": WEATHER,
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The time in a timezone",
+            "parameters": CLOCK,
+        },
+    },
+]
 PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
@@ -114,21 +126,36 @@ def test_a_named_function_is_called_with_valid_arguments_streamed_as_whole(clien
 def test_required_gives_valid_calls_greedy_and_sampled(client, servers):
     for temperature, seed in ((0.0, None), (1.0, 0), (1.0, 1)):
         reply = client.chat.completions.create(
-            model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
-            temperature=temperature, seed=seed, max_tokens=200, n=2,
-        )  # fmt: skip
+            model=MODEL,
+            messages=QUESTION,
+            tools=TOOLS,
+            tool_choice="required",
+            temperature=temperature,
+            seed=seed,
+            max_tokens=200,
+            n=2,
+        )
         for choice in reply.choices:
             assert choice.finish_reason == "tool_calls"
             assert _calls(choice.message)
     single = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required",
-        parallel_tool_calls=False, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        **GREEDY,
+    )
     assert len(_calls(single.choices[0].message)) == 1
     streamed = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="required", stream=True,
-        parallel_tool_calls=False, **GREEDY,
-    )  # fmt: skip
+        model=MODEL,
+        messages=QUESTION,
+        tools=TOOLS,
+        tool_choice="required",
+        stream=True,
+        parallel_tool_calls=False,
+        **GREEDY,
+    )
     assert _streamed(streamed) == ("", _calls(single.choices[0].message), "tool_calls")
     assert_server_idle(servers[1])
 
@@ -137,18 +164,32 @@ def test_required_gives_valid_calls_greedy_and_sampled(client, servers):
 def test_none_writes_text_and_a_tool_result_continues_the_conversation(client):
     text = client.chat.completions.create(
         model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=16
-    ).choices[0]  # fmt: skip
+    ).choices[0]
     assert text.message.tool_calls is None and text.message.content
     assert text.finish_reason in ("stop", "length")
-    called = client.chat.completions.create(
-        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=NAMED, **GREEDY
-    ).choices[0].message  # fmt: skip
+    called = (
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice=NAMED, **GREEDY
+        )
+        .choices[0]
+        .message
+    )
     after = client.chat.completions.create(
-        model=MODEL, tools=TOOLS, tool_choice="none", max_tokens=24, temperature=0.0,
-        messages=[*QUESTION, called.model_dump(exclude_none=True),
-                  {"role": "tool", "tool_call_id": called.tool_calls[0].id,
-                   "content": json.dumps({"temperature": 18, "sky": "clear"})}],
-    ).choices[0]  # fmt: skip
+        model=MODEL,
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=24,
+        temperature=0.0,
+        messages=[
+            *QUESTION,
+            called.model_dump(exclude_none=True),
+            {
+                "role": "tool",
+                "tool_call_id": called.tool_calls[0].id,
+                "content": json.dumps({"temperature": 18, "sky": "clear"}),
+            },
+        ],
+    ).choices[0]
     assert after.message.content and after.message.tool_calls is None
 
 
@@ -156,12 +197,12 @@ def test_none_writes_text_and_a_tool_result_continues_the_conversation(client):
 # none of them: the grammar makes it write the format, the parser must read it).
 FORCED = {
     "hermes": r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": '
-              r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>',
+    r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\n</tool_call>',
     "llama3_json": r'\{"name": "get_weather", "parameters": \{"city": "[A-Z][a-z]{2,8}", '
-                   r'"unit": "(celsius|fahrenheit)"\}\}',
+    r'"unit": "(celsius|fahrenheit)"\}\}',
     "mistral": r'\[TOOL_CALLS\]\[\{"name": "get_weather", "arguments": \{"city": '
-               r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\]',
-}  # fmt: skip
+    r'"[A-Z][a-z]{2,8}", "unit": "(celsius|fahrenheit)"\}\}\]',
+}
 
 
 @pytest.mark.slow
@@ -169,8 +210,9 @@ FORCED = {
 def test_each_auto_parser_reads_the_calls_written_in_its_format(servers, parser):
     client = _client(servers[0][parser])
     forced = {"structured_outputs": {"regex": FORCED[parser]}}
-    request = dict(model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="auto",
-                   extra_body=forced, **GREEDY)  # fmt: skip
+    request = dict(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="auto", extra_body=forced, **GREEDY
+    )
     reply = client.chat.completions.create(**request).choices[0]
     assert reply.finish_reason == "tool_calls"
     calls = _calls(reply.message)
@@ -183,10 +225,17 @@ def test_each_auto_parser_reads_the_calls_written_in_its_format(servers, parser)
 
 @pytest.mark.slow
 def test_auto_without_a_call_is_text(servers):
-    reply = _client(servers[0]["hermes"]).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], tools=TOOLS,
-        max_tokens=12, temperature=0.0,
-    ).choices[0]  # fmt: skip
+    reply = (
+        _client(servers[0]["hermes"])
+        .chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Say hello."}],
+            tools=TOOLS,
+            max_tokens=12,
+            temperature=0.0,
+        )
+        .choices[0]
+    )
     assert reply.message.tool_calls is None and reply.message.content
     assert reply.finish_reason in ("stop", "length")
 
@@ -202,8 +251,13 @@ def test_langchain_bind_tools_returns_a_valid_tool_call(servers):
 
         city: str = Field(max_length=20)
 
-    llm = ChatOpenAI(base_url=servers[0][None] + "/v1", api_key="unused", model=MODEL,
-                     temperature=0, max_tokens=60)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=servers[0][None] + "/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        max_tokens=60,
+    )
     message = llm.bind_tools([GetWeather], tool_choice="GetWeather").invoke(
         "What is the weather in Paris?"
     )
@@ -215,18 +269,35 @@ def test_langchain_bind_tools_returns_a_valid_tool_call(servers):
 @pytest.mark.parametrize(
     ("body", "param", "needle"),
     [
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
-         "tool_choice", "'fly', not among the tools"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
+            "tool_choice",
+            "'fly', not among the tools",
+        ),
         ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"tools": [{"type": "retrieval"}]}, "tools.0.type", "'function'"),
         ({"tools": [TOOLS[0], TOOLS[0]], "tool_choice": "required"}, "tools", "distinct"),
-        ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
-            "type": "objekt"}}}], "tool_choice": "required"}, "tool_choice", "cannot be compiled"),
-        ({"tools": TOOLS, "tool_choice": "required", "response_format": {
-            "type": "json_object"}}, None, "not several"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "x", "parameters": {"type": "objekt"}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tool_choice",
+            "cannot be compiled",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            None,
+            "not several",
+        ),
         ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice", "tool_choice"),
     ],
-)  # fmt: skip
+)
 def test_tools_that_cannot_work_are_a_400_naming_the_field(servers, body, param, needle):
     urls, engine = servers
     request = {"model": MODEL, "messages": QUESTION, **body}
@@ -244,12 +315,20 @@ def _tools() -> list[Tool]:
 def test_a_template_without_tools_gets_the_fallback_prompt(smollm2):
     """The built-in model's template knows no tools: signatures go into the system
     message, a past call and its result are written as Hermes text."""
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
-    messages = [ChatMessage.model_validate(m) for m in [
-        {"role": "system", "content": "Be brief."}, *QUESTION,
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]]  # fmt: skip
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = [
+        ChatMessage.model_validate(m)
+        for m in [
+            {"role": "system", "content": "Be brief."},
+            *QUESTION,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        ]
+    ]
     prompt = render_chat(smollm2.engine.tokenizer, messages, _tools())
     system = prompt.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
@@ -261,8 +340,10 @@ def test_a_template_without_tools_gets_the_fallback_prompt(smollm2):
 
 def test_a_template_with_tools_gets_them_itself(smollm2):
     tokenizer = smollm2.engine.tokenizer
-    template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
-                "{% for m in messages %}{{ m.role }}: {{ m.content }};{% endfor %}")  # fmt: skip
+    template = (
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }};{% endfor %}"
+    )
     original, tokenizer.chat_template = tokenizer.chat_template, template
     try:
         prompt = render_chat(tokenizer, [ChatMessage.model_validate(QUESTION[0])], _tools())
@@ -342,7 +423,7 @@ def test_the_parser_and_its_reason_are_logged_and_an_unknown_format_is_a_400(smo
                 url + "/v1/chat/completions",
                 json={**request, "tool_choice": choice, "max_tokens": 40},
             )
-            assert answer.status_code == 200, (choice, answer.text)  # fmt: skip
+            assert answer.status_code == 200, (choice, answer.text)
     assert_server_idle(engine)
 
 
@@ -383,8 +464,14 @@ def test_a_langchain_agent_loop_runs_to_its_answer_with_auto(servers, streaming)
         ran.append(city)
         return json.dumps({"city": city, "temperature_c": 18, "sky": "clear"})
 
-    llm = ChatOpenAI(base_url=servers[0][None] + "/v1", api_key="unused", model=MODEL,
-                     temperature=0, max_tokens=60, streaming=streaming)  # fmt: skip
+    llm = ChatOpenAI(
+        base_url=servers[0][None] + "/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        max_tokens=60,
+        streaming=streaming,
+    )
     messages = [HumanMessage("What is the weather in Paris?")]
     step = llm.bind_tools([get_weather], tool_choice="get_weather")
     for _ in range(4):

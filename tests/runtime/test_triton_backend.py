@@ -18,9 +18,15 @@ def test_triton_backend_gives_the_torch_backends_tokens(tiny_model_dir, name):
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     outputs = {}
     for backend in ("torch", "triton"):
-        llm = LLM(model=str(tiny_model_dir(name)), attention_backend=backend, block_size=16,
-                  max_num_batched_tokens=16, num_kv_blocks=64, device=TRITON_DEVICE,
-                  dtype="float32")  # fmt: skip
+        llm = LLM(
+            model=str(tiny_model_dir(name)),
+            attention_backend=backend,
+            block_size=16,
+            max_num_batched_tokens=16,
+            num_kv_blocks=64,
+            device=TRITON_DEVICE,
+            dtype="float32",
+        )
         first = llm.generate(prompts[:2], params)
         last = llm.generate(prompts[2:], params)
         assert llm.engine.kv.prefix_hits > 0
@@ -37,10 +43,12 @@ def test_decode_splits_fill_the_gpu_but_never_cut_short_segments():
 
 @pytest.mark.cuda
 def test_bf16_on_the_gpu_agrees_with_fp32_on_the_first_tokens():
-    llm_bf16 = LLM(device="cuda", dtype="bfloat16", attention_backend="triton",
-                   gpu_memory_utilization=0.3)  # fmt: skip
-    llm_fp32 = LLM(device="cuda", dtype="float32", attention_backend="torch",
-                   gpu_memory_utilization=0.6)  # both engines live at once  # fmt: skip
+    llm_bf16 = LLM(
+        device="cuda", dtype="bfloat16", attention_backend="triton", gpu_memory_utilization=0.3
+    )
+    llm_fp32 = LLM(
+        device="cuda", dtype="float32", attention_backend="torch", gpu_memory_utilization=0.6
+    )  # both engines live at once
     params = SamplingParams(temperature=0.0, max_tokens=4)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     bf16 = [o.outputs[0].token_ids[0] for o in llm_bf16.generate(prompts, params)]

@@ -42,9 +42,15 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
                 prompt = (shared if share else [])[:length] + [600 + i] * max(0, length - 40)
                 scoring = 0 if scored else None
                 grammar = CONSTRAINED if constrained else None
-                params = SamplingParams(n=n, temperature=0.7, seed=i, max_tokens=max_tokens,
-                                        logprobs=1, prompt_logprobs=scoring,
-                                        structured_output=grammar)  # fmt: skip
+                params = SamplingParams(
+                    n=n,
+                    temperature=0.7,
+                    seed=i,
+                    max_tokens=max_tokens,
+                    logprobs=1,
+                    prompt_logprobs=scoring,
+                    structured_output=grammar,
+                )
                 engine.add_request(f"{tag}{i}", prompt or [1], params)
             if abort_at == step and arrival <= step:
                 engine.abort_request(f"{tag}{i}")
@@ -64,8 +70,9 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
             assert len(output.token_ids) <= max_tokens
             if constrained:  # one of the choices, or a prefix of one where it was cut
                 whole = output.finish_reason == "stop"
-                assert any(output.text == c if whole else c.startswith(output.text)
-                           for c in CHOICES), output.text  # fmt: skip
+                assert any(
+                    output.text == c if whole else c.startswith(output.text) for c in CHOICES
+                ), output.text
         results.append(result)
     check_all_free(engine.kv)
     return results
