@@ -121,6 +121,7 @@ class KubeletStandIn:
             if "value" in e and e["name"] not in POD_ONLY
         }
         env["KUBECONFIG"] = str(self.cluster.kubeconfig)  # the pod's service account
+        env["OMP_NUM_THREADS"] = "1"  # a pod's own core: the processes share this machine's
         process = ServeProcess(*workload.args, command=workload.command, env=env)
         return Pod(process, int(process.url.rsplit(":", 1)[1]))
 

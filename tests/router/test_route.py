@@ -30,10 +30,15 @@ REPLICA_ARGS = (
     "0.05",
 )
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
+# Each replica on one thread: several share this machine's cores, where each would
+# otherwise run a thread per core and their spinning OpenMP threads starve one another
+# (a replica then made no token in 30 s while another decoded: not what pods, each
+# with cores of its own, do).
+ONE_CORE = {"OMP_NUM_THREADS": "1"}
 
 
 def _replica(port: int | None = None) -> ServeProcess:
-    return ServeProcess(*REPLICA_ARGS, port=port)
+    return ServeProcess(*REPLICA_ARGS, port=port, env=ONE_CORE)
 
 
 def _router(*urls: str, policy: str = "prefix", extra: tuple[str, ...] = ()) -> ServeProcess:
