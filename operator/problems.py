@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubellm.operator.kube import Kube, object_path
-from kubellm.operator.source import ModelSource
+from kubellm.operator.source import SourceURI
 
 CLUSTER_REASONS = frozenset(
     {
@@ -39,7 +39,7 @@ class Problem:
 def static_problems(spec: dict[str, Any]) -> list[Problem]:
     """What the spec alone says (the CRD's CEL rules say some of it too, where enforced)."""
     try:
-        ModelSource.parse(spec["model"]["source"])
+        SourceURI.parse(spec["model"]["source"])
     except ValueError as exc:
         return [Problem("InvalidModelSource", str(exc))]
     gpus = spec["resources"]["gpus"]
@@ -114,7 +114,7 @@ async def cluster_problems(
                     f"{field}: Secret {ref['name']!r} has no key {ref['key']!r}",
                 )
             )
-    source = ModelSource.parse(spec["model"]["source"])
+    source = SourceURI.parse(spec["model"]["source"])
     if source.claim is not None:
         claim = await kube.get(object_path("PersistentVolumeClaim", namespace, source.claim))
         if claim is None:

@@ -1,4 +1,5 @@
-"""Model sources: hf://org/name, pvc://claim/path, builtin://name."""
+"""`spec.model.source` parsed: hf://org/name, pvc://claim/path, builtin://name (the runtime's
+`ModelSource` is what `kubellm serve` then finds there)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ MODELS_MOUNT = "/models"  # where a pvc:// claim is mounted, read-only
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class SourceURI:
     scheme: str  # "hf", "pvc" or "builtin"
     location: str  # hub id, path inside the claim, or built-in name
     claim: str | None = None
 
     @classmethod
-    def parse(cls, uri: str) -> ModelSource:
+    def parse(cls, uri: str) -> SourceURI:
         scheme, sep, rest = uri.partition("://")
         if not sep or not rest or scheme not in ("hf", "pvc", "builtin"):
             raise ValueError(

@@ -17,7 +17,7 @@ from kubellm.operator.naming import (
     labels,
     selector_labels,
 )
-from kubellm.operator.source import MODELS_MOUNT, ModelSource
+from kubellm.operator.source import MODELS_MOUNT, SourceURI
 
 HF_HOME = "/cache/huggingface"
 PRE_STOP_SECONDS = 5  # lets Services drop the pod before SIGTERM reaches the server
@@ -87,7 +87,7 @@ def shm_size(spec: dict[str, Any]) -> str:
 
 
 def _pod_template(name: str, spec: dict[str, Any], image: str) -> dict[str, Any]:
-    source = ModelSource.parse(spec["model"]["source"])
+    source = SourceURI.parse(spec["model"]["source"])
     pod: dict[str, Any] = {
         "containers": [_container(name, spec, source, image)],
         "volumes": _volumes(name, spec, source),
@@ -109,7 +109,7 @@ def _pod_template(name: str, spec: dict[str, Any], image: str) -> dict[str, Any]
     return {"metadata": {"labels": labels(name)}, "spec": pod}
 
 
-def _container(name: str, spec: dict[str, Any], source: ModelSource, image: str) -> dict[str, Any]:
+def _container(name: str, spec: dict[str, Any], source: SourceURI, image: str) -> dict[str, Any]:
     startup_budget = spec["probes"]["startupTimeoutSeconds"]
     container: dict[str, Any] = {
         "name": "runtime",
@@ -142,7 +142,7 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _env(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[str, Any]]:
+def _env(name: str, spec: dict[str, Any], source: SourceURI) -> list[dict[str, Any]]:
     engine = spec["engine"]
     values = {
         "KUBELLM_MODEL": source.runtime_model(),
@@ -184,7 +184,7 @@ def _resources(spec: dict[str, Any]) -> dict[str, Any]:
     return {"requests": dict(wanted), "limits": dict(wanted)} if wanted else {}
 
 
-def _volumes(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[str, Any]]:
+def _volumes(name: str, spec: dict[str, Any], source: SourceURI) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec)}},
         {"name": "tmp", "emptyDir": {}},
@@ -197,7 +197,7 @@ def _volumes(name: str, spec: dict[str, Any], source: ModelSource) -> list[dict[
 
 
 def uses_cache_claim(spec: dict[str, Any]) -> bool:
-    return ModelSource.parse(spec["model"]["source"]).downloads and spec["cache"]["enabled"]
+    return SourceURI.parse(spec["model"]["source"]).downloads and spec["cache"]["enabled"]
 
 
 def _cache_volume(name: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +206,7 @@ def _cache_volume(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"emptyDir": {}}
 
 
-def _mounts(spec: dict[str, Any], source: ModelSource) -> list[dict[str, Any]]:
+def _mounts(spec: dict[str, Any], source: SourceURI) -> list[dict[str, Any]]:
     mounts = [
         {"name": "shm", "mountPath": "/dev/shm"},
         {"name": "tmp", "mountPath": "/tmp"},
