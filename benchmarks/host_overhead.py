@@ -61,7 +61,7 @@ def _timed(totals: dict[str, float], name: str, fn):
 def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
     """Milliseconds per decode step of `batch` running requests, per stage."""
     from kubellm.runtime import LLM, SamplingParams
-    from kubellm.runtime.step_plan import StepPlan
+    from kubellm.runtime.scheduler import SchedulerOutput
 
     llm = LLM(model=str(model_dir), device="cpu", max_num_seqs=batch, kv_cache_memory_gib=0.2)
     engine, totals = llm.engine, defaultdict(float)
@@ -76,7 +76,7 @@ def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
         engine.step()  # prefill everything first: what follows is decode only
     stages = {  # prepare: the step's plan, then its tensors
         "schedule": (engine.scheduler, "schedule"),
-        "prepare": (StepPlan, "from_schedule"),
+        "prepare": (SchedulerOutput, "plan"),
         "inputs": (engine.runner, "_inputs"),
         "model": (engine.runner.model, "forward"),
         "logits": (engine.runner.model, "compute_logits"),
@@ -84,7 +84,7 @@ def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
         "update": (engine.scheduler, "update"),
         "detokenize": (engine, "_advance_text"),
     }
-    plan_builder = StepPlan.__dict__["from_schedule"]  # a class attribute: put back after
+    plan_builder = SchedulerOutput.__dict__["plan"]  # a class attribute: put back after
     for name, (owner, attribute) in stages.items():
         stage = "prepare" if name == "inputs" else name
         setattr(owner, attribute, _timed(totals, stage, getattr(owner, attribute)))
@@ -94,7 +94,7 @@ def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
             engine.step()
         total = time.perf_counter() - started
     finally:
-        StepPlan.from_schedule = plan_builder
+        SchedulerOutput.plan = plan_builder
     result = {name: 1e3 * totals[name] / steps for name in (*HOST_STAGES, *DEVICE_STAGES)}
     result["step"] = 1e3 * total / steps
     return result

@@ -29,7 +29,6 @@ def decode_plan(batch: int):
     from kubellm.runtime.request import Request
     from kubellm.runtime.sampling_params import SamplingParams
     from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
-    from kubellm.runtime.step_plan import StepPlan
 
     scheduled, blocks = [], CONTEXT // BLOCK
     for i in range(batch):
@@ -37,7 +36,7 @@ def decode_plan(batch: int):
         request.num_computed_tokens = CONTEXT - 1
         request.block_ids = list(range(i * blocks, (i + 1) * blocks))
         scheduled.append(ScheduledRequest(request, 1))
-    return StepPlan.from_schedule(SchedulerOutput(scheduled), BLOCK)
+    return SchedulerOutput(scheduled).plan(BLOCK)
 
 
 def _join(rank: int, port: int, store=None) -> None:

@@ -11,6 +11,8 @@ block_tables[i, :]. Attention is causal: the query at context position p sees ke
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -41,7 +43,7 @@ def paged_attention_reference(
         seq_len, q_len = int(seq_lens[i]), end - start
         if q_len == 0:
             continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
+        blocks = block_tables[i, : math.ceil(seq_len / block_size)].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         k = k.repeat_interleave(group, dim=1)  # [seq, heads, dim]

@@ -100,7 +100,7 @@ DEVICES = ("cpu", "cuda")
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """An EngineConfig field: its default, help and choices live here once; `kubellm
-    serve` makes its flag (and KUBELLM_* variable) from them."""
+    serve` and `kubellm generate` make their flags (and KUBELLM_* variables) from them."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
@@ -147,14 +147,10 @@ class EngineConfig:
     )
     quantization: str | None = setting(
         None,
-        "default: the checkpoint's own, its 4-bit "
-        "weights kept packed ($KUBELLM_QUANTIZATION "
-        "overrides); none: dequantized at load",
+        "default: the checkpoint's own, its 4-bit weights kept packed; none: dequantized at load",
         ("none", *QUANTIZATION_METHODS),
     )
-    device: str = setting(
-        "auto", "auto: cuda when there is a GPU ($KUBELLM_DEVICE overrides)", ("auto", *DEVICES)
-    )
+    device: str = setting("auto", "auto: cuda when there is a GPU, else cpu", ("auto", *DEVICES))
     attention_backend: str = setting(
         "auto",
         "auto: triton on CUDA, cpu (kubellm's C kernels) for float32 on CPUs with AVX2, else torch",

@@ -24,6 +24,7 @@ import torch
 
 from kubellm.runtime.attention import AttentionMetadata
 from kubellm.runtime.model.llama import LlamaForCausalLM
+from kubellm.runtime.step_plan import cdiv
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class DecodeGraphs:
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
-        max_blocks = -(-max_seq_len // block_size)
+        max_blocks = cdiv(max_seq_len, block_size)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int64, device=device)
         self.hidden = torch.zeros(
             largest,

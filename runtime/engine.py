@@ -18,7 +18,7 @@ from kubellm.runtime.model_runner import ModelRunner
 from kubellm.runtime.outputs import CompletionOutput, EngineStats, RequestOutput, StepDelta
 from kubellm.runtime.placement import resolve_placement
 from kubellm.runtime.request import Request, TokenLogprobs
-from kubellm.runtime.sampler import Sampler, score_tokens
+from kubellm.runtime.sampler import Sampler, draw_worst_case, score_tokens
 from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.step_plan import StepPlan
@@ -55,7 +55,9 @@ class LLMEngine:
         self.workers = self._start_workers(config, placement)
         try:
             tp = self.workers.tp if self.workers else SINGLE_RANK
-            self.runner = ModelRunner(config, source, self.max_model_len, placement, tp)
+            self.runner = ModelRunner(
+                config, source, self.max_model_len, placement, tp, draw=draw_worst_case
+            )
         except BaseException:
             if self.workers:
                 self.workers.kill()
@@ -205,7 +207,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits, prompt_logits = self._execute(StepPlan.from_schedule(out, self.config.block_size))
+        logits, prompt_logits = self._execute(out.plan(self.config.block_size))
         if prompt_logits is not None:
             self._record_prompt_logprobs(out, prompt_logits)
         to_sample = [s.request for s in out.scheduled if s.samples]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-from kubellm.runtime.config import BUILTIN_MODEL
+from kubellm.runtime.engine_flags import add_engine_flags, engine_settings, with_environment
 from kubellm.runtime.logs import LEVELS, configure_logging
 
 DEMO_PROMPTS = [
@@ -16,23 +17,24 @@ DEMO_PROMPTS = [
 ]
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
+    """Its own flags and the engine's (each also $KUBELLM_<NAME>: flags win)."""
     parser = argparse.ArgumentParser(prog="kubellm generate", description=__doc__)
     parser.add_argument("prompts", nargs="*", help="prompts (default: a few demo prompts)")
-    parser.add_argument("--model", default=BUILTIN_MODEL)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=LEVELS)
-    return parser.parse_args(argv)
+    add_engine_flags(parser)
+    return with_environment(parser, environ).parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, dict(os.environ))
     configure_logging(args.log_level)
     from kubellm.runtime import LLM, SamplingParams
 
-    llm = LLM(model=args.model)
+    llm = LLM(**engine_settings(args))
     prompts = args.prompts or DEMO_PROMPTS
     texts = [
         llm.tokenizer.apply_chat_template(

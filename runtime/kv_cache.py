@@ -17,10 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kubellm.runtime.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from kubellm.runtime.step_plan import cdiv
 
 
 def hash_block(parent: bytes, token_ids: list[int]) -> bytes:

@@ -4,12 +4,14 @@ It owns its whole life, as nano-vllm's does: build the model, load this rank's s
 the weights, size the KV pool (on CUDA after a profiling pass at the largest step; every
 rank then takes the smallest count any rank can hold), allocate this rank's KV cache
 (its heads only), capture CUDA graphs for decode, and run steps. A step is a `StepPlan`
-turned into one flat, unpadded batch.
+turned into one flat, unpadded batch. It knows nothing of requests or the scheduler:
+rank 0's sampler reaches the profiling pass only as `draw`, a function of the logits.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +19,6 @@ from kubellm.runtime.attention import AttentionMetadata, get_backend
 from kubellm.runtime.config import EngineConfig, ModelConfig
 from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
-from kubellm.runtime.memory_profile import activation_peak_bytes
 from kubellm.runtime.model.layer_ops import LayerOps, TorchOps, layer_ops
 from kubellm.runtime.model.llama import LlamaForCausalLM
 from kubellm.runtime.model.quantized import (
@@ -43,8 +44,12 @@ class ModelRunner:
         max_model_len: int,
         placement: Placement,
         tp: TensorParallel = SINGLE_RANK,
+        draw: Callable[[torch.Tensor], list[int]] | None = None,
     ) -> None:
+        """`draw`: rank 0's sampler at its most demanding, run on the profiling pass's
+        logits so that the KV pool leaves room for it too."""
         self.config, self.tp, self.max_model_len = config, tp, max_model_len
+        self.draw = draw
         self.block_size = config.block_size
         self.device = placement.device_of(tp.rank, tp.size)
         self.dtype, self.kv_dtype = placement.dtype, placement.kv_dtype
@@ -108,7 +113,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return max(1, int(self.config.kv_cache_memory_gib * 2**30) // bytes_per_block)
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
-        activations = activation_peak_bytes(self, tokens, self.config.max_num_seqs)
+        activations = self.activation_peak_bytes(tokens, self.config.max_num_seqs)
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free  # weights, CUDA context, other processes
         budget = int(total * self.config.gpu_memory_utilization) - used - activations
@@ -130,6 +135,32 @@ class ModelRunner:
                 "or lower max_num_batched_tokens"
             )
         return max(1, budget // bytes_per_block)
+
+    def profile_step(self, num_tokens: int, num_seqs: int) -> list[int] | None:
+        """The largest step (`StepPlan.for_profile`) on a throwaway KV cache just big
+        enough for it, then `draw` on its logits; the tokens drawn (None on the other
+        ranks, whose shards of the logits went to rank 0). Every rank runs the same
+        pass, its collectives included."""
+        plan, num_blocks = StepPlan.for_profile(num_tokens, num_seqs, self.block_size)
+        kept, self.kv_caches = self.kv_caches, self.allocate_kv(num_blocks)
+        try:
+            logits, _ = self.execute(plan)
+            return None if logits is None or self.draw is None else self.draw(logits)
+        finally:
+            self.kv_caches = kept
+
+    def activation_peak_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """CUDA only: bytes the largest step allocates beyond what is already allocated
+        (the throwaway cache not counted: the real pool is sized separately)."""
+        _, num_blocks = StepPlan.for_profile(num_tokens, num_seqs, self.block_size)
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.profile_step(num_tokens, num_seqs)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return max(0, peak - num_blocks * self.kv_block_bytes())
 
     def _capture_decode_graphs(self) -> None:
         if not self.model.attention_backend.supports_cuda_graphs:

@@ -4,7 +4,6 @@ resolved once from the engine's settings (every tensor-parallel rank resolves th
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -74,18 +73,14 @@ def uses_fused_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
 def uses_quantized_kernels(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
     """On CPU, a quantized kernel (its inputs rounded: `quantized.cpu_kernel`) does
     quantized layers' small products with bf16 activations, and with fp32 ones that
-    `auto` chose; fp32 asked for by name (or by $KUBELLM_DTYPE) keeps every product
-    exact."""
+    `auto` chose; fp32 asked for by name keeps every product exact."""
     if device.type != "cpu":
         return False
-    return dtype == torch.bfloat16 or _asked_dtype(asked) == "auto"
+    return dtype == torch.bfloat16 or asked == "auto"
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto: $KUBELLM_DEVICE when set (as for `kubellm serve --device`), else CUDA when
-    there is a GPU, else CPU."""
-    if name == "auto":
-        name = os.environ.get("KUBELLM_DEVICE", "auto")
+    """auto: CUDA when there is a GPU, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -105,12 +100,10 @@ def resolve_attention_backend(name: str, device: torch.device, fused_cpu_ops: bo
 
 
 def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False) -> torch.dtype:
-    """auto: $KUBELLM_DTYPE when set (the test suite pins float32, its oracles' dtype);
-    bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX, except weights
+    """auto: bfloat16 on GPUs that have it and on CPUs with AVX-512-BF16 or AMX, except weights
     that stay quantized on a CPU where kubellm's C kernels can be used; else float32
     (quantized layers then still multiply through a quantized CPU kernel, see
     `uses_quantized_kernels`). The choice and its reason are logged."""
-    name = _asked_dtype(name)
     if name != "auto":
         return getattr(torch, name)  # one of DTYPES: EngineConfig checked it
     if device.type == "cuda":
@@ -133,11 +126,6 @@ def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False
     chosen = torch.bfloat16 if fast else torch.float32
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen
-
-
-def _asked_dtype(name: str) -> str:
-    """The dtype asked for: `name`, or for auto $KUBELLM_DTYPE when set."""
-    return os.environ.get("KUBELLM_DTYPE", "auto") if name == "auto" else name
 
 
 def has_fast_bf16(device: torch.device) -> bool:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.runtime.request import Request, TokenLogprobs
+from kubellm.runtime.sampling_params import SamplingParams
 from kubellm.runtime.structured_output import GrammarCompiler
+
+WORST_CASE = SamplingParams(max_tokens=1, temperature=0.7, top_k=50, top_p=0.9)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Sampler:
         if random_rows:
             drawing = [requests[i] for i in random_rows]
             rows = torch.tensor(random_rows, device=logits.device)
-            probs = filtered_probs(logits[rows], drawing)
+            probs = filtered_probs(logits[rows], [r.params for r in drawing])
             chosen[rows] = (probs / self._noise(probs, drawing)).argmax(dim=-1)
         return chosen.tolist()
 
@@ -77,9 +80,19 @@ class Sampler:
         return self.generators[device]
 
 
-def filtered_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def draw_worst_case(logits: torch.Tensor) -> list[int]:
+    """A draw from every row with temperature, top-k and top-p: what a step allocates at
+    most beyond its logits ([rows, vocab] copies and a sort; with a 128k vocabulary
+    these, not the layers, can set the peak). The memory profile runs it on the largest
+    step's logits."""
+    logits = logits.float().clone()
+    probs = filtered_probs(logits, [WORST_CASE] * logits.shape[0])
+    noise = torch.empty_like(probs).exponential_()
+    return (probs / noise).argmax(dim=-1).tolist()
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p: the distribution a draw is taken from."""
-    params = [r.params for r in requests]
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)
     logits = logits / temperature[:, None]
     vocab = logits.shape[1]

@@ -14,8 +14,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kubellm.runtime.kv_cache import KVCacheManager
 from kubellm.runtime.request import Request, RequestStatus
+from kubellm.runtime.step_plan import StepPlan, cdiv, contiguous_start
 
 
 @dataclass
@@ -46,6 +49,45 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
+
+    def plan(self, block_size: int) -> StepPlan:
+        """This step as the arrays the model runner takes."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        prompt_indices: list[int] = []
+        for item in self.scheduled:
+            request, start = item.request, item.request.num_computed_tokens
+            end = start + item.num_new_tokens
+            input_ids += request.token_ids[start:end]
+            positions += range(start, end)
+            table = request.block_ids
+            slots += [
+                table[p // block_size] * block_size + p % block_size for p in range(start, end)
+            ]
+            query_start.append(query_start[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                logits_indices.append(query_start[-1] - 1)
+            first_row = query_start[-2] - start
+            prompt_indices += (first_row + p for p in item.prompt_positions)
+        max_blocks = max(cdiv(s, block_size) for s in seq_lens)
+        tables = [item.request.block_ids[:max_blocks] for item in self.scheduled]
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        return StepPlan(
+            input_ids=np.array(input_ids, dtype=np.int64),
+            positions=np.array(positions, dtype=np.int64),
+            slot_mapping=np.array(slots, dtype=np.int64),
+            query_start_loc=np.array(query_start, dtype=np.int32),
+            seq_lens=np.array(seq_lens, dtype=np.int32),
+            block_tables=np.array(padded, dtype=np.int64),
+            contiguous_starts=[contiguous_start(t) for t in tables],
+            logits_indices=np.array(logits_indices, dtype=np.int64),
+            prompt_indices=np.array(prompt_indices, dtype=np.int64),
+        )
 
 
 class Scheduler:

@@ -9,12 +9,11 @@ import os
 import sys
 import threading
 import time
-from dataclasses import fields
 
 import uvicorn
 
 from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
-from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.engine_flags import add_engine_flags, engine_config, with_environment
 from kubellm.runtime.logs import FORMATS, LEVELS, configure_logging
 
 logger = logging.getLogger("kubellm.serve")
@@ -23,9 +22,6 @@ logger = logging.getLogger("kubellm.serve")
 # if stopping itself hangs (a step stuck in a collective), the process exits regardless.
 FAILURE_GRACE_SECONDS = 2.0
 FAILURE_EXIT_SECONDS = 15.0
-
-
-_TYPES = {"str": str, "int": int, "float": float}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,36 +61,13 @@ def parser() -> argparse.ArgumentParser:
         choices=FORMATS,
         help="json: one JSON object per line (with the request id on access lines)",
     )
-    for f in fields(EngineConfig):
-        kind = f.type.removesuffix(" | None")
-        if kind == "bool":
-            how = {"action": argparse.BooleanOptionalAction}
-        else:
-            how = {"type": _TYPES[kind], "choices": f.metadata["choices"]}
-        add("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **how)
+    add_engine_flags(p)
     return p
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig the flags describe (ValueError for a refused setting)."""
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in fields(EngineConfig)})
 
 
 def parse_args(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
     """Flags win over KUBELLM_* variables, which win over defaults."""
-    p = parser()
-    for action in p._actions:
-        flag = next((o for o in action.option_strings if o.startswith("--")), None)
-        if flag is None or flag == "--help":
-            continue
-        value = environ.get("KUBELLM_" + flag[2:].upper().replace("-", "_"))
-        if value is None:
-            continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            action.default = value.lower() in ("1", "true", "yes", "on")
-        else:
-            action.default = action.type(value) if action.type else value
-    return p.parse_args(argv)
+    return with_environment(parser(), environ).parse_args(argv)
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,17 +1,16 @@
 """A step's plan: everything the model runner needs, fixed when the step is scheduled.
 
-Built on rank 0 from the scheduler's output before the scheduler updates any request,
-it holds only arrays (no `Request`), so the same plan can be pickled to every
-tensor-parallel worker and run there unchanged.
+Built on rank 0 from the scheduler's output (`SchedulerOutput.plan`) before the
+scheduler updates any request, it holds only arrays (no `Request`), so the same plan can
+be pickled to every tensor-parallel worker and run there unchanged.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
-
-from kubellm.runtime.scheduler import SchedulerOutput
 
 
 @dataclass
@@ -31,46 +30,37 @@ class StepPlan:
         return np.diff(self.query_start_loc).tolist()
 
     @classmethod
-    def from_schedule(cls, out: SchedulerOutput, block_size: int) -> StepPlan:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        prompt_indices: list[int] = []
-        for item in out.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids += request.token_ids[start:end]
-            positions += range(start, end)
-            table = request.block_ids
-            slots += [
-                table[p // block_size] * block_size + p % block_size for p in range(start, end)
-            ]
-            query_start.append(query_start[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                logits_indices.append(query_start[-1] - 1)
-            first_row = query_start[-2] - start
-            prompt_indices += (first_row + p for p in item.prompt_positions)
-        max_blocks = max(-(-s // block_size) for s in seq_lens)
-        tables = [item.request.block_ids[:max_blocks] for item in out.scheduled]
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        return cls(
-            input_ids=np.array(input_ids, dtype=np.int64),
-            positions=np.array(positions, dtype=np.int64),
-            slot_mapping=np.array(slots, dtype=np.int64),
-            query_start_loc=np.array(query_start, dtype=np.int32),
-            seq_lens=np.array(seq_lens, dtype=np.int32),
-            block_tables=np.array(padded, dtype=np.int64),
-            contiguous_starts=[_contiguous_start(t) for t in tables],
-            logits_indices=np.array(logits_indices, dtype=np.int64),
-            prompt_indices=np.array(prompt_indices, dtype=np.int64),
+    def for_profile(cls, num_tokens: int, num_seqs: int, block_size: int) -> tuple[StepPlan, int]:
+        """The largest step the scheduler can produce: `num_tokens` prompt tokens over
+        min(num_seqs, num_tokens) sequences that each end their prompt and so sample,
+        on consecutive blocks from 0; with the number of blocks it needs."""
+        count = min(num_seqs, num_tokens)
+        lengths = [num_tokens // count + (i < num_tokens % count) for i in range(count)]
+        starts = np.cumsum([0] + [cdiv(n, block_size) for n in lengths]).tolist()
+        tables = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
+        width = max(len(t) for t in tables)
+        slots = [t[0] * block_size + np.arange(n) for n, t in zip(lengths, tables)]
+        query_start = np.cumsum([0, *lengths])
+        plan = cls(
+            input_ids=np.zeros(num_tokens, dtype=np.int64),
+            positions=np.concatenate([np.arange(n) for n in lengths]).astype(np.int64),
+            slot_mapping=np.concatenate(slots).astype(np.int64),
+            query_start_loc=query_start.astype(np.int32),
+            seq_lens=np.array(lengths, dtype=np.int32),
+            block_tables=np.array([t + [0] * (width - len(t)) for t in tables], dtype=np.int64),
+            contiguous_starts=[t[0] for t in tables],
+            logits_indices=(query_start[1:] - 1).astype(np.int64),
+            prompt_indices=np.zeros(0, dtype=np.int64),
         )
+        return plan, starts[-1]
 
 
-def _contiguous_start(block_ids: list[int]) -> int:
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in integers: the blocks `a` tokens take (the one ceiling division)."""
+    return -(-a // b)
+
+
+def contiguous_start(block_ids: list[int]) -> int:
     """The first block id if the ids are consecutive, else -1."""
     first = block_ids[0]
     if block_ids[-1] - first != len(block_ids) - 1:

@@ -10,13 +10,13 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The suite runs on CPU (its oracles are fp32 CPU runs), also on a machine with a GPU;
-# the cuda-marked tests and the Triton tests (tests/helpers.TRITON_DEVICE) name their device.
+# The servers tests start (`kubellm serve` reads KUBELLM_*, as its flags' defaults) run
+# on CPU also on a machine with a GPU, in fp32 whatever `--dtype auto` would choose on
+# this CPU (bf16 where it has AMX), with quantized weights dequantized at load unless a
+# test names the method: the oracles' settings. Engines built in the test process take
+# the same pins as settings (tests/runtime/pins.py): the library reads no environment.
 os.environ.setdefault("KUBELLM_DEVICE", "cpu")
-# ... in fp32, whatever `--dtype auto` would choose on this CPU (bf16 where it has AMX)
 os.environ.setdefault("KUBELLM_DTYPE", "float32")
-# ... with quantized weights dequantized at load, unless a test names the method (the
-# quantized path's own tests compare it with these dense fp32 runs)
 os.environ.setdefault("KUBELLM_QUANTIZATION", "none")
 if not torch.cuda.is_available():
     # Triton kernels run under the interpreter on CPU; it must be set before triton loads.

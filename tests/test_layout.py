@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -126,3 +127,128 @@ def test_ruff_format_is_the_house_style_with_no_exceptions():
             continue
         text = source.read_text()
         assert "fmt: " + "skip" not in text and "fmt: " + "off" not in text, source
+
+
+RUNTIME = ROOT / "runtime"
+# The executor (runner, workers, distributed, graphs, placement, the step plan) and the
+# model below it take step plans only: no request, scheduler or sampler type.
+EXECUTOR = ["model_runner.py", "workers.py", "distributed.py", "cuda_graphs.py"]
+EXECUTOR += ["placement.py", "step_plan.py", "attention", "model"]
+ENGINE_MODULES = {"request", "scheduler", "sampler", "sampling_params", "engine"}
+ENGINE_MODULES |= {"async_engine", "kv_cache", "structured_output"}
+
+
+def _module_name(path: Path) -> str:
+    parts = ["kubellm", "runtime", *path.relative_to(RUNTIME).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(path: Path, modules: set[str]) -> set[str]:
+    """The runtime modules `path` imports, anywhere in it (type-checking imports too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kubellm.runtime"):
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                found.add(name if name in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("kubellm.runtime")}
+    return {m for m in found if m in modules and m != _module_name(path)}
+
+
+def _runtime_graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in RUNTIME.rglob("*.py")}
+    return {name: _runtime_imports(path, set(paths)) for name, path in paths.items()}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for other in graph[todo.pop()] - seen:
+            seen.add(other)
+            todo.append(other)
+    return seen
+
+
+def test_below_the_executor_nothing_imports_an_engine_type():
+    """Directly or through another module (as the runner once did through its memory
+    profile, which built requests to fake a schedule)."""
+    graph = _runtime_graph()
+    for entry in EXECUTOR:
+        target = RUNTIME / entry
+        for path in [target] if target.is_file() else sorted(target.rglob("*.py")):
+            reached = _reachable(graph, _module_name(path))
+            engine = {m for m in reached if m.rsplit(".", 1)[-1] in ENGINE_MODULES}
+            assert not engine, f"{path.relative_to(ROOT)} imports {sorted(engine)}"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle in `graph`, or None."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        state[name] = 1
+        path.append(name)
+        for other in sorted(graph[name]):
+            if state.get(other) == 1:
+                return [*path[path.index(other) :], other]
+            if other not in state and (found := visit(other)):
+                return found
+        path.pop()
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (found := visit(name)):
+            return found
+    return None
+
+
+def test_no_import_circle_inside_the_runtime():
+    assert _cycle(_runtime_graph()) is None, " -> ".join(_cycle(_runtime_graph()))
+
+
+def test_the_circle_finder_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+
+
+ENTRY_POINTS = {"serve.py", "generate_cli.py", "engine_flags.py"}  # where flags are parsed
+
+
+def _environment_reads(path: Path) -> list[str]:
+    """KUBELLM_* names `path` looks up in the environment (os.environ[...], .get,
+    os.getenv, or a lookup whose key is built from a "KUBELLM_" prefix)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        key = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("get", "getenv", "pop", "setdefault") and node.args:
+                key = node.args[0]
+        elif isinstance(node, ast.Subscript) and "environ" in ast.unparse(node.value):
+            key = node.slice
+        if key is not None and "KUBELLM_" in ast.unparse(key):
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_below_the_entry_points_no_module_reads_a_kubellm_variable():
+    for folder in ("runtime", "kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name in ENTRY_POINTS and path.parent == RUNTIME:
+                continue
+            assert not _environment_reads(path), f"{path.relative_to(ROOT)} reads the environment"
+
+
+def test_the_environment_check_sees_each_way_of_reading(tmp_path):
+    source = tmp_path / "reads.py"
+    source.write_text(
+        "import os\n"
+        "a = os.environ.get('KUBELLM_DTYPE', 'auto')\n"
+        "b = os.getenv('KUBELLM_DEVICE')\n"
+        "c = os.environ['KUBELLM_QUANTIZATION']\n"
+        "d = environ.get('KUBELLM_' + flag)\n"
+        "e = os.environ.get('HF_HOME')\n"
+    )
+    assert len(_environment_reads(source)) == 4

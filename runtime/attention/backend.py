@@ -15,6 +15,8 @@ from typing import Protocol
 
 import torch
 
+from kubellm.runtime.step_plan import cdiv
+
 
 @dataclass
 class DecodeBatch:
@@ -114,7 +116,7 @@ class AttentionMetadata:
         requests = batched_decodes(self.query_lens_cpu, self.seq_lens_cpu)
         if not requests:
             return None
-        blocks = -(-max(self.seq_lens_cpu[i] for i in requests) // self.block_size)
+        blocks = cdiv(max(self.seq_lens_cpu[i] for i in requests), self.block_size)
         if len(requests) == len(self.seq_lens_cpu):
             return DecodeBatch(
                 requests,
@@ -134,7 +136,7 @@ class AttentionMetadata:
     def request_blocks(self) -> list[torch.Tensor]:
         """Per request, the block ids that hold its context (computed once per step)."""
         return [
-            self.block_tables[i, : -(-seq_len // self.block_size)]
+            self.block_tables[i, : cdiv(seq_len, self.block_size)]
             for i, seq_len in enumerate(self.seq_lens_cpu)
         ]
 

@@ -12,6 +12,7 @@ import torch
 
 from kubellm.kernels.paged_attention import paged_attention, paged_decode, write_kv
 from kubellm.runtime.attention.backend import AttentionMetadata
+from kubellm.runtime.step_plan import cdiv
 
 SPLIT_MIN_BLOCKS = 8  # a segment shorter than this is not worth a separate program
 
@@ -22,7 +23,7 @@ def decode_splits(num_requests: int, num_kv_heads: int, max_blocks: int, num_sms
     programs = num_requests * num_kv_heads
     if programs >= 2 * num_sms:
         return 1
-    wanted = -(-2 * num_sms // programs)
+    wanted = cdiv(2 * num_sms, programs)
     return max(1, min(wanted, max_blocks // SPLIT_MIN_BLOCKS))
 
 
@@ -52,7 +53,7 @@ class TritonAttentionBackend:
             splits = decode_splits(
                 meta.seq_lens.shape[0],
                 k_cache.shape[2],
-                -(-meta.max_seq_len // meta.block_size),
+                cdiv(meta.max_seq_len, meta.block_size),
                 self.num_sms,
             )
             if splits > 1:

@@ -139,10 +139,8 @@ def resolve(
     """Find the model named `model`: builtin, a .gguf file, an HF directory, or a hub id
     (downloaded into `download_dir`, default the Hugging Face cache). `quantization`:
     None reads the checkpoint as it is, "none" dequantizes its quantized weights at load,
-    a method name must be the checkpoint's own; $KUBELLM_QUANTIZATION stands in for
-    None (as for `kubellm serve`; the test suite pins none for its fp32 oracles)."""
+    a method name must be the checkpoint's own."""
     source = _find(model, revision, download_dir)
-    quantization = quantization or os.environ.get("KUBELLM_QUANTIZATION") or None
     if quantization == "none":
         source.keep_packed = False
     elif quantization is not None and quantization != source.quantization:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import zlib
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from kubellm.runtime import LLM
 from kubellm.runtime.model.source import builtin_gguf_path
-from tests.runtime.invariants import unpinned
 from tests.runtime.quantized_checkpoints import act_order_gptq
+
+from .pins import DEFAULTS, PINS, pinned
 
 # Tiny Llama-family configs for transformers; random weights, saved as HF directories.
 TINY_CONFIGS = {
@@ -45,7 +46,7 @@ TINY_CONFIGS = {
 @pytest.fixture(scope="session")
 def smollm2() -> LLM:
     """Our engine on the built-in model; small prefill chunks so long prompts are chunked."""
-    return LLM(max_num_batched_tokens=64, kv_cache_memory_gib=0.5)
+    return LLM(**pinned(max_num_batched_tokens=64, kv_cache_memory_gib=0.5))
 
 
 @pytest.fixture(scope="session")
@@ -97,15 +98,15 @@ def quantized_tiny_dir(tmp_path_factory, smollm2) -> Path:
 
 @pytest.fixture(scope="session")
 def model_for(tiny_model_dir, quantized_tiny_dir):
-    """Factory: (settings, tiny config name) -> (model directory, the context to build its
-    engines in). "pinned": that tiny model under the suite's fp32 oracle pins;
+    """Factory: (settings, tiny config name) -> (model directory, the engine settings to
+    build it with). "pinned": that tiny model under the suite's fp32 oracle pins;
     "defaults": the 4-bit tiny checkpoint under `make serve`'s settings (on CPUs with AVX2:
     kubellm's C kernels, int8-rounded activations, an fp16 KV cache)."""
 
-    def pick(settings: str, name: str) -> tuple[str, AbstractContextManager]:
+    def pick(settings: str, name: str) -> tuple[str, dict[str, Any]]:
         if settings == "pinned":
-            return str(tiny_model_dir(name)), nullcontext()
-        return str(quantized_tiny_dir), unpinned()
+            return str(tiny_model_dir(name)), PINS
+        return str(quantized_tiny_dir), DEFAULTS
 
     return pick
 

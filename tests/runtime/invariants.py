@@ -5,28 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-import pytest
 
 from kubellm.runtime.async_engine import AsyncEngine
 from kubellm.runtime.kv_cache import KVCacheManager
 from kubellm.runtime.scheduler import Scheduler
 
-# The suite's fp32 oracle pins, and `make serve`'s defaults (conftest's `model_for`).
+# The suite's fp32 oracle pins, and `make serve`'s defaults (conftest's `model_for`,
+# pins.py).
 ENGINE_SETTINGS = ("pinned", "defaults")
-
-
-@contextmanager
-def unpinned() -> Iterator[None]:
-    """`make serve`'s settings for the engines built inside: the suite's pins (fp32 by
-    name, weights dequantized) lifted, so dtype is auto and a checkpoint keeps its own
-    quantization."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("KUBELLM_DTYPE", "KUBELLM_QUANTIZATION"):
-            patch.delenv(name, raising=False)
-        yield
 
 
 def check_kv_consistent(kv: KVCacheManager, scheduler: Scheduler) -> None:

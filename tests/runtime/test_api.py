@@ -17,6 +17,8 @@ from kubellm.runtime.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 
+from .pins import pinned
+
 MODEL = "tiny"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
@@ -24,7 +26,7 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     engine = AsyncEngine(
-        LLMEngine(EngineConfig(model=str(tiny_model_dir("mha-tied")), max_model_len=256))
+        LLMEngine(EngineConfig(**pinned(model=str(tiny_model_dir("mha-tied")), max_model_len=256)))
     )
     app = build_app(engine, MODEL)
     with live_server(app) as url:
@@ -39,7 +41,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def offline(tiny_model_dir) -> LLM:
-    return LLM(model=str(tiny_model_dir("mha-tied")), kv_cache_memory_gib=0.05)
+    return LLM(**pinned(model=str(tiny_model_dir("mha-tied")), kv_cache_memory_gib=0.05))
 
 
 def _offline_text(offline: LLM, prompt, max_tokens: int) -> str:

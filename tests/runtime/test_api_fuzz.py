@@ -14,6 +14,8 @@ from kubellm.runtime.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 
+from .pins import pinned
+
 MODEL = "tiny"
 # The document is the app's own; it does not depend on a loaded engine.
 schema = schemathesis.openapi.from_dict(build_app(None, MODEL).openapi())
@@ -22,7 +24,7 @@ schema = schemathesis.openapi.from_dict(build_app(None, MODEL).openapi())
 @pytest.fixture(scope="module")
 def fuzzed(tiny_model_dir):
     # A short context bounds the work one generated request can ask for (n up to 128).
-    config = EngineConfig(model=str(tiny_model_dir("gqa4-untied")), max_model_len=48)
+    config = EngineConfig(**pinned(model=str(tiny_model_dir("gqa4-untied")), max_model_len=48))
     engine = AsyncEngine(LLMEngine(config))
     with live_server(build_app(engine, MODEL)) as url:
         yield url, engine

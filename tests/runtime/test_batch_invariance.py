@@ -7,6 +7,8 @@ import pytest
 from kubellm.runtime import LLM, SamplingParams
 from tests.runtime.invariants import ENGINE_SETTINGS
 
+from .pins import defaults
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
@@ -32,9 +34,8 @@ VARIANTS = {
 @pytest.fixture(scope="module", params=ENGINE_SETTINGS)
 def reference(request, model_for):
     """Each prompt run alone, under the suite's pins and under the defaults."""
-    directory, context = model_for(request.param, "gqa4-untied")
-    with context:
-        llm = LLM(model=directory, kv_cache_memory_gib=0.01)
+    directory, settings = model_for(request.param, "gqa4-untied")
+    llm = LLM(**settings, model=directory, kv_cache_memory_gib=0.01)
     tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts_for_batch(16)]
     return request.param, tokens
 
@@ -42,9 +43,8 @@ def reference(request, model_for):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_tokens_match_the_request_run_alone(variant, model_for, reference):
     settings, alone = reference
-    directory, context = model_for(settings, "gqa4-untied")
-    with context:
-        llm = LLM(model=directory, kv_cache_memory_gib=0.01, **VARIANTS[variant])
+    directory, engine_settings = model_for(settings, "gqa4-untied")
+    llm = LLM(**engine_settings, model=directory, kv_cache_memory_gib=0.01, **VARIANTS[variant])
     outputs = llm.generate(prompts_for_batch(16), GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == alone
     if variant == "forced-preemption":
@@ -65,16 +65,14 @@ def test_smollm2_alone_equals_inside_a_batch_of_16(smollm2):
 
 
 @pytest.mark.slow
-def test_the_default_cpu_path_alone_equals_inside_a_batch_of_16(monkeypatch):
+def test_the_default_cpu_path_alone_equals_inside_a_batch_of_16():
     """kubellm's defaults on CPU (the Q4_1 layers and Q8_0 head through kubellm's kernel,
     int8 activations, decode steps a C call per layer): a greedy request's tokens do not
     depend on what shares its steps. Every prompt here is prefilled in one step alone
     and in the batch (whose first step has 16 prompts, over 128 rows), so this holds
     only if every row's products are computed the same way however many rows there are."""
-    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
-    monkeypatch.delenv("KUBELLM_QUANTIZATION")
     texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
-    with LLM(max_model_len=512, kv_cache_memory_gib=0.1) as llm:
+    with LLM(**defaults(max_model_len=512, kv_cache_memory_gib=0.1)) as llm:
         assert llm.engine.runner.model.layers[0].fused is not None
         alone = [llm.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
         batched = llm.generate(texts, GREEDY)

@@ -18,6 +18,8 @@ from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
 from kubellm.runtime.step_plan import StepPlan
 from tests.helpers import TRITON_DEVICE
 
+from .pins import pinned
+
 
 def test_graph_batch_sizes_hold_max_num_seqs_with_little_padding():
     assert graph_batch_sizes(1) == [1]
@@ -35,19 +37,21 @@ def _decode_step(requests: list[tuple[int, list[int]]]) -> StepPlan:
         request = Request(f"r{i}", tokens, SamplingParams(max_tokens=1), frozenset(), 512)
         request.num_computed_tokens, request.block_ids = seq_len - 1, blocks
         scheduled.append(ScheduledRequest(request, 1))
-    return StepPlan.from_schedule(SchedulerOutput(scheduled), 16)
+    return SchedulerOutput(scheduled).plan(16)
 
 
 @pytest.mark.parametrize("num_sms", [1, 16], ids=["one-launch", "split-kv"])
 def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_dir, num_sms):
     llm = LLM(
-        model=str(tiny_model_dir("gqa4-untied")),
-        attention_backend="triton",
-        block_size=16,
-        num_kv_blocks=40,
-        device=TRITON_DEVICE,
-        dtype="float32",
-        enforce_eager=True,
+        **pinned(
+            model=str(tiny_model_dir("gqa4-untied")),
+            attention_backend="triton",
+            block_size=16,
+            num_kv_blocks=40,
+            device=TRITON_DEVICE,
+            dtype="float32",
+            enforce_eager=True,
+        ),
     )
     runner = llm.engine.runner
     runner.model.attention_backend.num_sms = num_sms  # 16: the graphs' decode splits the KV
@@ -79,14 +83,16 @@ def test_a_padded_decode_writes_only_its_own_slots_and_matches_eager(tiny_model_
 
 def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
     llm = LLM(
-        model=str(tiny_model_dir("gqa3-llama3-rope")),
-        attention_backend="triton",
-        block_size=16,
-        max_num_batched_tokens=32,
-        num_kv_blocks=40,
-        device=TRITON_DEVICE,
-        dtype="float32",
-        enforce_eager=True,
+        **pinned(
+            model=str(tiny_model_dir("gqa3-llama3-rope")),
+            attention_backend="triton",
+            block_size=16,
+            max_num_batched_tokens=32,
+            num_kv_blocks=40,
+            device=TRITON_DEVICE,
+            dtype="float32",
+            enforce_eager=True,
+        ),
     )
     runner = llm.engine.runner
     prompts = [list(range(3, 3 + n)) for n in (5, 19, 2, 40, 11)]
@@ -119,11 +125,13 @@ def test_captured_graphs_replay_the_eager_tokens():
     outputs = {}
     for eager in (True, False):
         llm = LLM(
-            device="cuda",
-            dtype="float32",
-            enforce_eager=eager,
-            max_num_seqs=8,
-            gpu_memory_utilization=0.4,
+            **pinned(
+                device="cuda",
+                dtype="float32",
+                enforce_eager=eager,
+                max_num_seqs=8,
+                gpu_memory_utilization=0.4,
+            ),
         )  # the previous engine may still be alive
         outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         graphs = llm.engine.runner.decode_graphs

@@ -10,8 +10,9 @@ import pytest
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.api.server import build_app
 from kubellm.runtime.async_engine import AsyncEngine
-from tests.runtime.invariants import unpinned
 from tests.runtime.live_server import live_server
+
+from .pins import defaults
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -20,8 +21,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
-    with unpinned():
-        llm = LLM(max_model_len=1024, kv_cache_memory_gib=0.25)
+    llm = LLM(**defaults(max_model_len=1024, kv_cache_memory_gib=0.25))
     assert llm.engine.runner.model.layers[0].fused is not None  # kubellm's C kernels
     return llm
 
@@ -72,7 +72,8 @@ def test_tokens_do_not_depend_on_how_many_blocks_the_cache_held(default_llm):
         assert kv.prefix_hits - hits == k * BLOCK
         whole = llm.generate([prompt], greedy)[0].outputs[0].token_ids
         found[k] = (in_part, whole)
-    with unpinned():
-        uncached = LLM(max_model_len=1024, kv_cache_memory_gib=0.25, enable_prefix_caching=False)
+    uncached = LLM(
+        **defaults(max_model_len=1024, kv_cache_memory_gib=0.25, enable_prefix_caching=False)
+    )
     cold = [o.outputs[0].token_ids for o in uncached.generate(prompts, greedy)]
     assert all(found[k] == (cold[k], cold[k]) for k in found), found

@@ -10,6 +10,7 @@ from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.model.source import ModelNotFoundError
 
 from .invariants import ENGINE_SETTINGS, check_all_free, check_kv_consistent
+from .pins import pinned
 from .workloads import run_workload, workload
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -17,7 +18,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> LLM:
-    return LLM(model=str(tiny_model_dir("mha-tied")), max_model_len=256, kv_cache_memory_gib=0.01)
+    return LLM(
+        **pinned(model=str(tiny_model_dir("mha-tied")), max_model_len=256, kv_cache_memory_gib=0.01)
+    )
 
 
 def test_stop_token_ids_end_the_sequence(tiny):
@@ -118,18 +121,18 @@ def test_abort_frees_blocks_mid_generation(tiny):
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ModelNotFoundError, match="does not exist"):
-        LLMEngine(EngineConfig(model="/nonexistent/model.gguf"))
+        LLMEngine(EngineConfig(**pinned(model="/nonexistent/model.gguf")))
     with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
-        LLMEngine(EngineConfig(model="/tmp"))
+        LLMEngine(EngineConfig(**pinned(model="/tmp")))
     with pytest.raises(ModelNotFoundError, match="not the built-in"):
-        LLMEngine(EngineConfig(model="no-such-model"))
+        LLMEngine(EngineConfig(**pinned(model="no-such-model")))
 
 
 def test_unreachable_hub_names_the_model_and_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelNotFoundError) as info:
-        LLMEngine(EngineConfig(model="meta-llama/Llama-3.1-8B-Instruct"))
+        LLMEngine(EngineConfig(**pinned(model="meta-llama/Llama-3.1-8B-Instruct")))
     message = str(info.value)
     assert "\n" not in message
     assert "meta-llama/Llama-3.1-8B-Instruct" in message and "HF_HOME" in message
@@ -137,7 +140,7 @@ def test_unreachable_hub_names_the_model_and_what_to_do(monkeypatch, tmp_path):
 
 def test_max_model_len_larger_than_the_pool_fails_with_both_numbers(tiny_model_dir):
     with pytest.raises(ValueError, match=r"max_model_len 512 .*\(8 blocks x 16 = 128 tokens\)"):
-        LLM(model=str(tiny_model_dir("mha-tied")), num_kv_blocks=8)
+        LLM(**pinned(model=str(tiny_model_dir("mha-tied")), num_kv_blocks=8))
 
 
 def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_model_dir):
@@ -146,10 +149,12 @@ def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_
     outputs = {}
     for caching in (True, False):
         llm = LLM(
-            model=str(tiny_model_dir("mha-tied")),
-            max_model_len=256,
-            num_kv_blocks=64,
-            enable_prefix_caching=caching,
+            **pinned(
+                model=str(tiny_model_dir("mha-tied")),
+                max_model_len=256,
+                num_kv_blocks=64,
+                enable_prefix_caching=caching,
+            ),
         )
         out = llm.generate([prompt], params)[0]
         outputs[caching] = [o.token_ids for o in out.outputs]
@@ -164,10 +169,12 @@ def test_n_sequences_compute_their_prompt_once_and_draw_as_without_sharing(tiny_
 
 def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
     llm = LLM(
-        model=str(tiny_model_dir("mha-tied")),
-        max_model_len=256,
-        num_kv_blocks=64,
-        max_num_batched_tokens=32,
+        **pinned(
+            model=str(tiny_model_dir("mha-tied")),
+            max_model_len=256,
+            num_kv_blocks=64,
+            max_num_batched_tokens=32,
+        ),
     )
     engine, prompt = llm.engine, list(range(1, 101))  # a prefill of four steps
     engine.add_request("g", prompt, SamplingParams(n=3, max_tokens=2, ignore_eos=True))
@@ -196,18 +203,18 @@ def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
 def test_random_workloads_on_the_real_engine(
     model_for, engine_settings, requests, num_kv_blocks, budget, prefix_caching
 ):
-    directory, context = model_for(engine_settings, "mha-tied")
-    with context:
-        engine = LLMEngine(
-            EngineConfig(
-                model=directory,
-                max_model_len=128,
-                num_kv_blocks=num_kv_blocks,
-                max_num_batched_tokens=budget,
-                max_num_seqs=6,
-                enable_prefix_caching=prefix_caching,
-            )
+    directory, settings = model_for(engine_settings, "mha-tied")
+    engine = LLMEngine(
+        EngineConfig(
+            **settings,
+            model=directory,
+            max_model_len=128,
+            num_kv_blocks=num_kv_blocks,
+            max_num_batched_tokens=budget,
+            max_num_seqs=6,
+            enable_prefix_caching=prefix_caching,
         )
+    )
     run_workload(engine, requests)
 
 
@@ -249,4 +256,4 @@ def test_vllms_offline_call_runs_unchanged(tiny_model_dir, tmp_path):
 )
 def test_vllm_settings_kubellm_does_not_have_are_refused_saying_why(setting, message):
     with pytest.raises(ValueError, match=message):
-        EngineConfig(**setting)
+        EngineConfig(**pinned(**setting))

@@ -11,17 +11,13 @@ from kubellm.kernels import cpu_library
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.model import llama
 
+from .pins import defaults
+
 pytestmark = pytest.mark.skipif(
     cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
 )
 
 PROMPTS = [[100 + i for i in range(n)] for n in (5, 17, 40, 9)]
-
-
-@pytest.fixture
-def default_path(monkeypatch):
-    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
-    monkeypatch.delenv("KUBELLM_QUANTIZATION")
 
 
 def _decode_plan(llm: LLM):
@@ -35,8 +31,8 @@ def _decode_plan(llm: LLM):
 
 
 @pytest.mark.slow
-def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_path, monkeypatch):
-    with LLM(max_model_len=512, kv_cache_memory_gib=0.1) as llm:
+def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(monkeypatch):
+    with LLM(**defaults(max_model_len=512, kv_cache_memory_gib=0.1)) as llm:
         runner, layers = llm.engine.runner, llm.engine.runner.model.layers
         fused = [layer.fused for layer in layers]
         assert None not in fused
@@ -56,6 +52,8 @@ def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(default_
 
 
 @pytest.mark.slow
-def test_layers_are_not_fused_beside_another_attention_backend(default_path):
-    with LLM(max_model_len=512, kv_cache_memory_gib=0.1, attention_backend="torch") as llm:
+def test_layers_are_not_fused_beside_another_attention_backend():
+    with LLM(
+        **defaults(max_model_len=512, kv_cache_memory_gib=0.1, attention_backend="torch")
+    ) as llm:
         assert all(layer.fused is None for layer in llm.engine.runner.model.layers)

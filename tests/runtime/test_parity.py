@@ -7,6 +7,7 @@ import pytest
 from kubellm.runtime import LLM, SamplingParams
 
 from .conftest import TINY_CONFIGS, hf_greedy
+from .pins import pinned
 
 PROMPTS = [
     "The capital of France is",
@@ -52,7 +53,7 @@ def test_tiny_models_match_transformers(name, tiny_model_dir):
 
     directory = tiny_model_dir(name)
     oracle = AutoModelForCausalLM.from_pretrained(directory).eval()
-    llm = LLM(model=str(directory), max_num_batched_tokens=16, kv_cache_memory_gib=0.01)
+    llm = LLM(**pinned(model=str(directory), max_num_batched_tokens=16, kv_cache_memory_gib=0.01))
     prompts = [
         [(7 * i + 3 * j) % 4000 + 100 for j in range(length)]
         for i, length in enumerate([1, 5, 16, 17, 40, 90])
@@ -71,7 +72,7 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_the_prefix_cache(t
     prompt = [(11 * j) % 3000 + 50 for j in range(40)]  # three prefill chunks of 16
     with torch.no_grad():
         expected = torch.log_softmax(oracle(torch.tensor([prompt])).logits[0].float(), dim=-1)
-    llm = LLM(model=str(directory), max_num_batched_tokens=16, num_kv_blocks=32)
+    llm = LLM(**pinned(model=str(directory), max_num_batched_tokens=16, num_kv_blocks=32))
     llm.generate([prompt], SamplingParams(max_tokens=1))  # the prompt is now cached
     params = SamplingParams(max_tokens=1, prompt_logprobs=3)
     out = llm.generate([prompt], params)[0]

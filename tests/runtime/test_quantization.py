@@ -27,6 +27,8 @@ from kubellm.runtime.model.source import builtin_gguf_path
 from tests.runtime.conftest import hf_greedy
 from tests.runtime.quantized_checkpoints import act_order_gptq, auto_round, dense_twin
 
+from .pins import defaults, pinned
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 PROMPTS = [
     "The capital of France is",
@@ -197,10 +199,10 @@ def test_quantized_engine_equals_the_dense_oracles(checkpoints, name):
     from transformers import AutoModelForCausalLM
 
     directory, dense_dir, method = checkpoints[name]
-    packed = LLM(model=str(directory), quantization=method, kv_cache_memory_gib=0.1)
+    packed = LLM(**pinned(model=str(directory), quantization=method, kv_cache_memory_gib=0.1))
     layers = [m for m in packed.engine.runner.model.modules() if isinstance(m, QuantizedWeight)]
     assert len(layers) == 4 * 2  # qkv, o, gate_up, down in each of the two layers
-    dense = LLM(model=str(dense_dir), kv_cache_memory_gib=0.1)
+    dense = LLM(**pinned(model=str(dense_dir), kv_cache_memory_gib=0.1))
     oracle = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     tokenizer = dense.engine.tokenizer
     prompts = [tokenizer.encode(p) for p in PROMPTS]
@@ -219,7 +221,9 @@ def test_the_builtin_q4_1_kept_packed_gives_the_dense_tokens(smollm2):
 
     prompts = [smollm2.tokenizer.encode(p) for p in PARITY_PROMPTS]
     dense = [o.outputs[0].token_ids for o in smollm2.generate(prompts, GREEDY_32)]
-    with LLM(quantization="gguf", max_num_batched_tokens=64, kv_cache_memory_gib=0.5) as packed:
+    with LLM(
+        **pinned(quantization="gguf", max_num_batched_tokens=64, kv_cache_memory_gib=0.5)
+    ) as packed:
         layers = [m for m in packed.engine.runner.model.modules() if isinstance(m, QuantizedWeight)]
         assert len(layers) == 4 * 30 and {m.layout.bits for m in layers} == {4}
         assert [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY_32)] == dense
@@ -321,9 +325,9 @@ def test_quantized_weights_take_a_quarter_of_bf16(checkpoints):
         return total
 
     directory, dense_dir, method = checkpoints["gptq-asym"]
-    with LLM(model=str(directory), quantization=method, dtype="bfloat16") as packed:
+    with LLM(**pinned(model=str(directory), quantization=method, dtype="bfloat16")) as packed:
         packed_bytes = linear_bytes(packed)
-    with LLM(model=str(dense_dir), dtype="bfloat16") as dense:
+    with LLM(**pinned(model=str(dense_dir), dtype="bfloat16")) as dense:
         dense_bytes = linear_bytes(dense)
     ratio = packed_bytes / dense_bytes
     assert ratio < 0.33, ratio  # 4 of 16 bits, and a bf16 scale and zero per 32 weights
@@ -334,15 +338,22 @@ def test_tensor_parallel_shards_quantized_weights(checkpoints):
     """Column shards by rows, row shards by whole groups; act-order cannot be split."""
     directory, _, method = checkpoints["gptq-asym"]
     prompts = [[(7 * i + j) % 3000 + 100 for j in range(9 + 5 * i)] for i in range(4)]
-    with LLM(model=str(directory), quantization=method, kv_cache_memory_gib=0.1) as single:
+    with LLM(
+        **pinned(model=str(directory), quantization=method, kv_cache_memory_gib=0.1)
+    ) as single:
         expected = [o.outputs[0].token_ids for o in single.generate(prompts, GREEDY)]
     with LLM(
-        model=str(directory), quantization=method, tensor_parallel_size=2, kv_cache_memory_gib=0.1
+        **pinned(
+            model=str(directory),
+            quantization=method,
+            tensor_parallel_size=2,
+            kv_cache_memory_gib=0.1,
+        )
     ) as split:
         assert [o.outputs[0].token_ids for o in split.generate(prompts, GREEDY)] == expected
     act_order, _, _ = checkpoints["gptq-act-order"]
     with pytest.raises(ValueError, match=r"act-order .* cannot be split along its inputs"):
-        LLM(model=str(act_order), quantization="gptq", tensor_parallel_size=2)
+        LLM(**pinned(model=str(act_order), quantization="gptq", tensor_parallel_size=2))
 
 
 def _with_config(directory, tmp_path, change) -> str:
@@ -375,7 +386,7 @@ def test_a_checkpoint_kubellm_does_not_read_is_refused_saying_why(
 ):
     directory, _, _ = checkpoints["gptq-asym"]
     with pytest.raises(ValueError, match=needle):
-        LLM(model=_with_config(directory, tmp_path, change), quantization="gptq")
+        LLM(**pinned(model=_with_config(directory, tmp_path, change), quantization="gptq"))
 
 
 @pytest.mark.slow
@@ -384,9 +395,9 @@ def test_missing_tensors_and_wrong_methods_are_refused(checkpoints, tmp_path):
 
     directory, dense_dir, _ = checkpoints["awq"]
     with pytest.raises(ValueError, match=r"--quantization gptq, but the model .* is awq-quantized"):
-        LLM(model=str(directory), quantization="gptq")
+        LLM(**pinned(model=str(directory), quantization="gptq"))
     with pytest.raises(ValueError, match=r"is not quantized .* drop --quantization"):
-        LLM(model=str(dense_dir), quantization="gptq")
+        LLM(**pinned(model=str(dense_dir), quantization="gptq"))
     copy = tmp_path / "missing"
     import shutil
 
@@ -396,7 +407,7 @@ def test_missing_tensors_and_wrong_methods_are_refused(checkpoints, tmp_path):
     del state["model.layers.1.mlp.up_proj.qzeros"]
     save_file(state, str(file))
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj has .* but no qzeros"):
-        LLM(model=str(copy), quantization="awq")
+        LLM(**pinned(model=str(copy), quantization="awq"))
 
 
 @pytest.mark.cuda
@@ -405,14 +416,16 @@ def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
     """The Triton W4A16 path: fp32 gives the dense fp32 tokens; bf16 mostly does."""
     directory, dense_dir, method = checkpoints["gptq-asym"]
     prompts = [[(7 * i + j) % 3000 + 100 for j in range(9 + 5 * i)] for i in range(4)]
-    with LLM(model=str(dense_dir), device="cpu", kv_cache_memory_gib=0.1) as dense:
+    with LLM(**pinned(model=str(dense_dir), device="cpu", kv_cache_memory_gib=0.1)) as dense:
         expected = [o.outputs[0].token_ids for o in dense.generate(prompts, GREEDY)]
     with LLM(
-        model=str(directory),
-        quantization=method,
-        device="cuda",
-        dtype=dtype,
-        gpu_memory_utilization=0.3,
+        **pinned(
+            model=str(directory),
+            quantization=method,
+            device="cuda",
+            dtype=dtype,
+            gpu_memory_utilization=0.3,
+        ),
     ) as packed:
         got = [o.outputs[0].token_ids for o in packed.generate(prompts, GREEDY)]
     same = sum(a == b for x, y in zip(got, expected) for a, b in zip(x, y))
@@ -421,21 +434,19 @@ def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
 
 @pytest.mark.slow
 @pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
-def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2, monkeypatch):
+def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2):
     """The defaults on a CPU without fast bf16: the layers and the tied Q8_0 embedding
     stay packed for kubellm's kernel (at tensor-parallel size 3 too, each rank a third
     of the vocabulary); the embedding's rows are the file's exactly, and teacher-forced
     on the dense fp32 engine's greedy replies, the logits pick its token at most
     positions (int8 activations: 272/292 at one rank and 282/292 at three when this
     was written; a wrong code order, scale or vocabulary shard picks ~none)."""
-    monkeypatch.delenv("KUBELLM_DTYPE")  # the suite's pins: fp32 by name, dequantized
-    monkeypatch.delenv("KUBELLM_QUANTIZATION")
     prompts = [smollm2.tokenizer.encode(p) for p in PROMPTS]
     replies = smollm2.generate(prompts, GREEDY)
     texts = [p + o.outputs[0].token_ids for p, o in zip(prompts, replies)]
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
     exact = smollm2.generate(texts, params)
-    with LLM(max_num_batched_tokens=32, kv_cache_memory_gib=0.5) as fast:
+    with LLM(**defaults(max_num_batched_tokens=32, kv_cache_memory_gib=0.5)) as fast:
         model = fast.engine.runner.model
         embedding = model.embed_tokens.weight
         assert isinstance(embedding, QuantizedWeight) and embedding.layout.bits == 8
@@ -450,7 +461,9 @@ def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2, monkeypa
         assert torch.equal(embedding.dense_rows(rows), torch.from_numpy(file_rows))
         agree, positions = _top1_agreement(fast.generate(texts, params), exact)
     assert agree >= 0.85 * positions, (agree, positions)
-    with LLM(max_num_batched_tokens=32, kv_cache_memory_gib=0.5, tensor_parallel_size=3) as split:
+    with LLM(
+        **defaults(max_num_batched_tokens=32, kv_cache_memory_gib=0.5, tensor_parallel_size=3)
+    ) as split:
         shard = split.engine.runner.model.embed_tokens
         assert isinstance(shard.weight, QuantizedWeight) and shard.shard.size == 49152 // 3
         agree, positions = _top1_agreement(split.generate(texts, params), exact)

@@ -20,14 +20,14 @@ def req(prompt=(1, 2, 3), outputs=(), seed=None, eos=(), **params) -> Request:
 
 def test_top_k_keeps_only_the_k_most_likely():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
-    probs = filtered_probs(logits, [req(top_k=2)])
+    probs = filtered_probs(logits, [req(top_k=2).params])
     assert (probs[0] > 0).tolist() == [False, True, True, False, False]
     assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-6)
 
 
 def test_top_k_larger_than_the_vocab_keeps_everything_beside_a_small_k():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]] * 2)
-    probs = filtered_probs(logits, [req(top_k=2), req(top_k=10**6)])
+    probs = filtered_probs(logits, [req(top_k=2).params, req(top_k=10**6).params])
     assert (probs[0] > 0).sum() == 2 and bool((probs[1] > 0).all())
 
 
@@ -38,26 +38,26 @@ def test_any_integer_is_a_seed():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs_in = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    probs = filtered_probs(probs_in.log(), [req(top_p=0.7)])
+    probs = filtered_probs(probs_in.log(), [req(top_p=0.7).params])
     assert (probs[0] > 0).tolist() == [True, True, False, False]
     assert torch.allclose(probs[0, :2], torch.tensor([0.625, 0.375]))
 
 
 def test_top_p_always_keeps_the_most_likely_token():
-    probs = filtered_probs(torch.tensor([[0.9, 0.1]]).log(), [req(top_p=0.01)])
+    probs = filtered_probs(torch.tensor([[0.9, 0.1]]).log(), [req(top_p=0.01).params])
     assert probs[0].tolist() == [1.0, 0.0]
 
 
 def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     probs_in = torch.tensor([[0.6, 0.25, 0.1, 0.05]])
-    probs = filtered_probs(probs_in.log(), [req(min_p=0.2)])  # threshold 0.12
+    probs = filtered_probs(probs_in.log(), [req(min_p=0.2).params])  # threshold 0.12
     assert (probs[0] > 0).tolist() == [True, True, False, False]
 
 
 def test_temperature_sharpens_and_flattens():
     logits = torch.tensor([[2.0, 1.0]])
-    cold = filtered_probs(logits, [req(temperature=0.5)])[0, 0]
-    hot = filtered_probs(logits, [req(temperature=2.0)])[0, 0]
+    cold = filtered_probs(logits, [req(temperature=0.5).params])[0, 0]
+    hot = filtered_probs(logits, [req(temperature=2.0).params])[0, 0]
     assert cold > torch.softmax(logits, -1)[0, 0] > hot
 
 

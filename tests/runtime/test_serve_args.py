@@ -1,4 +1,5 @@
-"""`kubellm serve` flags and their KUBELLM_* environment variables."""
+"""`kubellm serve` and `kubellm generate` flags and their KUBELLM_* environment variables,
+read there and nowhere below."""
 
 from __future__ import annotations
 
@@ -23,13 +24,46 @@ def test_environment_sets_flags_and_flags_win():
     assert args.api_key == "k" and args.port == 9100 and args.device == "cpu"
 
 
-def test_kubellm_device_also_pins_the_offline_engine(monkeypatch):
-    monkeypatch.setenv("KUBELLM_DEVICE", "cpu")
-    assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device("cuda") == torch.device("cuda")  # a named device wins
-    monkeypatch.delenv("KUBELLM_DEVICE")
+def test_the_library_reads_no_environment(monkeypatch, quantized_tiny_dir):
+    """Settings enter through the entry points' flags only: below them, the variables of
+    `kubellm serve` steer nothing (a program's own engine gets what it asks for)."""
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.model.source import resolve
+    from kubellm.runtime.placement import resolve_placement
+
+    clean = resolve_placement(EngineConfig(device="cpu"))
+    packed = resolve(str(quantized_tiny_dir))
+    env = {"KUBELLM_DEVICE": "cuda", "KUBELLM_DTYPE": "float16", "KUBELLM_QUANTIZATION": "none"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == torch.device(expected)
+    assert resolve_placement(EngineConfig(device="cpu")) == clean
+    assert resolve(str(quantized_tiny_dir)).keep_packed == packed.keep_packed is True
+
+
+def test_a_flag_wins_over_its_variable_all_the_way_to_the_placement(monkeypatch):
+    """`KUBELLM_DTYPE=float32 kubellm serve --dtype bfloat16` runs bfloat16, and
+    `--dtype auto` runs what auto chooses, whatever the variable says."""
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.engine_flags import engine_config
+    from kubellm.runtime.placement import resolve_placement
+
+    monkeypatch.setenv("KUBELLM_DTYPE", "float32")
+    environ = {"KUBELLM_DTYPE": "float32", "KUBELLM_DEVICE": "cpu"}
+    named = engine_config(parse_args(["--dtype", "bfloat16"], environ))
+    assert resolve_placement(named).dtype == torch.bfloat16
+    auto = resolve_placement(engine_config(parse_args(["--dtype", "auto"], environ)))
+    assert auto.dtype == resolve_placement(EngineConfig(device="cpu", dtype="auto")).dtype
+    assert engine_config(parse_args([], environ)).dtype == "float32"  # the variable, unflagged
+
+
+def test_kubellm_generate_takes_the_engine_flags_and_their_variables():
+    from kubellm.runtime.generate_cli import parse_args as generate_args
+
+    environ = {"KUBELLM_DTYPE": "float32", "KUBELLM_MAX_NUM_SEQS": "4"}
+    args = generate_args(["--dtype", "bfloat16", "Hello"], environ)
+    assert (args.dtype, args.max_num_seqs, args.prompts) == ("bfloat16", 4, ["Hello"])
 
 
 def test_defaults_without_environment():
@@ -40,7 +74,6 @@ def test_defaults_without_environment():
 def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
     from kubellm.runtime import placement
 
-    monkeypatch.delenv("KUBELLM_DTYPE")
     cpu = torch.device("cpu")
     for flags, expected in (
         ({"avx2", "fma"}, torch.float32),
@@ -54,8 +87,6 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
         else:  # quantized weights: the C kernels with fp32 activations
             assert placement.resolve_dtype("auto", cpu, stays_quantized=True) == torch.float32
     assert placement.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
-    monkeypatch.setenv("KUBELLM_DTYPE", "float32")
-    assert placement.resolve_dtype("auto", cpu) == torch.float32  # the suite's pin
 
 
 def test_tool_call_parser_flags_and_variables_and_vllms_switch_is_accepted():
@@ -67,17 +98,14 @@ def test_tool_call_parser_flags_and_variables_and_vllms_switch_is_accepted():
     assert parse_args(["--tool-call-parser", "mistral"], env).tool_call_parser == "mistral"
 
 
-def test_quantized_kernels_unless_fp32_is_asked_for_by_name(monkeypatch):
+def test_quantized_kernels_unless_fp32_is_asked_for_by_name():
     from kubellm.runtime.placement import uses_quantized_kernels
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("KUBELLM_DTYPE")
     assert uses_quantized_kernels("auto", torch.float32, cpu)  # auto chose fp32: kernel, fast
     assert uses_quantized_kernels("bfloat16", torch.bfloat16, cpu)
     assert not uses_quantized_kernels("float32", torch.float32, cpu)  # exact, as asked
     assert not uses_quantized_kernels("auto", torch.bfloat16, cuda)
-    monkeypatch.setenv("KUBELLM_DTYPE", "float32")
-    assert not uses_quantized_kernels("auto", torch.float32, cpu)  # the suite's pin is a name
 
 
 @pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
@@ -97,13 +125,12 @@ def test_the_cpu_backend_and_c_ops_for_fp32_on_cpu_only():
 
 
 @pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
-def test_the_kv_cache_is_fp16_on_the_default_cpu_path_only(monkeypatch):
+def test_the_kv_cache_is_fp16_on_the_default_cpu_path_only():
     """fp32 that auto chose on the cpu backend: an fp16 KV cache; fp32 asked for by name,
     or torch's backend, keep it in the model's dtype."""
     from kubellm.runtime.config import EngineConfig
     from kubellm.runtime.placement import resolve_placement
 
-    monkeypatch.delenv("KUBELLM_DTYPE", raising=False)
     auto = resolve_placement(EngineConfig(device="cpu"), stays_quantized=True)
     if auto.dtype == torch.float32:  # a CPU without AMX
         assert auto.attention_backend == "cpu" and auto.kv_dtype == torch.float16

@@ -14,6 +14,7 @@ from kubellm.runtime import LLM
 from kubellm.runtime.model.source import resolve
 
 from .conftest import TINY_CONFIGS, hf_greedy
+from .pins import pinned
 from .test_parity import GREEDY_32, PROMPTS
 
 
@@ -26,7 +27,7 @@ def test_smollm2_splits_over_its_head_divisors_only():
 
 def test_a_size_that_does_not_divide_the_model_starts_no_worker():
     with pytest.raises(ValueError, match=r"tensor_parallel_size 2 .* choose one of 1, 3$"):
-        LLM(tensor_parallel_size=2)
+        LLM(**pinned(tensor_parallel_size=2))
     assert multiprocessing.active_children() == []
 
 
@@ -36,7 +37,9 @@ def test_smollm2_over_three_ranks_gives_the_single_rank_and_transformers_tokens(
 ):
     prompt_ids = [smollm2.tokenizer.encode(p) for p in PROMPTS]
     single = [o.outputs[0].token_ids for o in smollm2.generate(prompt_ids, GREEDY_32)]
-    with LLM(tensor_parallel_size=3, max_num_batched_tokens=64, kv_cache_memory_gib=0.2) as llm:
+    with LLM(
+        **pinned(tensor_parallel_size=3, max_num_batched_tokens=64, kv_cache_memory_gib=0.2)
+    ) as llm:
         assert len(llm.engine.workers.pids) == 2
         split = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, GREEDY_32)]
     assert multiprocessing.active_children() == []  # the workers are gone
@@ -60,10 +63,12 @@ def test_tiny_models_split_over_ranks_match_transformers(name, size, tiny_model_
         for i, length in enumerate([1, 17, 40])
     ]
     with LLM(
-        model=str(directory),
-        tensor_parallel_size=size,
-        max_num_batched_tokens=16,
-        kv_cache_memory_gib=0.01,
+        **pinned(
+            model=str(directory),
+            tensor_parallel_size=size,
+            max_num_batched_tokens=16,
+            kv_cache_memory_gib=0.01,
+        ),
     ) as llm:
         ours = llm.generate(prompts, GREEDY_32)
     for prompt, output in zip(prompts, ours):
@@ -84,11 +89,13 @@ def test_two_gpus_give_the_one_gpu_tokens(tiny_model_dir):
     tokens = {}
     for size in (1, 2):
         with LLM(
-            model=str(tiny_model_dir("gqa3-llama3-rope")),
-            tensor_parallel_size=size,
-            device="cuda",
-            dtype="float32",
-            gpu_memory_utilization=0.3,
+            **pinned(
+                model=str(tiny_model_dir("gqa3-llama3-rope")),
+                tensor_parallel_size=size,
+                device="cuda",
+                dtype="float32",
+                gpu_memory_utilization=0.3,
+            ),
         ) as llm:
             assert llm.engine.runner.decode_graphs is not None
             tokens[size] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY_32)]

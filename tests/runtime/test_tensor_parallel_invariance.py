@@ -18,11 +18,10 @@ from .workloads import run_workload, workload
 @pytest.fixture(scope="module", params=ENGINE_SETTINGS)
 def single_and_split(request, model_for):
     """Under the suite's pins and under the defaults (a 4-bit checkpoint)."""
-    directory, context = model_for(request.param, "gqa3-llama3-rope")
+    directory, settings = model_for(request.param, "gqa3-llama3-rope")
     config = dict(model=directory, max_model_len=128, num_kv_blocks=14, max_num_seqs=6)
-    with context:
-        single = LLMEngine(EngineConfig(**config))
-        split = LLMEngine(EngineConfig(**config, tensor_parallel_size=2))
+    single = LLMEngine(EngineConfig(**settings, **config))
+    split = LLMEngine(EngineConfig(**settings, **config, tensor_parallel_size=2))
     yield request.param, single, split
     split.shutdown()
 

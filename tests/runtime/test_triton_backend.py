@@ -10,6 +10,8 @@ from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.attention.triton_backend import decode_splits
 from tests.helpers import TRITON_DEVICE
 
+from .pins import pinned
+
 
 @pytest.mark.parametrize("name", ["gqa4-untied", "gqa3-llama3-rope"])
 def test_triton_backend_gives_the_torch_backends_tokens(tiny_model_dir, name):
@@ -19,13 +21,15 @@ def test_triton_backend_gives_the_torch_backends_tokens(tiny_model_dir, name):
     outputs = {}
     for backend in ("torch", "triton"):
         llm = LLM(
-            model=str(tiny_model_dir(name)),
-            attention_backend=backend,
-            block_size=16,
-            max_num_batched_tokens=16,
-            num_kv_blocks=64,
-            device=TRITON_DEVICE,
-            dtype="float32",
+            **pinned(
+                model=str(tiny_model_dir(name)),
+                attention_backend=backend,
+                block_size=16,
+                max_num_batched_tokens=16,
+                num_kv_blocks=64,
+                device=TRITON_DEVICE,
+                dtype="float32",
+            ),
         )
         first = llm.generate(prompts[:2], params)
         last = llm.generate(prompts[2:], params)
@@ -44,10 +48,14 @@ def test_decode_splits_fill_the_gpu_but_never_cut_short_segments():
 @pytest.mark.cuda
 def test_bf16_on_the_gpu_agrees_with_fp32_on_the_first_tokens():
     llm_bf16 = LLM(
-        device="cuda", dtype="bfloat16", attention_backend="triton", gpu_memory_utilization=0.3
+        **pinned(
+            device="cuda", dtype="bfloat16", attention_backend="triton", gpu_memory_utilization=0.3
+        )
     )
     llm_fp32 = LLM(
-        device="cuda", dtype="float32", attention_backend="torch", gpu_memory_utilization=0.6
+        **pinned(
+            device="cuda", dtype="float32", attention_backend="torch", gpu_memory_utilization=0.6
+        )
     )  # both engines live at once
     params = SamplingParams(temperature=0.0, max_tokens=4)
     prompts = ["The capital of France is", "def fibonacci(n):"]
