@@ -15,9 +15,9 @@ from kubellm.kernels.cpu_library import library
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
-class QuantizedWeight(ctypes.Structure):
-    """kubellm_qweight: codes, fp16 scales and offsets [outputs, inputs / group] (offsets
-    NULL: none)."""
+class QWeightView(ctypes.Structure):
+    """kubellm_qweight, a view of a `QuantizedWeight`'s storage for the C layer: codes,
+    fp16 scales and offsets [outputs, inputs / group] (offsets NULL: none)."""
 
     _fields_ = [
         ("codes", _P),
@@ -34,10 +34,10 @@ class Layer(ctypes.Structure):
     """kubellm_layer: what a layer's decode step reads that does not change."""
 
     _fields_ = [
-        ("qkv", QuantizedWeight),
-        ("o", QuantizedWeight),
-        ("gate_up", QuantizedWeight),
-        ("down", QuantizedWeight),
+        ("qkv", QWeightView),
+        ("o", QWeightView),
+        ("gate_up", QWeightView),
+        ("down", QWeightView),
         ("qkv_bias", _P),
         ("input_norm", _P),
         ("post_attention_norm", _P),

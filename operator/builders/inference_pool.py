@@ -1,6 +1,6 @@
 """A Gateway API Inference Extension InferencePool (`spec.routing.inferencePool`): the
 replicas' pods on port 8000, for a gateway whose endpoint picker (deployed by the user)
-reads their `/metrics` (the `kubellm:` names; the README gives the picker's flags)."""
+reads their `/metrics` (the `kubellm:` names; docs/serving.md gives the picker's flags)."""
 
 from __future__ import annotations
 

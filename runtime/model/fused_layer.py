@@ -20,7 +20,7 @@ from kubellm.runtime.model.quantized import QuantizedWeight
 from kubellm.runtime.model.rope import RopeTables
 
 
-def _weight(linear) -> cpu_layer.QuantizedWeight | None:
+def _weight(linear) -> cpu_layer.QWeightView | None:
     weight = linear.weight
     if not isinstance(weight, QuantizedWeight) or weight.half_scales is None:
         return None
@@ -30,7 +30,7 @@ def _weight(linear) -> cpu_layer.QuantizedWeight | None:
     rows, inputs = weight.shape
     offsets_at = None if offsets is None else offsets.data_ptr()
     layout = weight.layout
-    return cpu_layer.QuantizedWeight(
+    return cpu_layer.QWeightView(
         codes.data_ptr(),
         scales.data_ptr(),
         offsets_at,
