@@ -32,10 +32,10 @@ def _quantized(rows: int, cols: int, bits: int, group: int, seed: int):
     return weight.codes, weight.scales.half(), weight.offsets.half(), bits, group
 
 
-def _struct(weight) -> cpu_layer.QuantizedWeight:
+def _struct(weight) -> cpu_layer.QWeightView:
     codes, scales, offsets, bits, group = weight
     inputs = codes.shape[1] * 8 // bits
-    return cpu_layer.QuantizedWeight(
+    return cpu_layer.QWeightView(
         codes.data_ptr(), scales.data_ptr(), offsets.data_ptr(), codes.shape[0], inputs, group, bits
     )
 
