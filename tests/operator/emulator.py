@@ -374,6 +374,25 @@ def create_llmd(cluster: Cluster, name: str, namespace: str = "ml", **spec: Any)
     return cluster.create(f"/apis/kubellm.dev/v1alpha1/namespaces/{namespace}/llmdeployments", body)
 
 
+def endpoint_slice(
+    name: str, service: str, port: int, namespace: str = "ml", ready: bool = True
+) -> dict[str, Any]:
+    """An EndpointSlice as the EndpointSlice controller writes one for a pod of `service`
+    listening on 127.0.0.1:`port` (one slice per port: each test process has its own)."""
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "addressType": "IPv4",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}],
+    }
+
+
 def condition(cr: dict[str, Any] | None, kind: str) -> dict[str, Any]:
     conditions = ((cr or {}).get("status") or {}).get("conditions", [])
     return next((c for c in conditions if c["type"] == kind), {})

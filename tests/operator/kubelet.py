@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from kubellm.operator.kube import collection_path, object_path
-from tests.operator.emulator import Cluster
+from tests.operator.emulator import Cluster, endpoint_slice
 from tests.runtime.serve_process import ServeProcess
 
 POLL_SECONDS = 0.2
@@ -108,7 +108,9 @@ class KubeletStandIn:
                 pod.ready = True
                 self._create(
                     collection_path("EndpointSlice", self.namespace),
-                    self._endpoint_slice(workload, pod),
+                    endpoint_slice(
+                        _slice_name(workload, pod), workload.service, pod.port, self.namespace
+                    ),
                 )
         if deployment is not None:
             self._report(workload)
@@ -130,20 +132,6 @@ class KubeletStandIn:
         if pod.process.proc.poll() is None:
             pod.process.proc.send_signal(signal.SIGTERM)
         threading.Thread(target=_reap, args=(pod.process,), daemon=True).start()
-
-    def _endpoint_slice(self, workload: Workload, pod: Pod) -> dict[str, Any]:
-        return {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "addressType": "IPv4",
-            "metadata": {
-                "name": _slice_name(workload, pod),
-                "namespace": self.namespace,
-                "labels": {"kubernetes.io/service-name": workload.service},
-            },
-            "ports": [{"name": "http", "port": pod.port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-        }
 
     def _report(self, workload: Workload) -> None:
         ready = sum(pod.ready for pod in workload.pods)

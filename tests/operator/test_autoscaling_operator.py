@@ -15,7 +15,13 @@ import pytest
 
 from kubellm.operator.kube import collection_path, object_path
 from tests.helpers import free_port, wait_for
-from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
+from tests.operator.emulator import (
+    Cluster,
+    condition,
+    create_llmd,
+    emulated_cluster,
+    endpoint_slice,
+)
 from tests.operator.manifests import validate_kubernetes
 from tests.operator.operated import NS, child, events_for, operator
 
@@ -163,26 +169,11 @@ def test_invalid_bounds_are_reported_and_the_rest_converges(cluster, monkeypatch
         assert _autoscaled(cluster, name) == {}
 
 
-def _dead_endpoint_slice(service: str) -> dict[str, Any]:
-    """A ready endpoint on a port nothing listens on (a pod whose /metrics fails)."""
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "addressType": "IPv4",
-        "metadata": {
-            "name": f"{service}-dead",
-            "namespace": NS,
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "ports": [{"name": "http", "port": free_port(), "protocol": "TCP"}],
-        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-    }
-
-
 def test_a_load_that_cannot_be_read_never_scales_down(cluster, monkeypatch):
     name = "unread"
     create_llmd(cluster, name, model={"source": "hf://org/unread"}, replicas=3)
-    cluster.create(collection_path("EndpointSlice", NS), _dead_endpoint_slice(name))
+    dead = endpoint_slice(f"{name}-dead", name, free_port(), NS)  # /metrics fails there
+    cluster.create(collection_path("EndpointSlice", NS), dead)
     with operator(cluster, monkeypatch):
         wait_for(lambda: _replicas(cluster, name) == (3, 3), message="three replicas")
         path = object_path("LLMDeployment", NS, name)
@@ -202,7 +193,7 @@ def test_a_load_that_cannot_be_read_never_scales_down(cluster, monkeypatch):
 
 class MetricsEndpoint:
     """A pod's /metrics on 127.0.0.1 whose gauges the test sets (the load the autoscaler
-    reads), published as its Service's EndpointSlice."""
+    reads)."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -230,26 +221,15 @@ class MetricsEndpoint:
             f'kubellm:num_requests_waiting{{model_name="m"}} {waiting}\n'
         )
 
-    def endpoint_slice(self, service: str) -> dict[str, Any]:
-        return {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "addressType": "IPv4",
-            "metadata": {
-                "name": f"{service}-{self.port}",
-                "namespace": NS,
-                "labels": {"kubernetes.io/service-name": service},
-            },
-            "ports": [{"name": "http", "port": self.port, "protocol": "TCP"}],
-            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
-        }
-
 
 def test_up_at_once_and_a_restarted_operator_resumes_the_delay(cluster, monkeypatch):
     name = "loaded"
     pod = MetricsEndpoint()
     pod.replica_load(running=7, waiting=0)
-    cluster.create(collection_path("EndpointSlice", NS), pod.endpoint_slice(name))
+    cluster.create(
+        collection_path("EndpointSlice", NS),
+        endpoint_slice(f"{name}-{pod.port}", name, pod.port, NS),
+    )
     autoscaling = {
         "minReplicas": 1,
         "maxReplicas": 4,

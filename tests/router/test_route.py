@@ -16,7 +16,7 @@ import pytest
 
 from kubellm.operator.kube import collection_path, object_path
 from tests.helpers import free_port, wait_for
-from tests.operator.emulator import emulated_cluster
+from tests.operator.emulator import emulated_cluster, endpoint_slice
 from tests.runtime.serve_process import ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -110,23 +110,9 @@ def test_replies_and_streams_pass_through_unchanged(replicas):
         assert [m.id for m in models.data] == [MODEL]
 
 
-def _endpoint_slice(name: str, service: str, endpoints: list[tuple[str, bool]]) -> dict:
-    """An EndpointSlice as the EndpointSlice controller writes one: (URL, ready) each."""
-    port = int(endpoints[0][0].rsplit(":", 1)[1])
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "addressType": "IPv4",
-        "metadata": {
-            "name": name,
-            "namespace": "ml",
-            "labels": {"kubernetes.io/service-name": service},
-        },
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-        "endpoints": [
-            {"addresses": ["127.0.0.1"], "conditions": {"ready": ready}} for _, ready in endpoints
-        ],
-    }
+def _endpoint_slice(name: str, service: str, url: str) -> dict:
+    """The slice of a ready replica at `url` (127.0.0.1:<port>)."""
+    return endpoint_slice(name, service, int(url.rsplit(":", 1)[1]))
 
 
 def _ready(router_url: str) -> set[str]:
@@ -141,8 +127,8 @@ def test_discover_follows_the_services_endpoint_slices(replicas, tmp_path):
     first, second = replicas[0].url, replicas[1].url
     with emulated_cluster(tmp_path) as cluster:
         slices = collection_path("EndpointSlice", "ml")
-        cluster.create(slices, _endpoint_slice("smol-a", "smol-replicas", [(first, True)]))
-        cluster.create(slices, _endpoint_slice("other", "other-svc", [(replicas[2].url, True)]))
+        cluster.create(slices, _endpoint_slice("smol-a", "smol-replicas", first))
+        cluster.create(slices, _endpoint_slice("other", "other-svc", replicas[2].url))
         env = {"KUBECONFIG": str(cluster.kubeconfig)}
         router = ServeProcess("--discover", "smol-replicas.ml", command="route", env=env)
         with router:
@@ -150,7 +136,7 @@ def test_discover_follows_the_services_endpoint_slices(replicas, tmp_path):
             wait_for(lambda: _ready(router.url) == {first}, timeout=30, message="first")
             reply = _client(router.url).completions.create(model=MODEL, prompt="Hi", max_tokens=2)
             assert reply.choices[0].text is not None
-            cluster.create(slices, _endpoint_slice("smol-b", "smol-replicas", [(second, True)]))
+            cluster.create(slices, _endpoint_slice("smol-b", "smol-replicas", second))
             wait_for(lambda: _ready(router.url) == {first, second}, timeout=30, message="both")
             a = object_path("EndpointSlice", "ml", "smol-a")
             cluster.patch(
