@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kubellm.kernels.paged_attention import paged_attention, paged_decode
-from kubellm.runtime.attention.triton_backend import decode_splits
+from kubellm.runtime.executor.platform.triton_attention import decode_splits
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 16
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from timing import cpu_model, median_seconds
 
-from kubellm.runtime.attention.backend import AttentionMetadata
-from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
+from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
+from kubellm.runtime.model.attention import AttentionMetadata
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 BATCHES = (4, 16, 64)

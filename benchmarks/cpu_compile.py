@@ -34,8 +34,8 @@ def attention(
     scale: float,
 ) -> torch.Tensor:
     """The torch backend over metadata rebuilt from tensors (the graph sees no lists)."""
-    from kubellm.runtime.attention.backend import AttentionMetadata
-    from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
+    from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
+    from kubellm.runtime.model.attention import AttentionMetadata
 
     query_lens, lens = query_start_loc.diff().tolist(), seq_lens.tolist()
     meta = AttentionMetadata(

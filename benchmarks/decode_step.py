@@ -2,7 +2,7 @@
 model runner's whole step, its forward pass and its logits, at 1, 16 and 64 running
 requests, and how many aten ops one step calls (the host overhead that item 6 of issue
 13 is about); beside it the same engine with torch's layer ops and attention backend
-instead of kubellm's C kernels (`Placement.fused_cpu_ops` replaced for the
+instead of kubellm's C kernels (the x86 platform's layer ops replaced by torch's for the
 measurement), measured alternately in the same run.
 
     python benchmarks/decode_step.py
@@ -20,7 +20,9 @@ import torch
 from timing import cpu_model, median_seconds
 from torch.profiler import ProfilerActivity, profile
 
-from kubellm.runtime import LLM, SamplingParams, placement
+from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime.executor.platform.base import Platform
+from kubellm.runtime.executor.platform.x86 import X86Platform
 
 BATCHES = (1, 16, 64)
 
@@ -45,13 +47,14 @@ def decode_plan(llm: LLM, batch: int, rng: random.Random):
 
 def engine(fused_cpu_ops: bool) -> LLM:
     """kubellm's defaults; with fused_cpu_ops False, torch's layer ops and attention."""
-    chosen = placement.uses_fused_cpu_ops
-    if not fused_cpu_ops:
-        placement.uses_fused_cpu_ops = lambda dtype, device: False
-    try:
+    if fused_cpu_ops:
         return LLM()
+    chosen = X86Platform.layer_ops
+    X86Platform.layer_ops = Platform.layer_ops
+    try:
+        return LLM(attention_backend="torch")
     finally:
-        placement.uses_fused_cpu_ops = chosen
+        X86Platform.layer_ops = chosen
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def _timed(totals: dict[str, float], name: str, fn):
 def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
     """Milliseconds per decode step of `batch` running requests, per stage."""
     from kubellm.runtime import LLM, SamplingParams
-    from kubellm.runtime.scheduler import SchedulerOutput
+    from kubellm.runtime.core.scheduler import SchedulerOutput
 
     llm = LLM(model=str(model_dir), device="cpu", max_num_seqs=batch, kv_cache_memory_gib=0.2)
     engine, totals = llm.engine, defaultdict(float)
@@ -69,7 +69,7 @@ def measure(model_dir: Path, batch: int, steps: int) -> dict[str, float]:
     for i in range(batch):
         prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(100, 200))]
         params = SamplingParams(temperature=0.0, max_tokens=steps + 50, ignore_eos=True)
-        engine.add_request(f"r{i}", prompt, params)
+        engine.add_request(f"r{i}", *engine.admission.admit([prompt], params))
     while engine.scheduler.waiting or any(
         r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.running
     ):

@@ -19,6 +19,11 @@ import torch
 from timing import cpu_model, median_seconds
 
 from kubellm.kernels.cpu_qgemm import cpu_qgemm
+from kubellm.runtime.executor.platform.cpu_products import (
+    Int4PackProduct,
+    QgemmProduct,
+    cpu_product,
+)
 from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight
 
@@ -35,8 +40,8 @@ def int4_layer(inputs: int, outputs: int, kernel: str) -> QuantizedWeight:
     scales = torch.rand(outputs, inputs // 32) * 0.01
     layer = QuantizedWeight(outputs, inputs, QuantizedLayout(4, 32))
     layer.put(0, GroupQuantized(codes, scales, -8 * scales, 4, 32))
-    layer.prepare(kernel, torch.float32)
-    assert (layer.int4pack if kernel == "int4pack" else layer.half_scales) is not None
+    layer.use(cpu_product(layer, kernel, torch.float32))
+    assert isinstance(layer.product, Int4PackProduct if kernel == "int4pack" else QgemmProduct)
     return layer
 
 
@@ -63,16 +68,16 @@ def timings(
     """fp32 dense, bf16 dense, the two kernels, rebuilt -> fp32 and -> bf16 products."""
     x = torch.randn(rows, dense.shape[1])
     xb, dense_bf16 = x.bfloat16(), dense.bfloat16()
-    packed, scales_and_zeros, _ = torchs.int4pack
+    packed, scales_and_zeros = torchs.product.packed, torchs.product.scales_and_zeros
     bits, group = ours.layout.bits, ours.layout.group_size
 
     def rebuilt(dtype: torch.dtype):
-        return lambda: linear(x.to(dtype), ours._dense_in_stored_order(dtype))
+        return lambda: linear(x.to(dtype), ours.product.dense(dtype))
 
     return [
         microseconds(lambda: linear(x, dense)),
         microseconds(lambda: linear(xb, dense_bf16)),
-        microseconds(lambda: cpu_qgemm(x, ours.codes, *ours.half_scales, bits, group)),
+        microseconds(lambda: cpu_qgemm(x, *ours.product.operands(), bits, group)),
         microseconds(
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, 32, scales_and_zeros)
         ),

@@ -26,9 +26,9 @@ REPEATS = 200
 
 def decode_plan(batch: int):
     """The plan of a decode step of `batch` requests with CONTEXT-token contexts."""
-    from kubellm.runtime.request import Request
-    from kubellm.runtime.sampling_params import SamplingParams
-    from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
+    from kubellm.runtime.core.request import Request
+    from kubellm.runtime.core.sampling_params import SamplingParams
+    from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
 
     scheduled, blocks = [], CONTEXT // BLOCK
     for i in range(batch):
@@ -140,7 +140,7 @@ def decode_step_ms(tensor_parallel_size: int, batch: int, steps: int) -> float:
         engine = llm.engine
         params = SamplingParams(temperature=0.0, max_tokens=steps + 20, ignore_eos=True)
         for i in range(batch):
-            engine.add_request(f"r{i}", [100 + i] * 64, params)
+            engine.add_request(f"r{i}", *engine.admission.admit([[100 + i] * 64], params))
         while any(r.num_computed_tokens < 64 for r in engine.scheduler.running) or (
             engine.scheduler.waiting
         ):

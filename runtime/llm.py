@@ -6,9 +6,9 @@ import itertools
 from collections.abc import Sequence
 
 from kubellm.runtime.config import BUILTIN_MODEL, EngineConfig
-from kubellm.runtime.engine import LLMEngine
-from kubellm.runtime.outputs import RequestOutput
-from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.core.engine import LLMEngine
+from kubellm.runtime.core.outputs import RequestOutput
+from kubellm.runtime.core.sampling_params import SamplingParams
 
 # Text, token ids, or vLLM's dict forms: {"prompt": text} (TextPrompt) and
 # {"prompt_token_ids": ids} (TokensPrompt)
@@ -49,7 +49,8 @@ class LLM:
         try:
             for prompt, p in zip(prompt_list, params):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, p)
+                (admitted,) = self.engine.admission.admit([prompt], p)
+                self.engine.add_request(request_id, admitted)
                 request_ids.append(request_id)
         except Exception:
             for request_id in request_ids:

@@ -103,8 +103,8 @@ def load_in_background(config, app, server: uvicorn.Server) -> threading.Thread:
     """Load the model while the server already answers /health with 503; attach the
     engine when ready, or stop the server (exit code 1) if it cannot be loaded."""
     from kubellm.runtime.api.server import attach_engine
-    from kubellm.runtime.async_engine import AsyncEngine
-    from kubellm.runtime.engine import LLMEngine
+    from kubellm.runtime.core.async_engine import AsyncEngine
+    from kubellm.runtime.core.engine import LLMEngine
 
     def load() -> None:
         try:

@@ -132,8 +132,7 @@ def test_ruff_format_is_the_house_style_with_no_exceptions():
 RUNTIME = ROOT / "runtime"
 # The executor (runner, workers, distributed, graphs, placement, the step plan) and the
 # model below it take step plans only: no request, scheduler or sampler type.
-EXECUTOR = ["model_runner.py", "workers.py", "distributed.py", "cuda_graphs.py"]
-EXECUTOR += ["placement.py", "step_plan.py", "attention", "model"]
+EXECUTOR = ["executor", "model"]
 ENGINE_MODULES = {"request", "scheduler", "sampler", "sampling_params", "engine"}
 ENGINE_MODULES |= {"async_engine", "kv_cache", "structured_output"}
 
@@ -212,6 +211,40 @@ def test_no_import_circle_inside_the_runtime():
 def test_the_circle_finder_finds_a_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycle(graph) == ["a", "b", "c", "a"]
+
+
+def _kernel_imports(path: Path) -> list[str]:
+    """The `kubellm.kernels` modules `path` imports, anywhere in it."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [n for n in names if n == "kubellm.kernels" or n.startswith("kubellm.kernels.")]
+    return found
+
+
+def test_the_model_imports_no_kernel():
+    """`model/` describes the model only; the platform (`executor/platform`) swaps in
+    what runs it."""
+    for path in sorted((RUNTIME / "model").rglob("*.py")):
+        assert not _kernel_imports(path), f"{path.relative_to(ROOT)} imports a kernel"
+
+
+def test_the_kernel_import_check_sees_each_form(tmp_path):
+    source = tmp_path / "layer.py"
+    source.write_text(
+        "import torch\n"
+        "from kubellm.kernels import cpu_ops\n"
+        "def f():\n"
+        "    from kubellm.kernels.w4a16 import w4a16\n"
+        "    import kubellm.kernels.cpu_layer\n"
+        "from kubellm.runtime.model.rope import rotate\n"
+    )
+    assert len(_kernel_imports(source)) == 3
 
 
 ENTRY_POINTS = {"serve.py", "generate_cli.py", "engine_flags.py"}  # where flags are parsed

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kubellm.runtime.async_engine import AsyncEngine
-from kubellm.runtime.outputs import StepDelta
+from kubellm.runtime.core.async_engine import AsyncEngine
+from kubellm.runtime.core.outputs import StepDelta
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kubellm.runtime.sampling_params import SamplingParams
-from kubellm.runtime.structured_output import GrammarSpec
+from kubellm.runtime.core.sampling_params import SamplingParams
+from kubellm.runtime.core.structured_output import GrammarSpec
 
 MAX_N = 128  # choices per prompt: bounds what one request can ask of the engine
 

@@ -12,9 +12,9 @@ from itertools import accumulate
 from kubellm.runtime.api.errors import error_body
 from kubellm.runtime.api.middleware import AccessRecord
 from kubellm.runtime.api.tool_parsers import ParsedCall, ToolParser
-from kubellm.runtime.async_engine import GenerationError
-from kubellm.runtime.outputs import StepDelta
-from kubellm.runtime.request import TokenLogprobs
+from kubellm.runtime.core.async_engine import GenerationError
+from kubellm.runtime.core.outputs import StepDelta
+from kubellm.runtime.core.request import TokenLogprobs
 
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 

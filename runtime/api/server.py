@@ -40,8 +40,9 @@ from kubellm.runtime.api.tool_parsers import (
     named_function,
     required_calls,
 )
-from kubellm.runtime.async_engine import AsyncEngine, EngineDeadError, GenerationError
-from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.core.admission import AdmissionError, Admitted
+from kubellm.runtime.core.async_engine import AsyncEngine, EngineDeadError, GenerationError
+from kubellm.runtime.core.sampling_params import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions only
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def build_app(
         if body.model is not None:
             _check_model(body.model, served_model_name)
         engine = app.state.engine
-        tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = engine.admission.tokenize(body.prompt, body.add_special_tokens)
         return TokenizeResponse(
             tokens=tokens, count=len(tokens), max_model_len=engine.max_model_len
         )
@@ -119,14 +120,13 @@ def build_app(
         _check_model(body.model, served_model_name)
         engine = app.state.engine
         given = _prompt_list(body.prompt)
-        prompts = [engine.tokenize(p) if isinstance(p, str) else p for p in given]
         max_tokens = body.max_tokens
         if max_tokens is None:
             max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
         echo = [p if isinstance(p, str) else None for p in given] if body.echo else None
         prompt_logprobs = body.logprobs if body.echo else None
         params = _params(body, max_tokens, body.logprobs, prompt_logprobs)
-        return await _respond(engine, metrics, raw, "cmpl", body, prompts, params, echo)
+        return await _respond(engine, metrics, raw, "cmpl", body, given, params, echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
@@ -134,7 +134,6 @@ def build_app(
         engine = app.state.engine
         tool_parser = _tool_parser(body, *app.state.auto_tool_call_parser)
         prompt = render_chat(engine.tokenizer, body.messages, body.tools)
-        prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
         max_tokens = body.max_completion_tokens
         if max_tokens is None:
             max_tokens = body.max_tokens  # None: up to the context length, as vLLM
@@ -143,7 +142,7 @@ def build_app(
         if tool_parser is mistral:
             params.skip_special_tokens = False  # its [TOOL_CALLS] marker is a special token
         return await _respond(
-            engine, metrics, raw, "chatcmpl", body, [prompt_ids], params, tool_parser=tool_parser
+            engine, metrics, raw, "chatcmpl", body, [prompt], params, tool_parser=tool_parser
         )
 
     return app
@@ -230,23 +229,11 @@ def _params(
         raise APIError(400, str(exc)) from None
 
 
-def _echo_texts(given: list[str | None], prompts: list[list[int]], tokenizer) -> list:
+def _echo_texts(given: list[str | None], admitted: list[Admitted], tokenizer) -> list:
     """Each prompt's text as sent (token ids decoded) with its ids."""
+    prompts = [a.token_ids for a in admitted]
     decoded = [tokenizer.decode(ids) if text is None else text for text, ids in zip(given, prompts)]
     return list(zip(decoded, prompts))
-
-
-def _check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-    """Refuse up front what the engine could only cut short (vLLM's message and numbers)."""
-    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
-            f"{max_tokens} in the completion). Please reduce the length of the messages or "
-            f"completion.",
-            "max_tokens",
-        )
 
 
 async def _respond(
@@ -255,31 +242,25 @@ async def _respond(
     raw: Request,
     prefix: str,
     body: CompletionRequest | ChatCompletionRequest,
-    prompts: list[list[int]],
+    prompts: list[str | list[int]],
     params: SamplingParams,
     echo: list[str | None] | None = None,
     tool_parser: ToolParser | None = None,
 ):
-    """`echo`: completions' prompts to put before their choices, as sent (None: token ids,
-    decoded once they are known to be valid); `tool_parser` reads chat replies' calls."""
+    """Admit (off the event loop) -> submit -> reply. `prompts`: completions' as sent,
+    chat's rendered; `echo`: completions' prompts to put before their choices, as sent
+    (None: token ids, decoded once they are known to be valid); `tool_parser` reads chat
+    replies' calls."""
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     record = raw.state.access = AccessRecord(request_id)
-    for prompt in prompts:
-        _check_context(len(prompt), params.max_tokens, engine.max_model_len)
+    options = {"whole_reply_fits": True, "add_special_tokens": prefix != "chatcmpl"}
+    if params.structured_output is not None:
+        options["constraint_param"] = body.constraint_field()
     try:
-        engine.check_logit_bias(params)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "logit_bias") from None
-    grammar = None
-    if params.structured_output is not None:  # compiled off the event loop and step thread
-        try:
-            grammar = await asyncio.to_thread(engine.compile_grammar, params.structured_output)
-        except ValueError as exc:
-            raise APIError(400, str(exc), body.constraint_field()) from None
-    try:
-        stream = engine.submit(request_id, prompts, params, grammar)
-    except ValueError as exc:
-        raise APIError(400, str(exc), "prompt") from None
+        admitted = await asyncio.to_thread(engine.admission.admit, prompts, params, **options)
+        stream = engine.submit(request_id, admitted)
+    except AdmissionError as exc:
+        raise APIError(400, str(exc), exc.param) from None
     except EngineDeadError as exc:
         raise APIError(503, str(exc)) from None
     shape = ResponseShape(
@@ -289,7 +270,7 @@ async def _respond(
         num_choices=len(prompts) * params.n,
         logprobs=params.logprobs is not None,
         token_text=TokenText(engine.tokenizer),
-        echo=None if echo is None else _echo_texts(echo, prompts, engine.tokenizer),
+        echo=None if echo is None else _echo_texts(echo, admitted, engine.tokenizer),
         tool_parser=tool_parser,
     )
     observed = metrics.observe(stream, params.n)

@@ -1,17 +1,34 @@
 """A decoder layer's small operations (RMSNorm with its residual add, rotary embeddings,
-SiLU(gate) * up) in two forms: torch's, for any device and dtype, and kubellm's C
-kernels (`kernels/cpu_ops.py`: fp32 on CPU, one call each where torch makes several;
-at decode sizes a layer's time there is mostly torch's per-op overhead). The model is
-built with one of them; the torch form is the C kernels' test oracle.
+SiLU(gate) * up) and a decode step's whole-layer form: the interface a platform fills
+(`executor/platform`), and torch's form, for any device and dtype, which is also the
+oracle of every other.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 
-from kubellm.kernels import cpu_ops
+from kubellm.runtime.model.attention import AttentionMetadata
 from kubellm.runtime.model.rope import RopeTables, rotate
+
+
+class LayerOps(Protocol):
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rotate(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor: ...
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_step(
+        self, rope: RopeTables, meta: AttentionMetadata, kv_cache: torch.Tensor, tokens: int
+    ) -> Any:
+        """What layers with a `whole_decode` read in this step; None runs every layer
+        module by module."""
 
 
 class TorchOps:
@@ -36,22 +53,9 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-
-class CpuOps:
-    """The same operations by kubellm's C kernels; `residual` is summed into in place,
-    and `rotate` rotates x in place."""
-
-    add_rms_norm = staticmethod(cpu_ops.add_rms_norm)
-
     @staticmethod
-    def rotate(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-        return cpu_ops.rotate_(x, rope.cos, rope.sin)
-
-    silu_and_mul = staticmethod(cpu_ops.silu_and_mul)
+    def decode_step(rope, meta, kv_cache, tokens) -> None:
+        return None
 
 
-LayerOps = type[TorchOps] | type[CpuOps]
-
-
-def layer_ops(fused_cpu_ops: bool) -> LayerOps:
-    return CpuOps if fused_cpu_ops else TorchOps
+TORCH_OPS = TorchOps()

@@ -1,20 +1,23 @@
 """A compact Llama-family decoder over a flat batch (Llama 2/3, Mistral, SmolLM, Qwen2).
 
 Q, K and V come from one fused projection, gate and up from another. Attention
-goes through an `AttentionBackend`, which owns the paged KV cache's layout.
+goes through an `AttentionBackend`, which owns the paged KV cache's layout; a layer's
+small ops through `LayerOps`. The platform (`executor/platform`) supplies both, the
+quantized layers' products, and, where it has one, a layer's whole decode step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
-from kubellm.kernels.cpu_layer import Layer, decode_layer
-from kubellm.runtime.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.config import ModelConfig
-from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
-from kubellm.runtime.model.fused_layer import FusedStep, fuse, fused_step
-from kubellm.runtime.model.layer_ops import LayerOps, TorchOps
+from kubellm.runtime.executor.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.model.attention import AttentionBackend, AttentionMetadata
+from kubellm.runtime.model.layer_ops import TORCH_OPS, LayerOps
 from kubellm.runtime.model.parallel import (
     ColumnParallelLinear,
     ParallelLMHead,
@@ -133,17 +136,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend, tp, layouts, prefix + "self_attn.", ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, tp, layouts, prefix + "mlp.", ops)
-        self.fused: Layer | None = None  # set by `fuse()` once the weights are in
+        # The platform's form of this layer's decode step in one call, where it has one:
+        # (the ops' decode step, kv_cache, x, residual) -> what `forward` returns.
+        self.whole_decode: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def fuse(self) -> None:
-        """Let decode steps run this layer in one C call where it can (`fused_layer`)."""
-        self.fused = fuse(self)
-
-    def forward(self, x, residual, rope: RopeTables, kv_cache, meta, step: FusedStep | None):
+    def forward(self, x, residual, rope: RopeTables, kv_cache, meta, step: Any = None):
         """(this layer's MLP output, the residual stream before it): the next layer (or
         the final norm) adds the two as its norm's first step, as vLLM's layers do."""
-        if step is not None and self.fused is not None:
-            return decode_layer(self.fused, step.struct, kv_cache, x, residual)
+        if step is not None and self.whole_decode is not None:
+            return self.whole_decode(step, kv_cache, x, residual)
         x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
@@ -161,10 +162,11 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
         tp: TensorParallel = SINGLE_RANK,
         layouts: WeightLayouts = all_dense,
-        ops: LayerOps = TorchOps,
+        ops: LayerOps = TORCH_OPS,
     ) -> None:
         super().__init__()
         self.config = cfg
+        self.ops = ops
         self.tp = tp
         self.attention_backend = backend
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
@@ -196,8 +198,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantized: fp32 rows
         rope = self.rope.tables(positions, x.dtype)  # once for every layer
         step = None
-        if any(layer.fused is not None for layer in self.layers):
-            step = fused_step(rope, meta, kv_caches[0], len(input_ids))
+        if any(layer.whole_decode is not None for layer in self.layers):
+            step = self.ops.decode_step(rope, meta, kv_caches[0], len(input_ids))
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, rope, kv_cache, meta, step)

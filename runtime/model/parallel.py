@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubellm.runtime.distributed import TensorParallel
+from kubellm.runtime.executor.distributed import TensorParallel
 from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.lazy_tensor import LazyTensor
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, QuantizedWeight

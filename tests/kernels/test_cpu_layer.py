@@ -11,7 +11,7 @@ import torch
 
 from kubellm.kernels import cpu_layer, cpu_library, cpu_ops
 from kubellm.kernels.cpu_qgemm import cpu_qgemm
-from kubellm.runtime.model.layer_ops import CpuOps
+from kubellm.runtime.executor.platform.x86 import CpuOps
 from kubellm.runtime.model.rope import RopeTables
 from tests.helpers import random_group_quantized
 

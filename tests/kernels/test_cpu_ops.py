@@ -12,7 +12,8 @@ import torch
 
 from kubellm.kernels import cpu_library, cpu_ops
 from kubellm.kernels.reference import paged_attention_reference, write_kv_reference
-from kubellm.runtime.model.layer_ops import CpuOps, TorchOps
+from kubellm.runtime.executor.platform.x86 import CpuOps
+from kubellm.runtime.model.layer_ops import TorchOps
 from kubellm.runtime.model.rope import RopeTables
 
 pytestmark = pytest.mark.skipif(

@@ -15,11 +15,10 @@ import torch
 
 from kubellm.kernels import cpu_library, cpu_qgemm
 from kubellm.kernels.reference import cpu_qgemm_reference
-from kubellm.runtime.model.quantized import cpu_kernel
 from tests.helpers import random_group_quantized
 
 pytestmark = pytest.mark.skipif(
-    cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler"
+    cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
 )
 
 

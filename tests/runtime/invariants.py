@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from kubellm.runtime.async_engine import AsyncEngine
-from kubellm.runtime.kv_cache import KVCacheManager
-from kubellm.runtime.scheduler import Scheduler
+from kubellm.runtime.core.async_engine import AsyncEngine
+from kubellm.runtime.core.kv_cache import KVCacheManager
+from kubellm.runtime.core.scheduler import Scheduler
 
 # The suite's fp32 oracle pins, and `make serve`'s defaults (conftest's `model_for`,
 # pins.py).

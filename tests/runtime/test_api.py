@@ -13,7 +13,7 @@ import pytest
 
 from kubellm.runtime import LLM, EngineConfig, LLMEngine, SamplingParams
 from kubellm.runtime.api.server import attach_engine, build_app
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 
@@ -75,7 +75,7 @@ def test_a_list_of_prompts_gets_n_choices_each_in_order(client, offline):
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert texts[0] == texts[1] == _offline_text(offline, prompts[0], 6)
     assert texts[2] == texts[3] == _offline_text(offline, prompts[1], 6)
-    prompt_tokens = sum(len(offline.engine.tokenize(p)) for p in prompts)
+    prompt_tokens = sum(len(offline.engine.admission.tokenize(p)) for p in prompts)
     assert out.usage.prompt_tokens == prompt_tokens and out.usage.completion_tokens == 24
 
 
@@ -264,7 +264,7 @@ def test_models_lists_the_served_name(client):
 def test_tokenize_uses_the_model_tokenizer(server):
     response = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"})
     body = response.json()
-    assert body["tokens"] == server.engine.tokenize("hello world")
+    assert body["tokens"] == server.engine.admission.tokenize("hello world")
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 256
     assert httpx.post(server.url + "/tokenize", json={"prompt": 5}).status_code == 400
 
@@ -489,7 +489,7 @@ def _access_lines(caplog) -> list[str]:
 def test_a_request_whose_text_cannot_be_decoded_fails_alone(client, server, offline, monkeypatch):
     """A fault injected into one request's detokenizer: that request gets a 500 (a stream,
     an error event), a concurrent one gets its usual text, and the server serves on."""
-    from kubellm.runtime.detokenizer import IncrementalDetokenizer
+    from kubellm.runtime.core.detokenizer import IncrementalDetokenizer
 
     add = IncrementalDetokenizer.add
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings
 
 from kubellm.runtime import EngineConfig, LLMEngine
 from kubellm.runtime.api.server import build_app
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from kubellm.runtime.request import Request
-from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
-from kubellm.runtime.step_plan import StepPlan
+from kubellm.runtime.core.request import Request
+from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
+from kubellm.runtime.executor.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from kubellm.runtime.executor.step_plan import StepPlan
 from tests.helpers import TRITON_DEVICE
 
 from .pins import pinned

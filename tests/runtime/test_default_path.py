@@ -9,7 +9,7 @@ import pytest
 
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.api.server import build_app
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.live_server import live_server
 
 from .pins import defaults
@@ -22,7 +22,7 @@ BLOCK = 16
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
     llm = LLM(**defaults(max_model_len=1024, kv_cache_memory_gib=0.25))
-    assert llm.engine.runner.model.layers[0].fused is not None  # kubellm's C kernels
+    assert llm.engine.runner.model.layers[0].whole_decode is not None  # kubellm's C kernels
     return llm
 
 

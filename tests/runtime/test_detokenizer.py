@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubellm.runtime.detokenizer import IncrementalDetokenizer
+from kubellm.runtime.core.detokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

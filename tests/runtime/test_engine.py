@@ -106,8 +106,13 @@ def test_a_logit_bias_outside_the_vocabulary_is_refused_before_anything_runs(tin
 
 def test_abort_frees_blocks_mid_generation(tiny):
     engine = tiny.engine
-    engine.add_request("keep", [1, 2, 3], GREEDY)
-    engine.add_request("drop", list(range(1, 60)), SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.add_request("keep", *engine.admission.admit([[1, 2, 3]], GREEDY))
+    engine.add_request(
+        "drop",
+        *engine.admission.admit(
+            [list(range(1, 60))], SamplingParams(max_tokens=200, ignore_eos=True)
+        ),
+    )
     for _ in range(3):
         engine.step()
     engine.abort_request("drop")
@@ -177,7 +182,9 @@ def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
         ),
     )
     engine, prompt = llm.engine, list(range(1, 101))  # a prefill of four steps
-    engine.add_request("g", prompt, SamplingParams(n=3, max_tokens=2, ignore_eos=True))
+    engine.add_request(
+        "g", *engine.admission.admit([prompt], SamplingParams(n=3, max_tokens=2, ignore_eos=True))
+    )
     engine.step()
     assert [r.request_id for r in engine.scheduler.waiting] == ["g#1", "g#2"]
     leader = engine.scheduler.running[0]

@@ -1,4 +1,4 @@
-"""Decode steps of the default CPU path run each layer in one C call (`fused_layer`), with
+"""Decode steps of the default CPU path run each layer in one C call (`x86_layer`), with
 the values of the layer's modules run one by one, bit for bit; layers that cannot be fused
 (another attention backend) run their modules."""
 
@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kubellm.kernels import cpu_library
+from kubellm.kernels import cpu_layer, cpu_library
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.model import llama
 
 from .pins import defaults
 
@@ -34,18 +33,18 @@ def _decode_plan(llm: LLM):
 def test_a_decode_step_runs_each_layer_in_one_call_with_the_same_values(monkeypatch):
     with LLM(**defaults(max_model_len=512, kv_cache_memory_gib=0.1)) as llm:
         runner, layers = llm.engine.runner, llm.engine.runner.model.layers
-        fused = [layer.fused for layer in layers]
+        fused = [layer.whole_decode for layer in layers]
         assert None not in fused
         plan = _decode_plan(llm)
         calls = []
-        decode_layer = llama.decode_layer
+        decode_layer = cpu_layer.decode_layer
         monkeypatch.setattr(
-            llama, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args)
+            cpu_layer, "decode_layer", lambda *args: calls.append(1) or decode_layer(*args)
         )
         logits, _ = runner.execute(plan)
         assert len(calls) == len(layers)
         for layer in layers:
-            layer.fused = None
+            layer.whole_decode = None
         composed, _ = runner.execute(plan)
         assert len(calls) == len(layers)  # the modules ran, one by one
         assert torch.equal(logits, composed)
@@ -56,4 +55,4 @@ def test_layers_are_not_fused_beside_another_attention_backend():
     with LLM(
         **defaults(max_model_len=512, kv_cache_memory_gib=0.1, attention_backend="torch")
     ) as llm:
-        assert all(layer.fused is None for layer in llm.engine.runner.model.layers)
+        assert all(layer.whole_decode is None for layer in llm.engine.runner.model.layers)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kubellm.kernels import cpu_library
-from kubellm.runtime.attention.backend import AttentionMetadata, batched_decodes
-from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
-from kubellm.runtime.attention.torch_backend import TorchAttentionBackend
+from kubellm.runtime.executor.platform.cpu_attention import CpuAttentionBackend
+from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
+from kubellm.runtime.model.attention import AttentionMetadata, batched_decodes
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
 
@@ -111,10 +111,10 @@ def test_which_decodes_share_one_call():
     """The steps above batch what they are named for; the long decode is left out."""
     assert metadata("decodes only, batched").decode_batch.requests == [0, 1, 2, 3]
     mixed = metadata("decodes and prefill chunks").decode_batch
-    assert mixed.requests == [0, 2, 4] and mixed.token_rows.tolist() == [0, 6, 10]
+    assert mixed.requests == [0, 2, 4] and mixed.rows.tolist() == [0, 6, 10]
     long = metadata("a long decode left out of the batch").decode_batch
-    assert long.requests == [0, 1, 3] and long.token_rows.tolist() == [0, 1, 3]
-    assert long.block_table.shape == (3, 3)  # padded to the longest batched context (9)
+    assert long.requests == [0, 1, 3] and long.rows.tolist() == [0, 1, 3]
+    assert long.block_tables.shape == (3, 3)  # padded to the longest batched context (9)
     assert metadata("one decode").decode_batch is None
     assert metadata("prompts only").decode_batch is None
     assert batched_decodes([1, 1, 1], [40, 4, 4]) == [1, 2]  # 3 x 40 > 2 x 48 tokens

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubellm.runtime.kv_cache import KVCacheManager
-from kubellm.runtime.request import Request
-from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.core.kv_cache import KVCacheManager
+from kubellm.runtime.core.request import Request
+from kubellm.runtime.core.sampling_params import SamplingParams
 
 
 def make_request(request_id: str, tokens: list[int]) -> Request:

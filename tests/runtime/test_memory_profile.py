@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.request import Request
-from kubellm.runtime.scheduler import ScheduledRequest, SchedulerOutput
-from kubellm.runtime.step_plan import StepPlan, cdiv
+from kubellm.runtime.core.request import Request
+from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
+from kubellm.runtime.executor.step_plan import StepPlan, cdiv
 
 from .pins import pinned
 

@@ -13,7 +13,15 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from safetensors import safe_open
 
+from kubellm.kernels import cpu_library
 from kubellm.runtime import LLM, SamplingParams
+from kubellm.runtime.executor.platform.cpu_products import (
+    INT4PACK_MAX_ROWS,
+    QGEMM_MAX_ROWS,
+    Int4PackProduct,
+    QgemmProduct,
+    cpu_product,
+)
 from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.quant_formats import (
     AWQ_ORDER,
@@ -22,7 +30,7 @@ from kubellm.runtime.model.quant_formats import (
     from_gguf_blocks,
     from_gptq,
 )
-from kubellm.runtime.model.quantized import QuantizedWeight, cpu_kernel, resident_bytes
+from kubellm.runtime.model.quantized import QuantizedWeight, resident_bytes
 from kubellm.runtime.model.source import builtin_gguf_path
 from tests.runtime.conftest import hf_greedy
 from tests.runtime.quantized_checkpoints import act_order_gptq, auto_round, dense_twin
@@ -246,7 +254,8 @@ def test_resident_bytes_count_every_kept_tensor_and_each_storage_once():
     """What the runner logs as its weights' bytes: a quantized layer's packed storage, a
     dense layer's weight and bias, and a tied weight once."""
     quantized, _ = _layer()
-    quantized.prepare(cpu_kernel(), torch.float32)
+    kernel = "qgemm" if cpu_library.unavailable() is None else "int4pack"
+    quantized.use(cpu_product(quantized, kernel, torch.float32))
     dense = torch.nn.Linear(128, 64)
     tied = torch.nn.Linear(128, 64, bias=False)
     tied.weight = dense.weight
@@ -259,11 +268,10 @@ def test_resident_bytes_count_every_kept_tensor_and_each_storage_once():
 def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
     """torch's int4 kernel (decode-sized batches) and the dense product from its layout
     (larger ones) agree with each other and with the weight's definition."""
-    from kubellm.runtime.model.quantized import INT4PACK_MAX_ROWS
-
     layer, weight = _layer()
-    layer.prepare("int4pack", torch.float32)
-    assert layer.int4pack is not None and layer.codes.numel() == 0  # one copy of the codes
+    layer.use(cpu_product(layer, "int4pack", torch.float32))
+    assert isinstance(layer.product, Int4PackProduct)
+    assert layer.codes.numel() == 0  # one copy of the codes
     x = torch.randn(INT4PACK_MAX_ROWS + 1, 128).bfloat16()
     small = layer(x[:INT4PACK_MAX_ROWS]).float()  # the int4 kernel
     large = layer(x).float()  # the dense product
@@ -272,7 +280,9 @@ def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
     assert torch.allclose(large, reference, rtol=0.02, atol=0.01)
 
 
-@pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
+@pytest.mark.skipif(
+    cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
+)
 @pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16])
 def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(dense_dtype):
     """With fp32 dense products (no fast bf16) every product goes through kubellm's CPU
@@ -280,13 +290,11 @@ def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(de
     bf16 ones, products above QGEMM_MAX_ROWS rows take the dense product rebuilt from the
     same codes and fp16 scales, which agrees with the kernel and the definition. The codes
     are kept once, in the checkpoint's layout."""
-    from kubellm.runtime.model.quantized import QGEMM_MAX_ROWS
-
     layer, weight = _layer()
     codes = layer.codes.clone()
-    layer.prepare("qgemm", dense_dtype)
-    assert layer.half_scales is not None and layer.scales.numel() == 0
-    assert torch.equal(layer.codes, codes) and layer.int4pack is None
+    layer.use(cpu_product(layer, "qgemm", dense_dtype))
+    assert isinstance(layer.product, QgemmProduct) and layer.scales.numel() == 0
+    assert torch.equal(layer.product.codes, codes) and layer.codes.numel() == 0
     x = torch.randn(QGEMM_MAX_ROWS + 1, 128)
     small = layer(x[:QGEMM_MAX_ROWS])  # the kernel
     large = layer(x)  # the kernel with fp32 dense products, else the dense product
@@ -302,9 +310,8 @@ def test_kubellm_cpu_kernel_and_the_dense_product_multiply_by_the_same_weight(de
 
 def test_fp32_products_are_the_definitions_weight_exactly():
     layer, weight = _layer()
-    layer.prepare(None, torch.float32)
     x = torch.randn(5, 128)
-    assert layer.int4pack is None
+    assert layer.product is None
     assert torch.equal(layer(x), linear(x, weight))  # the same product, on the same weight
 
 
@@ -433,7 +440,9 @@ def test_quantized_engine_on_a_gpu_matches_the_dense_oracle(checkpoints, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(cpu_kernel() != "qgemm", reason="needs AVX2, FMA, F16C and a C compiler")
+@pytest.mark.skipif(
+    cpu_library.unavailable() is not None, reason="needs AVX2, FMA, F16C and a C compiler"
+)
 def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2):
     """The defaults on a CPU without fast bf16: the layers and the tied Q8_0 embedding
     stay packed for kubellm's kernel (at tensor-parallel size 3 too, each rank a third
@@ -450,9 +459,10 @@ def test_the_default_cpu_path_keeps_the_q8_0_vocabulary_packed(smollm2):
         model = fast.engine.runner.model
         embedding = model.embed_tokens.weight
         assert isinstance(embedding, QuantizedWeight) and embedding.layout.bits == 8
-        assert model.lm_head.weight is embedding and embedding.half_scales is not None
-        assert not embedding.has_offsets  # Q8_0 has none: the kernel skips their share
-        assert model.layers[0].mlp.down_proj.weight.has_offsets  # Q4_1's minimums
+        assert model.lm_head.weight is embedding
+        assert isinstance(embedding.product, QgemmProduct)
+        assert not embedding.product.has_offsets  # Q8_0 has none: the kernel skips them
+        assert model.layers[0].mlp.down_proj.weight.product.has_offsets  # Q4_1's minimums
         token_embd = next(
             t for t in GGUFReader(builtin_gguf_path()).tensors if t.name == "token_embd.weight"
         )

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kubellm.runtime import SamplingParams
-from kubellm.runtime.request import Request
-from kubellm.runtime.sampler import Sampler, _apply_penalties, filtered_probs
+from kubellm.runtime.core.request import Request
+from kubellm.runtime.core.sampler import Sampler, _apply_penalties, filtered_probs
 
 
 def req(prompt=(1, 2, 3), outputs=(), seed=None, eos=(), **params) -> Request:

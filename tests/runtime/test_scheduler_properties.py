@@ -11,10 +11,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubellm.runtime.kv_cache import KVCacheManager
-from kubellm.runtime.request import Request, RequestStatus
-from kubellm.runtime.sampling_params import SamplingParams
-from kubellm.runtime.scheduler import Scheduler
+from kubellm.runtime.core.kv_cache import KVCacheManager
+from kubellm.runtime.core.request import Request, RequestStatus
+from kubellm.runtime.core.sampling_params import SamplingParams
+from kubellm.runtime.core.scheduler import Scheduler
 
 from .invariants import check_all_free, check_kv_consistent
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kubellm.kernels import cpu_library
-from kubellm.runtime.placement import resolve_device
+from kubellm.runtime.executor.platform.choice import resolve_device
 from kubellm.runtime.serve import parse_args
 
 
@@ -28,33 +28,33 @@ def test_the_library_reads_no_environment(monkeypatch, quantized_tiny_dir):
     """Settings enter through the entry points' flags only: below them, the variables of
     `kubellm serve` steer nothing (a program's own engine gets what it asks for)."""
     from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.executor.platform import choose_platform
     from kubellm.runtime.model.source import resolve
-    from kubellm.runtime.placement import resolve_placement
 
-    clean = resolve_placement(EngineConfig(device="cpu"))
+    clean = choose_platform(EngineConfig(device="cpu"))
     packed = resolve(str(quantized_tiny_dir))
     env = {"KUBELLM_DEVICE": "cuda", "KUBELLM_DTYPE": "float16", "KUBELLM_QUANTIZATION": "none"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto") == torch.device(expected)
-    assert resolve_placement(EngineConfig(device="cpu")) == clean
+    assert choose_platform(EngineConfig(device="cpu")) == clean
     assert resolve(str(quantized_tiny_dir)).keep_packed == packed.keep_packed is True
 
 
-def test_a_flag_wins_over_its_variable_all_the_way_to_the_placement(monkeypatch):
+def test_a_flag_wins_over_its_variable_all_the_way_to_the_platform(monkeypatch):
     """`KUBELLM_DTYPE=float32 kubellm serve --dtype bfloat16` runs bfloat16, and
     `--dtype auto` runs what auto chooses, whatever the variable says."""
     from kubellm.runtime.config import EngineConfig
     from kubellm.runtime.engine_flags import engine_config
-    from kubellm.runtime.placement import resolve_placement
+    from kubellm.runtime.executor.platform import choose_platform
 
     monkeypatch.setenv("KUBELLM_DTYPE", "float32")
     environ = {"KUBELLM_DTYPE": "float32", "KUBELLM_DEVICE": "cpu"}
     named = engine_config(parse_args(["--dtype", "bfloat16"], environ))
-    assert resolve_placement(named).dtype == torch.bfloat16
-    auto = resolve_placement(engine_config(parse_args(["--dtype", "auto"], environ)))
-    assert auto.dtype == resolve_placement(EngineConfig(device="cpu", dtype="auto")).dtype
+    assert choose_platform(named).dtype == torch.bfloat16
+    auto = choose_platform(engine_config(parse_args(["--dtype", "auto"], environ)))
+    assert auto.dtype == choose_platform(EngineConfig(device="cpu", dtype="auto")).dtype
     assert engine_config(parse_args([], environ)).dtype == "float32"  # the variable, unflagged
 
 
@@ -72,7 +72,7 @@ def test_defaults_without_environment():
 
 
 def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
-    from kubellm.runtime import placement
+    from kubellm.runtime.executor.platform import choice
 
     cpu = torch.device("cpu")
     for flags, expected in (
@@ -80,13 +80,13 @@ def test_dtype_auto_is_bf16_only_on_cpus_with_fast_bf16(monkeypatch):
         ({"avx512f", "avx512_bf16"}, torch.bfloat16),
         ({"amx_tile", "amx_bf16"}, torch.bfloat16),
     ):
-        monkeypatch.setattr(placement, "cpu_flags", lambda flags=flags: flags)
-        assert placement.resolve_dtype("auto", cpu) == expected
+        monkeypatch.setattr(choice, "cpu_flags", lambda flags=flags: flags)
+        assert choice.resolve_dtype("auto", cpu) == expected
         if cpu_library.unavailable() is not None:
-            assert placement.resolve_dtype("auto", cpu, stays_quantized=True) == expected
+            assert choice.resolve_dtype("auto", cpu, stays_quantized=True) == expected
         else:  # quantized weights: the C kernels with fp32 activations
-            assert placement.resolve_dtype("auto", cpu, stays_quantized=True) == torch.float32
-    assert placement.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
+            assert choice.resolve_dtype("auto", cpu, stays_quantized=True) == torch.float32
+    assert choice.resolve_dtype("float32", cpu) == torch.float32  # a named dtype wins
 
 
 def test_tool_call_parser_flags_and_variables_and_vllms_switch_is_accepted():
@@ -99,7 +99,7 @@ def test_tool_call_parser_flags_and_variables_and_vllms_switch_is_accepted():
 
 
 def test_quantized_kernels_unless_fp32_is_asked_for_by_name():
-    from kubellm.runtime.placement import uses_quantized_kernels
+    from kubellm.runtime.executor.platform.choice import uses_quantized_kernels
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert uses_quantized_kernels("auto", torch.float32, cpu)  # auto chose fp32: kernel, fast
@@ -109,19 +109,23 @@ def test_quantized_kernels_unless_fp32_is_asked_for_by_name():
 
 
 @pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
-def test_the_cpu_backend_and_c_ops_for_fp32_on_cpu_only():
+def test_the_x86_platform_has_the_cpu_backend_and_c_ops_for_fp32_only():
     from kubellm.runtime.config import EngineConfig
-    from kubellm.runtime.placement import resolve_placement
+    from kubellm.runtime.executor.platform import choose_platform
+    from kubellm.runtime.executor.platform.x86 import CpuOps
 
-    fp32 = resolve_placement(EngineConfig(device="cpu", dtype="float32"))
-    assert fp32.fused_cpu_ops and fp32.attention_backend == "cpu"
-    bf16 = resolve_placement(EngineConfig(device="cpu", dtype="bfloat16"))
-    assert not bf16.fused_cpu_ops and bf16.attention_backend == "torch"
+    fp32 = choose_platform(EngineConfig(device="cpu", dtype="float32"))
+    assert fp32.name == "x86" and fp32.attention_backend == "cpu"
+    assert isinstance(fp32.layer_ops(), CpuOps) and fp32.quantized_kernel is None  # exact
+    bf16 = choose_platform(EngineConfig(device="cpu", dtype="bfloat16"))
+    assert not isinstance(bf16.layer_ops(), CpuOps) and bf16.attention_backend == "torch"
+    assert bf16.quantized_kernel == "qgemm"
     named = EngineConfig(device="cpu", dtype="float32", attention_backend="torch")
-    asked = resolve_placement(named)
-    assert asked.fused_cpu_ops and asked.attention_backend == "torch"  # a named backend wins
+    asked = choose_platform(named)
+    assert isinstance(asked.layer_ops(), CpuOps)
+    assert asked.attention_backend == "torch"  # a named backend wins
     with pytest.raises(ValueError, match="attention_backend cpu runs float32 on a CPU"):
-        resolve_placement(EngineConfig(device="cpu", dtype="bfloat16", attention_backend="cpu"))
+        choose_platform(EngineConfig(device="cpu", dtype="bfloat16", attention_backend="cpu"))
 
 
 @pytest.mark.skipif(cpu_library.unavailable() is not None, reason="needs kubellm's CPU library")
@@ -129,14 +133,14 @@ def test_the_kv_cache_is_fp16_on_the_default_cpu_path_only():
     """fp32 that auto chose on the cpu backend: an fp16 KV cache; fp32 asked for by name,
     or torch's backend, keep it in the model's dtype."""
     from kubellm.runtime.config import EngineConfig
-    from kubellm.runtime.placement import resolve_placement
+    from kubellm.runtime.executor.platform import choose_platform
 
-    auto = resolve_placement(EngineConfig(device="cpu"), stays_quantized=True)
+    auto = choose_platform(EngineConfig(device="cpu"), stays_quantized=True)
     if auto.dtype == torch.float32:  # a CPU without AMX
         assert auto.attention_backend == "cpu" and auto.kv_dtype == torch.float16
     else:
         assert auto.kv_dtype == auto.dtype
-    named = resolve_placement(EngineConfig(device="cpu", dtype="float32"))
+    named = choose_platform(EngineConfig(device="cpu", dtype="float32"))
     assert named.attention_backend == "cpu" and named.kv_dtype == torch.float32
     torch_backend = EngineConfig(device="cpu", attention_backend="torch")
-    assert resolve_placement(torch_backend, stays_quantized=True).kv_dtype == auto.dtype
+    assert choose_platform(torch_backend, stays_quantized=True).kv_dtype == auto.dtype

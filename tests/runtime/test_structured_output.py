@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from kubellm.runtime.api.server import build_app
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 

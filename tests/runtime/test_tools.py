@@ -16,7 +16,7 @@ from kubellm.runtime.api.chat_prompt import render_chat, tool_call_format
 from kubellm.runtime.api.protocol import ChatMessage, Tool
 from kubellm.runtime.api.server import build_app
 from kubellm.runtime.api.tool_parsers import AUTO_PARSERS
-from kubellm.runtime.async_engine import AsyncEngine
+from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.invariants import assert_server_idle
 from tests.runtime.live_server import live_server
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.attention.triton_backend import decode_splits
+from kubellm.runtime.executor.platform.triton_attention import decode_splits
 from tests.helpers import TRITON_DEVICE
 
 from .pins import pinned

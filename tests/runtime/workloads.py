@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from kubellm.runtime import LLMEngine, SamplingParams
-from kubellm.runtime.outputs import RequestOutput
-from kubellm.runtime.structured_output import GrammarSpec
+from kubellm.runtime.core.outputs import RequestOutput
+from kubellm.runtime.core.structured_output import GrammarSpec
 
 from .invariants import check_all_free, check_kv_consistent
 
@@ -51,7 +51,7 @@ def run_workload(engine: LLMEngine, requests: list[tuple], tag: str = "r") -> li
                     prompt_logprobs=scoring,
                     structured_output=grammar,
                 )
-                engine.add_request(f"{tag}{i}", prompt or [1], params)
+                engine.add_request(f"{tag}{i}", *engine.admission.admit([prompt or [1]], params))
             if abort_at == step and arrival <= step:
                 engine.abort_request(f"{tag}{i}")
         engine.step()

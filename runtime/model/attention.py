@@ -15,28 +15,18 @@ from typing import Protocol
 
 import torch
 
-from kubellm.runtime.step_plan import cdiv
+from kubellm.runtime.executor.step_plan import cdiv
 
 
 @dataclass
-class DecodeBatch:
-    """A step's decoding requests (one new token each) that attend in one call."""
+class TokenQueries:
+    """Some of a step's tokens, each a one-token query over its own context in the paged
+    cache, for a backend that attends them in one call."""
 
-    requests: list[int]  # their indices in the step
-    token_rows: torch.Tensor  # [n] int64: their query rows
-    block_table: torch.Tensor  # [n, blocks of the longest] int64
-    seq_lens: torch.Tensor  # [n] int32
-
-
-@dataclass
-class OneTokenRequests:
-    """A step's requests with one new token (decoding), for a backend that attends them
-    all in one call over the paged cache."""
-
-    requests: list[int]  # their indices in the step
+    requests: list[int]  # the indices in the step of the requests they belong to
     rows: torch.Tensor  # [n] int64: their query rows
-    seq_lens: torch.Tensor  # [n] int64
-    block_tables: torch.Tensor  # [n, max_blocks] int64
+    seq_lens: torch.Tensor  # [n]: the context each attends, itself included
+    block_tables: torch.Tensor  # [n, blocks] int64: where that context lives
 
 
 def batched_decodes(query_lens: list[int], seq_lens: list[int]) -> list[int]:
@@ -80,19 +70,13 @@ class AttentionMetadata:
         return bool((self.slot_mapping < 0).any())
 
     @cached_property
-    def one_token_requests(self) -> OneTokenRequests | None:
+    def one_token_requests(self) -> TokenQueries | None:
         """Every request of the step with one new token (None: none; computed once)."""
         requests = [i for i, q_len in enumerate(self.query_lens_cpu) if q_len == 1]
-        if not requests:
-            return None
-        starts, seq_lens = self.query_start_loc[:-1].long(), self.seq_lens.long()
-        if len(requests) == len(self.query_lens_cpu):
-            return OneTokenRequests(requests, starts, seq_lens, self.block_tables)
-        index = torch.tensor(requests, device=self.seq_lens.device)
-        return OneTokenRequests(requests, starts[index], seq_lens[index], self.block_tables[index])
+        return self._decodes(requests, self.block_tables.shape[1]) if requests else None
 
     @cached_property
-    def token_contexts(self) -> OneTokenRequests:
+    def token_contexts(self) -> TokenQueries:
         """Every new token of the step as a one-token query over its own causal context
         (its position + 1 positions of its request's blocks), computed once. A backend
         that attends each token so computes it the same way whether it came in a whole
@@ -108,29 +92,27 @@ class AttentionMetadata:
         offset = rows - self.query_start_loc[:-1].long()[owner]
         seq_lens = (first_position[owner] + offset + 1).contiguous()
         requests = list(range(len(self.query_lens_cpu)))
-        return OneTokenRequests(requests, rows, seq_lens, self.block_tables[owner])
+        return TokenQueries(requests, rows, seq_lens, self.block_tables[owner])
 
     @cached_property
-    def decode_batch(self) -> DecodeBatch | None:
-        """The requests a host-looping backend attends in one call (computed once per step)."""
+    def decode_batch(self) -> TokenQueries | None:
+        """The decoding requests a host-looping backend attends in one padded call
+        (`batched_decodes`), their block tables cut to the longest (computed once)."""
         requests = batched_decodes(self.query_lens_cpu, self.seq_lens_cpu)
         if not requests:
             return None
-        blocks = cdiv(max(self.seq_lens_cpu[i] for i in requests), self.block_size)
-        if len(requests) == len(self.seq_lens_cpu):
-            return DecodeBatch(
-                requests,
-                self.query_start_loc[:-1].long(),
-                self.block_tables[:, :blocks],
-                self.seq_lens,
-            )
-        index = torch.tensor(requests, device=self.seq_lens.device)
-        return DecodeBatch(
-            requests,
-            self.query_start_loc[index].long(),
-            self.block_tables[index, :blocks],
-            self.seq_lens[index],
+        return self._decodes(
+            requests, cdiv(max(self.seq_lens_cpu[i] for i in requests), self.block_size)
         )
+
+    def _decodes(self, requests: list[int], blocks: int) -> TokenQueries:
+        """Decoding requests (one new token each) as queries over their first `blocks`."""
+        starts, seq_lens = self.query_start_loc[:-1].long(), self.seq_lens.long()
+        tables = self.block_tables[:, :blocks]
+        if len(requests) == len(self.query_lens_cpu):
+            return TokenQueries(requests, starts, seq_lens, tables)
+        index = torch.tensor(requests, device=self.seq_lens.device)
+        return TokenQueries(requests, starts[index], seq_lens[index], tables[index])
 
     @cached_property
     def request_blocks(self) -> list[torch.Tensor]:

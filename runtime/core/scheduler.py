@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kubellm.runtime.kv_cache import KVCacheManager
-from kubellm.runtime.request import Request, RequestStatus
-from kubellm.runtime.step_plan import StepPlan, cdiv, contiguous_start
+from kubellm.runtime.core.kv_cache import KVCacheManager
+from kubellm.runtime.core.request import Request, RequestStatus
+from kubellm.runtime.executor.step_plan import StepPlan, cdiv, contiguous_start
 
 
 @dataclass

@@ -22,9 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kubellm.runtime.engine import LLMEngine
-from kubellm.runtime.outputs import EngineStats, StepDelta
-from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.core.admission import Admitted
+from kubellm.runtime.core.engine import LLMEngine
+from kubellm.runtime.core.outputs import EngineStats, StepDelta
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +90,13 @@ class RequestStream:
 
 class AsyncEngine:
     """The HTTP layer's only door to the engine: the tokenizer and context length (fixed
-    at load), validation, submitting and closing requests, and a stats snapshot that the
+    at load), admission, submitting and closing requests, and a stats snapshot that the
     step thread takes (nothing reads the engine's live state from the event loop)."""
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.admission = engine.admission  # pure and thread-safe: run it off the event loop
         self.max_model_len = engine.max_model_len
         self.stats: EngineStats = engine.stats()
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -127,28 +128,13 @@ class AsyncEngine:
         """Engine requests (prompts) submitted and not yet closed."""
         return len(self._streams)
 
-    def compile_grammar(self, spec):
-        """A structured-output constraint compiled (cached); call from a worker thread."""
-        return self.engine.compile_grammar(spec)
-
-    def submit(
-        self,
-        request_id: str,
-        prompts: Sequence[list[int]],
-        params: SamplingParams,
-        grammar=None,
-    ) -> RequestStream:
-        """Queue every prompt (token ids, as `request_id-k`), all or none: bad input raises
-        ValueError and queues nothing; a dead engine raises EngineDeadError. Call from
-        the event loop."""
+    def submit(self, request_id: str, admitted: Sequence[Admitted]) -> RequestStream:
+        """Queue every admitted prompt (as `request_id-k`); a dead engine raises
+        EngineDeadError and queues nothing. Call from the event loop."""
         if self.failure is not None:
             raise EngineDeadError(self.failure)
-        token_ids = [list(p) for p in prompts]
-        for prompt in token_ids:
-            self.engine.check_prompt(prompt)
-        self.engine.check_logit_bias(params)
-        engine_ids = [f"{request_id}-{k}" for k in range(len(prompts))]
-        stream = RequestStream(self, engine_ids, params.n)
+        engine_ids = [f"{request_id}-{k}" for k in range(len(admitted))]
+        stream = RequestStream(self, engine_ids, admitted[0].params.n)
         for engine_id in engine_ids:
             self._streams[engine_id] = stream
         if self.failure is not None:  # died while this was registered: nobody would answer
@@ -157,18 +143,11 @@ class AsyncEngine:
             raise EngineDeadError(self.failure)
 
         def add() -> None:
-            for engine_id, prompt in zip(engine_ids, token_ids):
-                self.engine.add_request(engine_id, prompt, params, grammar)
+            for engine_id, prompt in zip(engine_ids, admitted):
+                self.engine.add_request(engine_id, prompt)
 
         self._command(add)
         return stream
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenize(text)
-
-    def check_logit_bias(self, params: SamplingParams) -> None:
-        """Raise ValueError unless every biased token is in the vocabulary."""
-        self.engine.check_logit_bias(params)
 
     def shutdown(self) -> None:
         """Stop the step thread, then the tensor-parallel workers."""

@@ -15,23 +15,16 @@ from collections.abc import Callable
 
 import torch
 
-from kubellm.runtime.attention import AttentionMetadata, get_backend
 from kubellm.runtime.config import EngineConfig, ModelConfig
-from kubellm.runtime.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from kubellm.runtime.distributed import SINGLE_RANK, TensorParallel
-from kubellm.runtime.model.layer_ops import LayerOps, TorchOps, layer_ops
+from kubellm.runtime.executor.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from kubellm.runtime.executor.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.executor.platform import Platform
+from kubellm.runtime.executor.step_plan import StepPlan
+from kubellm.runtime.model.attention import AttentionMetadata
 from kubellm.runtime.model.llama import LlamaForCausalLM
-from kubellm.runtime.model.quantized import (
-    QuantizedWeight,
-    WeightLayouts,
-    all_dense,
-    cpu_kernel,
-    resident_bytes,
-)
+from kubellm.runtime.model.quantized import WeightLayouts, all_dense, resident_bytes
 from kubellm.runtime.model.source import ModelSource
 from kubellm.runtime.model.weights import load_weights
-from kubellm.runtime.placement import Placement
-from kubellm.runtime.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +35,7 @@ class ModelRunner:
         config: EngineConfig,
         source: ModelSource,
         max_model_len: int,
-        placement: Placement,
+        platform: Platform,
         tp: TensorParallel = SINGLE_RANK,
         draw: Callable[[torch.Tensor], list[int]] | None = None,
     ) -> None:
@@ -51,27 +44,12 @@ class ModelRunner:
         self.config, self.tp, self.max_model_len = config, tp, max_model_len
         self.draw = draw
         self.block_size = config.block_size
-        self.device = placement.device_of(tp.rank, tp.size)
-        self.dtype, self.kv_dtype = placement.dtype, placement.kv_dtype
-        kernel = self._quantized_kernel(placement, source)
-        layouts = source.layouts(packed_vocabulary=kernel == "qgemm")
-        self.model = build_model(
-            source.config,
-            max_model_len,
-            placement.attention_backend,
-            self.device,
-            self.dtype,
-            tp,
-            layouts,
-            layer_ops(placement.fused_cpu_ops),
-        )
+        self.device = platform.device_of(tp.rank, tp.size)
+        self.dtype, self.kv_dtype = platform.dtype, platform.kv_dtype
+        layouts = source.layouts(packed_vocabulary=platform.packs_vocabulary)
+        self.model = build_model(source.config, max_model_len, platform, self.device, tp, layouts)
         load_weights(self.model, source.tensors())
-        for module in self.model.modules():
-            if isinstance(module, QuantizedWeight):
-                module.prepare(kernel, placement.dense_dtype)
-        if placement.fused_cpu_ops:
-            for layer in self.model.layers:
-                layer.fuse()
+        platform.prepare(self.model)
         logger.info(
             "rank %d weights: %.0f MiB resident", tp.rank, resident_bytes(self.model) / 2**20
         )
@@ -80,15 +58,9 @@ class ModelRunner:
         config.check_pool_fits(max_model_len, self.num_blocks)
         self.kv_caches = self.allocate_kv(self.num_blocks)
         self.decode_graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        attention = self.model.attention_backend
+        if not config.enforce_eager and platform.captures_cuda_graphs(attention):
             self._capture_decode_graphs()
-
-    def _quantized_kernel(self, placement: Placement, source: ModelSource) -> str | None:
-        """The CPU kernel quantized weights are stored for (`cpu_kernel`); None: none
-        (a GPU, no quantized weights, or the exact products asked for)."""
-        if source.stays_quantized and placement.quantized_kernels:  # only ever on CPU
-            return cpu_kernel()
-        return None
 
     def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
         """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""
@@ -163,12 +135,6 @@ class ModelRunner:
         return max(0, peak - num_blocks * self.kv_block_bytes())
 
     def _capture_decode_graphs(self) -> None:
-        if not self.model.attention_backend.supports_cuda_graphs:
-            logger.info(
-                "no CUDA graphs: the %s attention backend cannot be captured",
-                type(self.model.attention_backend).__name__,
-            )
-            return
         graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
@@ -225,19 +191,18 @@ class ModelRunner:
 def build_model(
     cfg: ModelConfig,
     max_positions: int,
-    attention_backend: str,
+    platform: Platform,
     device: torch.device,
-    dtype: torch.dtype,
     tp: TensorParallel = SINGLE_RANK,
     layouts: WeightLayouts = all_dense,
-    ops: LayerOps = TorchOps,
 ) -> LlamaForCausalLM:
-    """This rank's shard of the model with uninitialized weights (the loader fills them)."""
+    """This rank's shard of the model with uninitialized weights (the loader fills them),
+    its attention and layer ops the platform's."""
     with torch.device("meta"):
         model = LlamaForCausalLM(
-            cfg, max_positions, get_backend(attention_backend), tp, layouts, ops
+            cfg, max_positions, platform.attention(), tp, layouts, platform.layer_ops()
         )
-    model = model.to_empty(device=device).to(dtype).eval()
+    model = model.to_empty(device=device).to(platform.dtype).eval()
     model.tie_weights()
     model.rope.to(torch.float32).reset()
     return model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kubellm.runtime.attention.backend import AttentionMetadata, DecodeBatch
+from kubellm.runtime.model.attention import AttentionMetadata, TokenQueries
 
 
 def write_kv(
@@ -77,7 +77,7 @@ class TorchAttentionBackend:
             return decode(query, k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale)
         out = torch.empty_like(query)
         if batch is not None:
-            rows = batch.token_rows
+            rows = batch.rows
             out[rows] = decode(
                 query[rows], k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale
             )
@@ -129,16 +129,16 @@ def decode(
     query: torch.Tensor,
     k_rows: torch.Tensor,
     v_rows: torch.Tensor,
-    batch: DecodeBatch,
+    batch: TokenQueries,
     block_size: int,
     num_kv_heads: int,
     scale: float,
 ):
-    """The one-token queries [requests, heads, dim] of a `DecodeBatch` in one call: their
+    """The one-token queries [requests, heads, dim] of a `TokenQueries` in one call: their
     contexts gathered, padded to the longest, and attended under a padding mask."""
     head_dim = query.shape[-1]
-    shape = (len(batch.requests), batch.block_table.shape[1] * block_size, num_kv_heads, head_dim)
-    blocks = batch.block_table.reshape(-1)
+    shape = (len(batch.requests), batch.block_tables.shape[1] * block_size, num_kv_heads, head_dim)
+    blocks = batch.block_tables.reshape(-1)
     k = k_rows.index_select(0, blocks).view(shape).transpose(1, 2)
     v = v_rows.index_select(0, blocks).view(shape).transpose(1, 2)
     visible = torch.arange(shape[1], device=query.device) < batch.seq_lens[:, None]

@@ -1,16 +1,19 @@
-"""Where and in what precision the model runs: device, dtype and attention backend,
-resolved once from the engine's settings (every tensor-parallel rank resolves the same)."""
+"""Which platform, device, dtype and attention backend a model runs with, chosen once
+from the engine's settings and the machine (every tensor-parallel rank chooses the same),
+each choice logged with its reason."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from kubellm.kernels import cpu_library
 from kubellm.kernels.cpu_library import cpu_flags
 from kubellm.runtime.config import EngineConfig
+from kubellm.runtime.executor.platform.base import Platform
+from kubellm.runtime.executor.platform.cuda import CudaPlatform
+from kubellm.runtime.executor.platform.x86 import X86Platform
 
 logger = logging.getLogger(__name__)
 
@@ -18,25 +21,10 @@ logger = logging.getLogger(__name__)
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-@dataclass(frozen=True)
-class Placement:
-    device: torch.device  # rank 0's; rank r of a CUDA group runs on GPU r
-    dtype: torch.dtype
-    attention_backend: str
-    dense_dtype: torch.dtype  # of a quantized layer's dense products (fp32 for slow bf16)
-    quantized_kernels: bool  # quantized layers' small products by a CPU kernel
-    fused_cpu_ops: bool  # a layer's norms, rope and SiLU by kubellm's C kernels
-    kv_dtype: torch.dtype  # of the KV cache
-
-    def device_of(self, rank: int, world_size: int) -> torch.device:
-        if world_size == 1 or self.device.type != "cuda":
-            return self.device
-        return torch.device("cuda", rank)
-
-
-def resolve_placement(config: EngineConfig, stays_quantized: bool = False) -> Placement:
+def choose_platform(config: EngineConfig, stays_quantized: bool = False) -> Platform:
     """`stays_quantized`: the model's weights are kept in a quantized form. Raise
-    ValueError when the tensor-parallel size asks for more GPUs than are visible."""
+    ValueError when the tensor-parallel size asks for more GPUs than are visible, or the
+    attention backend asked for is not the platform's."""
     device = resolve_device(config.device)
     tp = config.tensor_parallel_size
     if device.type == "cuda" and tp > torch.cuda.device_count():
@@ -45,33 +33,55 @@ def resolve_placement(config: EngineConfig, stays_quantized: bool = False) -> Pl
             f"are visible: lower tensor_parallel_size or give the pod more GPUs"
         )
     dtype = resolve_dtype(config.dtype, device, stays_quantized)
-    dense = dtype if dtype != torch.bfloat16 or has_fast_bf16(device) else torch.float32
-    fused = uses_fused_cpu_ops(dtype, device)
-    backend = resolve_attention_backend(config.attention_backend, device, fused)
-    quantized = uses_quantized_kernels(config.dtype, dtype, device)
+    fast_bf16 = has_fast_bf16(device)
+    if device.type == "cuda":
+        backend = "triton" if config.attention_backend == "auto" else config.attention_backend
+        _refuse_cpu_backend(backend, "the device is a GPU")
+        return CudaPlatform(device, dtype, backend, dtype, fast_bf16=fast_bf16)
+    if device.type == "cpu" and cpu_library.unavailable() is None:
+        return _x86(config, device, dtype, fast_bf16)
+    kernel = None
+    if device.type == "cpu":
+        reason = cpu_library.unavailable()
+        if uses_quantized_kernels(config.dtype, dtype, device):
+            kernel = "int4pack"
+        if dtype == torch.float32:
+            logger.warning("a layer's small ops: torch's, not kubellm's C kernels: %s", reason)
+    backend = "torch" if config.attention_backend == "auto" else config.attention_backend
+    _refuse_cpu_backend(backend, "kubellm's C kernels cannot be used here (see the log)")
+    return Platform(device, dtype, backend, dtype, kernel, fast_bf16)
+
+
+def _x86(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, fast_bf16: bool
+) -> X86Platform:
+    fp32 = dtype == torch.float32
+    backend = config.attention_backend
+    if not fp32:
+        _refuse_cpu_backend(backend, f"the dtype is {str(dtype).removeprefix('torch.')}")
+    if backend == "auto":
+        backend = "cpu" if fp32 else "torch"
+    kernel = "qgemm" if uses_quantized_kernels(config.dtype, dtype, device) else None
     kv_dtype = dtype
-    if backend == "cpu" and quantized:  # fp32 that auto chose: half the bytes attention reads
+    if backend == "cpu" and kernel is not None:  # fp32 that auto chose: half the bytes read
         kv_dtype = torch.float16
         logger.info(
             "KV cache: float16 (the cpu attention backend with dtype auto; "
             "--dtype float32 keeps it float32)"
         )
-    return Placement(device, dtype, backend, dense, quantized, fused, kv_dtype)
+    return X86Platform(device, dtype, backend, kv_dtype, kernel, fast_bf16)
 
 
-def uses_fused_cpu_ops(dtype: torch.dtype, device: torch.device) -> bool:
-    """fp32 on CPU: a layer's small ops by kubellm's C kernels (`layer_ops`), where
-    its library can be used (else torch's, with the reason logged)."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return False
-    reason = cpu_library.unavailable()
-    if reason is not None:
-        logger.warning("a layer's small ops: torch's, not kubellm's C kernels: %s", reason)
-    return reason is None
+def _refuse_cpu_backend(backend: str, why: str) -> None:
+    if backend == "cpu":
+        raise ValueError(
+            "attention_backend cpu runs float32 on a CPU where kubellm's C kernels can be "
+            f"used (AVX2, FMA, F16C and a C compiler), but {why}: choose auto or torch"
+        )
 
 
 def uses_quantized_kernels(asked: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """On CPU, a quantized kernel (its inputs rounded: `quantized.cpu_kernel`) does
+    """On CPU, a quantized kernel (its inputs rounded: `cpu_products`) does
     quantized layers' small products with bf16 activations, and with fp32 ones that
     `auto` chose; fp32 asked for by name keeps every product exact."""
     if device.type != "cpu":
@@ -84,19 +94,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def resolve_attention_backend(name: str, device: torch.device, fused_cpu_ops: bool) -> str:
-    if name == "cpu" and not fused_cpu_ops:
-        raise ValueError(
-            "attention_backend cpu runs float32 on a CPU where kubellm's C kernels can be "
-            "used (AVX2, FMA, F16C and a C compiler, see the log): choose auto or torch"
-        )
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "triton"
-    return "cpu" if fused_cpu_ops else "torch"
 
 
 def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False) -> torch.dtype:

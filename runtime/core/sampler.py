@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kubellm.runtime.request import Request, TokenLogprobs
-from kubellm.runtime.sampling_params import SamplingParams
-from kubellm.runtime.structured_output import GrammarCompiler
+from kubellm.runtime.core.request import Request, TokenLogprobs
+from kubellm.runtime.core.sampling_params import SamplingParams
+from kubellm.runtime.core.structured_output import GrammarCompiler
 
 WORST_CASE = SamplingParams(max_tokens=1, temperature=0.7, top_k=50, top_p=0.9)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from kubellm.kernels.paged_attention import paged_attention, paged_decode, write_kv
-from kubellm.runtime.attention.backend import AttentionMetadata
-from kubellm.runtime.step_plan import cdiv
+from kubellm.runtime.executor.step_plan import cdiv
+from kubellm.runtime.model.attention import AttentionMetadata
 
 SPLIT_MIN_BLOCKS = 8  # a segment shorter than this is not worth a separate program
 

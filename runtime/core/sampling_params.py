@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kubellm.runtime.structured_output import GrammarSpec
+from kubellm.runtime.core.structured_output import GrammarSpec
 
 GREEDY_EPSILON = 1e-5
 

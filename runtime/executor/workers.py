@@ -27,9 +27,9 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.distributed import TensorParallel, join_group, leave_group, open_store
+from kubellm.runtime.executor.distributed import TensorParallel, join_group, leave_group, open_store
+from kubellm.runtime.executor.platform import Platform
 from kubellm.runtime.logs import JSONFormatter, configure_logging
-from kubellm.runtime.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def ready_key(process_name: str) -> str:
 class WorkerGroup:
     """Rank 0's handle on the other ranks; constructing it joins rank 0 to the group."""
 
-    def __init__(self, config: EngineConfig, placement: Placement) -> None:
+    def __init__(self, config: EngineConfig, platform: Platform) -> None:
         size = config.tensor_parallel_size
         store = open_store(size)
         context = mp.get_context("spawn")
@@ -56,7 +56,7 @@ class WorkerGroup:
                 target=worker_main,
                 name=f"kubellm-tp-rank{rank}",
                 daemon=True,
-                args=(config, placement, rank, store.port, receive, _log_settings()),
+                args=(config, platform, rank, store.port, receive, _log_settings()),
             )
             process.start()
             receive.close()
@@ -66,7 +66,7 @@ class WorkerGroup:
         try:
             self._wait_for_workers(store)
             self.tp: TensorParallel = join_group(
-                0, size, store.port, placement.device_of(0, size), store
+                0, size, store.port, platform.device_of(0, size), store
             )
         except BaseException:
             self.kill()
@@ -159,7 +159,7 @@ def _log_settings() -> tuple[str, str]:
 
 def worker_main(
     config: EngineConfig,
-    placement: Placement,
+    platform: Platform,
     rank: int,
     port: int,
     commands: Connection,
@@ -167,21 +167,21 @@ def worker_main(
 ) -> None:
     """A worker process: join the group, build this rank's runner, run rank 0's commands."""
     configure_logging(*log_settings)
+    from kubellm.runtime.executor.model_runner import ModelRunner
     from kubellm.runtime.model.source import resolve
-    from kubellm.runtime.model_runner import ModelRunner
 
     size = config.tensor_parallel_size
-    if placement.device.type == "cpu":  # the ranks share the host's cores
+    if platform.device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     tp = join_group(
         rank,
         size,
         port,
-        placement.device_of(rank, size),
+        platform.device_of(rank, size),
         ready_key=ready_key(mp.current_process().name),
     )
     source = resolve(config.model, config.revision, config.download_dir, config.quantization)
-    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config), placement, tp)
+    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config), platform, tp)
     while True:
         try:
             method, args = pickle.loads(commands.recv_bytes())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kubellm.runtime.sampling_params import SamplingParams
+from kubellm.runtime.core.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from kubellm.runtime.attention import AttentionMetadata
+from kubellm.runtime.executor.step_plan import cdiv
+from kubellm.runtime.model.attention import AttentionMetadata
 from kubellm.runtime.model.llama import LlamaForCausalLM
-from kubellm.runtime.step_plan import cdiv
 
 logger = logging.getLogger(__name__)
 

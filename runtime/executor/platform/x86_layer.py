@@ -1,7 +1,7 @@
 """A decoder layer's decode steps in one call of kubellm's C kernels (`kernels/cpu_layer.py`),
 where the layer's every piece already runs in them: fp32 on CPU with one rank, the four
-products' weights in the CPU kernel's storage (`QuantizedWeight.half_scales`, no act-order
-permutation) and the `cpu` attention backend. A step takes it when every request decodes
+products' weights in the CPU kernel's storage (`QgemmProduct`, no act-order permutation)
+and the `cpu` attention backend. A step takes it when every request decodes
 (one new token); other steps, and other layers, run the layer's modules. Either way the
 same kernels compute the same values (tests/runtime/test_fused_layer.py checks it bit for
 bit).
@@ -9,27 +9,30 @@ bit).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kubellm.kernels import cpu_layer, cpu_ops
-from kubellm.runtime.attention import AttentionMetadata
-from kubellm.runtime.attention.cpu_backend import CpuAttentionBackend
+from kubellm.runtime.executor.platform.cpu_attention import CpuAttentionBackend
+from kubellm.runtime.executor.platform.cpu_products import QgemmProduct
+from kubellm.runtime.model.attention import AttentionMetadata
 from kubellm.runtime.model.quantized import QuantizedWeight
 from kubellm.runtime.model.rope import RopeTables
 
 
 def _weight(linear) -> cpu_layer.QWeightView | None:
     weight = linear.weight
-    if not isinstance(weight, QuantizedWeight) or weight.half_scales is None:
+    if not isinstance(weight, QuantizedWeight) or not isinstance(weight.product, QgemmProduct):
         return None
     if weight.perm is not None:
         return None
-    codes, scales, offsets = weight.qgemm_operands()
+    codes, scales, offsets = weight.product.operands()
     rows, inputs = weight.shape
     offsets_at = None if offsets is None else offsets.data_ptr()
-    layout = weight.layout
+    layout = weight.product.layout
     return cpu_layer.QWeightView(
         codes.data_ptr(),
         scales.data_ptr(),
@@ -41,7 +44,18 @@ def _weight(linear) -> cpu_layer.QWeightView | None:
     )
 
 
-def fuse(layer) -> cpu_layer.Layer | None:
+def whole_decode(layer) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """A `DecoderLayer`'s decode step as one C call (its `whole_decode`); None where
+    some piece of the layer cannot run in it."""
+    fused = describe(layer)
+    return None if fused is None else functools.partial(_decode, fused)
+
+
+def _decode(fused: cpu_layer.Layer, step: FusedStep, kv_cache, x, residual):
+    return cpu_layer.decode_layer(fused, step.struct, kv_cache, x, residual)
+
+
+def describe(layer) -> cpu_layer.Layer | None:
     """The C description of a `DecoderLayer` whose decode steps can run in one call;
     None where some piece cannot. It points into the layer's tensors, which must stay."""
     attention, mlp = layer.self_attn, layer.mlp

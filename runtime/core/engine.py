@@ -10,20 +10,20 @@ from dataclasses import dataclass
 import torch
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.detokenizer import IncrementalDetokenizer
-from kubellm.runtime.distributed import SINGLE_RANK
-from kubellm.runtime.kv_cache import KVCacheManager
+from kubellm.runtime.core.admission import Admission, Admitted
+from kubellm.runtime.core.detokenizer import IncrementalDetokenizer
+from kubellm.runtime.core.kv_cache import KVCacheManager
+from kubellm.runtime.core.outputs import CompletionOutput, EngineStats, RequestOutput, StepDelta
+from kubellm.runtime.core.request import Request, TokenLogprobs
+from kubellm.runtime.core.sampler import Sampler, draw_worst_case, score_tokens
+from kubellm.runtime.core.scheduler import Scheduler, SchedulerOutput
+from kubellm.runtime.core.structured_output import GrammarCompiler
+from kubellm.runtime.executor.distributed import SINGLE_RANK
+from kubellm.runtime.executor.model_runner import ModelRunner
+from kubellm.runtime.executor.platform import choose_platform
+from kubellm.runtime.executor.step_plan import StepPlan
+from kubellm.runtime.executor.workers import WorkerGroup
 from kubellm.runtime.model.source import resolve
-from kubellm.runtime.model_runner import ModelRunner
-from kubellm.runtime.outputs import CompletionOutput, EngineStats, RequestOutput, StepDelta
-from kubellm.runtime.placement import resolve_placement
-from kubellm.runtime.request import Request, TokenLogprobs
-from kubellm.runtime.sampler import Sampler, draw_worst_case, score_tokens
-from kubellm.runtime.sampling_params import SamplingParams
-from kubellm.runtime.scheduler import Scheduler, SchedulerOutput
-from kubellm.runtime.step_plan import StepPlan
-from kubellm.runtime.structured_output import GrammarCompiler, GrammarSpec
-from kubellm.runtime.workers import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ class LLMEngine:
         source = resolve(config.model, config.revision, config.download_dir, config.quantization)
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
-        placement = resolve_placement(config, source.stays_quantized)
+        platform = choose_platform(config, source.stays_quantized)
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = config.resolve_max_model_len(source.config)
-        self.workers = self._start_workers(config, placement)
+        self.workers = self._start_workers(config, platform)
         try:
             tp = self.workers.tp if self.workers else SINGLE_RANK
             self.runner = ModelRunner(
-                config, source, self.max_model_len, placement, tp, draw=draw_worst_case
+                config, source, self.max_model_len, platform, tp, draw=draw_worst_case
             )
         except BaseException:
             if self.workers:
@@ -71,17 +71,21 @@ class LLMEngine:
         self.grammars = GrammarCompiler(
             self.tokenizer, source.config.vocab_size, sorted(self.eos_token_ids)
         )
+        self.admission = Admission(
+            self.tokenizer, source.config.vocab_size, self.max_model_len, self.grammars
+        )
         self.sampler = Sampler(config.seed, self.grammars)
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, int]] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "loaded %s in %.1f s on %s (%s, tensor parallel %d); KV cache: %d blocks x %d "
-            "tokens = %d tokens",
+            "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d); KV cache: "
+            "%d blocks x %d tokens = %d tokens",
             config.model,
             self.load_seconds,
-            placement.device,
-            str(placement.dtype).removeprefix("torch."),
+            platform.device,
+            platform.name,
+            str(platform.dtype).removeprefix("torch."),
             config.tensor_parallel_size,
             num_blocks,
             config.block_size,
@@ -89,7 +93,7 @@ class LLMEngine:
         )
 
     @staticmethod
-    def _start_workers(config: EngineConfig, placement) -> WorkerGroup | None:
+    def _start_workers(config: EngineConfig, platform) -> WorkerGroup | None:
         if config.tensor_parallel_size == 1:
             return None
         if torch.distributed.is_initialized():
@@ -97,7 +101,7 @@ class LLMEngine:
                 "a tensor-parallel engine is already running in this process: shut it down "
                 "(LLM.shutdown()) before starting another"
             )
-        return WorkerGroup(config, placement)
+        return WorkerGroup(config, platform)
 
     def on_worker_lost(self, callback: Callable[[str], None]) -> None:
         """Have `callback(reason)` called (from another thread) if a worker process dies."""
@@ -112,37 +116,20 @@ class LLMEngine:
 
     # ---- requests in -------------------------------------------------------------------
 
-    def tokenize(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
-
-    def compile_grammar(self, spec: GrammarSpec):
-        """The compiled grammar of a structured-output request (cached; ValueError when
-        it cannot be compiled). Slow for a new schema: callers run it off the step thread."""
-        return self.grammars.compile(spec)
-
-    def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, grammar=None
-    ) -> None:
-        """Queue a prompt (text or token ids) for `params.n` sequences. Bad input raises
-        ValueError and changes nothing. `grammar`: `params.structured_output` compiled
-        (compiled here when not given)."""
+    def add_request(self, request_id: str, admitted: Admitted) -> None:
+        """Queue an admitted prompt (`Admission.admit`) for `params.n` sequences."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
-        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(token_ids)
-        self.check_logit_bias(params)
-        if params.structured_output is not None and grammar is None:
-            grammar = self.compile_grammar(params.structured_output)
-        group = _Group(request_id, text, token_ids, [], [])
+        params, token_ids = admitted.params, admitted.token_ids
+        group = _Group(request_id, admitted.text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(
                 sequence_id, token_ids, params, self.eos_token_ids, self.max_model_len, seed
             )
-            if grammar is not None:
-                request.matcher = self.grammars.matcher(grammar)
+            if admitted.grammar is not None:
+                request.matcher = self.grammars.matcher(admitted.grammar)
             group.sequences.append(request)
             group.detokenizers.append(
                 IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
@@ -156,25 +143,6 @@ class LLMEngine:
                 sibling.prompt_leader = leader
         for request in group.sequences:
             self.scheduler.add(request)
-
-    def check_prompt(self, token_ids: list[int]) -> None:
-        """Raise ValueError unless `token_ids` is a prompt this engine can serve."""
-        if not token_ids:
-            raise ValueError("the prompt must not be empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, your prompt contains {len(token_ids)} input tokens."
-            )
-
-    def check_logit_bias(self, params: SamplingParams) -> None:
-        """Raise ValueError unless every biased token is in this model's vocabulary."""
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias keys must be token ids in [0, {vocab})")
 
     def abort_request(self, request_id: str) -> None:
         """Stop generating for a request (all its sequences) and free its blocks."""

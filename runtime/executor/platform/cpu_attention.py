@@ -1,5 +1,5 @@
 """The CPU attention backend: fp32 on CPUs with AVX2, by kubellm's C kernels
-(kernels/cpu_ops.py), over an fp32 or fp16 KV cache (`Placement.kv_dtype`; fp32
+(kernels/cpu_ops.py), over an fp32 or fp16 KV cache (the platform's `kv_dtype`; fp32
 arithmetic either way). The new K/V go to their slots in one call, then every new token
 of the step attends in one call as a one-token query over its own causal context, read
 in place from the cache: no gather, no padding, no mask. A token is so computed the same
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from kubellm.kernels import cpu_ops
-from kubellm.runtime.attention.backend import AttentionMetadata
-from kubellm.runtime.attention.torch_backend import attend_each
+from kubellm.runtime.executor.platform.torch_attention import attend_each
+from kubellm.runtime.model.attention import AttentionMetadata
 
 
 class CpuAttentionBackend:

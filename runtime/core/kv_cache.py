@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kubellm.runtime.request import Request
-from kubellm.runtime.step_plan import cdiv
+from kubellm.runtime.core.request import Request
+from kubellm.runtime.executor.step_plan import cdiv
 
 
 def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
