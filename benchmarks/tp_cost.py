@@ -26,16 +26,16 @@ REPEATS = 200
 
 def decode_plan(batch: int):
     """The plan of a decode step of `batch` requests with CONTEXT-token contexts."""
-    from kubellm.runtime.core.request import Request
     from kubellm.runtime.core.sampling_params import SamplingParams
-    from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
+    from kubellm.runtime.core.scheduler import ScheduledSequence, SchedulerOutput
+    from kubellm.runtime.core.sequence import Sequence
 
     scheduled, blocks = [], CONTEXT // BLOCK
     for i in range(batch):
-        request = Request(f"r{i}", list(range(CONTEXT)), SamplingParams(), frozenset(), 4096)
+        request = Sequence(f"r{i}", list(range(CONTEXT)), SamplingParams(), frozenset(), 4096)
         request.num_computed_tokens = CONTEXT - 1
         request.block_ids = list(range(i * blocks, (i + 1) * blocks))
-        scheduled.append(ScheduledRequest(request, 1))
+        scheduled.append(ScheduledSequence(request, 1))
     return SchedulerOutput(scheduled).plan(BLOCK)
 
 

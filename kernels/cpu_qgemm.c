@@ -327,43 +327,6 @@ static inline __attribute__((always_inline)) void add_offsets(
     for (int r = 0; r < rows; r++) acc[r] = _mm256_add_ps(acc[r], share[r]);
 }
 
-/* `rows` (a constant once inlined) rows of x times one 4-bit weight row: each row's
- * partial sums (eight lanes) into out[r * TILE]. */
-static inline __attribute__((always_inline)) void row4(
-    const uint8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
-    const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
-    int64_t blocks = K / BLOCK, per_group = group / BLOCK;
-    int shift = __builtin_ctzll(per_group);
-    if (per_group != (int64_t)1 << shift) shift = -1;
-    __m256 acc[ROWS]; /* one chain per row, however many rows share the pass: a row's
-                       * sums are then the same alone or in a batch (two chains per row
-                       * measured no faster at one row) */
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    int64_t b = 0;
-#if WIDE
-    __m512 wide[ROWS];
-    for (int r = 0; r < rows; r++) wide[r] = _mm512_setzero_ps();
-    for (; b < quad_blocks(blocks); b += 4)
-        quad4(w, quad_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, wide);
-    fold(wide, rows, acc);
-#endif
-    for (; b + 2 <= blocks; b += 2)
-        pair4(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
-    if (b < blocks) { /* an unpaired last block: 16 bytes, even inputs low */
-        const __m128i n = _mm_set1_epi8(15);
-        __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16));
-        __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), n), _mm_and_si128(v, n));
-        __m256 sb = _mm256_set1_ps(_cvtsh_ss(s[b / per_group]));
-        for (int r = 0; r < rows; r++) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
-            __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
-            acc[r] = _mm256_fmadd_ps(dot32(q, a), scale, acc[r]);
-        }
-    }
-    if (o) add_offsets(o, K / group, xs, rows, acc);
-    for (int r = 0; r < rows; r++) out[r * TILE] = acc[r];
-}
-
 /* Blocks b and b + 1 of `rows` rows of x times one signed 8-bit weight row, into acc[r]:
  * the dot products want one unsigned side, so |w| times x carrying w's sign. */
 static inline __attribute__((always_inline)) void pair8(
@@ -385,49 +348,76 @@ static inline __attribute__((always_inline)) void pair8(
     }
 }
 
-/* `rows` rows of x times one signed 8-bit weight row, as row4. */
-static inline __attribute__((always_inline)) void row8(
-    const int8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
-    const int8_t *xq, const float *dx, const float *xs, const int rows, __m256 *out) {
+/* An odd count's last block of `rows` rows of x times one weight row, into acc[r]: 4-bit
+ * (16 bytes, even inputs low) or signed 8-bit (|w| times x carrying w's sign). */
+static inline __attribute__((always_inline)) void last_block(
+    const uint8_t *w, __m256 sb, const int8_t *xq, int64_t K, const float *dx, int64_t blocks,
+    int64_t b, const int bits, const int rows, __m256 *acc) {
+    __m256i q;
+    if (bits == 4) {
+        const __m128i n = _mm_set1_epi8(15);
+        __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), n), _mm_and_si128(v, n));
+    } else {
+        q = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+    }
+    for (int r = 0; r < rows; r++) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
+        __m256 p = bits == 4 ? dot32(q, a) : dot32(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q));
+        __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
+        acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
+    }
+}
+
+/* `rows` rows of x times one weight row of `bits`-bit codes (both constants once inlined):
+ * each row's partial sums (eight lanes) into out[r * TILE]. */
+static inline __attribute__((always_inline)) void row(
+    const uint8_t *w, const uint16_t *s, const uint16_t *o, int64_t K, int64_t group,
+    const int8_t *xq, const float *dx, const float *xs, const int bits, const int rows,
+    __m256 *out) {
     int64_t blocks = K / BLOCK, per_group = group / BLOCK;
     int shift = __builtin_ctzll(per_group);
     if (per_group != (int64_t)1 << shift) shift = -1;
-    __m256 acc[ROWS]; /* one chain per row, as row4's */
+    __m256 acc[ROWS]; /* one chain per row, however many rows share the pass: a row's
+                       * sums are then the same alone or in a batch (two chains per row
+                       * measured no faster at one row) */
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     int64_t b = 0;
 #if WIDE
     __m512 wide[ROWS];
     for (int r = 0; r < rows; r++) wide[r] = _mm512_setzero_ps();
-    for (; b < quad_blocks(blocks); b += 4)
-        quad8(w, quad_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, wide);
+    for (; b < quad_blocks(blocks); b += 4) {
+        __m512 ws = quad_scales(s, b, shift, per_group);
+        if (bits == 4)
+            quad4(w, ws, xq, K, dx, blocks, b, rows, wide);
+        else
+            quad8((const int8_t *)w, ws, xq, K, dx, blocks, b, rows, wide);
+    }
     fold(wide, rows, acc);
 #endif
-    for (; b + 2 <= blocks; b += 2)
-        pair8(w, pair_scales(s, b, shift, per_group), xq, K, dx, blocks, b, rows, acc);
-    if (b < blocks) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
-        __m256i magnitude = _mm256_sign_epi8(v, v);
-        __m256 sb = _mm256_set1_ps(_cvtsh_ss(s[b / per_group]));
-        for (int r = 0; r < rows; r++) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * BLOCK));
-            __m256 p = dot32(magnitude, _mm256_sign_epi8(a, v));
-            __m256 scale = _mm256_mul_ps(sb, _mm256_broadcast_ss(dx + 4 * (r * blocks + b)));
-            acc[r] = _mm256_fmadd_ps(p, scale, acc[r]);
-        }
+    for (; b + 2 <= blocks; b += 2) {
+        __m256 ws = pair_scales(s, b, shift, per_group);
+        if (bits == 4)
+            pair4(w, ws, xq, K, dx, blocks, b, rows, acc);
+        else
+            pair8((const int8_t *)w, ws, xq, K, dx, blocks, b, rows, acc);
     }
+    if (b < blocks)
+        last_block(w, _mm256_set1_ps(_cvtsh_ss(s[b / per_group])), xq, K, dx, blocks, b, bits,
+                   rows, acc);
     if (o) add_offsets(o, K / group, xs, rows, acc);
     for (int r = 0; r < rows; r++) out[r * TILE] = acc[r];
 }
 
-#define ROW(kernel, weight, r)                                                         \
-    kernel(weight, s, o, K, group, xqc + m * K, dx + 4 * m * blocks, xs + m * stride, r, \
-           sums + (n - first))
-#define ROWS_OF(kernel, weight)                \
-    switch (rows) {                            \
-    case 1: ROW(kernel, weight, 1); break;     \
-    case 2: ROW(kernel, weight, 2); break;     \
-    case 3: ROW(kernel, weight, 3); break;     \
-    default: ROW(kernel, weight, 4);           \
+#define ROW(bits, r)                                                                     \
+    row(wn, s, o, K, group, xqc + m * K, dx + 4 * m * blocks, xs + m * stride, bits, r, \
+        sums + (n - first))
+#define ROWS_OF(bits)                \
+    switch (rows) {                  \
+    case 1: ROW(bits, 1); break;     \
+    case 2: ROW(bits, 2); break;     \
+    case 3: ROW(bits, 3); break;     \
+    default: ROW(bits, 4);           \
     }
 
 int64_t kubellm_qrows_bytes(int64_t M, int64_t K, int64_t group) {
@@ -470,9 +460,9 @@ void kubellm_qgemm_multiply(const kubellm_qweight *w, const kubellm_qrows *xq, i
                 const uint16_t *o = w->offsets ? w->offsets + n * groups : NULL;
                 const uint8_t *wn = w->codes + n * row_bytes;
                 if (w->bits == 4) {
-                    ROWS_OF(row4, wn)
+                    ROWS_OF(4)
                 } else {
-                    ROWS_OF(row8, (const int8_t *)wn)
+                    ROWS_OF(8)
                 }
             }
             for (int r = 0; r < rows; r++) {

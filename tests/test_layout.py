@@ -133,8 +133,8 @@ RUNTIME = ROOT / "runtime"
 # The executor (runner, workers, distributed, graphs, placement, the step plan) and the
 # model below it take step plans only: no request, scheduler or sampler type.
 EXECUTOR = ["executor", "model"]
-ENGINE_MODULES = {"request", "scheduler", "sampler", "sampling_params", "engine"}
-ENGINE_MODULES |= {"async_engine", "kv_cache", "structured_output"}
+ENGINE_MODULES = {"request", "sequence", "scheduler", "sampler", "sampling_params", "engine"}
+ENGINE_MODULES |= {"async_engine", "kv_cache", "structured_output", "admission"}
 
 
 def _module_name(path: Path) -> str:

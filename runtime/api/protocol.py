@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from kubellm.runtime.core.sampling_params import SamplingParams
 from kubellm.runtime.core.structured_output import GrammarSpec
@@ -62,27 +63,18 @@ class ResponseFormat(BaseModel):
     json_schema: JSONSchemaFormat | None = None
 
 
-class _SamplingFields(BaseModel):
+class _RequestFields(BaseModel):
+    """Both endpoints' fields but those SamplingParams takes as they are (added from its
+    table by `_sampling_fields`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string, as OpenAI) -> bias in [-100, 100]"
     )
-    n: int = Field(1, le=MAX_N)
-    ignore_eos: bool = False
-    min_tokens: int = 0
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -122,7 +114,7 @@ class _SamplingFields(BaseModel):
         """`max_tokens` and `logprobs` as the endpoint resolved them (None: up to the
         context length; no logprobs), and the prompt's logprobs (completions' echo)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        same = self.model_dump(include=_SAME_AS_ENGINE)
+        same = self.model_dump(include={f.name for f in _AS_THEY_ARE})
         return SamplingParams(
             **same,
             max_tokens=max_tokens,
@@ -140,10 +132,29 @@ class _SamplingFields(BaseModel):
             raise ValueError("logit_bias keys must be token ids") from None
 
 
-# Fields a request passes to SamplingParams unchanged (the others are resolved per endpoint).
-_SAME_AS_ENGINE = set(_SamplingFields.model_fields) & {
-    f.name for f in dataclasses.fields(SamplingParams)
-} - {"max_tokens", "stop", "logprobs", "logit_bias", "structured_output"}
+# SamplingParams' fields a request takes under the same name and meaning (`rule`)
+_AS_THEY_ARE = [f for f in dataclasses.fields(SamplingParams) if f.metadata["request"]]
+
+
+def _sampling_fields() -> dict[str, Any]:
+    """The request fields made from SamplingParams' table: the same name, type and
+    default, the bounds in the schema's description (SamplingParams checks them, once).
+    `n` is also bounded here: it is what one request can ask of the engine."""
+    types = typing.get_type_hints(SamplingParams)
+    made = {}
+    for f in _AS_THEY_ARE:
+        bounds = f.metadata["bounds"]
+        described = {"description": None if bounds is None else bounds.describe()}
+        if f.name == "n":
+            described["le"] = MAX_N
+        if f.default is dataclasses.MISSING:
+            made[f.name] = (types[f.name], Field(default_factory=f.default_factory, **described))
+        else:
+            made[f.name] = (types[f.name], Field(f.default, **described))
+    return made
+
+
+_SamplingFields = create_model("_SamplingFields", __base__=_RequestFields, **_sampling_fields())
 
 
 class CompletionRequest(_SamplingFields):

@@ -14,7 +14,7 @@ from kubellm.runtime.api.middleware import AccessRecord
 from kubellm.runtime.api.tool_parsers import ParsedCall, ToolParser
 from kubellm.runtime.core.async_engine import GenerationError
 from kubellm.runtime.core.outputs import StepDelta
-from kubellm.runtime.core.request import TokenLogprobs
+from kubellm.runtime.core.sequence import TokenLogprobs
 
 _MIN_LOGPROB = -9999.0  # JSON has no -Infinity
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -14,9 +13,10 @@ from kubellm.runtime.core.admission import Admission, Admitted
 from kubellm.runtime.core.detokenizer import IncrementalDetokenizer
 from kubellm.runtime.core.kv_cache import KVCacheManager
 from kubellm.runtime.core.outputs import CompletionOutput, EngineStats, RequestOutput, StepDelta
-from kubellm.runtime.core.request import Request, TokenLogprobs
+from kubellm.runtime.core.request import Request
 from kubellm.runtime.core.sampler import Sampler, draw_worst_case, score_tokens
 from kubellm.runtime.core.scheduler import Scheduler, SchedulerOutput
+from kubellm.runtime.core.sequence import Sequence, TokenLogprobs
 from kubellm.runtime.core.structured_output import GrammarCompiler
 from kubellm.runtime.executor.distributed import SINGLE_RANK
 from kubellm.runtime.executor.model_runner import ModelRunner
@@ -26,17 +26,6 @@ from kubellm.runtime.executor.workers import WorkerGroup
 from kubellm.runtime.model.source import resolve
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Group:
-    """A prompt and the n sequences generated from it."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sequences: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
 
 
 class LLMEngine:
@@ -75,8 +64,8 @@ class LLMEngine:
             self.tokenizer, source.config.vocab_size, self.max_model_len, self.grammars
         )
         self.sampler = Sampler(config.seed, self.grammars)
-        self._groups: dict[str, _Group] = {}
-        self._sequences: dict[str, tuple[_Group, int]] = {}
+        self._requests: dict[str, Request] = {}
+        self._sequences: dict[str, tuple[Request, int]] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d); KV cache: "
@@ -118,39 +107,39 @@ class LLMEngine:
 
     def add_request(self, request_id: str, admitted: Admitted) -> None:
         """Queue an admitted prompt (`Admission.admit`) for `params.n` sequences."""
-        if request_id in self._groups:
+        if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params, token_ids = admitted.params, admitted.token_ids
-        group = _Group(request_id, admitted.text, token_ids, [], [])
+        request = Request(request_id, admitted.text, token_ids, [], [])
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             sequence_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            request = Request(
+            sequence = Sequence(
                 sequence_id, token_ids, params, self.eos_token_ids, self.max_model_len, seed
             )
             if admitted.grammar is not None:
-                request.matcher = self.grammars.matcher(admitted.grammar)
-            group.sequences.append(request)
-            group.detokenizers.append(
+                sequence.matcher = self.grammars.matcher(admitted.grammar)
+            request.sequences.append(sequence)
+            request.detokenizers.append(
                 IncrementalDetokenizer(self.tokenizer, params.stop, params.skip_special_tokens)
             )
-            self._sequences[sequence_id] = (group, index)
-        self._groups[request_id] = group
-        leader, *siblings = group.sequences
+            self._sequences[sequence_id] = (request, index)
+        self._requests[request_id] = request
+        leader, *siblings = request.sequences
         shares_prompt = self.kv.enable_prefix_caching and params.prompt_logprobs is None
         if shares_prompt and len(token_ids) > self.config.block_size:
             for sibling in siblings:  # the prompt fills a block: compute it once
                 sibling.prompt_leader = leader
-        for request in group.sequences:
-            self.scheduler.add(request)
+        for sequence in request.sequences:
+            self.scheduler.add(sequence)
 
     def abort_request(self, request_id: str) -> None:
         """Stop generating for a request (all its sequences) and free its blocks."""
-        group = self._groups.get(request_id)
-        if group is None:
+        request = self._requests.get(request_id)
+        if request is None:
             return
-        for request in group.sequences:
-            self.scheduler.abort(request)
+        for sequence in request.sequences:
+            self.scheduler.abort(sequence)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -178,52 +167,52 @@ class LLMEngine:
         logits, prompt_logits = self._execute(out.plan(self.config.block_size))
         if prompt_logits is not None:
             self._record_prompt_logprobs(out, prompt_logits)
-        to_sample = [s.request for s in out.scheduled if s.samples]
+        to_sample = [s.sequence for s in out.scheduled if s.samples]
         tokens: dict[str, int] = {}
         logprobs: dict[str, TokenLogprobs | None] = {}
         if to_sample:
             sampled = self.sampler(logits, to_sample)
-            for request, token_id, token_logprobs in zip(
+            for sequence, token_id, token_logprobs in zip(
                 to_sample, sampled.token_ids, sampled.logprobs
             ):
-                tokens[request.request_id] = token_id
-                logprobs[request.request_id] = token_logprobs
+                tokens[sequence.sequence_id] = token_id
+                logprobs[sequence.sequence_id] = token_logprobs
         advanced = self.scheduler.update(out, tokens)
-        for request in advanced:
-            if request.matcher is not None:
-                self._advance_grammar(request)
-        deltas = [self._advance(r, logprobs[r.request_id]) for r in advanced]
+        for sequence in advanced:
+            if sequence.matcher is not None:
+                self._advance_grammar(sequence)
+        deltas = [self._advance(r, logprobs[r.sequence_id]) for r in advanced]
         self.scheduler.remove_finished(advanced)
         return deltas
 
     @staticmethod
-    def _advance_grammar(request: Request) -> None:
+    def _advance_grammar(sequence: Sequence) -> None:
         """The sampled token moves the sequence's grammar on; a grammar that has ended
         (it accepted a stop token) ends the sequence."""
-        request.matcher.accept_token(request.token_ids[-1])
-        if request.matcher.is_terminated() and not request.is_finished:
-            request.finish("stop")
+        sequence.matcher.accept_token(sequence.token_ids[-1])
+        if sequence.matcher.is_terminated() and not sequence.is_finished:
+            sequence.finish("stop")
 
-    def _advance(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
+    def _advance(self, sequence: Sequence, logprobs: TokenLogprobs | None) -> StepDelta:
         """The sequence's delta. Its text is its own business: when detokenizing it fails
         (a tokenizer bug on some token), that sequence ends with the error and the batch
-        goes on; its blocks are freed with the step's other finished requests."""
+        goes on; its blocks are freed with the step's other finished sequences."""
         try:
-            return self._advance_text(request, logprobs)
+            return self._advance_text(sequence, logprobs)
         except Exception as exc:
-            logger.exception("sequence %s failed", request.request_id)
-            request.finish("abort")
-            group, index = self._sequences[request.request_id]
+            logger.exception("sequence %s failed", sequence.sequence_id)
+            sequence.finish("abort")
+            request, index = self._sequences[sequence.sequence_id]
             return StepDelta(
-                request_id=group.request_id,
+                request_id=request.request_id,
                 index=index,
                 new_token_ids=[],
                 new_text="",
                 new_logprobs=[],
                 finish_reason="abort",
                 stop_reason=None,
-                num_prompt_tokens=len(request.prompt_token_ids),
-                queue_seconds=request.queue_seconds,
+                num_prompt_tokens=len(sequence.prompt_token_ids),
+                queue_seconds=sequence.queue_seconds,
                 error=f"{type(exc).__name__}: {exc}",
             )
 
@@ -241,65 +230,67 @@ class LLMEngine:
             positions = item.prompt_positions
             if not positions:
                 continue
-            request = item.request
-            targets = [request.prompt_token_ids[p + 1] for p in positions]
+            sequence = item.sequence
+            targets = [sequence.prompt_token_ids[p + 1] for p in positions]
             scored = score_tokens(
-                prompt_logits[row : row + len(targets)], targets, request.params.prompt_logprobs
+                prompt_logits[row : row + len(targets)], targets, sequence.params.prompt_logprobs
             )
-            request.prompt_logprobs[positions.start + 1 : positions.stop + 1] = scored
+            sequence.prompt_logprobs[positions.start + 1 : positions.stop + 1] = scored
             row += len(targets)
 
-    def _advance_text(self, request: Request, logprobs: TokenLogprobs | None) -> StepDelta:
-        group, index = self._sequences[request.request_id]
-        detokenizer = group.detokenizers[index]
-        token_id = request.token_ids[-1]
+    def _advance_text(self, sequence: Sequence, logprobs: TokenLogprobs | None) -> StepDelta:
+        request, index = self._sequences[sequence.sequence_id]
+        detokenizer = request.detokenizers[index]
+        token_id = sequence.token_ids[-1]
         if logprobs is not None:
-            request.logprobs.append(logprobs)
-        ended_on_stop_token = request.is_finished and request.finish_reason == "stop"
+            sequence.logprobs.append(logprobs)
+        ended_on_stop_token = sequence.is_finished and sequence.finish_reason == "stop"
         if not ended_on_stop_token:
-            past_min = request.num_output_tokens > request.params.min_tokens
+            past_min = sequence.num_output_tokens > sequence.params.min_tokens
             stop = detokenizer.add(token_id, check_stop=past_min)
             if stop is not None:
-                request.finish("stop", stop)
+                sequence.finish("stop", stop)
         return StepDelta(
-            request_id=group.request_id,
+            request_id=request.request_id,
             index=index,
             new_token_ids=[token_id],
-            new_text=detokenizer.take_delta(request.is_finished),
+            new_text=detokenizer.take_delta(sequence.is_finished),
             new_logprobs=[logprobs] if logprobs is not None else [],
-            prompt_logprobs=request.prompt_logprobs if request.num_output_tokens == 1 else None,
-            finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            queue_seconds=request.queue_seconds,
+            prompt_logprobs=sequence.prompt_logprobs if sequence.num_output_tokens == 1 else None,
+            finish_reason=sequence.finish_reason,
+            stop_reason=sequence.stop_reason,
+            num_prompt_tokens=len(sequence.prompt_token_ids),
+            queue_seconds=sequence.queue_seconds,
         )
 
     # ---- results out -------------------------------------------------------------------
 
     def take_output(self, request_id: str) -> RequestOutput:
-        """The request's full result; forgets the request once all its sequences ended."""
-        group = self._groups[request_id]
+        """The sequence's full result; forgets the sequence once all its sequences ended."""
+        request = self._requests[request_id]
         outputs = [
             CompletionOutput(
                 index=i,
                 text=detokenizer.text,
-                token_ids=request.output_token_ids,
-                finish_reason=request.finish_reason,
-                stop_reason=request.stop_reason,
-                logprobs=request.logprobs if request.params.logprobs is not None else None,
+                token_ids=sequence.output_token_ids,
+                finish_reason=sequence.finish_reason,
+                stop_reason=sequence.stop_reason,
+                logprobs=sequence.logprobs if sequence.params.logprobs is not None else None,
             )
-            for i, (request, detokenizer) in enumerate(zip(group.sequences, group.detokenizers))
+            for i, (sequence, detokenizer) in enumerate(
+                zip(request.sequences, request.detokenizers)
+            )
         ]
         result = RequestOutput(
             request_id,
-            group.prompt,
-            group.prompt_token_ids,
+            request.prompt,
+            request.prompt_token_ids,
             outputs,
-            num_cached_tokens=min(r.num_cached_tokens for r in group.sequences),
-            prompt_logprobs=group.sequences[0].prompt_logprobs,
+            num_cached_tokens=min(r.num_cached_tokens for r in request.sequences),
+            prompt_logprobs=request.sequences[0].prompt_logprobs,
         )
         if result.finished:
-            del self._groups[request_id]
-            for request in group.sequences:
-                del self._sequences[request.request_id]
+            del self._requests[request_id]
+            for sequence in request.sequences:
+                del self._sequences[sequence.sequence_id]
         return result

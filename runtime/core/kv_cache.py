@@ -1,10 +1,10 @@
-"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, per-request block
+"""The paged KV cache's bookkeeping: a pool of fixed-size blocks, per-sequence block
 tables, reference counts, and prefix caching.
 
 A full block is named by a hash of its tokens chained with its parent's hash, so
 one hash names the whole prefix up to that block. A block whose last owner is
 done goes back to the free list *with* its hash: until it is handed out again
-(oldest first: an LRU), a later request with the same prefix can reuse it.
+(oldest first: an LRU), a later sequence with the same prefix can reuse it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kubellm.runtime.core.request import Request
+from kubellm.runtime.core.sequence import Sequence
 from kubellm.runtime.executor.step_plan import cdiv
 
 
@@ -33,7 +33,7 @@ class Block:
 
 
 class KVCacheManager:
-    """Hands out KV blocks to requests; never touches the KV tensors themselves."""
+    """Hands out KV blocks to sequences; never touches the KV tensors themselves."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.num_blocks = num_blocks
@@ -50,18 +50,18 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return len(self.free_blocks)
 
-    def find_cached_prefix(self, request: Request) -> list[int]:
-        """Blocks already holding this request's longest cached prefix.
+    def find_cached_prefix(self, sequence: Sequence) -> list[int]:
+        """Blocks already holding this sequence's longest cached prefix.
 
-        At least the last token is always left to compute: its logits are needed. A request
+        At least the last token is always left to compute: its logits are needed. A sequence
         that wants its prompt's logprobs computes the whole prompt (cached blocks hold K/V,
         not logits).
         """
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or sequence.params.prompt_logprobs is not None:
             return []
-        self._extend_hashes(request, (request.num_tokens - 1) // self.block_size)
+        self._extend_hashes(sequence, (sequence.num_tokens - 1) // self.block_size)
         hits: list[int] = []
-        for block_hash in request.block_hashes[: (request.num_tokens - 1) // self.block_size]:
+        for block_hash in sequence.block_hashes[: (sequence.num_tokens - 1) // self.block_size]:
             block_id = self.cached_blocks.get(block_hash)
             if block_id is None:
                 break
@@ -69,64 +69,64 @@ class KVCacheManager:
         return hits
 
     def record_prefix_lookup(self, num_queried: int, num_hit: int) -> None:
-        """Count one admitted request's prefix-cache lookup, in tokens (as vLLM does)."""
+        """Count one admitted sequence's prefix-cache lookup, in tokens (as vLLM does)."""
         self.prefix_queries += num_queried
         self.prefix_hits += num_hit
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, cached: list[int] | None = None
+        self, sequence: Sequence, num_new_tokens: int, cached: list[int] | None = None
     ) -> bool:
-        """Give the request room for `num_new_tokens` more tokens after what it has computed
+        """Give the sequence room for `num_new_tokens` more tokens after what it has computed
         (and after the `cached` prefix blocks, which it takes a reference on).
         Returns False, changing nothing, if the pool cannot.
         """
         cached = cached or []
-        held = len(request.block_ids) + len(cached)
-        total_tokens = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        held = len(sequence.block_ids) + len(cached)
+        total_tokens = sequence.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         needed = cdiv(total_tokens, self.block_size) - held
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         if needed > len(self.free_blocks) - revived:
             return False
         for block_id in cached:
             self._share(block_id)
-        request.block_ids.extend(cached)
+        sequence.block_ids.extend(cached)
         for _ in range(max(needed, 0)):
-            request.block_ids.append(self._allocate_fresh(request.block_ids))
+            sequence.block_ids.append(self._allocate_fresh(sequence.block_ids))
         return True
 
-    def cache_full_blocks(self, request: Request) -> None:
-        """Publish the request's newly computed full blocks for reuse by later requests."""
+    def cache_full_blocks(self, sequence: Sequence) -> None:
+        """Publish the sequence's newly computed full blocks for reuse by later sequences."""
         if not self.enable_prefix_caching:
             return
-        num_full = request.num_computed_tokens // self.block_size
-        self._extend_hashes(request, num_full)
-        for index in range(request.num_registered_blocks, num_full):
-            block = self.blocks[request.block_ids[index]]
-            block_hash = request.block_hashes[index]
+        num_full = sequence.num_computed_tokens // self.block_size
+        self._extend_hashes(sequence, num_full)
+        for index in range(sequence.num_registered_blocks, num_full):
+            block = self.blocks[sequence.block_ids[index]]
+            block_hash = sequence.block_hashes[index]
             if block.block_hash is None and block_hash not in self.cached_blocks:
                 block.block_hash = block_hash
                 self.cached_blocks[block_hash] = block.block_id
-        request.num_registered_blocks = max(request.num_registered_blocks, num_full)
+        sequence.num_registered_blocks = max(sequence.num_registered_blocks, num_full)
 
-    def free(self, request: Request) -> None:
-        """Drop the request's references; tail blocks go to the free list first, so a
+    def free(self, sequence: Sequence) -> None:
+        """Drop the sequence's references; tail blocks go to the free list first, so a
         shared prefix outlives the suffixes that hang off it."""
-        for block_id in reversed(request.block_ids):
+        for block_id in reversed(sequence.block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count < 0:
                 raise AssertionError(f"block {block_id} freed twice")
             if block.ref_count == 0:
                 self.free_blocks[block_id] = None
-        request.block_ids = []
-        request.num_registered_blocks = 0
+        sequence.block_ids = []
+        sequence.num_registered_blocks = 0
 
-    def _extend_hashes(self, request: Request, num_blocks: int) -> None:
-        hashes = request.block_hashes
+    def _extend_hashes(self, sequence: Sequence, num_blocks: int) -> None:
+        hashes = sequence.block_hashes
         size = self.block_size
         for index in range(len(hashes), num_blocks):
             parent = hashes[-1] if hashes else b""
-            hashes.append(hash_block(parent, request.token_ids[index * size : (index + 1) * size]))
+            hashes.append(hash_block(parent, sequence.token_ids[index * size : (index + 1) * size]))
 
     def _allocate_fresh(self, table: list[int]) -> int:
         """A free block for the next entry of `table`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kubellm.runtime.core.request import TokenLogprobs
+from kubellm.runtime.core.sequence import TokenLogprobs
 
 
 @dataclass

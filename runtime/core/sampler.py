@@ -3,10 +3,10 @@
 Order of operations (as vLLM): raw log-probabilities are kept for logprobs; then
 logit_bias, min_tokens masking, penalties, and either argmax (greedy) or temperature, top-k,
 top-p and min-p filtering followed by a draw. Draws use the exponential race
-(argmax of p / E with E ~ Exp(1)). A seeded request's noise comes from its own
+(argmax of p / E with E ~ Exp(1)). A seeded sequence's noise comes from its own
 (CPU) generator, so it gives the same tokens whatever else is in the batch and on
-any device; the noise of all unseeded requests is one draw on the logits' device
-(on a GPU, per-request CPU noise of a whole vocabulary would cost more than the
+any device; the noise of all unseeded sequences is one draw on the logits' device
+(on a GPU, per-sequence CPU noise of a whole vocabulary would cost more than the
 forward pass).
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kubellm.runtime.core.request import Request, TokenLogprobs
 from kubellm.runtime.core.sampling_params import SamplingParams
+from kubellm.runtime.core.sequence import Sequence, TokenLogprobs
 from kubellm.runtime.core.structured_output import GrammarCompiler
 
 WORST_CASE = SamplingParams(max_tokens=1, temperature=0.7, top_k=50, top_p=0.9)
@@ -32,45 +32,45 @@ class SamplerOutput:
 class Sampler:
     def __init__(self, seed: int, grammars: GrammarCompiler | None = None) -> None:
         self.seed = seed
-        self.grammars = grammars  # masks the rows of structured-output requests
+        self.grammars = grammars  # masks the rows of structured-output sequences
         self.generators: dict[torch.device, torch.Generator] = {}  # unseeded draws, per device
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, sequences: list[Sequence]) -> SamplerOutput:
         logits = logits.float()
-        want_logprobs = any(r.params.logprobs is not None for r in requests)
+        want_logprobs = any(r.params.logprobs is not None for r in sequences)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = logits.clone()
-        _add_logit_bias(logits, requests)
-        matchers = {i: r.matcher for i, r in enumerate(requests) if r.matcher is not None}
+        _add_logit_bias(logits, sequences)
+        matchers = {i: r.matcher for i, r in enumerate(sequences) if r.matcher is not None}
         if matchers:
             self.grammars.mask(logits, matchers)
-        _mask_stops_before_min_tokens(logits, requests)
-        _apply_penalties(logits, requests)
-        token_ids = self._choose(logits, requests)
+        _mask_stops_before_min_tokens(logits, sequences)
+        _apply_penalties(logits, sequences)
+        token_ids = self._choose(logits, sequences)
         logprobs = [
             _logprobs_of(raw_logprobs[i], token_ids[i], r.params.logprobs)
             if raw_logprobs is not None and r.params.logprobs is not None
             else None
-            for i, r in enumerate(requests)
+            for i, r in enumerate(sequences)
         ]
         return SamplerOutput(token_ids, logprobs)
 
-    def _choose(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+    def _choose(self, logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
         chosen = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        random_rows = [i for i, r in enumerate(sequences) if not r.params.greedy]
         if random_rows:
-            drawing = [requests[i] for i in random_rows]
+            drawing = [sequences[i] for i in random_rows]
             rows = torch.tensor(random_rows, device=logits.device)
             probs = filtered_probs(logits[rows], [r.params for r in drawing])
             chosen[rows] = (probs / self._noise(probs, drawing)).argmax(dim=-1)
         return chosen.tolist()
 
-    def _noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _noise(self, probs: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
         """Exp(1) noise per row: seeded rows from their own generators, the rest at once."""
         noise = torch.empty_like(probs).exponential_(generator=self._generator(probs.device))
-        for row, request in enumerate(requests):
-            if request.generator is not None:
-                own = torch.empty(probs.shape[1]).exponential_(generator=request.generator)
+        for row, sequence in enumerate(sequences):
+            if sequence.generator is not None:
+                own = torch.empty(probs.shape[1]).exponential_(generator=sequence.generator)
                 noise[row] = own.to(probs.device)
         return noise
 
@@ -121,23 +121,23 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(drop, 0.0)
 
 
-def _add_logit_bias(logits: torch.Tensor, requests: list[Request]) -> None:
-    for i, r in enumerate(requests):
+def _add_logit_bias(logits: torch.Tensor, sequences: list[Sequence]) -> None:
+    for i, r in enumerate(sequences):
         if r.params.logit_bias:
             ids = torch.tensor(list(r.params.logit_bias), device=logits.device)
             bias = torch.tensor(list(r.params.logit_bias.values()), device=logits.device)
             logits[i, ids] += bias
 
 
-def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
-    for i, r in enumerate(requests):
+def _mask_stops_before_min_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> None:
+    for i, r in enumerate(sequences):
         if r.num_output_tokens < r.params.min_tokens and r.stop_token_ids:
             logits[i, list(r.stop_token_ids)] = float("-inf")
 
 
-def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
+def _apply_penalties(logits: torch.Tensor, sequences: list[Sequence]) -> None:
     """Repetition penalty over prompt and output tokens; presence/frequency over output only."""
-    for i, r in enumerate(requests):
+    for i, r in enumerate(sequences):
         p = r.params
         if not p.has_penalties:
             continue

@@ -1,37 +1,79 @@
-"""Per-request sampling parameters, validated on construction."""
+"""Per-request sampling parameters, validated on construction against their own table."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from kubellm.runtime.core.structured_output import GrammarSpec
 
 GREEDY_EPSILON = 1e-5
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric setting's valid values: [low, high] (`low_open`: (low, high]), and any
+    of `also` besides."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    also: tuple[int, ...] = ()
+
+    def allows(self, value: float) -> bool:
+        if value in self.also:
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        """As OpenAI and vLLM word it: "in [0, 2]", "at least 1", "positive"."""
+        low = "" if self.low is None else f"{self.low:g}"
+        if self.high is not None:
+            described = f"in {'(' if self.low_open else '['}{low}, {self.high:g}]"
+        elif self.low == 0:
+            described = "positive" if self.low_open else "non-negative"
+        else:
+            described = f"{'above' if self.low_open else 'at least'} {low}"
+        return ", ".join(map(str, self.also)) + " or " + described if self.also else described
+
+
+def rule(bounds: Bounds | None = None, *, request: bool = True) -> dict[str, Any]:
+    """A SamplingParams field's metadata: its bounds, and `request`: the OpenAI API takes
+    it under the same name and meaning, so its request schema is made from this field
+    (`api/protocol.py`); the others each endpoint resolves on its own."""
+    return {"bounds": bounds, "request": request}
+
+
 @dataclass
 class SamplingParams:
-    """How to pick each next token and when to stop; names follow vLLM and OpenAI."""
+    """How to pick each next token and when to stop; names follow vLLM and OpenAI. The
+    one table of sampling fields: each one's name, type, default and bounds (`rule`), from
+    which the HTTP request schema is made too."""
 
-    n: int = 1
-    max_tokens: int | None = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    skip_special_tokens: bool = True
-    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
-    structured_output: GrammarSpec | None = None  # what the output must match
+    n: int = field(default=1, metadata=rule(Bounds(low=1)))
+    max_tokens: int | None = field(default=16, metadata=rule(Bounds(low=1), request=False))
+    min_tokens: int = field(default=0, metadata=rule(Bounds(low=0)))
+    temperature: float = field(default=1.0, metadata=rule(Bounds(0, 2)))
+    top_p: float = field(default=1.0, metadata=rule(Bounds(0, 1, low_open=True)))
+    top_k: int = field(default=0, metadata=rule(Bounds(low=0, also=(-1,))))
+    min_p: float = field(default=0.0, metadata=rule(Bounds(0, 1)))
+    presence_penalty: float = field(default=0.0, metadata=rule(Bounds(-2, 2)))
+    frequency_penalty: float = field(default=0.0, metadata=rule(Bounds(-2, 2)))
+    repetition_penalty: float = field(default=1.0, metadata=rule(Bounds(0, low_open=True)))
+    seed: int | None = field(default=None, metadata=rule())
+    # the API also takes one string
+    stop: list[str] = field(default_factory=list, metadata=rule(request=False))
+    stop_token_ids: list[int] = field(default_factory=list, metadata=rule())
+    ignore_eos: bool = field(default=False, metadata=rule())
+    logprobs: int | None = field(default=None, metadata=rule(Bounds(0, 20), request=False))
+    skip_special_tokens: bool = field(default=True, metadata=rule(request=False))
+    # token id -> added to its logit (the API's keys are strings)
+    logit_bias: dict[int, float] = field(default_factory=dict, metadata=rule(request=False))
+    # the prompt tokens' logprobs, with this many top ones (completions' echo)
+    prompt_logprobs: int | None = field(default=None, metadata=rule(Bounds(0, 20), request=False))
+    # what the output must match (the API's several constraint fields)
+    structured_output: GrammarSpec | None = field(default=None, metadata=rule(request=False))
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,49 +84,17 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        for f in fields(self):
+            bounds, value = f.metadata["bounds"], getattr(self, f.name)
+            if bounds is not None and value is not None and not bounds.allows(value):
+                raise ValueError(f"{f.name} must be {bounds.describe()}, got {value}")
         checks = [
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
-            (
-                self.max_tokens is None or self.max_tokens >= 1,
-                f"max_tokens must be at least 1, got {self.max_tokens}",
-            ),
-            (self.min_tokens >= 0, f"min_tokens must be non-negative, got {self.min_tokens}"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             ),
-            (
-                0.0 <= self.temperature <= 2.0,
-                f"temperature must be in [0, 2], got {self.temperature}",
-            ),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (
-                self.top_k >= 0 or self.top_k == -1,
-                f"top_k must be -1, 0 or positive, got {self.top_k}",
-            ),
-            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (
-                -2.0 <= self.presence_penalty <= 2.0,
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
-            ),
-            (
-                -2.0 <= self.frequency_penalty <= 2.0,
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
-            ),
-            (
-                self.repetition_penalty > 0.0,
-                f"repetition_penalty must be positive, got {self.repetition_penalty}",
-            ),
             (all(self.stop), "stop strings must not be empty"),
-            (
-                self.logprobs is None or 0 <= self.logprobs <= 20,
-                f"logprobs must be in [0, 20], got {self.logprobs}",
-            ),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative"),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}",
-            ),
             (
                 all(t >= 0 for t in self.logit_bias),
                 "logit_bias keys must be non-negative token ids",

@@ -1,10 +1,10 @@
-"""Which requests run each step, and how many tokens each.
+"""Which sequences run each step, and how many tokens each.
 
 One token budget per step (`max_num_batched_tokens`) and a cap on running
-requests (`max_num_seqs`). Running requests go first, in admission order: one
+sequences (`max_num_seqs`). Running sequences go first, in admission order: one
 token each for a decode, or the next chunk of a prefill (chunked prefill); then
-waiting requests, first come first served. When the KV pool runs out, the most
-recently admitted running request is preempted: its blocks are freed and it goes
+waiting sequences, first come first served. When the KV pool runs out, the most
+recently admitted running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed (mostly from the prefix cache).
 """
 
@@ -17,34 +17,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kubellm.runtime.core.kv_cache import KVCacheManager
-from kubellm.runtime.core.request import Request, RequestStatus
+from kubellm.runtime.core.sequence import Sequence, SequenceStatus
 from kubellm.runtime.executor.step_plan import StepPlan, cdiv, contiguous_start
 
 
 @dataclass
-class ScheduledRequest:
-    request: Request
+class ScheduledSequence:
+    sequence: Sequence
     num_new_tokens: int
 
     @property
     def samples(self) -> bool:
-        """True when this step computes the request's last known token, so it samples."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        """True when this step computes the sequence's last known token, so it samples."""
+        return self.sequence.num_computed_tokens + self.num_new_tokens == self.sequence.num_tokens
 
     @property
     def prompt_positions(self) -> range:
         """Positions whose logits score the next prompt token this step (prompt_logprobs)."""
-        if self.request.params.prompt_logprobs is None:
+        if self.sequence.params.prompt_logprobs is None:
             return range(0)
-        start = self.request.num_computed_tokens
-        end = min(start + self.num_new_tokens, len(self.request.prompt_token_ids) - 1)
+        start = self.sequence.num_computed_tokens
+        end = min(start + self.num_new_tokens, len(self.sequence.prompt_token_ids) - 1)
         return range(start, max(start, end))
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -60,11 +60,11 @@ class SchedulerOutput:
         logits_indices: list[int] = []
         prompt_indices: list[int] = []
         for item in self.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
+            sequence, start = item.sequence, item.sequence.num_computed_tokens
             end = start + item.num_new_tokens
-            input_ids += request.token_ids[start:end]
+            input_ids += sequence.token_ids[start:end]
             positions += range(start, end)
-            table = request.block_ids
+            table = sequence.block_ids
             slots += [
                 table[p // block_size] * block_size + p % block_size for p in range(start, end)
             ]
@@ -75,7 +75,7 @@ class SchedulerOutput:
             first_row = query_start[-2] - start
             prompt_indices += (first_row + p for p in item.prompt_positions)
         max_blocks = max(cdiv(s, block_size) for s in seq_lens)
-        tables = [item.request.block_ids[:max_blocks] for item in self.scheduled]
+        tables = [item.sequence.block_ids[:max_blocks] for item in self.scheduled]
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         return StepPlan(
             input_ids=np.array(input_ids, dtype=np.int64),
@@ -95,13 +95,13 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # all tokens run through the model, prefill and decode
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -116,80 +116,80 @@ class Scheduler:
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            sequence = self.running[index]
+            num_new = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(sequence, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
-                if victim is request:
+                if victim is sequence:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            out.scheduled.append(ScheduledSequence(sequence, num_new))
             budget -= num_new
             index += 1
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            if request.waits_for_prompt_leader:
+            sequence = self.waiting[0]
+            if sequence.waits_for_prompt_leader:
                 return  # its prompt is in the cache once the leader's prefill is done
-            cached = self.kv.find_cached_prefix(request)
+            cached = self.kv.find_cached_prefix(sequence)
             num_cached_tokens = len(cached) * self.kv.block_size
-            num_new = min(request.num_tokens - num_cached_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new, cached):
+            num_new = min(sequence.num_tokens - num_cached_tokens, budget)
+            if not self.kv.allocate_slots(sequence, num_new, cached):
                 return  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             if self.kv.enable_prefix_caching:
-                self.kv.record_prefix_lookup(request.num_tokens, num_cached_tokens)
-            request.num_computed_tokens = num_cached_tokens
-            if request.status is RequestStatus.WAITING:
-                request.num_cached_tokens = num_cached_tokens
-                request.first_scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+                self.kv.record_prefix_lookup(sequence.num_tokens, num_cached_tokens)
+            sequence.num_computed_tokens = num_cached_tokens
+            if sequence.status is SequenceStatus.WAITING:
+                sequence.num_cached_tokens = num_cached_tokens
+                sequence.first_scheduled_time = time.monotonic()
+            sequence.status = SequenceStatus.RUNNING
+            self.running.append(sequence)
+            out.scheduled.append(ScheduledSequence(sequence, num_new))
             budget -= num_new
 
-    def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
+    def _preempt(self, sequence: Sequence) -> None:
+        self.kv.free(sequence)
+        sequence.status = SequenceStatus.PREEMPTED
+        sequence.num_computed_tokens = 0
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.appendleft(sequence)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance each scheduled request past this step; append sampled tokens.
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance each scheduled sequence past this step; append sampled tokens.
 
-        Returns the requests that received a token this step.
+        Returns the sequences that received a token this step.
         """
         advanced = []
         for item in out.scheduled:
-            request = item.request
-            request.num_computed_tokens += item.num_new_tokens
+            sequence = item.sequence
+            sequence.num_computed_tokens += item.num_new_tokens
             self.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_full_blocks(request)
-            token = sampled.get(request.request_id)
+            self.kv.cache_full_blocks(sequence)
+            token = sampled.get(sequence.sequence_id)
             if token is not None:
-                request.append_token(token)
-                advanced.append(request)
+                sequence.append_token(token)
+                advanced.append(sequence)
         return advanced
 
-    def finish(self, request: Request, reason: str, stop_reason: int | str | None = None) -> None:
-        if not request.is_finished:
-            request.finish(reason, stop_reason)
-        self.remove_finished([request])
+    def finish(self, sequence: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if not sequence.is_finished:
+            sequence.finish(reason, stop_reason)
+        self.remove_finished([sequence])
 
-    def remove_finished(self, requests: list[Request]) -> None:
-        """Free the blocks of the given finished requests and drop them from the queues."""
-        done = {id(r) for r in requests if r.is_finished}
+    def remove_finished(self, sequences: list[Sequence]) -> None:
+        """Free the blocks of the given finished sequences and drop them from the queues."""
+        done = {id(r) for r in sequences if r.is_finished}
         if not done:
             return
-        for request in requests:
-            if id(request) in done and request.block_ids:
-                self.kv.free(request)
+        for sequence in sequences:
+            if id(sequence) in done and sequence.block_ids:
+                self.kv.free(sequence)
         self.running = [r for r in self.running if id(r) not in done]
         self.waiting = deque(r for r in self.waiting if id(r) not in done)
 
-    def abort(self, request: Request) -> None:
-        self.finish(request, "abort")
+    def abort(self, sequence: Sequence) -> None:
+        self.finish(sequence, "abort")

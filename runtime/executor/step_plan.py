@@ -1,7 +1,7 @@
 """A step's plan: everything the model runner needs, fixed when the step is scheduled.
 
 Built on rank 0 from the scheduler's output (`SchedulerOutput.plan`) before the
-scheduler updates any request, it holds only arrays (no `Request`), so the same plan can
+scheduler updates any sequence, it holds only arrays (no `Sequence`), so the same plan can
 be pickled to every tensor-parallel worker and run there unchanged.
 """
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.core.request import Request
-from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
+from kubellm.runtime.core.scheduler import ScheduledSequence, SchedulerOutput
+from kubellm.runtime.core.sequence import Sequence
 from kubellm.runtime.executor.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kubellm.runtime.executor.step_plan import StepPlan
 from tests.helpers import TRITON_DEVICE
@@ -34,9 +34,9 @@ def _decode_step(requests: list[tuple[int, list[int]]]) -> StepPlan:
     scheduled = []
     for i, (seq_len, blocks) in enumerate(requests):
         tokens = [(31 * i + 7 * j) % 200 + 1 for j in range(seq_len)]
-        request = Request(f"r{i}", tokens, SamplingParams(max_tokens=1), frozenset(), 512)
+        request = Sequence(f"r{i}", tokens, SamplingParams(max_tokens=1), frozenset(), 512)
         request.num_computed_tokens, request.block_ids = seq_len - 1, blocks
-        scheduled.append(ScheduledRequest(request, 1))
+        scheduled.append(ScheduledSequence(request, 1))
     return SchedulerOutput(scheduled).plan(16)
 
 

@@ -186,7 +186,7 @@ def test_an_aborted_leader_releases_its_waiting_siblings(tiny_model_dir):
         "g", *engine.admission.admit([prompt], SamplingParams(n=3, max_tokens=2, ignore_eos=True))
     )
     engine.step()
-    assert [r.request_id for r in engine.scheduler.waiting] == ["g#1", "g#2"]
+    assert [r.sequence_id for r in engine.scheduler.waiting] == ["g#1", "g#2"]
     leader = engine.scheduler.running[0]
     engine.scheduler.abort(leader)
     for _ in range(20):

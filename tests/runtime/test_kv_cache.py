@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from kubellm.runtime.core.kv_cache import KVCacheManager
-from kubellm.runtime.core.request import Request
 from kubellm.runtime.core.sampling_params import SamplingParams
+from kubellm.runtime.core.sequence import Sequence
 
 
-def make_request(request_id: str, tokens: list[int]) -> Request:
-    return Request(request_id, tokens, SamplingParams(max_tokens=8), frozenset(), 1024)
+def make_request(request_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id, tokens, SamplingParams(max_tokens=8), frozenset(), 1024)
 
 
-def admit(kv: KVCacheManager, request: Request) -> int:
+def admit(kv: KVCacheManager, request: Sequence) -> int:
     """Admit like the scheduler does and 'compute' the whole prompt; return cached tokens."""
     cached = kv.find_cached_prefix(request)
     num_cached = len(cached) * kv.block_size

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.core.request import Request
-from kubellm.runtime.core.scheduler import ScheduledRequest, SchedulerOutput
+from kubellm.runtime.core.scheduler import ScheduledSequence, SchedulerOutput
+from kubellm.runtime.core.sequence import Sequence
 from kubellm.runtime.executor.step_plan import StepPlan, cdiv
 
 from .pins import pinned
@@ -25,10 +25,10 @@ def test_the_profile_plan_is_what_the_scheduler_plans_for_the_largest_step(token
     lengths = [tokens // count + (i < tokens % count) for i in range(count)]
     scheduled, next_block = [], 0
     for i, length in enumerate(lengths):
-        request = Request(f"p{i}", [0] * length, SamplingParams(max_tokens=1), frozenset(), 4096)
+        request = Sequence(f"p{i}", [0] * length, SamplingParams(max_tokens=1), frozenset(), 4096)
         request.block_ids = list(range(next_block, next_block + cdiv(length, block)))
         next_block += len(request.block_ids)
-        scheduled.append(ScheduledRequest(request, length))
+        scheduled.append(ScheduledSequence(request, length))
     expected = SchedulerOutput(scheduled).plan(block)
     assert num_blocks == next_block
     for field in dataclasses.fields(StepPlan):

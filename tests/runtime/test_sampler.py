@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from kubellm.runtime import SamplingParams
-from kubellm.runtime.core.request import Request
 from kubellm.runtime.core.sampler import Sampler, _apply_penalties, filtered_probs
+from kubellm.runtime.core.sequence import Sequence
 
 
-def req(prompt=(1, 2, 3), outputs=(), seed=None, eos=(), **params) -> Request:
-    r = Request("r", list(prompt), SamplingParams(**params), frozenset(eos), 4096, seed)
+def req(prompt=(1, 2, 3), outputs=(), seed=None, eos=(), **params) -> Sequence:
+    r = Sequence("r", list(prompt), SamplingParams(**params), frozenset(eos), 4096, seed)
     r.token_ids.extend(outputs)
     return r
 

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubellm.runtime.core.kv_cache import KVCacheManager
-from kubellm.runtime.core.request import Request, RequestStatus
 from kubellm.runtime.core.sampling_params import SamplingParams
 from kubellm.runtime.core.scheduler import Scheduler
+from kubellm.runtime.core.sequence import Sequence, SequenceStatus
 
 from .invariants import check_all_free, check_kv_consistent
 
@@ -59,7 +59,7 @@ def test_random_workloads_keep_the_cache_consistent_and_finish(w):
         ]
         params = SamplingParams(max_tokens=max_tokens)
         requests.append(
-            (Request(f"r{i}", prompt, params, frozenset([EOS]), MAX_MODEL_LEN), arrival, abort_at)
+            (Sequence(f"r{i}", prompt, params, frozenset([EOS]), MAX_MODEL_LEN), arrival, abort_at)
         )
 
     for step in range(2000):
@@ -74,7 +74,7 @@ def test_random_workloads_keep_the_cache_consistent_and_finish(w):
         assert all(s.num_new_tokens >= 1 for s in out.scheduled)
         check_kv_consistent(kv, scheduler)
         sampled = {
-            s.request.request_id: rng.choice([EOS, 7, 8, 9]) for s in out.scheduled if s.samples
+            s.sequence.sequence_id: rng.choice([EOS, 7, 8, 9]) for s in out.scheduled if s.samples
         }
         advanced = scheduler.update(out, sampled)
         scheduler.remove_finished(advanced)
@@ -83,7 +83,7 @@ def test_random_workloads_keep_the_cache_consistent_and_finish(w):
             break
     assert not scheduler.has_unfinished(), "requests left unfinished"
     for request, _, _ in requests:
-        assert request.status is RequestStatus.FINISHED
+        assert request.status is SequenceStatus.FINISHED
         assert request.finish_reason in ("stop", "length", "abort")
         if request.finish_reason != "abort":
             assert 1 <= request.num_output_tokens <= request.params.max_tokens
@@ -93,15 +93,15 @@ def test_random_workloads_keep_the_cache_consistent_and_finish(w):
 def test_preemption_takes_the_most_recently_admitted_request():
     kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
     scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=64)
-    old = Request("old", list(range(1, 9)), SamplingParams(max_tokens=16), frozenset(), 64)
-    new = Request("new", list(range(1, 9)), SamplingParams(max_tokens=16), frozenset(), 64)
+    old = Sequence("old", list(range(1, 9)), SamplingParams(max_tokens=16), frozenset(), 64)
+    new = Sequence("new", list(range(1, 9)), SamplingParams(max_tokens=16), frozenset(), 64)
     scheduler.add(old)
     scheduler.add(new)
     out = scheduler.schedule()  # both prefills fit: 2 blocks each
-    assert [s.request.request_id for s in out.scheduled] == ["old", "new"]
+    assert [s.sequence.sequence_id for s in out.scheduled] == ["old", "new"]
     scheduler.update(out, {"old": 5, "new": 5})  # 9 tokens each: the 9th needs a 3rd block
     out = scheduler.schedule()  # each decode needs a third block; only one can get it
-    assert [r.request_id for r in out.preempted] == ["new"]
-    assert [s.request.request_id for s in out.scheduled] == ["old"]
-    assert new.status is RequestStatus.PREEMPTED and scheduler.waiting[0] is new
+    assert [r.sequence_id for r in out.preempted] == ["new"]
+    assert [s.sequence.sequence_id for s in out.scheduled] == ["old"]
+    assert new.status is SequenceStatus.PREEMPTED and scheduler.waiting[0] is new
     assert new.num_computed_tokens == 0 and new.block_ids == []
