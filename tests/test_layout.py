@@ -169,16 +169,28 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+def _engine_modules_reached(graph: dict[str, set[str]], module: str) -> set[str]:
+    return {m for m in _reachable(graph, module) if m.rsplit(".", 1)[-1] in ENGINE_MODULES}
+
+
 def test_below_the_executor_nothing_imports_an_engine_type():
     """Directly or through another module (as the runner once did through its memory
     profile, which built requests to fake a schedule)."""
     graph = _runtime_graph()
     for entry in EXECUTOR:
-        target = RUNTIME / entry
-        for path in [target] if target.is_file() else sorted(target.rglob("*.py")):
-            reached = _reachable(graph, _module_name(path))
-            engine = {m for m in reached if m.rsplit(".", 1)[-1] in ENGINE_MODULES}
+        for path in sorted((RUNTIME / entry).rglob("*.py")):
+            engine = _engine_modules_reached(graph, _module_name(path))
             assert not engine, f"{path.relative_to(ROOT)} imports {sorted(engine)}"
+
+
+def test_the_engine_type_check_sees_an_import_through_another_module():
+    graph = {
+        "kubellm.runtime.executor.model_runner": {"kubellm.runtime.model.llama"},
+        "kubellm.runtime.model.llama": {"kubellm.runtime.core.sequence"},
+        "kubellm.runtime.core.sequence": set(),
+    }
+    reached = _engine_modules_reached(graph, "kubellm.runtime.executor.model_runner")
+    assert reached == {"kubellm.runtime.core.sequence"}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

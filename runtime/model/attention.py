@@ -108,7 +108,9 @@ class AttentionMetadata:
     def _decodes(self, requests: list[int], blocks: int) -> TokenQueries:
         """Decoding requests (one new token each) as queries over their first `blocks`."""
         starts, seq_lens = self.query_start_loc[:-1].long(), self.seq_lens.long()
-        tables = self.block_tables[:, :blocks]
+        tables = self.block_tables
+        if blocks < tables.shape[1]:
+            tables = tables[:, :blocks]
         if len(requests) == len(self.query_lens_cpu):
             return TokenQueries(requests, starts, seq_lens, tables)
         index = torch.tensor(requests, device=self.seq_lens.device)
