@@ -35,13 +35,13 @@ def decode_plan(llm: LLM, batch: int, rng: random.Random):
     """A decode step of `batch` requests 24 tokens into their replies."""
     runner = llm.engine.runner
     plans = []
-    execute = runner.execute
-    runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    launch = runner.launch
+    runner.launch = lambda plan: plans.append(plan) or launch(plan)
     prompts = [
         [rng.randrange(100, 40000) for _ in range(rng.randint(16, 256))] for _ in range(batch)
     ]
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=26, ignore_eos=True))
-    runner.execute = execute
+    runner.launch = launch
     return next(p for p in reversed(plans) if len(p.input_ids) == batch)
 
 

@@ -126,7 +126,14 @@ ENGINE = _obj(
         "maxNumSeqs": _int("Most requests in one batch", 256, minimum=1),
         "maxNumBatchedTokens": _int("Token budget of one step", 2048, minimum=1),
         "enablePrefixCaching": _bool("Reuse KV blocks of shared prompt prefixes", True),
-        "tensorParallelSize": _int("GPUs one replica spreads the model over", 1, minimum=1),
+        "tensorParallelSize": _int(
+            "GPUs each pipeline stage of one replica spreads its layers over", 1, minimum=1
+        ),
+        "pipelineParallelSize": _int(
+            "Stages one replica splits the model's layers into (each tensorParallelSize GPUs)",
+            1,
+            minimum=1,
+        ),
         "dtype": _str(
             "Weights and activations", "auto", enum=["auto", "float32", "float16", "bfloat16"]
         ),
@@ -315,13 +322,16 @@ SPEC = _obj(
     **{
         "x-kubernetes-validations": [
             {
-                "rule": "self.resources.gpus == 0 || "
-                "self.engine.tensorParallelSize <= self.resources.gpus",
-                "message": "engine.tensorParallelSize cannot exceed resources.gpus",
+                "rule": "self.resources.gpus == 0 || self.engine.tensorParallelSize * "
+                "self.engine.pipelineParallelSize <= self.resources.gpus",
+                "message": "engine.tensorParallelSize x engine.pipelineParallelSize (one "
+                "replica's ranks, one GPU each) cannot exceed resources.gpus: a replica "
+                "runs in one pod",
             },
             {
-                "rule": "self.resources.gpus > 0 || self.engine.tensorParallelSize == 1",
-                "message": "tensor parallelism needs GPUs (resources.gpus)",
+                "rule": "self.resources.gpus > 0 || (self.engine.tensorParallelSize == 1 && "
+                "self.engine.pipelineParallelSize == 1)",
+                "message": "tensor and pipeline parallelism need GPUs (resources.gpus)",
             },
             {
                 "rule": "!has(self.autoscaling) || self.autoscaling.minReplicas > 0 || "

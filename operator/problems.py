@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kubellm.operator.builders.deployment import ranks_of
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.source import SourceURI
 
@@ -43,23 +44,27 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
     except ValueError as exc:
         return [Problem("InvalidModelSource", str(exc))]
     gpus = spec["resources"]["gpus"]
-    tensor_parallel = spec["engine"]["tensorParallelSize"]
+    engine = spec["engine"]
+    ranks = ranks_of(spec)
+    layout = f"engine.tensorParallelSize {engine['tensorParallelSize']}"
+    if engine["pipelineParallelSize"] > 1:
+        layout += f" x engine.pipelineParallelSize {engine['pipelineParallelSize']}"
     problems = []
-    if tensor_parallel > max(gpus, 1) or (gpus == 0 and tensor_parallel > 1):
+    if ranks > max(gpus, 1) or (gpus == 0 and ranks > 1):
         problems.append(
             Problem(
                 "TooFewGPUs",
-                f"engine.tensorParallelSize is {tensor_parallel} but resources.gpus is {gpus}: "
-                f"each rank needs a GPU of its own; set resources.gpus to {tensor_parallel} "
-                f"or lower engine.tensorParallelSize",
+                f"{layout} is {ranks} ranks but resources.gpus is {gpus}: each rank needs a "
+                f"GPU of its own in the replica's pod; set resources.gpus to {ranks} or "
+                f"lower the parallel sizes",
             )
         )
-    elif gpus > tensor_parallel:
+    elif gpus > ranks:
         problems.append(
             Problem(
                 "GPUsUnused",
-                f"resources.gpus is {gpus} but engine.tensorParallelSize is {tensor_parallel}: "
-                f"{gpus - tensor_parallel} GPU(s) per pod would sit idle",
+                f"resources.gpus is {gpus} but {layout} is {ranks} ranks: "
+                f"{gpus - ranks} GPU(s) per pod would sit idle",
             )
         )
     return problems + autoscaling_problems(spec)

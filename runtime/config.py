@@ -65,6 +65,14 @@ class ModelConfig:
                 f"choose one of {sizes}"
             )
 
+    def check_pipeline_parallel(self, stages: int) -> None:
+        """Raise ValueError, naming the numbers, unless every stage gets a layer."""
+        if stages > self.num_layers:
+            raise ValueError(
+                f"pipeline_parallel_size {stages} is more than this model's "
+                f"{self.num_layers} layers: choose at most {self.num_layers}"
+            )
+
     def _indivisible(self, size: int) -> list[str]:
         problems = []
         if self.num_heads % size:
@@ -128,7 +136,7 @@ class EngineConfig:
         1, "ranks one model is split over (GPUs on CUDA, processes on CPU)"
     )
     pipeline_parallel_size: int = setting(
-        1, "only 1: kubellm runs a model within one pod (use tensor parallelism over its GPUs)"
+        1, "stages the model's layers are split into, each over tensor_parallel_size ranks"
     )
     max_num_seqs: int = setting(256, "most requests in one batch")
     max_num_batched_tokens: int = setting(
@@ -166,7 +174,8 @@ class EngineConfig:
     seed: int = setting(0, "seed of the unseeded requests' sampling")
 
     def __post_init__(self) -> None:
-        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+        positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
+        positive += ("tensor_parallel_size", "pipeline_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -189,12 +198,6 @@ class EngineConfig:
     def _refuse_what_kubellm_does_differently(self) -> None:
         """vLLM settings users copy whose meaning kubellm does not have: refused, saying
         what kubellm does instead (never accepted and ignored)."""
-        if self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"pipeline_parallel_size {self.pipeline_parallel_size} is not supported: kubellm "
-                f"serves a model within one pod; split it over that pod's GPUs with "
-                f"tensor_parallel_size instead"
-            )
         if self.swap_space:
             raise ValueError(
                 f"swap_space {self.swap_space:g} is not supported: kubellm preempts by "
@@ -202,6 +205,11 @@ class EngineConfig:
                 f"so little is recomputed), not by swapping KV blocks to host memory; drop "
                 f"--swap-space"
             )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The context length to serve: the model's own unless asked for less."""

@@ -39,6 +39,7 @@ ENGINE_ENV = {
     "maxNumBatchedTokens": "KUBELLM_MAX_NUM_BATCHED_TOKENS",
     "enablePrefixCaching": "KUBELLM_ENABLE_PREFIX_CACHING",
     "tensorParallelSize": "KUBELLM_TENSOR_PARALLEL_SIZE",
+    "pipelineParallelSize": "KUBELLM_PIPELINE_PARALLEL_SIZE",
     "dtype": "KUBELLM_DTYPE",
     "quantization": "KUBELLM_QUANTIZATION",
     "toolCallParser": "KUBELLM_TOOL_CALL_PARSER",
@@ -79,11 +80,16 @@ def rollout(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: chosen.get(k) if chosen.get(k) is not None else v for k, v in defaults.items()}
 
 
+def ranks_of(spec: dict[str, Any]) -> int:
+    """The ranks of one replica (tensor-parallel ranks x pipeline stages): a GPU each."""
+    return spec["engine"]["tensorParallelSize"] * spec["engine"]["pipelineParallelSize"]
+
+
 def shm_size(spec: dict[str, Any]) -> str:
     if spec["shm"].get("sizeLimit"):
         return spec["shm"]["sizeLimit"]
-    tensor_parallel = spec["engine"]["tensorParallelSize"]
-    return "1Gi" if tensor_parallel == 1 else f"{8 * tensor_parallel}Gi"
+    ranks = ranks_of(spec)
+    return "1Gi" if ranks == 1 else f"{8 * ranks}Gi"
 
 
 def _pod_template(name: str, spec: dict[str, Any], image: str) -> dict[str, Any]:

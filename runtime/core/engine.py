@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -18,7 +19,7 @@ from kubellm.runtime.core.sampler import Sampler, draw_worst_case, score_tokens
 from kubellm.runtime.core.scheduler import Scheduler, SchedulerOutput
 from kubellm.runtime.core.sequence import Sequence, TokenLogprobs
 from kubellm.runtime.core.structured_output import GrammarCompiler
-from kubellm.runtime.executor.distributed import SINGLE_RANK
+from kubellm.runtime.executor.distributed import SINGLE_PROCESS
 from kubellm.runtime.executor.model_runner import ModelRunner
 from kubellm.runtime.executor.platform import choose_platform
 from kubellm.runtime.executor.step_plan import StepPlan
@@ -30,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     """Rank 0: the scheduler, the sampler, the detokenizers and the requests. With
-    `tensor_parallel_size` N it starts N - 1 worker processes that run the other shards."""
+    `tensor_parallel_size` T and `pipeline_parallel_size` P it starts T x P - 1 worker
+    processes that run the other shards and stages."""
 
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
@@ -38,14 +40,15 @@ class LLMEngine:
         source = resolve(config.model, config.revision, config.download_dir, config.quantization)
         self.model_config = source.config
         source.config.check_tensor_parallel(config.tensor_parallel_size)
+        source.config.check_pipeline_parallel(config.pipeline_parallel_size)
         platform = choose_platform(config, source.stays_quantized)
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = config.resolve_max_model_len(source.config)
-        self.workers = self._start_workers(config, platform)
+        self.workers = self._start_workers(config, platform, source.config.num_layers)
         try:
-            tp = self.workers.tp if self.workers else SINGLE_RANK
+            parallel = self.workers.parallel if self.workers else SINGLE_PROCESS
             self.runner = ModelRunner(
-                config, source, self.max_model_len, platform, tp, draw=draw_worst_case
+                config, source, self.max_model_len, platform, parallel, draw=draw_worst_case
             )
         except BaseException:
             if self.workers:
@@ -65,10 +68,13 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed, self.grammars)
         self._requests: dict[str, Request] = {}
+        self._in_flight: deque[tuple[SchedulerOutput, StepPlan]] = deque()  # launched, in order
+        self.batches_in_flight = config.pipeline_parallel_size  # one per stage (1: no overlap)
         self._sequences: dict[str, tuple[Request, int]] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d); KV cache: "
+            "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d, %d stages); KV "
+            "cache: "
             "%d blocks x %d tokens = %d tokens",
             config.model,
             self.load_seconds,
@@ -76,21 +82,22 @@ class LLMEngine:
             platform.name,
             str(platform.dtype).removeprefix("torch."),
             config.tensor_parallel_size,
+            config.pipeline_parallel_size,
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
         )
 
     @staticmethod
-    def _start_workers(config: EngineConfig, platform) -> WorkerGroup | None:
-        if config.tensor_parallel_size == 1:
+    def _start_workers(config: EngineConfig, platform, num_layers: int) -> WorkerGroup | None:
+        if config.world_size == 1:
             return None
         if torch.distributed.is_initialized():
             raise ValueError(
                 "a tensor-parallel engine is already running in this process: shut it down "
                 "(LLM.shutdown()) before starting another"
             )
-        return WorkerGroup(config, platform)
+        return WorkerGroup(config, platform, num_layers)
 
     def on_worker_lost(self, callback: Callable[[str], None]) -> None:
         """Have `callback(reason)` called (from another thread) if a worker process dies."""
@@ -160,11 +167,22 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------
 
     def step(self) -> list[StepDelta]:
-        """Run one batch; return what each sequence that got a token gained."""
-        out = self.scheduler.schedule()
-        if not out.scheduled:
+        """Finish one batch; return what each sequence that got a token gained. With
+        several pipeline stages up to one batch per stage is in flight: new ones are
+        launched (of sequences not in flight) before the oldest is collected."""
+        while len(self._in_flight) < self.batches_in_flight:
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                break
+            plan = out.plan(self.config.block_size)
+            if self.workers:
+                self.workers.send("execute", plan)
+            self.runner.launch(plan)
+            self._in_flight.append((out, plan))
+        if not self._in_flight:
             return []
-        logits, prompt_logits = self._execute(out.plan(self.config.block_size))
+        out, plan = self._in_flight.popleft()
+        logits, prompt_logits = self.runner.collect(plan)
         if prompt_logits is not None:
             self._record_prompt_logprobs(out, prompt_logits)
         to_sample = [s.sequence for s in out.scheduled if s.samples]
@@ -215,12 +233,6 @@ class LLMEngine:
                 queue_seconds=sequence.queue_seconds,
                 error=f"{type(exc).__name__}: {exc}",
             )
-
-    def _execute(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every rank runs the plan; rank 0 gets the logits."""
-        if self.workers:
-            self.workers.send("execute", plan)
-        return self.runner.execute(plan)
 
     @staticmethod
     def _record_prompt_logprobs(out: SchedulerOutput, prompt_logits: torch.Tensor) -> None:

@@ -99,6 +99,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # all tokens run through the model, prefill and decode
+        # Sequences of batches scheduled but not yet updated (pipeline stages run several
+        # at once): never scheduled again, nor preempted, until their batch is back.
+        self.in_flight: set[int] = set()
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -111,23 +114,36 @@ class Scheduler:
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        self.in_flight.update(id(item.sequence) for item in out.scheduled)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
+            index += 1
+            if id(sequence) in self.in_flight:
+                continue
             num_new = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
             while not self.kv.allocate_slots(sequence, num_new):
-                victim = self.running.pop()
+                victim = self._victim()
+                if victim is None:  # the others are in flight: wait for their batches
+                    return budget
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is sequence:
                     return budget
             out.scheduled.append(ScheduledSequence(sequence, num_new))
             budget -= num_new
-            index += 1
         return budget
+
+    def _victim(self) -> Sequence | None:
+        """The most recently admitted running sequence not in flight, taken out of
+        `running`; None if there is none."""
+        for index in range(len(self.running) - 1, -1, -1):
+            if id(self.running[index]) not in self.in_flight:
+                return self.running.pop(index)
+        return None
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -166,6 +182,9 @@ class Scheduler:
         advanced = []
         for item in out.scheduled:
             sequence = item.sequence
+            self.in_flight.discard(id(sequence))
+            if sequence.is_finished:  # aborted while its batch was in flight
+                continue
             sequence.num_computed_tokens += item.num_new_tokens
             self.num_computed_tokens += item.num_new_tokens
             self.kv.cache_full_blocks(sequence)

@@ -1,14 +1,19 @@
-"""The tensor-parallel group a rank belongs to, passed explicitly to the layers that use it.
+"""A rank's place among the engine's processes, passed explicitly to what uses it: its
+tensor-parallel group (the layers' collectives) and its pipeline stage (hidden states in
+from the stage before, out to the stage after).
 
-Ranks join one `torch.distributed` group: NCCL on CUDA (rank r on GPU r), gloo on CPU.
-Its rendezvous is a TCPStore that rank 0 opens on a free port (port 0: the kernel picks
-it), so two engines on one host never collide and nothing is left behind by a crash.
+Ranks join one `torch.distributed` world: NCCL on CUDA (rank r on GPU r), gloo on CPU.
+With T ranks per stage and P stages, rank r is tensor-parallel rank r % T of stage r // T;
+a stage's T ranks have a group of their own when there are several stages. The
+rendezvous is a TCPStore that rank 0 opens on a free port (port 0: the kernel picks it),
+so two engines on one host never collide and nothing is left behind by a crash.
 """
 
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,20 +25,22 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in the group: layers shard by `rank` and `size`."""
+    """This rank's place in its stage's group: layers shard by `rank` and `size`."""
 
     rank: int = 0
     size: int = 1
+    group: Any = None  # the stage's process group; None: the whole world (one stage)
+    first: int = 0  # the world rank of the group's rank 0
 
     @property
     def is_driver(self) -> bool:
-        """Rank 0: the engine's own process, which samples."""
+        """The group's rank 0, which gathers the logits."""
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, group=self.group)
         return x
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -42,16 +49,8 @@ class TensorParallel:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_driver else None
-        dist.gather(x, parts, dst=0)
+        dist.gather(x, parts, dst=self.first, group=self.group)
         return torch.cat(parts, dim=-1) if self.is_driver else None
-
-    def min(self, value: int) -> int:
-        """The smallest `value` over the ranks (e.g. the KV block count they all can hold)."""
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
 
     def shard(self, total: int) -> tuple[int, int]:
         """(start, size) of this rank's equal share of `total` items."""
@@ -60,6 +59,100 @@ class TensorParallel:
 
 
 SINGLE_RANK = TensorParallel()  # no tensor parallelism: every collective is a no-op
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """This rank's stage: which decoder layers it holds, and its peers (the ranks of the
+    same tensor-parallel rank) in the stages before and after it."""
+
+    index: int = 0
+    size: int = 1
+    layers: range = range(0)  # empty: every layer (one stage)
+    stride: int = 1  # ranks per stage (T): a peer is this many world ranks away
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.size - 1
+
+    def holds(self, layer: int) -> bool:
+        return not self.layers or layer in self.layers
+
+    def send(self, tensors: tuple[torch.Tensor, ...]) -> list[Any]:
+        """To this rank's peer in the next stage, in order, without waiting: the works to
+        wait on (the tensors, contiguous, must live until then). Not waiting lets rank 0 start its
+        next batch, and collect an earlier one's logits, while the peer is still busy."""
+        peer = dist.get_rank() + self.stride
+        return [dist.isend(t, dst=peer) for t in tensors]
+
+    def receive(self, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """From this rank's peer in the stage before: tensors shaped as `like`'s."""
+        peer = dist.get_rank() - self.stride
+        for t in like:
+            dist.recv(t, src=peer)
+        return like
+
+
+ONE_STAGE = PipelineStage()
+
+
+def stage_layers(num_layers: int, stages: int, index: int) -> range:
+    """Stage `index`'s contiguous layers, as vLLM splits them: evenly, and where they do
+    not divide, one more each for the stages just before the last (the last stage also
+    runs the output head, the first the embedding)."""
+    counts = [num_layers // stages] * stages
+    for i in range(2, num_layers % stages + 2):
+        counts[-i] += 1
+    start = sum(counts[:index])
+    return range(start, start + counts[index])
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """A rank's place among the engine's processes: its world rank, its tensor-parallel
+    group and its pipeline stage. World rank 0 is the engine's own process: it schedules,
+    and the last stage sends it the logits to sample."""
+
+    rank: int = 0
+    world_size: int = 1
+    tp: TensorParallel = SINGLE_RANK
+    pp: PipelineStage = ONE_STAGE
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def min(self, value: int) -> int:
+        """The smallest `value` over every rank (the KV block count they all can hold)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def logits_to_driver(self, logits: torch.Tensor | None, rows: int, vocab: int):
+        """The step's logits where the sampler is (world rank 0): sent there by the last
+        stage's first rank when the stages are several; None on every other rank."""
+        if self.pp.size == 1:
+            return logits if self.is_driver else None
+        if rows == 0:
+            return torch.empty(0, vocab, device=_collective_device()) if self.is_driver else None
+        sender = (self.pp.size - 1) * self.pp.stride
+        if self.rank == sender:
+            dist.send(logits.contiguous(), dst=0)
+            return None
+        if not self.is_driver:
+            return None
+        received = torch.empty(rows, vocab, device=_collective_device())
+        dist.recv(received, src=sender)
+        return received
+
+
+SINGLE_PROCESS = Parallel()
 
 
 def open_store(world_size: int) -> dist.TCPStore:
@@ -79,11 +172,13 @@ def join_group(
     world_size: int,
     port: int,
     device: torch.device,
+    layout: tuple[int, int, int],
     store: dist.TCPStore | None = None,
     ready_key: str | None = None,
-) -> TensorParallel:
-    """Join the group. Workers connect to rank 0's store on `port` and first set
-    `ready_key` in it, so rank 0 knows they are alive before it waits in the rendezvous."""
+) -> Parallel:
+    """Join the world; `layout`: (tensor-parallel size, stages, the model's layers). Workers
+    connect to rank 0's store on `port` and first set `ready_key` in it, so rank 0 knows
+    they are alive before it waits in the rendezvous."""
     if store is None:
         store = dist.TCPStore(
             "127.0.0.1", port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT
@@ -96,7 +191,22 @@ def join_group(
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
     )
-    return TensorParallel(rank, world_size)
+    return place(rank, world_size, *layout)
+
+
+def place(rank: int, world_size: int, tp_size: int, stages: int, num_layers: int) -> Parallel:
+    """Rank `rank`'s Parallel. Every rank makes every stage's group, in the same order
+    (`new_group` is collective), and keeps its own."""
+    index, tp_rank = divmod(rank, tp_size)
+    group = None
+    if stages > 1 and tp_size > 1:
+        groups = [
+            dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(stages)
+        ]
+        group = groups[index]
+    tp = TensorParallel(tp_rank, tp_size, group, index * tp_size)
+    layers = stage_layers(num_layers, stages, index) if stages > 1 else range(0)
+    return Parallel(rank, world_size, tp, PipelineStage(index, stages, layers, tp_size))
 
 
 def leave_group() -> None:

@@ -11,13 +11,21 @@ rank 0's sampler reaches the profiling pass only as `draw`, a function of the lo
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import torch
 
 from kubellm.runtime.config import EngineConfig, ModelConfig
 from kubellm.runtime.executor.cuda_graphs import DecodeGraphs, graph_batch_sizes
-from kubellm.runtime.executor.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.executor.distributed import (
+    ONE_STAGE,
+    SINGLE_PROCESS,
+    SINGLE_RANK,
+    Parallel,
+    PipelineStage,
+    TensorParallel,
+)
 from kubellm.runtime.executor.platform import Platform
 from kubellm.runtime.executor.step_plan import StepPlan
 from kubellm.runtime.model.attention import AttentionMetadata
@@ -36,46 +44,55 @@ class ModelRunner:
         source: ModelSource,
         max_model_len: int,
         platform: Platform,
-        tp: TensorParallel = SINGLE_RANK,
+        parallel: Parallel = SINGLE_PROCESS,
         draw: Callable[[torch.Tensor], list[int]] | None = None,
     ) -> None:
         """`draw`: rank 0's sampler at its most demanding, run on the profiling pass's
         logits so that the KV pool leaves room for it too."""
-        self.config, self.tp, self.max_model_len = config, tp, max_model_len
+        self.config, self.parallel, self.max_model_len = config, parallel, max_model_len
         self.draw = draw
         self.block_size = config.block_size
-        self.device = platform.device_of(tp.rank, tp.size)
+        self.device = platform.device_of(parallel.rank, parallel.world_size)
         self.dtype, self.kv_dtype = platform.dtype, platform.kv_dtype
         layouts = source.layouts(packed_vocabulary=platform.packs_vocabulary)
-        self.model = build_model(source.config, max_model_len, platform, self.device, tp, layouts)
+        self.model = build_model(
+            source.config, max_model_len, platform, self.device, parallel.tp, layouts, parallel.pp
+        )
         load_weights(self.model, source.tensors())
         platform.prepare(self.model)
         logger.info(
-            "rank %d weights: %.0f MiB resident", tp.rank, resident_bytes(self.model) / 2**20
+            "rank %d weights: %.0f MiB resident",
+            parallel.rank,
+            resident_bytes(self.model) / 2**20,
         )
         self.kv_caches: list[torch.Tensor] = []
-        self.num_blocks = tp.min(config.num_kv_blocks or self._blocks_from_memory())
+        self._logits: deque[torch.Tensor | None] = deque()  # launched steps', last stage
+        self._sending: tuple = ((), None)  # the last sends' works and their tensors
+        self.num_blocks = parallel.min(config.num_kv_blocks or self._blocks_from_memory())
         config.check_pool_fits(max_model_len, self.num_blocks)
         self.kv_caches = self.allocate_kv(self.num_blocks)
         self.decode_graphs: DecodeGraphs | None = None
         attention = self.model.attention_backend
-        if not config.enforce_eager and platform.captures_cuda_graphs(attention):
+        if parallel.pp.size > 1 and platform.captures_cuda_graphs(attention):
+            logger.info("no CUDA graphs: not yet captured per pipeline stage")
+        elif not config.enforce_eager and platform.captures_cuda_graphs(attention):
             self._capture_decode_graphs()
 
     def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
         """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""
-        attention = self.model.layers[0].self_attn
+        attention = self.model.held_layers[0].self_attn
         shape = (2, num_blocks, self.block_size, attention.num_kv_heads, attention.head_dim)
         # Zeros, not empty: masked-out slots are still multiplied by zero weights.
         return [
-            torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in self.model.layers
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            for _ in self.model.held_layers
         ]
 
     def kv_block_bytes(self) -> int:
         """Bytes one block of `allocate_kv`'s caches takes on this rank, over all layers."""
-        attention = self.model.layers[0].self_attn
+        attention = self.model.held_layers[0].self_attn
         per_layer = 2 * self.block_size * attention.num_kv_heads * attention.head_dim
-        return len(self.model.layers) * per_layer * self.kv_dtype.itemsize
+        return len(self.model.held_layers) * per_layer * self.kv_dtype.itemsize
 
     def _blocks_from_memory(self) -> int:
         """CPU: `kv_cache_memory_gib`. CUDA: what `gpu_memory_utilization` of the device
@@ -92,7 +109,7 @@ class ModelRunner:
         logger.info(
             "rank %d KV pool budget: %.1f GiB (%.0f%% of %.1f GiB, minus %.1f GiB in use and "
             "%.1f GiB of activations at %d tokens over %d sequences)",
-            self.tp.rank,
+            self.parallel.rank,
             budget / 2**30,
             100 * self.config.gpu_memory_utilization,
             total / 2**30,
@@ -145,26 +162,53 @@ class ModelRunner:
         graphs.capture()
         self.decode_graphs = graphs
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """On rank 0: fp32 logits of the sampling rows [num_sampling, vocab] in plan
-        order, and of the prompt rows to score (None when there are none). On the other
-        ranks (None, None): their shards of the logits went to rank 0."""
+        """`launch` then `collect`: what every rank but the engine's runs for each plan."""
+        self.launch(plan)
+        return self.collect(plan)
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> None:
+        """Run this rank's stage of a step: on what the stage before sent (after the
+        first), into the stage after (before the last; sent without waiting) or into
+        logits held for `collect` (the last stage)."""
         input_ids, positions, meta = self._inputs(plan)
+        stage = self.parallel.pp
+        carried = None if stage.is_first else stage.receive(self._carried_like(len(input_ids)))
         if self.decode_graphs is not None and self.decode_graphs.covers(meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
         else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta, carried)
+        if stage.is_last:
+            rows = self._tensor(plan.logits_indices)
+            if len(plan.prompt_indices):
+                rows = torch.cat([rows, self._tensor(plan.prompt_indices)])
+            self._logits.append(self.model.compute_logits(hidden[rows]))  # one gather
+        else:
+            for work in self._sending[0]:
+                work.wait()
+            hidden = tuple(t.contiguous() for t in hidden)
+            self._sending = (stage.send(hidden), hidden)
+
+    def collect(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The oldest launched step's logits. On rank 0: fp32 logits of the sampling rows
+        [num_sampling, vocab] in plan order, and of the prompt rows to score (None when
+        there are none); the last stage sent them when the stages are several. On the
+        other ranks (None, None)."""
+        logits = self._logits.popleft() if self.parallel.pp.is_last else None
         num_sampling = len(plan.logits_indices)
-        rows = self._tensor(plan.logits_indices)
-        if len(plan.prompt_indices):
-            rows = torch.cat([rows, self._tensor(plan.prompt_indices)])
-        logits = self.model.compute_logits(hidden[rows])  # one gather for both kinds of rows
+        num_rows = num_sampling + len(plan.prompt_indices)
+        logits = self.parallel.logits_to_driver(logits, num_rows, self.model.config.vocab_size)
         if logits is None:
             return None, None
         if not len(plan.prompt_indices):
             return logits, None
         return logits[:num_sampling], logits[num_sampling:]
+
+    def _carried_like(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for the stage before's hidden states and residual."""
+        shape = (num_tokens, self.model.config.hidden_size)
+        return tuple(torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(2))
 
     def _inputs(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         seq_lens = plan.seq_lens.tolist()
@@ -195,12 +239,19 @@ def build_model(
     device: torch.device,
     tp: TensorParallel = SINGLE_RANK,
     layouts: WeightLayouts = all_dense,
+    stage: PipelineStage = ONE_STAGE,
 ) -> LlamaForCausalLM:
     """This rank's shard of the model with uninitialized weights (the loader fills them),
     its attention and layer ops the platform's."""
     with torch.device("meta"):
         model = LlamaForCausalLM(
-            cfg, max_positions, platform.attention(), tp, layouts, platform.layer_ops()
+            cfg,
+            max_positions,
+            platform.attention(),
+            tp,
+            layouts,
+            platform.layer_ops(),
+            stage,
         )
     model = model.to_empty(device=device).to(platform.dtype).eval()
     model.tie_weights()

@@ -1,4 +1,5 @@
-"""Tensor-parallel workers: ranks 1..N-1 as processes of their own, driven by rank 0.
+"""Workers: ranks 1..N-1 (tensor-parallel shards and pipeline stages) as processes of their
+own, driven by rank 0.
 
 The engine (rank 0) spawns them; each joins the group, builds its own `ModelRunner` (the
 same code as rank 0's, on its shard) and then runs whatever rank 0 sends: a method name
@@ -27,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.executor.distributed import TensorParallel, join_group, leave_group, open_store
+from kubellm.runtime.executor.distributed import Parallel, join_group, leave_group, open_store
 from kubellm.runtime.executor.platform import Platform
 from kubellm.runtime.logs import JSONFormatter, configure_logging
 
@@ -43,8 +44,9 @@ def ready_key(process_name: str) -> str:
 class WorkerGroup:
     """Rank 0's handle on the other ranks; constructing it joins rank 0 to the group."""
 
-    def __init__(self, config: EngineConfig, platform: Platform) -> None:
-        size = config.tensor_parallel_size
+    def __init__(self, config: EngineConfig, platform: Platform, num_layers: int) -> None:
+        size = config.world_size
+        layout = (config.tensor_parallel_size, config.pipeline_parallel_size, num_layers)
         store = open_store(size)
         context = mp.get_context("spawn")
         self.processes: list[mp.process.BaseProcess] = []
@@ -54,9 +56,9 @@ class WorkerGroup:
             receive, send = context.Pipe(duplex=False)
             process = context.Process(
                 target=worker_main,
-                name=f"kubellm-tp-rank{rank}",
+                name=f"kubellm-rank{rank}",
                 daemon=True,
-                args=(config, platform, rank, store.port, receive, _log_settings()),
+                args=(config, platform, layout, rank, store.port, receive, _log_settings()),
             )
             process.start()
             receive.close()
@@ -65,15 +67,15 @@ class WorkerGroup:
         self._finalizer = weakref.finalize(self, _stop, self.processes, self._pipes)
         try:
             self._wait_for_workers(store)
-            self.tp: TensorParallel = join_group(
-                0, size, store.port, platform.device_of(0, size), store
+            self.parallel: Parallel = join_group(
+                0, size, store.port, platform.device_of(0, size), layout, store
             )
         except BaseException:
             self.kill()
             raise
         self._store = store  # kept alive: the workers rendezvous through it
         logger.info(
-            "tensor-parallel group of %d ranks: worker pids %s",
+            "a group of %d ranks: worker pids %s",
             size,
             " ".join(str(pid) for pid in self.pids),
         )
@@ -160,6 +162,7 @@ def _log_settings() -> tuple[str, str]:
 def worker_main(
     config: EngineConfig,
     platform: Platform,
+    layout: tuple[int, int, int],
     rank: int,
     port: int,
     commands: Connection,
@@ -170,18 +173,20 @@ def worker_main(
     from kubellm.runtime.executor.model_runner import ModelRunner
     from kubellm.runtime.model.source import resolve
 
-    size = config.tensor_parallel_size
+    size = config.world_size
     if platform.device.type == "cpu":  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    tp = join_group(
+    parallel = join_group(
         rank,
         size,
         port,
         platform.device_of(rank, size),
+        layout,
         ready_key=ready_key(mp.current_process().name),
     )
     source = resolve(config.model, config.revision, config.download_dir, config.quantization)
-    runner = ModelRunner(config, source, config.resolve_max_model_len(source.config), platform, tp)
+    max_model_len = config.resolve_max_model_len(source.config)
+    runner = ModelRunner(config, source, max_model_len, platform, parallel)
     while True:
         try:
             method, args = pickle.loads(commands.recv_bytes())

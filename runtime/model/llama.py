@@ -15,11 +15,17 @@ import torch
 from torch import nn
 
 from kubellm.runtime.config import ModelConfig
-from kubellm.runtime.executor.distributed import SINGLE_RANK, TensorParallel
+from kubellm.runtime.executor.distributed import (
+    ONE_STAGE,
+    SINGLE_RANK,
+    PipelineStage,
+    TensorParallel,
+)
 from kubellm.runtime.model.attention import AttentionBackend, AttentionMetadata
 from kubellm.runtime.model.layer_ops import TORCH_OPS, LayerOps
 from kubellm.runtime.model.parallel import (
     ColumnParallelLinear,
+    MissingLayer,
     ParallelLMHead,
     Replicated,
     RowParallelLinear,
@@ -153,7 +159,10 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """One rank's shard of the model (the whole model with one rank); `layouts` says
-    which linear layers keep quantized weights (by our module names)."""
+    which linear layers keep quantized weights (by our module names). With several
+    pipeline stages a rank holds its stage's layers only (the others are `MissingLayer`s),
+    the first stage the embedding, and the last the final norm and the output head (and
+    the embedding too when the head is tied to it)."""
 
     def __init__(
         self,
@@ -163,28 +172,40 @@ class LlamaForCausalLM(nn.Module):
         tp: TensorParallel = SINGLE_RANK,
         layouts: WeightLayouts = all_dense,
         ops: LayerOps = TORCH_OPS,
+        stage: PipelineStage = ONE_STAGE,
     ) -> None:
         super().__init__()
         self.config = cfg
         self.ops = ops
         self.tp = tp
+        self.stage = stage
         self.attention_backend = backend
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, tp, layouts("embed_tokens")
+        tied, first, last = cfg.tie_word_embeddings, stage.is_first, stage.is_last
+        self.embed_tokens = (
+            VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp, layouts("embed_tokens"))
+            if first or (tied and last)
+            else MissingLayer()
         )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, backend, tp, layouts, f"layers.{i}.", ops)
+            if stage.holds(i)
+            else MissingLayer()
             for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, layouts(head))
+        self.held_layers = [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if last else MissingLayer()
+        head = "embed_tokens" if tied else "lm_head"
+        self.lm_head = (
+            ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, layouts(head))
+            if last
+            else MissingLayer()
+        )
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head (again after a device move that split them)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and self.stage.is_last:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -193,16 +214,24 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Final hidden states of every new token: [num_tokens, hidden_size]."""
-        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantized: fp32 rows
-        rope = self.rope.tables(positions, x.dtype)  # once for every layer
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of every new token: [num_tokens, hidden_size]. A stage
+        after the first continues from `carried`, the stage before's (hidden states,
+        residual); a stage before the last returns its own (kv_caches: the held layers')."""
+        dtype = self.held_layers[0].input_layernorm.weight.dtype
+        if carried is None:
+            x, residual = self.embed_tokens(input_ids).to(dtype), None  # quantized: fp32 rows
+        else:
+            x, residual = carried
+        rope = self.rope.tables(positions, dtype)  # once for every layer
         step = None
-        if any(layer.whole_decode is not None for layer in self.layers):
+        if any(layer.whole_decode is not None for layer in self.held_layers):
             step = self.ops.decode_step(rope, meta, kv_caches[0], len(input_ids))
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.held_layers, kv_caches):
             x, residual = layer(x, residual, rope, kv_cache, meta, step)
+        if not self.stage.is_last:
+            return x, residual
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -177,6 +177,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.tp.gather_last_dim(_linear(hidden, self.weight))
 
 
+class MissingLayer(nn.Module):
+    """A module another pipeline stage holds: no weights here, and the loader skips its
+    checkpoint tensors."""
+
+
 class Replicated(nn.Module):
     """Mixin for modules every rank holds whole (norms): `load` copies the tensor."""
 

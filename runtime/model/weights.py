@@ -10,6 +10,7 @@ from torch import nn
 
 from kubellm.runtime.model.lazy_tensor import LazyTensor
 from kubellm.runtime.model.llama import LlamaForCausalLM
+from kubellm.runtime.model.parallel import MissingLayer
 
 # HF module suffix -> (our module suffix, part index within the fused projection)
 _FUSED = {
@@ -34,6 +35,8 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, LazyTenso
         if target is None or (tied and target[0] == "lm_head"):
             continue
         module_name, kind, part = target
+        if _elsewhere(modules, module_name):  # another pipeline stage's
+            continue
         if f"{module_name}.{kind}" not in rows_needed:
             raise ValueError(f"weight {hf_name!r} has no place in this model")
         try:
@@ -45,6 +48,13 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterable[tuple[str, LazyTenso
     missing = sorted(name for name, rows in rows_filled.items() if rows < rows_needed[name])
     if missing:
         raise ValueError(f"checkpoint is missing weights: {', '.join(missing[:5])}")
+
+
+def _elsewhere(modules: dict[str, nn.Module], module_name: str) -> bool:
+    """Whether `module_name` is inside a `MissingLayer`: held by another pipeline stage."""
+    parts = module_name.split(".")
+    prefixes = (".".join(parts[:n]) for n in range(1, len(parts) + 1))
+    return any(isinstance(modules.get(prefix), MissingLayer) for prefix in prefixes)
 
 
 def _loadable_rows(modules: dict[str, nn.Module]) -> dict[str, int]:

@@ -130,6 +130,16 @@ def test_engine_settings_and_model_become_kubellm_environment():
     assert _container(pvc)["args"] == ["--x", "1"]
 
 
+def test_a_pipeline_of_stages_runs_in_one_pod_with_a_gpu_per_rank():
+    staged = _children(
+        engine={"tensorParallelSize": 2, "pipelineParallelSize": 2}, resources={"gpus": 4}
+    )
+    env = _env(staged)
+    assert env["KUBELLM_TENSOR_PARALLEL_SIZE"] == "2"
+    assert env["KUBELLM_PIPELINE_PARALLEL_SIZE"] == "2"
+    assert _container(staged)["resources"]["limits"]["nvidia.com/gpu"] == "4"
+
+
 def test_a_pvc_model_is_mounted_read_only():
     children = _children(model={"source": "pvc://models/llama-70b"})
     volumes = {v["name"]: v for v in children["Deployment"]["spec"]["template"]["spec"]["volumes"]}
@@ -154,6 +164,13 @@ def test_hf_models_cache_on_the_claim_mounted_at_hf_home():
         ({}, "1Gi"),
         ({"engine": {"tensorParallelSize": 2}, "resources": {"gpus": 2}}, "16Gi"),
         ({"engine": {"tensorParallelSize": 4}, "resources": {"gpus": 4}}, "32Gi"),
+        (
+            {
+                "engine": {"tensorParallelSize": 2, "pipelineParallelSize": 2},
+                "resources": {"gpus": 4},
+            },
+            "32Gi",
+        ),
         ({"shm": {"sizeLimit": "3Gi"}}, "3Gi"),
     ],
 )

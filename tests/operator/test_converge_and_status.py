@@ -158,6 +158,11 @@ def test_static_problems():
         spec = with_defaults({"resources": {"gpus": gpus}, "engine": {"tensorParallelSize": 4}})
         (problem,) = static_problems(spec)
         assert problem.reason == "TooFewGPUs" and "set resources.gpus to 4" in problem.message
+    staged = {"tensorParallelSize": 2, "pipelineParallelSize": 4}
+    (problem,) = static_problems(with_defaults({"resources": {"gpus": 4}, "engine": staged}))
+    assert problem.reason == "TooFewGPUs"
+    assert "pipelineParallelSize 4 is 8 ranks" in problem.message
+    assert "set resources.gpus to 8" in problem.message
 
 
 def test_bad_autoscaling_is_one_partial_problem_naming_what_to_set():

@@ -136,7 +136,15 @@ def test_every_example_passes_the_cel_rules():
             "set routing.policy to prefix",
         ),
         ({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 4}}, "cannot exceed"),
-        ({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 2}}, "needs GPUs"),
+        (
+            {
+                "resources": {"gpus": 4},
+                "engine": {"tensorParallelSize": 4, "pipelineParallelSize": 2},
+            },
+            "one replica's ranks, one GPU each) cannot exceed resources.gpus",
+        ),
+        ({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 2}}, "need GPUs"),
+        ({"resources": {"gpus": 0}, "engine": {"pipelineParallelSize": 2}}, "need GPUs"),
         ({"model": {"source": "builtin://smollm2-135m-instruct", "revision": "v1"}}, "hf://"),
     ],
 )
@@ -150,5 +158,6 @@ def test_the_cel_rules_allow_what_they_should():
         {"autoscaling": {"minReplicas": 0, "maxReplicas": 1}},  # routed by default
         {"routing": {"policy": "none"}, "autoscaling": {"maxReplicas": 3}},  # min 1
         {"resources": {"gpus": 4}, "engine": {"tensorParallelSize": 4}},
+        {"resources": {"gpus": 8}, "engine": {"tensorParallelSize": 4, "pipelineParallelSize": 2}},
     ):
         assert _cel_failures(with_defaults(spec), SPEC) == [], spec

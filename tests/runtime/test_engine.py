@@ -257,7 +257,6 @@ def test_vllms_offline_call_runs_unchanged(tiny_model_dir, tmp_path):
         ({"quantization": "fp8"}, "quantization must be one of none, gptq, awq, gguf"),
         ({"tokenizer_mode": "slow"}, "tokenizer_mode must be one of auto"),
         ({"swap_space": 4}, "swap_space 4 is not supported"),
-        ({"pipeline_parallel_size": 2}, "pipeline_parallel_size 2 is not supported"),
         ({"dtype": "float64"}, "dtype must be one of auto, float32, float16, bfloat16"),
     ],
 )

@@ -22,10 +22,10 @@ PROMPTS = [[100 + i for i in range(n)] for n in (5, 17, 40, 9)]
 def _decode_plan(llm: LLM):
     """A step of the four prompts' replies in which every request decodes."""
     runner, plans = llm.engine.runner, []
-    execute = runner.execute
-    runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    launch = runner.launch
+    runner.launch = lambda plan: plans.append(plan) or launch(plan)
     llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    runner.execute = execute
+    runner.launch = launch
     return next(p for p in plans if len(p.input_ids) == len(PROMPTS))
 
 

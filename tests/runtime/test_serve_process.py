@@ -217,10 +217,7 @@ VLLM_COMMAND_LINES = {
         ],
         "swap_space 4 is not supported: kubellm preempts by recomputation",
     ),
-    "pipeline": (
-        ["--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"],
-        "pipeline_parallel_size 2 is not supported: kubellm serves a model within one pod",
-    ),
+    "pipeline": (["--pipeline-parallel-size", "2", "--max-model-len", "512"], None),
 }
 
 

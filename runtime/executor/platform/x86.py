@@ -51,5 +51,5 @@ class X86Platform(Platform):
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
         if self.dtype == torch.float32:
-            for layer in model.layers:
+            for layer in model.held_layers:
                 layer.whole_decode = whole_decode(layer)
