@@ -6,7 +6,7 @@ a stream is a command too. (A lock shared with a busy step loop is not fair: a h
 waiting on it could wait for many steps.) Each API request gets a `RequestStream`, one
 asyncio queue fed with the `StepDelta`s of all its prompts and sequences.
 
-A failure the engine cannot recover from (a step that raises, a tensor-parallel worker
+A failure the engine cannot recover from (a step that raises, a worker
 that died) kills it loudly: every open stream raises `EngineDeadError`, new requests are
 refused with it, and the listeners (`kubellm serve`: health 503, then a non-zero exit)
 are told. The engine's state after such a failure is unknown (a step may have half
@@ -150,7 +150,7 @@ class AsyncEngine:
         return stream
 
     def shutdown(self) -> None:
-        """Stop the step thread, then the tensor-parallel workers."""
+        """Stop the step thread, then the workers (other ranks)."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)

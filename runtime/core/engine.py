@@ -94,7 +94,7 @@ class LLMEngine:
             return None
         if torch.distributed.is_initialized():
             raise ValueError(
-                "a tensor-parallel engine is already running in this process: shut it down "
+                "a multi-rank engine is already running in this process: shut it down "
                 "(LLM.shutdown()) before starting another"
             )
         return WorkerGroup(config, platform, num_layers)
@@ -105,7 +105,7 @@ class LLMEngine:
             self.workers.watch(callback)
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers (nothing to do with one rank)."""
+        """Stop the workers (nothing to do with one rank)."""
         if self.workers:
             self.workers.shutdown()
             self.workers = None

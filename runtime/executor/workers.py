@@ -89,7 +89,7 @@ class WorkerGroup:
             dead = [p for p in self.processes if not p.is_alive()]
             if dead:
                 raise RuntimeError(
-                    f"tensor-parallel worker {dead[0].name} exited with code "
+                    f"worker {dead[0].name} exited with code "
                     f"{dead[0].exitcode} before joining the group (see its log above)"
                 )
             time.sleep(0.05)
@@ -112,10 +112,7 @@ class WorkerGroup:
             if self._stopping:
                 return
             gone = next(p for p in self.processes if not p.is_alive())
-            on_lost(
-                f"tensor-parallel worker {gone.name} (pid {gone.pid}) exited "
-                f"with code {gone.exitcode}"
-            )
+            on_lost(f"worker {gone.name} (pid {gone.pid}) exited with code {gone.exitcode}")
 
         threading.Thread(target=watchdog, name="kubellm-tp-watchdog", daemon=True).start()
 

@@ -22,7 +22,7 @@ FAILURE_BOUND_SECONDS = 30  # kill -> errors out, /health 503, exit non-zero; me
 
 
 def _worker_pids(server: ServeProcess) -> list[int]:
-    match = re.search(r"tensor-parallel group of \d+ ranks: worker pids ([\d ]+)", server.output)
+    match = re.search(r"group of \d+ ranks: worker pids ([\d ]+)", server.output)
     assert match, server.output
     return [int(pid) for pid in match.group(1).split()]
 
