@@ -149,7 +149,9 @@ class LLMEngine:
             self.scheduler.abort(sequence)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether `step()` has work: sequences to run, or batches in flight to collect
+        (even of sequences aborted since: the stages wait to hand their logits over)."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     def stats(self) -> EngineStats:
         kv = self.kv

@@ -82,3 +82,31 @@ def test_smollm2_over_stages_gives_the_single_rank_and_transformers_tokens(
     assert split == single
     for ids, tokens in zip(prompt_ids, split):
         assert tokens == smollm2_oracle_greedy(ids, 32)
+
+
+def test_batches_in_flight_of_aborted_sequences_are_still_collected(tiny_model_dir):
+    """Abort everything while a batch is in flight: the engine still has work until that
+    batch is back (the last stage waits to hand its logits over), then nothing is held."""
+    from kubellm.runtime import EngineConfig, LLMEngine, SamplingParams
+
+    from .invariants import check_all_free
+
+    config = pinned(model=str(tiny_model_dir("mha-tied")), pipeline_parallel_size=2)
+    engine = LLMEngine(EngineConfig(**config, max_num_batched_tokens=8, num_kv_blocks=32))
+    try:
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        for name in ("a", "b"):  # 8 tokens each: one batch each
+            engine.add_request(name, *engine.admission.admit([[7] * 8], params))
+        engine.step()  # launches a's batch and b's, collects a's
+        assert len(engine._in_flight) == 1
+        engine.abort_request("a")
+        engine.abort_request("b")
+        assert not engine.scheduler.has_unfinished()
+        assert engine.has_unfinished_requests()  # b's batch is still out
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert not engine._in_flight
+        check_all_free(engine.kv)
+        assert engine.take_output("b").outputs[0].finish_reason == "abort"
+    finally:
+        engine.shutdown()
