@@ -1,7 +1,7 @@
 """AsyncEngine: the engine's step loop on a thread of its own, streams on the event loop.
 
-Only the step thread touches the engine. HTTP handlers validate a request on the event
-loop, then hand it over as a command the step thread applies between two steps; closing
+Only the step thread touches the engine. HTTP handlers admit a request (`Admission`, on a
+worker thread), then hand it over as a command the step thread applies between two steps; closing
 a stream is a command too. (A lock shared with a busy step loop is not fair: a handler
 waiting on it could wait for many steps.) Each API request gets a `RequestStream`, one
 asyncio queue fed with the `StepDelta`s of all its prompts and sequences.

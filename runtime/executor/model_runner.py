@@ -72,11 +72,11 @@ class ModelRunner:
         config.check_pool_fits(max_model_len, self.num_blocks)
         self.kv_caches = self.allocate_kv(self.num_blocks)
         self.decode_graphs: DecodeGraphs | None = None
-        attention = self.model.attention_backend
-        if parallel.pp.size > 1 and platform.captures_cuda_graphs(attention):
-            logger.info("no CUDA graphs: not yet captured per pipeline stage")
-        elif not config.enforce_eager and platform.captures_cuda_graphs(attention):
-            self._capture_decode_graphs()
+        if not config.enforce_eager and platform.captures_cuda_graphs(self.model.attention_backend):
+            if parallel.pp.size > 1:
+                logger.info("no CUDA graphs: not yet captured per pipeline stage")
+            else:
+                self._capture_decode_graphs()
 
     def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
         """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""

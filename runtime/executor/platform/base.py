@@ -12,7 +12,7 @@ from torch import nn
 from kubellm.runtime.executor.platform.cpu_products import KERNELS, cpu_product
 from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
 from kubellm.runtime.model.attention import AttentionBackend
-from kubellm.runtime.model.layer_ops import LayerOps, TorchOps
+from kubellm.runtime.model.layer_ops import TORCH_OPS, LayerOps
 from kubellm.runtime.model.quantized import QuantizedProduct, QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Platform:
         return TorchAttentionBackend()
 
     def layer_ops(self) -> LayerOps:
-        return TorchOps()
+        return TORCH_OPS
 
     @property
     def packs_vocabulary(self) -> bool:

@@ -38,11 +38,11 @@ def choose_platform(config: EngineConfig, stays_quantized: bool = False) -> Plat
         backend = "triton" if config.attention_backend == "auto" else config.attention_backend
         _refuse_cpu_backend(backend, "the device is a GPU")
         return CudaPlatform(device, dtype, backend, dtype, fast_bf16=fast_bf16)
-    if device.type == "cpu" and cpu_library.unavailable() is None:
-        return _x86(config, device, dtype, fast_bf16)
     kernel = None
     if device.type == "cpu":
         reason = cpu_library.unavailable()
+        if reason is None:
+            return _x86(config, device, dtype, fast_bf16)
         if uses_quantized_kernels(config.dtype, dtype, device):
             kernel = "int4pack"
         if dtype == torch.float32:

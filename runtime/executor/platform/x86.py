@@ -18,7 +18,7 @@ from kubellm.runtime.executor.platform.base import Platform
 from kubellm.runtime.executor.platform.cpu_attention import CpuAttentionBackend
 from kubellm.runtime.executor.platform.x86_layer import fused_step, whole_decode
 from kubellm.runtime.model.attention import AttentionBackend
-from kubellm.runtime.model.layer_ops import LayerOps, TorchOps
+from kubellm.runtime.model.layer_ops import TORCH_OPS, LayerOps
 from kubellm.runtime.model.rope import RopeTables
 
 
@@ -46,7 +46,7 @@ class X86Platform(Platform):
         return super().attention()
 
     def layer_ops(self) -> LayerOps:
-        return CpuOps() if self.dtype == torch.float32 else TorchOps()
+        return CpuOps() if self.dtype == torch.float32 else TORCH_OPS
 
     def prepare(self, model: nn.Module) -> None:
         super().prepare(model)
