@@ -138,6 +138,23 @@ class EngineConfig:
     pipeline_parallel_size: int = setting(
         1, "stages the model's layers are split into, each over tensor_parallel_size ranks"
     )
+    nnodes: int = setting(
+        1,
+        "machines the engine's ranks span, tensor_parallel_size x pipeline_parallel_size "
+        "/ nnodes on each",
+    )
+    node_rank: int = setting(
+        0, "this machine's number among nnodes: 0 serves the API, the others run --headless"
+    )
+    master_addr: str = setting(
+        "127.0.0.1", "with nnodes > 1: node 0's address, where the nodes meet"
+    )
+    master_port: int = setting(
+        29501, "with nnodes > 1: node 0's port where the nodes meet (one node: any free port)"
+    )
+    distributed_timeout: float = setting(
+        600.0, "with nnodes > 1: seconds every node gets to join before the start fails"
+    )
     max_num_seqs: int = setting(256, "most requests in one batch")
     max_num_batched_tokens: int = setting(
         2048, "token budget of one step (prefill chunks and decodes together)"
@@ -175,7 +192,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         positive = ("block_size", "max_num_seqs", "max_num_batched_tokens")
-        positive += ("tensor_parallel_size", "pipeline_parallel_size")
+        positive += ("tensor_parallel_size", "pipeline_parallel_size", "nnodes")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -189,6 +206,7 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        self._check_nodes()
         for f in fields(self):
             choices, value = f.metadata["choices"], getattr(self, f.name)
             if choices and value is not None and value not in choices:
@@ -206,10 +224,45 @@ class EngineConfig:
                 f"--swap-space"
             )
 
+    def _check_nodes(self) -> None:
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank {self.node_rank} is not one of nnodes {self.nnodes}'s node ranks "
+                f"0..{self.nnodes - 1}"
+            )
+        if self.world_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} x pipeline_parallel_size "
+                f"{self.pipeline_parallel_size} = {self.world_size} ranks do not divide evenly "
+                f"over nnodes {self.nnodes}: make the product a multiple of {self.nnodes}"
+            )
+        if not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be in 1..65535, got {self.master_port}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(
+                f"distributed_timeout must be positive, got {self.distributed_timeout:g}"
+            )
+
     @property
     def world_size(self) -> int:
         """Ranks of one engine: tensor_parallel_size x pipeline_parallel_size."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def ranks_of_node(self, node: int) -> range:
+        """The world ranks node `node` runs: a contiguous share, so a stage's tensor-parallel
+        group stays on one node whenever the stage fits in it."""
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def local_rank(self, rank: int) -> int:
+        """Rank `rank`'s index on its node (its GPU there)."""
+        return rank % self.ranks_per_node
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
         """The context length to serve: the model's own unless asked for less."""

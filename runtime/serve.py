@@ -54,6 +54,13 @@ def parser() -> argparse.ArgumentParser:
         "(Qwen2.5, Hermes; also what the fallback prompt of templates without tools asks "
         "for), llama3_json, mistral; default: inferred from the chat template at load",
     )
+    add(
+        "--headless",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a node other than node 0 (--node-rank 1..nnodes-1): run this node's ranks, "
+        "serve no API",
+    )
     add("--log-level", default="info", type=str.lower, choices=LEVELS)
     add(
         "--log-format",
@@ -135,6 +142,17 @@ def stop_after_failure(server: uvicorn.Server) -> None:
     threading.Thread(target=stop, name="kubellm-failure-exit", daemon=True).start()
 
 
+def check_headless(headless: bool, node_rank: int) -> None:
+    """Node 0 serves the API; every other node runs headless, as vLLM's do."""
+    if headless and node_rank == 0:
+        raise ValueError(
+            "--headless is for the nodes other than node 0 (node_rank 0 runs the scheduler "
+            "and serves the API): give this node --node-rank 1 or more, or drop --headless"
+        )
+    if not headless and node_rank > 0:
+        raise ValueError(f"node_rank {node_rank} serves no API (node 0 does): add --headless")
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv, dict(os.environ))
     configure_logging(args.log_level, args.log_format)
@@ -142,9 +160,14 @@ def main(argv: list[str]) -> int:
 
     try:
         config = engine_config(args)
+        check_headless(args.headless, config.node_rank)
     except ValueError as exc:
         print(f"kubellm serve: {exc}", file=sys.stderr)
         return 2
+    if args.headless:
+        from kubellm.runtime.executor.headless import run_headless
+
+        return run_headless(config)
     app = build_app(None, args.served_model_name or args.model, args.api_key, args.tool_call_parser)
     app.state.load_failed = False
     # access_log off: ours (kubellm.access) has request ids and token counts

@@ -5,8 +5,9 @@ from the stage before, out to the stage after).
 Ranks join one `torch.distributed` world: NCCL on CUDA (rank r on GPU r), gloo on CPU.
 With T ranks per stage and P stages, rank r is tensor-parallel rank r % T of stage r // T;
 a stage's T ranks have a group of their own when there are several stages. The
-rendezvous is a TCPStore that rank 0 opens on a free port (port 0: the kernel picks it),
-so two engines on one host never collide and nothing is left behind by a crash.
+rendezvous is a TCPStore that rank 0 opens: on one node on a free port (port 0: the
+kernel picks it), so two engines on one host never collide and nothing is left behind by
+a crash; over several nodes on --master-port (`nodes.py`).
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ class Parallel:
 SINGLE_PROCESS = Parallel()
 
 
-def open_store(world_size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous on a port the kernel picks."""
+def open_store(world_size: int, port: int = 0) -> dist.TCPStore:
+    """Rank 0's rendezvous, listening on every interface: on `port`, or (0) on a port the
+    kernel picks."""
     return dist.TCPStore(
         "127.0.0.1",
-        0,
+        port,
         world_size,
         is_master=True,
         wait_for_workers=False,
@@ -167,24 +169,35 @@ def open_store(world_size: int) -> dist.TCPStore:
     )
 
 
+def connect_store(host: str, port: int, world_size: int, timeout: float) -> dist.TCPStore:
+    """A client of rank 0's store; RuntimeError if it does not answer within `timeout` s."""
+    try:
+        store = dist.TCPStore(
+            host,
+            port,
+            world_size,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+    except (RuntimeError, dist.DistError) as exc:
+        raise RuntimeError(
+            f"node 0's store at {host}:{port} did not answer within {timeout:g} s "
+            f"(distributed_timeout): is `kubellm serve --node-rank 0` running there, and "
+            f"reachable from here? ({exc})"
+        ) from exc
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    return store
+
+
 def join_group(
     rank: int,
     world_size: int,
-    port: int,
+    store: dist.TCPStore,
     device: torch.device,
     layout: tuple[int, int, int],
-    store: dist.TCPStore | None = None,
-    ready_key: str | None = None,
 ) -> Parallel:
-    """Join the world; `layout`: (tensor-parallel size, stages, the model's layers). Workers
-    connect to rank 0's store on `port` and first set `ready_key` in it, so rank 0 knows
-    they are alive before it waits in the rendezvous."""
-    if store is None:
-        store = dist.TCPStore(
-            "127.0.0.1", port, world_size, is_master=False, timeout=COLLECTIVE_TIMEOUT
-        )
-    if ready_key is not None:
-        store.set(ready_key, "1")
+    """Join the world through rank 0's `store`; `layout`: (tensor-parallel size, stages,
+    the model's layers)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -52,7 +52,7 @@ class ModelRunner:
         self.config, self.parallel, self.max_model_len = config, parallel, max_model_len
         self.draw = draw
         self.block_size = config.block_size
-        self.device = platform.device_of(parallel.rank, parallel.world_size)
+        self.device = platform.device_of(config.local_rank(parallel.rank))
         self.dtype, self.kv_dtype = platform.dtype, platform.kv_dtype
         layouts = source.layouts(packed_vocabulary=platform.packs_vocabulary)
         self.model = build_model(

@@ -1,16 +1,18 @@
 """Workers: ranks 1..N-1 (tensor-parallel shards and pipeline stages) as processes of their
 own, driven by rank 0.
 
-The engine (rank 0) spawns them; each joins the group, builds its own `ModelRunner` (the
-same code as rank 0's, on its shard) and then runs whatever rank 0 sends: a method name
+The engine (rank 0) spawns its node's; each joins the group, builds its own `ModelRunner`
+(the same code as rank 0's, on its shard) and then runs whatever rank 0 sends: a method name
 and its arguments, in practice `execute(plan)` once per step. Commands travel over one
 pipe per worker: a worker waits on it for as long as the server is idle (no collective
 timeout), and it reads EOF when rank 0 is gone, so no worker outlives its engine. The
-collectives inside the model keep the ranks in lockstep.
+collectives inside the model keep the ranks in lockstep. With several nodes the other
+nodes' ranks get the same commands through their node's supervisor (`nodes.py`).
 
 A worker that dies is a dead engine: rank 0's next collective fails (gloo notices a
 closed peer at once), and a watchdog thread that waits on the workers' process
-sentinels reports the loss even while rank 0 waits elsewhere (NCCL would hang).
+sentinels and the other nodes' connections reports the loss even while rank 0 waits
+elsewhere (NCCL would hang). A worker whose parent dies exits at once, even mid-step.
 """
 
 from __future__ import annotations
@@ -28,71 +30,109 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from kubellm.runtime.config import EngineConfig
-from kubellm.runtime.executor.distributed import Parallel, join_group, leave_group, open_store
+from kubellm.runtime.executor.distributed import (
+    Parallel,
+    connect_store,
+    join_group,
+    leave_group,
+    open_store,
+)
+from kubellm.runtime.executor.nodes import (
+    STOP,
+    STOP_MESSAGE,
+    Meeting,
+    interface_towards,
+    nodes_named,
+)
 from kubellm.runtime.executor.platform import Platform
 from kubellm.runtime.logs import JSONFormatter, configure_logging
 
 logger = logging.getLogger(__name__)
 
-STOP = "stop"
 
-
-def ready_key(process_name: str) -> str:
-    return f"started/{process_name}"
+def ready_key(rank: int) -> str:
+    return f"kubellm/started/{rank}"
 
 
 class WorkerGroup:
     """Rank 0's handle on the other ranks; constructing it joins rank 0 to the group."""
 
     def __init__(self, config: EngineConfig, platform: Platform, num_layers: int) -> None:
-        size = config.world_size
+        self.config = config
         layout = (config.tensor_parallel_size, config.pipeline_parallel_size, num_layers)
-        store = open_store(size)
-        context = mp.get_context("spawn")
-        self.processes: list[mp.process.BaseProcess] = []
-        self._pipes: list[Connection] = []
+        several = config.nnodes > 1
+        store = open_store(config.world_size, config.master_port if several else 0)
+        if several:
+            _listen_towards(config.master_addr)
+        self.processes, self._pipes = spawn_ranks(
+            config, platform, layout, config.ranks_of_node(0)[1:], ("127.0.0.1", store.port)
+        )
+        self._links: dict[int, Connection] = {}  # the other nodes' supervisors, by node
         self._stopping = False
-        for rank in range(1, size):
-            receive, send = context.Pipe(duplex=False)
-            process = context.Process(
-                target=worker_main,
-                name=f"kubellm-rank{rank}",
-                daemon=True,
-                args=(config, platform, layout, rank, store.port, receive, _log_settings()),
-            )
-            process.start()
-            receive.close()
-            self.processes.append(process)
-            self._pipes.append(send)
-        self._finalizer = weakref.finalize(self, _stop, self.processes, self._pipes)
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self._pipes, self._links)
         try:
-            self._wait_for_workers(store)
+            meeting = Meeting(config, store, str(platform.dtype), self._links) if several else None
+            self._wait_for_ranks(store, meeting)
             self.parallel: Parallel = join_group(
-                0, size, store.port, platform.device_of(0, size), layout, store
+                0, config.world_size, store, platform.device_of(0), layout
             )
         except BaseException:
             self.kill()
             raise
         self._store = store  # kept alive: the workers rendezvous through it
-        logger.info(
-            "a group of %d ranks: worker pids %s",
-            size,
-            " ".join(str(pid) for pid in self.pids),
-        )
+        pids = " ".join(str(pid) for pid in self.pids) or "none"
+        if several:
+            logger.info(
+                "a group of %d ranks over %d nodes; the others: %s; this node's worker pids %s",
+                config.world_size,
+                config.nnodes,
+                nodes_named(sorted(self._links), config),
+                pids,
+            )
+        else:
+            logger.info("a group of %d ranks: worker pids %s", config.world_size, pids)
 
-    def _wait_for_workers(self, store) -> None:
-        """Every worker has started and is about to join the group; a worker that died on
-        the way (a bad import, no memory) fails the start instead of leaving rank 0
-        waiting for it until the collective timeout."""
-        keys = [ready_key(p.name) for p in self.processes]
-        while not store.check(keys):
-            dead = [p for p in self.processes if not p.is_alive()]
-            if dead:
-                raise RuntimeError(
-                    f"worker {dead[0].name} exited with code "
-                    f"{dead[0].exitcode} before joining the group (see its log above)"
-                )
-            time.sleep(0.05)
+    def _wait_for_ranks(self, store, meeting: Meeting | None) -> None:
+        """Every rank has started and is about to join the group, and every other node is
+        connected; a worker that died on the way (a bad import, no memory) or a node that
+        refused fails the start at once instead of leaving rank 0 waiting for it until the
+        collective timeout, and so does a rank missing after distributed_timeout."""
+        keys = [ready_key(r) for r in range(1, self.config.world_size)]
+        deadline = time.monotonic() + self.config.distributed_timeout
+        try:
+            while not store.check(keys) or (meeting and meeting.missing):
+                dead = [p for p in self.processes if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(
+                        f"worker {dead[0].name} exited with code "
+                        f"{dead[0].exitcode} before joining the group (see its log above)"
+                    )
+                if meeting:
+                    meeting.poll()
+                else:
+                    time.sleep(0.05)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(self._late(store, keys, meeting))
+        finally:
+            if meeting:
+                meeting.close()
+
+    def _late(self, store, keys: list[str], meeting: Meeting | None) -> str:
+        config = self.config
+        waiting = config.distributed_timeout
+        if not meeting:
+            return f"the workers did not start within {waiting:g} s (distributed_timeout)"
+        late = sorted(
+            set(meeting.missing)
+            | {config.node_of(r + 1) for r, key in enumerate(keys) if not store.check([key])}
+        )
+        return (
+            f"{nodes_named(late, config)} did not join within {waiting:g} s "
+            f"(distributed_timeout): start `kubellm serve --headless --nnodes {config.nnodes} "
+            f"--node-rank N --master-addr {config.master_addr} --master-port "
+            f"{config.master_port}` with this node's flags on each, reaching "
+            f"{config.master_addr}:{config.master_port}"
+        )
 
     @property
     def pids(self) -> list[int]:
@@ -101,15 +141,21 @@ class WorkerGroup:
     def send(self, method: str, *args) -> None:
         """Have every worker run `runner.<method>(*args)` (rank 0 runs it itself)."""
         message = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
-        for pipe in self._pipes:
-            pipe.send_bytes(message)
+        for channel in [*self._pipes, *self._links.values()]:
+            channel.send_bytes(message)
 
     def watch(self, on_lost: Callable[[str], None]) -> None:
-        """Call `on_lost(reason)` from a thread of its own if a worker ends unasked."""
+        """Call `on_lost(reason)` from a thread of its own if a worker ends unasked, or
+        another node's connection closes."""
+        nodes = {link: node for node, link in self._links.items()}
 
         def watchdog() -> None:
-            wait([p.sentinel for p in self.processes])
+            ready = wait([*(p.sentinel for p in self.processes), *nodes])
             if self._stopping:
+                return
+            lost = [nodes[r] for r in ready if r in nodes]
+            if lost:
+                on_lost(f"{nodes_named(lost, self.config)} is gone: its connection closed")
                 return
             gone = next(p for p in self.processes if not p.is_alive())
             on_lost(f"worker {gone.name} (pid {gone.pid}) exited with code {gone.exitcode}")
@@ -120,32 +166,75 @@ class WorkerGroup:
         """Stop the workers (killed if they do not stop within `timeout`), leave the group."""
         self._stopping = True
         self._finalizer.detach()
-        _stop(self.processes, self._pipes, timeout)
+        _stop(self.processes, self._pipes, self._links, timeout)
         leave_group()
 
     def kill(self) -> None:
         """For a start that failed half-way: no worker may wait for a peer that is gone."""
         self._stopping = True
         self._finalizer.detach()
+        for link in self._links.values():
+            link.close()  # that node's supervisor stops its ranks
         for process in self.processes:
             process.kill()
             process.join(timeout=5)
         leave_group()
 
 
-def _stop(processes, pipes: list[Connection], timeout: float = 10.0) -> None:
-    message = pickle.dumps((STOP, ()))
-    for pipe in pipes:
+def spawn_ranks(
+    config: EngineConfig,
+    platform: Platform,
+    layout: tuple[int, int, int],
+    ranks: range,
+    store_address: tuple[str, int],
+) -> tuple[list[mp.process.BaseProcess], list[Connection]]:
+    """Start a worker process per rank, each with the sending end of its command pipe."""
+    context = mp.get_context("spawn")
+    processes, pipes = [], []
+    for rank in ranks:
+        receive, send = context.Pipe(duplex=False)
+        process = context.Process(
+            target=worker_main,
+            name=f"kubellm-rank{rank}",
+            daemon=True,
+            args=(config, platform, layout, rank, store_address, receive, _log_settings()),
+        )
+        process.start()
+        receive.close()
+        processes.append(process)
+        pipes.append(send)
+    return processes, pipes
+
+
+def _stop(
+    processes, pipes: list[Connection], links: dict[int, Connection], timeout: float = 10.0
+) -> None:
+    for channel in [*pipes, *links.values()]:
         try:
-            pipe.send_bytes(message)
-            pipe.close()
-        except OSError:  # that worker is already gone
+            channel.send_bytes(STOP_MESSAGE)
+            channel.close()
+        except OSError:  # that worker or node is already gone
             pass
     for process in processes:
         process.join(timeout=timeout)
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+
+
+def _listen_towards(master_addr: str) -> None:
+    """Across nodes, gloo listens on the interface that reaches node 0 (unless told)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", interface_towards(master_addr))
+
+
+def _exit_with_parent() -> None:
+    """Exit as soon as the process that started this one is gone, even mid-collective."""
+
+    def watch() -> None:
+        wait([mp.parent_process().sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kubellm-parent-watch", daemon=True).start()
 
 
 def _log_settings() -> tuple[str, str]:
@@ -161,26 +250,24 @@ def worker_main(
     platform: Platform,
     layout: tuple[int, int, int],
     rank: int,
-    port: int,
+    store_address: tuple[str, int],
     commands: Connection,
     log_settings: tuple[str, str],
 ) -> None:
     """A worker process: join the group, build this rank's runner, run rank 0's commands."""
     configure_logging(*log_settings)
+    _exit_with_parent()
     from kubellm.runtime.executor.model_runner import ModelRunner
     from kubellm.runtime.model.source import resolve
 
-    size = config.world_size
-    if platform.device.type == "cpu":  # the ranks share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    parallel = join_group(
-        rank,
-        size,
-        port,
-        platform.device_of(rank, size),
-        layout,
-        ready_key=ready_key(mp.current_process().name),
-    )
+    if platform.device.type == "cpu":  # the node's ranks share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks_per_node))
+    if config.nnodes > 1:
+        _listen_towards(config.master_addr)
+    store = connect_store(*store_address, config.world_size, config.distributed_timeout)
+    store.set(ready_key(rank), "1")
+    device = platform.device_of(config.local_rank(rank))
+    parallel = join_group(rank, config.world_size, store, device, layout)
     source = resolve(config.model, config.revision, config.download_dir, config.quantization)
     max_model_len = config.resolve_max_model_len(source.config)
     runner = ModelRunner(config, source, max_model_len, platform, parallel)

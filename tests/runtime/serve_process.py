@@ -17,7 +17,8 @@ from tests.helpers import free_port
 
 class ServeProcess:
     """Start `python -m kubellm.runtime.serve ARGS --port <free>` (or a script, or another
-    `kubellm` command, with the same command line); killed on exit."""
+    `kubellm` command, with the same command line); killed on exit. `prefix`: a command
+    that runs it (`ip netns exec NAME`), `host`: where its URL points."""
 
     def __init__(
         self,
@@ -26,15 +27,17 @@ class ServeProcess:
         command: str | None = None,
         port: int | None = None,
         env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
     ) -> None:
         port = port or free_port()
         program = ["-m", "kubellm.runtime.serve"]
         if script or command:
             program = [str(script)] if script else ["-m", "kubellm", command]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", *program, *args, "--port", str(port)],
+            [*prefix, sys.executable, "-P", *program, *args, "--port", str(port)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -114,6 +114,20 @@ def test_a_tensor_parallel_size_that_does_not_divide_the_model_exits_1_naming_it
         (["--tensor-parallel-size", "0"], "tensor_parallel_size must be at least 1"),
         (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
         (["--max-num-seqs", "0"], "max_num_seqs must be at least 1"),
+        (["--headless"], "--headless is for the nodes other than node 0"),
+        (
+            ["--nnodes", "2", "--node-rank", "1", "--pipeline-parallel-size", "2"],
+            "node_rank 1 serves no API (node 0 does)",
+        ),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--headless"],
+            "node_rank 2 is not one of nnodes 2's node ranks 0..1",
+        ),
+        (
+            ["--nnodes", "2", "--tensor-parallel-size", "3"],
+            "tensor_parallel_size 3 x pipeline_parallel_size 1 = 3 ranks do not divide "
+            "evenly over nnodes 2",
+        ),
     ],
 )
 def test_unsupported_settings_fail_at_start_with_a_clear_message(flag, needle):

@@ -25,7 +25,7 @@ class Platform:
     multiplied exactly, except where `quantized_kernel` names a CPU kernel (torch's int4
     kernel on a CPU without kubellm's kernels)."""
 
-    device: torch.device  # rank 0's; rank r of a CUDA group runs on GPU r
+    device: torch.device  # rank 0's; a CUDA group's rank runs on its node's GPU local_rank
     dtype: torch.dtype
     attention_backend: str  # "torch", "triton" or "cpu" (the x86 platform's)
     kv_dtype: torch.dtype
@@ -33,10 +33,11 @@ class Platform:
     fast_bf16: bool = False  # bf16 products at least as fast as fp32
     name: ClassVar[str] = "torch"
 
-    def device_of(self, rank: int, world_size: int) -> torch.device:
-        if world_size == 1 or self.device.type != "cuda":
+    def device_of(self, local_rank: int) -> torch.device:
+        """The device of the rank with index `local_rank` on its node."""
+        if self.device.type != "cuda":
             return self.device
-        return torch.device("cuda", rank)
+        return torch.device("cuda", local_rank)
 
     def attention(self) -> AttentionBackend:
         if self.attention_backend == "triton":

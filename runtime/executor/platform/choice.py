@@ -26,11 +26,12 @@ def choose_platform(config: EngineConfig, stays_quantized: bool = False) -> Plat
     ValueError when the tensor-parallel size asks for more GPUs than are visible, or the
     attention backend asked for is not the platform's."""
     device = resolve_device(config.device)
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    if device.type == "cuda" and tp * pp > torch.cuda.device_count():
+    if device.type == "cuda" and config.ranks_per_node > torch.cuda.device_count():
         raise ValueError(
-            f"tensor_parallel_size {tp} x pipeline_parallel_size {pp} needs {tp * pp} GPUs, "
-            f"but {torch.cuda.device_count()} are visible: lower them or give the pod more GPUs"
+            f"tensor_parallel_size {config.tensor_parallel_size} x pipeline_parallel_size "
+            f"{config.pipeline_parallel_size} over nnodes {config.nnodes} needs "
+            f"{config.ranks_per_node} GPUs on each node, but {torch.cuda.device_count()} are "
+            f"visible: lower them, add nodes or give the pod more GPUs"
         )
     dtype = resolve_dtype(config.dtype, device, stays_quantized)
     fast_bf16 = has_fast_bf16(device)
