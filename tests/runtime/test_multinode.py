@@ -176,6 +176,26 @@ def test_losing_node_0_stops_the_headless_host(hosts, tiny):
     assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
+def test_a_cut_network_stops_both_hosts(hosts, tiny):
+    """No FIN, no RST: each side notices by TCP keepalive."""
+    host_a, host_b = hosts
+    leader, follower = start_pair(tiny, host_a, host_b)
+    with leader, follower:
+        host_a.call(leader.wait_healthy)
+        remote = rank_pids(follower, r"node 1 of 2: ranks 1\.\.1, pids ")
+        with host_b.cut():
+            follower_code, follower_seconds = wait_exit(follower)
+            leader_code, leader_seconds = wait_exit(leader)
+        assert follower_code == 1 and "node 0 is gone" in follower.output, follower.output
+        assert leader_code == 1, leader.output
+        assert "the engine is dead: node 1 (ranks 1..1) is gone" in leader.output
+        print(
+            f"after the cut: node 1 exited in {follower_seconds:.1f} s, "
+            f"node 0 {leader_seconds:.1f} s later"
+        )
+    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
+
+
 def test_a_node_with_other_flags_is_refused_on_both(hosts, tiny):
     host_a, host_b = hosts
     leader = ServeProcess(*node_args(tiny, 2, 0, host_a), prefix=host_a.prefix, host=host_a.address)

@@ -22,6 +22,7 @@ CLONE_NEWNET = 0x40000000
 class Host:
     namespace: str
     address: str
+    interface: str  # its end of the veth pair
     _thread: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -31,6 +32,16 @@ class Host:
     def prefix(self) -> tuple[str, ...]:
         """The command line prefix that runs a program on this host."""
         return ("ip", "netns", "exec", self.namespace)
+
+    @contextmanager
+    def cut(self) -> Iterator[None]:
+        """This host off the network without a word (its link down), back afterwards."""
+        link = ["ip", "-n", self.namespace, "link", "set", self.interface]
+        subprocess.run([*link, "down"], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run([*link, "up"], check=True)
 
     def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`function(*args, **kwargs)` from this host's network."""
@@ -81,7 +92,7 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
     try:
         for command in commands:
             subprocess.run(command, check=True, capture_output=True, text=True)
-        hosts = [Host(a, f"10.213.{tag}.1"), Host(b, f"10.213.{tag}.2")]
+        hosts = [Host(a, f"10.213.{tag}.1", f"kva{tag}"), Host(b, f"10.213.{tag}.2", f"kvb{tag}")]
         yield hosts[0], hosts[1]
     finally:
         for host in hosts:
