@@ -109,9 +109,7 @@ def over_pipes(repeats: int) -> dict[int, float]:
 
 def over_tcp(far_end, repeats: int) -> dict[int, float]:
     listener = socket.create_server(("127.0.0.1", 0))
-    process = mp.get_context("spawn").Process(
-        target=far_end, args=(listener.getsockname()[1],)
-    )
+    process = mp.get_context("spawn").Process(target=far_end, args=(listener.getsockname()[1],))
     process.start()
     sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -32,6 +32,7 @@ from kubellm.operator.autoscale import (
     window_from_status,
     window_to_status,
 )
+from kubellm.operator.builders.deployment import workload_kind
 from kubellm.operator.crd import KIND
 from kubellm.operator.defaults import with_defaults
 from kubellm.operator.kube import Kube, object_path
@@ -105,7 +106,7 @@ async def start(kube: Kube, cr: dict[str, Any], now: float) -> dict[str, Any]:
     The resource as it is now."""
     meta, spec = cr["metadata"], with_defaults(cr["spec"])
     bounds = Bounds.from_spec(spec["autoscaling"])
-    running = await kube.get(object_path("Deployment", meta["namespace"], meta["name"]))
+    running = await kube.get(object_path(workload_kind(spec), meta["namespace"], meta["name"]))
     replicas = clamp(bounds, spec["replicas"]) if running else bounds.min_replicas
     if replicas != spec["replicas"]:
         path = object_path(KIND, meta["namespace"], meta["name"], "scale")

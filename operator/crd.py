@@ -323,10 +323,12 @@ SPEC = _obj(
         "x-kubernetes-validations": [
             {
                 "rule": "self.resources.gpus == 0 || self.engine.tensorParallelSize * "
-                "self.engine.pipelineParallelSize <= self.resources.gpus",
+                "self.engine.pipelineParallelSize <= self.resources.gpus || "
+                "(self.engine.tensorParallelSize * self.engine.pipelineParallelSize) % "
+                "self.resources.gpus == 0",
                 "message": "engine.tensorParallelSize x engine.pipelineParallelSize (one "
-                "replica's ranks, one GPU each) cannot exceed resources.gpus: a replica "
-                "runs in one pod",
+                "replica's ranks, one GPU each) must fit in resources.gpus (one pod) or be "
+                "a multiple of it (a replica of several pods, a LeaderWorkerSet group)",
             },
             {
                 "rule": "self.resources.gpus > 0 || (self.engine.tensorParallelSize == 1 && "

@@ -1,4 +1,5 @@
-"""kopf handlers: converge an LLMDeployment's children, and follow its Deployment's status.
+"""kopf handlers: converge an LLMDeployment's children, and follow the status of the
+Deployment or LeaderWorkerSet that runs its replicas.
 
 Run by `kubellm operator` (or `kopf run -m kubellm.operator.handlers`).
 """
@@ -17,6 +18,7 @@ from kubellm import __version__
 from kubellm.operator.autoscaler import INTERVAL_SECONDS, Autoscaler
 from kubellm.operator.autoscaler import start as start_autoscaling
 from kubellm.operator.builders import build_children
+from kubellm.operator.builders.deployment import workload_kind
 from kubellm.operator.builders.service import routed
 from kubellm.operator.converge import apply, remove
 from kubellm.operator.crd import GROUP, KIND, PLURAL, VERSION
@@ -142,9 +144,11 @@ class Rechecker:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=managed_by())
-async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A child Deployment moved (pods became ready, a rollout progressed): update the
-    owner's status."""
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=managed_by())
+async def workload_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """A child Deployment or LeaderWorkerSet moved (pods became ready, a rollout
+    progressed): update the owner's status. (kopf serves the LeaderWorkerSet handler
+    once the cluster has that API.)"""
     owner = next((o for o in body.metadata.get("ownerReferences", []) if o["kind"] == KIND), None)
     if owner is None:
         return
@@ -195,12 +199,13 @@ async def refresh_status(
 ) -> None:
     """Write the status if it changed, with an event for each notable transition."""
     meta = cr["metadata"]
-    deployment = await kube.get(object_path("Deployment", meta["namespace"], meta["name"]))
+    kind = workload_kind(spec)
+    workload = await kube.get(object_path(kind, meta["namespace"], meta["name"]))
     router = None
     if routed(spec):
         path = object_path("Deployment", meta["namespace"], router_name(meta["name"]))
         router = await kube.get(path)
-    status = compute_status(cr, spec, deployment, problems, now(), router)
+    status = compute_status(cr, spec, kind, workload, problems, now(), router)
     patch = status_patch(cr.get("status"), status)
     if not patch:
         return

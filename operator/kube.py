@@ -31,6 +31,7 @@ KINDS = {
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
     "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
+    "LeaderWorkerSet": ("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
     "LLMDeployment": (f"{GROUP}/{VERSION}", PLURAL),
 }
 

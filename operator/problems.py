@@ -1,8 +1,8 @@
 """Why an LLMDeployment that passed the schema still cannot work.
 
 Each problem becomes the `Degraded` condition's reason and a warning event; the
-operator then leaves the Deployment alone (its pods could only fail) and checks again
-later, without crash-looping.
+operator then leaves the Deployment (or LeaderWorkerSet) alone (its pods could only
+fail) and checks again later, without crash-looping.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kubellm.operator.builders.deployment import ranks_of
+from kubellm.operator.builders.deployment import pods_per_replica, ranks_of, uses_cache_claim
 from kubellm.operator.kube import Kube, object_path
 from kubellm.operator.source import SourceURI
 
@@ -20,6 +20,7 @@ CLUSTER_REASONS = frozenset(
         "SecretKeyNotFound",
         "ClaimNotFound",
         "InferencePoolAPIMissing",
+        "LeaderWorkerSetMissing",
         "AutoscalerConflict",
     }
 )
@@ -27,6 +28,11 @@ CLUSTER_REASONS = frozenset(
 AUTOSCALING_REASONS = frozenset({"InvalidAutoscaling", "AutoscalerConflict"})
 PARTIAL_REASONS = frozenset({"InferencePoolAPIMissing"}) | AUTOSCALING_REASONS
 INFERENCE_POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools"
+LEADER_WORKER_SETS = "/apis/leaderworkerset.x-k8s.io/v1/namespaces/{namespace}/leaderworkersets"
+LWS_INSTALL = (
+    "kubectl apply --server-side -f https://github.com/kubernetes-sigs/lws/releases/download/"
+    "<version>/manifests.yaml (see github.com/kubernetes-sigs/lws/releases)"
+)
 AUTOSCALERS = "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers"
 CONFLICT_WORDS = "also scales this LLMDeployment"  # in each AutoscalerConflict message
 
@@ -50,13 +56,24 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
     if engine["pipelineParallelSize"] > 1:
         layout += f" x engine.pipelineParallelSize {engine['pipelineParallelSize']}"
     problems = []
-    if ranks > max(gpus, 1) or (gpus == 0 and ranks > 1):
+    if gpus == 0 and ranks > 1:
         problems.append(
             Problem(
                 "TooFewGPUs",
-                f"{layout} is {ranks} ranks but resources.gpus is {gpus}: each rank needs a "
-                f"GPU of its own in the replica's pod; set resources.gpus to {ranks} or "
-                f"lower the parallel sizes",
+                f"{layout} is {ranks} ranks but resources.gpus is 0: each rank needs a GPU "
+                f"of its own; set resources.gpus to {ranks} (or to a divisor of it, a replica "
+                f"then spanning several pods) or lower the parallel sizes",
+            )
+        )
+    elif gpus and ranks > gpus and ranks % gpus:
+        fits = max(d for d in range(1, gpus + 1) if ranks % d == 0)
+        problems.append(
+            Problem(
+                "RanksDoNotDivide",
+                f"{layout} is {ranks} ranks, more than resources.gpus {gpus} per pod, so a "
+                f"replica spans several pods of {gpus} ranks each, but {ranks} does not "
+                f"divide by {gpus}: set resources.gpus to a divisor of {ranks} (such as "
+                f"{fits}) or change the parallel sizes",
             )
         )
     elif gpus > ranks:
@@ -67,7 +84,21 @@ def static_problems(spec: dict[str, Any]) -> list[Problem]:
                 f"{gpus - ranks} GPU(s) per pod would sit idle",
             )
         )
+    elif pods_per_replica(spec) > 1 and _shares_one_node_cache(spec):
+        problems.append(
+            Problem(
+                "CacheNotShareable",
+                f"{layout} spans {pods_per_replica(spec)} pods per replica, on different "
+                f"nodes, which cannot all mount a ReadWriteOnce cache claim: set "
+                f"cache.accessMode to ReadWriteMany (a storage class that has it), or "
+                f"cache.enabled to false (each pod then downloads the model itself)",
+            )
+        )
     return problems + autoscaling_problems(spec)
+
+
+def _shares_one_node_cache(spec: dict[str, Any]) -> bool:
+    return uses_cache_claim(spec) and spec["cache"]["accessMode"] == "ReadWriteOnce"
 
 
 def autoscaling_problems(spec: dict[str, Any]) -> list[Problem]:
@@ -129,7 +160,7 @@ async def cluster_problems(
                     f"spec.model.source: PersistentVolumeClaim {source.claim!r} not found",
                 )
             )
-    if spec["routing"]["inferencePool"] and await _no_pool_api(kube, namespace):
+    if spec["routing"]["inferencePool"] and await _no_api(kube, INFERENCE_POOLS, namespace):
         problems.append(
             Problem(
                 "InferencePoolAPIMissing",
@@ -138,6 +169,17 @@ async def cluster_problems(
                 "CRDs (kubectl apply -f https://github.com/kubernetes-sigs/gateway-api-inference-"
                 "extension/releases/latest/download/manifests.yaml) or set it to false; the rest "
                 "of the deployment is served meanwhile",
+            )
+        )
+    pods = pods_per_replica(spec)
+    if pods > 1 and await _no_api(kube, LEADER_WORKER_SETS, namespace):
+        problems.append(
+            Problem(
+                "LeaderWorkerSetMissing",
+                f"one replica spans {pods} pods ({ranks_of(spec)} ranks, resources.gpus "
+                f"{spec['resources']['gpus']} each), which runs as a LeaderWorkerSet, but the "
+                f"cluster has no LeaderWorkerSet API (leaderworkerset.x-k8s.io/v1): install "
+                f"it ({LWS_INSTALL}); nothing is created until it is there",
             )
         )
     if spec.get("autoscaling") is not None:
@@ -166,9 +208,9 @@ async def autoscaler_conflicts(kube: Kube, namespace: str, name: str) -> list[Pr
     ]
 
 
-async def _no_pool_api(kube: Kube, namespace: str) -> bool:
-    """Whether listing InferencePools is a 404 (no such resource: the CRD is missing)."""
-    return await kube.get(INFERENCE_POOLS.format(namespace=namespace) + "?limit=1") is None
+async def _no_api(kube: Kube, collection: str, namespace: str) -> bool:
+    """Whether listing the collection is a 404 (no such resource: its CRD is missing)."""
+    return await kube.get(collection.format(namespace=namespace) + "?limit=1") is None
 
 
 def blocking(problems: list[Problem]) -> list[Problem]:

@@ -1,4 +1,6 @@
-"""An LLMDeployment's status, from its Deployment's status and the problems found.
+"""An LLMDeployment's status, from the status of its workload (the Deployment, or the
+LeaderWorkerSet whose groups are its replicas: both count replicas, ready and updated
+ones alike) and the problems found.
 
 Conditions (as Kubernetes writes them): Ready, Progressing, Degraded; each keeps its
 lastTransitionTime until its status really changes.
@@ -28,20 +30,22 @@ OPTIONAL_FIELDS = ("router", "autoscaling")
 def compute_status(
     cr: dict[str, Any],
     spec: dict[str, Any],
-    deployment: dict[str, Any] | None,
+    kind: str,
+    workload: dict[str, Any] | None,
     problems: list[Problem],
     timestamp: str,
     router: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`router`: the router's Deployment, when requests are routed (else None)."""
+    """`kind`: the workload's (Deployment or LeaderWorkerSet); `router`: the router's
+    Deployment, when requests are routed (else None)."""
     meta = cr["metadata"]
-    observed = (deployment or {}).get("status", {})
+    observed = (workload or {}).get("status", {})
     desired = spec["replicas"]
     ready = observed.get("readyReplicas", 0)
     router_status = _router_status(spec, router) if routed(spec) else None
     conditions = [
         _ready(desired, ready, spec, problems, router_status),
-        _progressing(desired, ready, observed, deployment),
+        _progressing(desired, ready, observed, kind, workload),
         _degraded(problems, observed),
     ]
     previous = {c["type"]: c for c in (cr.get("status") or {}).get("conditions", [])}
@@ -124,10 +128,14 @@ def _why_not_ready(spec: dict[str, Any], problems: list[Problem]) -> str:
 
 
 def _progressing(
-    desired: int, ready: int, observed: dict[str, Any], deployment: dict[str, Any] | None
+    desired: int,
+    ready: int,
+    observed: dict[str, Any],
+    kind: str,
+    workload: dict[str, Any] | None,
 ) -> Condition:
-    if deployment is None:
-        return _condition("Progressing", True, "Creating", "creating the Deployment")
+    if workload is None:
+        return _condition("Progressing", True, "Creating", f"creating the {kind}")
     updated = observed.get("updatedReplicas", 0)
     if updated < desired:
         return _condition("Progressing", True, "RollingOut", f"{updated}/{desired} pods updated")

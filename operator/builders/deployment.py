@@ -1,13 +1,15 @@
-"""The Deployment that runs `kubellm serve` for an LLMDeployment."""
+"""The Deployment that runs `kubellm serve` for an LLMDeployment, and the pod templates
+it and a LeaderWorkerSet (`leader_worker_set.py`) are made of."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from kubellm.operator.crd import ENGINE
+from kubellm.operator.crd import ENGINE, GROUP
 from kubellm.operator.naming import (
     RUNTIME_PORT,
     RUNTIME_PORT_NAME,
@@ -20,6 +22,8 @@ from kubellm.operator.naming import (
 from kubellm.operator.source import MODELS_MOUNT, SourceURI
 
 HF_HOME = "/cache/huggingface"
+LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"  # set by LWS on its pods
+LWS_GROUP_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
 PRE_STOP_SECONDS = 5  # lets Services drop the pod before SIGTERM reaches the server
 # the restricted Pod Security Standard, for every container the operator runs
 CONTAINER_SECURITY_CONTEXT = {
@@ -29,6 +33,48 @@ CONTAINER_SECURITY_CONTEXT = {
 }
 STARTUP_PERIOD_SECONDS = 10
 RUNTIME_UID = 1000
+
+
+@dataclass(frozen=True)
+class PodRole:
+    """What a pod of a replica does: `args` start its part of `kubellm serve`; `serves`:
+    it runs the API (port, probes); `in_group`: one of a LeaderWorkerSet group's pods."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    serves: bool = True
+    in_group: bool = False
+
+
+# The nodes of a group meet as vLLM's do on a LeaderWorkerSet: the variables LWS sets in
+# every pod of a group give the node count, this pod's index and node 0's address.
+_GROUP = ("--nnodes", "$(LWS_GROUP_SIZE)", "--master-addr", "$(LWS_LEADER_ADDRESS)")
+SINGLE_POD = PodRole("single")
+LEADER = PodRole("leader", (*_GROUP, "--node-rank", "0"), in_group=True)
+# no API, no probes: a worker exits (and LWS recreates the group) when it loses its leader
+# or a rank, and a hung worker stalls the leader, whose /live then fails
+WORKER = PodRole(
+    "worker", (*_GROUP, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"), False, True
+)
+ROLE_LABEL = f"{GROUP}/role"  # leader or worker, on the pods of a group
+# the pods of one group preferably on different nodes (each takes a node's GPUs anyway)
+GROUP_SPREAD = {
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 100,
+                "podAffinityTerm": {
+                    "labelSelector": {
+                        "matchExpressions": [{"key": ROLE_LABEL, "operator": "Exists"}]
+                    },
+                    # narrowed to the pod's own group (Kubernetes 1.31+; before: any group's)
+                    "matchLabelKeys": [LWS_NAME_LABEL, LWS_GROUP_LABEL],
+                    "topologyKey": "kubernetes.io/hostname",
+                },
+            }
+        ]
+    }
+}
 
 # spec.engine field -> `kubellm serve` environment variable
 ENGINE_ENV = {
@@ -51,7 +97,7 @@ def build_deployment(cr: dict[str, Any], spec: dict[str, Any], image: str) -> di
     """`spec` is the CR's spec with defaults applied; `image` the runtime image to use
     when the spec names none."""
     name = cr["metadata"]["name"]
-    template = _pod_template(name, spec, image)
+    template = pod_template(name, spec, image)
     template["metadata"]["annotations"] = {TEMPLATE_HASH: template_hash(template)}
     return {
         "apiVersion": "apps/v1",
@@ -85,17 +131,39 @@ def ranks_of(spec: dict[str, Any]) -> int:
     return spec["engine"]["tensorParallelSize"] * spec["engine"]["pipelineParallelSize"]
 
 
+def pods_per_replica(spec: dict[str, Any]) -> int:
+    """One pod, unless a replica's ranks outnumber the GPUs of a pod: then as many pods
+    (of resources.gpus ranks each) as its ranks need, a LeaderWorkerSet group."""
+    ranks, gpus = ranks_of(spec), spec["resources"]["gpus"]
+    return ranks // gpus if gpus and ranks > gpus else 1
+
+
+def workload_kind(spec: dict[str, Any]) -> str:
+    """The child that runs the replicas (named as the LLMDeployment)."""
+    return "LeaderWorkerSet" if pods_per_replica(spec) > 1 else "Deployment"
+
+
+def serving_labels(name: str, spec: dict[str, Any]) -> dict[str, str]:
+    """The pods that serve the API: every replica pod, or each group's leader."""
+    leaders = {ROLE_LABEL: LEADER.name} if pods_per_replica(spec) > 1 else {}
+    return selector_labels(name) | leaders
+
+
 def shm_size(spec: dict[str, Any]) -> str:
     if spec["shm"].get("sizeLimit"):
         return spec["shm"]["sizeLimit"]
-    ranks = ranks_of(spec)
+    ranks = ranks_of(spec) // pods_per_replica(spec)  # this pod's
     return "1Gi" if ranks == 1 else f"{8 * ranks}Gi"
 
 
-def _pod_template(name: str, spec: dict[str, Any], image: str) -> dict[str, Any]:
+def pod_template(
+    name: str, spec: dict[str, Any], image: str, role: PodRole = SINGLE_POD
+) -> dict[str, Any]:
+    """A pod of the replica: all of it (the Deployment's), or in a LeaderWorkerSet group
+    its leader (node 0, the API) or one of its workers (a headless node)."""
     source = SourceURI.parse(spec["model"]["source"])
     pod: dict[str, Any] = {
-        "containers": [_container(name, spec, source, image)],
+        "containers": [_container(name, spec, source, image, role)],
         "volumes": _volumes(name, spec, source),
         "securityContext": {
             "runAsNonRoot": True,
@@ -112,19 +180,36 @@ def _pod_template(name: str, spec: dict[str, Any], image: str) -> dict[str, Any]
     for field in ("nodeSelector", "tolerations", "affinity"):
         if spec.get(field):
             pod[field] = spec[field]
-    return {"metadata": {"labels": labels(name)}, "spec": pod}
+    if role.in_group and not spec.get("affinity"):
+        pod["affinity"] = GROUP_SPREAD
+    pod_labels = labels(name) | ({ROLE_LABEL: role.name} if role.in_group else {})
+    return {"metadata": {"labels": pod_labels}, "spec": pod}
 
 
-def _container(name: str, spec: dict[str, Any], source: SourceURI, image: str) -> dict[str, Any]:
-    startup_budget = spec["probes"]["startupTimeoutSeconds"]
+def _container(
+    name: str, spec: dict[str, Any], source: SourceURI, image: str, role: PodRole
+) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": "runtime",
         "image": spec.get("image") or image,
-        "args": list(spec["engine"]["extraArgs"]),
-        "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
+        "args": [*role.args, *spec["engine"]["extraArgs"]],
         "env": _env(name, spec, source),
         "resources": _resources(spec),
         "volumeMounts": _mounts(spec, source),
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+    }
+    if not container["args"]:
+        del container["args"]
+    if role.serves:
+        container |= _serving(spec)
+    return container
+
+
+def _serving(spec: dict[str, Any]) -> dict[str, Any]:
+    """What the pod that serves the API has: its port, probes, and a pause before SIGTERM."""
+    startup_budget = spec["probes"]["startupTimeoutSeconds"]
+    return {
+        "ports": [{"name": RUNTIME_PORT_NAME, "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "startupProbe": _probe(
             "/health", STARTUP_PERIOD_SECONDS, math.ceil(startup_budget / STARTUP_PERIOD_SECONDS)
         ),
@@ -132,11 +217,7 @@ def _container(name: str, spec: dict[str, Any], source: SourceURI, image: str) -
         # /live: 503 once the engine died or hangs; unlike /health, 200 while draining
         "livenessProbe": _probe("/live", 15, 4),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRE_STOP_SECONDS)]}}},
-        "securityContext": CONTAINER_SECURITY_CONTEXT,
     }
-    if not container["args"]:
-        del container["args"]
-    return container
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:

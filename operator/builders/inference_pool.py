@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubellm.operator.naming import RUNTIME_PORT, child_metadata, selector_labels
+from kubellm.operator.builders.deployment import serving_labels
+from kubellm.operator.naming import RUNTIME_PORT, child_metadata
 
 API_VERSION = "inference.networking.k8s.io/v1"
 
@@ -19,7 +20,7 @@ def build_inference_pool(cr: dict[str, Any], spec: dict[str, Any]) -> dict[str, 
         "kind": "InferencePool",
         "metadata": child_metadata(cr),
         "spec": {
-            "selector": {"matchLabels": selector_labels(name)},
+            "selector": {"matchLabels": serving_labels(name, spec)},
             "targetPorts": [{"number": RUNTIME_PORT}],
             "endpointPickerRef": {
                 "kind": "Service",

@@ -3,20 +3,21 @@
 `<name>` (port `spec.service.port` -> 8000) is the user's endpoint: it selects the
 router pods when requests are routed, else the replicas themselves. `<name>-replicas`,
 headless, exists only when routed: its EndpointSlices are how the router finds the
-replicas (`kubellm route --discover`).
+replicas (`kubellm route --discover`). Both select only the pods that serve the API: with
+a LeaderWorkerSet, each group's leader.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kubellm.operator.builders.deployment import serving_labels
 from kubellm.operator.naming import (
     RUNTIME_PORT,
     RUNTIME_PORT_NAME,
     child_metadata,
     replicas_service_name,
     router_selector_labels,
-    selector_labels,
 )
 
 
@@ -26,7 +27,7 @@ def routed(spec: dict[str, Any]) -> bool:
 
 def build_service(cr: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     name = cr["metadata"]["name"]
-    selector = router_selector_labels(name) if routed(spec) else selector_labels(name)
+    selector = router_selector_labels(name) if routed(spec) else serving_labels(name, spec)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -39,7 +40,7 @@ def build_service(cr: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_replicas_service(cr: dict[str, Any]) -> dict[str, Any]:
+def build_replicas_service(cr: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     name = cr["metadata"]["name"]
     return {
         "apiVersion": "v1",
@@ -47,7 +48,7 @@ def build_replicas_service(cr: dict[str, Any]) -> dict[str, Any]:
         "metadata": child_metadata(cr, replicas_service_name(name)),
         "spec": {
             "clusterIP": "None",
-            "selector": selector_labels(name),
+            "selector": serving_labels(name, spec),
             "ports": [_port(RUNTIME_PORT)],
         },
     }

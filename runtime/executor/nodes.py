@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import pickle
 import socket
+import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 
@@ -66,9 +67,22 @@ def keep_alive(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, KEEPALIVE_SECONDS * 1000)
 
 
-def interface_towards(address: str) -> str:
+def interface_towards(address: str, timeout: float) -> str:
     """The network interface this machine reaches `address` through: gloo must listen
-    there (by default it takes the hostname's address, often a loopback one)."""
+    there (by default it takes the hostname's address, often a loopback one). A name
+    that does not resolve yet (a Service's DNS record still on its way) is retried for
+    up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _interface_towards(address)
+        except socket.gaierror:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def _interface_towards(address: str) -> str:
     import fcntl
     import struct
 

@@ -63,7 +63,7 @@ class WorkerGroup:
         several = config.nnodes > 1
         store = open_store(config.world_size, config.master_port if several else 0)
         if several:
-            _listen_towards(config.master_addr)
+            _listen_towards(config)
         self.processes, self._pipes = spawn_ranks(
             config, platform, layout, config.ranks_of_node(0)[1:], ("127.0.0.1", store.port)
         )
@@ -222,9 +222,11 @@ def _stop(
             process.join(timeout=5)
 
 
-def _listen_towards(master_addr: str) -> None:
+def _listen_towards(config: EngineConfig) -> None:
     """Across nodes, gloo listens on the interface that reaches node 0 (unless told)."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", interface_towards(master_addr))
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        interface = interface_towards(config.master_addr, config.distributed_timeout)
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
 
 
 def _exit_with_parent() -> None:
@@ -263,7 +265,7 @@ def worker_main(
     if platform.device.type == "cpu":  # the node's ranks share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.ranks_per_node))
     if config.nnodes > 1:
-        _listen_towards(config.master_addr)
+        _listen_towards(config)
     store = connect_store(*store_address, config.world_size, config.distributed_timeout)
     store.set(ready_key(rank), "1")
     device = platform.device_of(config.local_rank(rank))

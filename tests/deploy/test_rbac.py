@@ -20,6 +20,7 @@ from tests.operator.emulator import (
     condition,
     create_llmd,
     emulated_cluster,
+    install_leader_worker_sets,
     register_inference_pools,
 )
 
@@ -65,6 +66,7 @@ def _scenario(cluster: Cluster) -> None:
     wait_for(lambda: condition(cluster.get(path), "Ready").get("status") == "True")
     _route_and_pool(cluster, path)
     _autoscale(cluster)
+    _multi_pod(cluster)
     create_llmd(cluster, "claimed", model={"source": "pvc://missing/model"})
     claimed = object_path("LLMDeployment", NS, "claimed")
     wait_for(lambda: condition(cluster.get(claimed), "Degraded").get("reason") == "ClaimNotFound")
@@ -105,6 +107,30 @@ def _route_and_pool(cluster: Cluster, path: str) -> None:
     cluster.patch(path, {"spec": {"routing": {"policy": "none", "inferencePool": False}}})
     wait_for(lambda: cluster.get(pool) is None and cluster.get(router["Deployment"]) is None)
     wait_for(lambda: all(cluster.get(p) is None for p in router.values()), message="router gone")
+
+
+def _multi_pod(cluster: Cluster) -> None:
+    """A replica over two pods: the LWS API looked for, then (installed) its
+    LeaderWorkerSet created, watched, followed and deleted when one pod is enough."""
+    engine = {"tensorParallelSize": 2, "pipelineParallelSize": 2}
+    create_llmd(cluster, "group", engine=engine, resources={"gpus": 2})
+    path = object_path("LLMDeployment", NS, "group")
+    wait_for(
+        lambda: condition(cluster.get(path), "Degraded").get("reason") == "LeaderWorkerSetMissing"
+    )
+    install_leader_worker_sets(cluster)
+    lws = object_path("LeaderWorkerSet", NS, "group")
+    wait_for(lambda: cluster.get(lws), message="the LeaderWorkerSet")
+    wait_for(
+        lambda: any(
+            "leaderworkersets" in p and q.get("watch") for _, p, q in cluster.operator_requests()
+        ),
+        message="the LeaderWorkerSets watched",
+    )
+    cluster.patch(path + "/scale", {"spec": {"replicas": 2}})
+    wait_for(lambda: cluster.get(lws)["spec"]["replicas"] == 2, message="the LWS scaled")
+    cluster.patch(path, {"spec": {"engine": {"pipelineParallelSize": 1}}})
+    wait_for(lambda: cluster.get(lws) is None, message="the LWS deleted")
 
 
 def _autoscale(cluster: Cluster) -> None:

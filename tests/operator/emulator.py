@@ -310,6 +310,37 @@ def register_inference_pools(emulator: FixedEmulator) -> None:
     )
 
 
+def register_leader_worker_sets(emulator: FixedEmulator) -> None:
+    """Serve leaderworkerset.x-k8s.io/v1 LeaderWorkerSets, as a cluster with LWS
+    installed does (its CRD declares the status and scale subresources)."""
+    emulator.resources["leaderworkerset.x-k8s.io/v1/leaderworkersets"] = kmock.ResourceInfo(
+        kind="LeaderWorkerSet",
+        singular="leaderworkerset",
+        namespaced=True,
+        shortnames={"lws"},
+        verbs={"get", "list", "watch", "create", "update", "patch", "delete"},
+        subresources={"status", "scale"},
+    )
+
+
+def install_leader_worker_sets(cluster: Cluster) -> None:
+    """What installing LWS does that the operator sees: the API is served, and its CRD
+    appears (kopf watches CRDs, and then starts watching the new resource)."""
+    register_leader_worker_sets(cluster.emulator)
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "leaderworkersets.leaderworkerset.x-k8s.io"},
+        "spec": {
+            "group": "leaderworkerset.x-k8s.io",
+            "names": {"kind": "LeaderWorkerSet", "plural": "leaderworkersets"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": True, "storage": True}],
+        },
+    }
+    cluster.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+
+
 class Cluster:
     """The running emulator: its URL, a kubeconfig for it, and plain HTTP helpers."""
 

@@ -31,8 +31,20 @@ def validate_kubernetes(obj: dict[str, Any]) -> None:
     if obj.get("kind") == "InferencePool":
         inference_pool_validator().validate(obj)
         return
+    if obj.get("kind") == "LeaderWorkerSet":
+        leader_worker_set_validator().validate(obj)
+        group = obj["spec"]["leaderWorkerTemplate"]
+        for template in (group["leaderTemplate"], group["workerTemplate"]):
+            validate_kubernetes(as_pod_template(template, obj["metadata"]))
+        return
     for version in KUBERNETES_VERSIONS:
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def as_pod_template(template: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """A PodTemplateSpec as a core/v1 PodTemplate, which Kubernetes' schemas validate."""
+    meta = {"name": owner["name"], "namespace": owner["namespace"]}
+    return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": meta, "template": template}
 
 
 def _closed(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -80,6 +92,71 @@ INFERENCE_POOL_V1 = _closed(
     },
     ["apiVersion", "kind", "metadata", "spec"],
 )
+
+
+_INT_OR_STRING = {"type": ["integer", "string"]}
+_INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+_POD_TEMPLATE = {"type": "object"}  # checked whole by Kubernetes' schemas (PodTemplate)
+# leaderworkerset.x-k8s.io/v1 LeaderWorkerSet, from the LWS API reference
+# (site/content/en/docs/reference/leaderworkerset.v1.md) and its CRD's enums: every spec
+# field it documents, nothing else allowed.
+LEADER_WORKER_SET_V1 = _closed(
+    {
+        "apiVersion": {"enum": ["leaderworkerset.x-k8s.io/v1"]},
+        "kind": {"enum": ["LeaderWorkerSet"]},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": _closed(
+            {
+                "replicas": _INT32 | {"minimum": 0},
+                "leaderWorkerTemplate": _closed(
+                    {
+                        "leaderTemplate": _POD_TEMPLATE,
+                        "workerTemplate": _POD_TEMPLATE,
+                        "size": _INT32 | {"minimum": 1},
+                        "restartPolicy": {
+                            "enum": [
+                                "RecreateGroupOnPodRestart",
+                                "RecreateGroupAfterStart",
+                                "None",
+                                "Default",
+                            ]
+                        },
+                        "subGroupPolicy": {"type": "object"},
+                        "volumeClaimTemplates": {"type": "array"},
+                        "persistentVolumeClaimRetentionPolicy": {"type": "object"},
+                    },
+                    ["workerTemplate"],
+                ),
+                "rolloutStrategy": _closed(
+                    {
+                        "type": {"enum": ["RollingUpdate"]},
+                        "rollingUpdateConfiguration": _closed(
+                            {
+                                "partition": _INT32,
+                                "maxUnavailable": _INT_OR_STRING,
+                                "maxSurge": _INT_OR_STRING,
+                            },
+                            ["maxUnavailable", "maxSurge"],
+                        ),
+                    },
+                    ["type"],
+                ),
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "networkConfig": _closed(
+                    {"subdomainPolicy": {"enum": ["Shared", "UniquePerReplica"]}},
+                    ["subdomainPolicy"],
+                ),
+                "groupIdentity": {"type": "string"},
+            },
+            ["leaderWorkerTemplate"],
+        ),
+    },
+    ["apiVersion", "kind", "metadata", "spec"],
+)
+
+
+def leader_worker_set_validator() -> jsonschema.Draft4Validator:
+    return jsonschema.Draft4Validator(LEADER_WORKER_SET_V1)
 
 
 def inference_pool_validator() -> jsonschema.Draft4Validator:

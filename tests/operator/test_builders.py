@@ -96,7 +96,11 @@ def test_which_children_exist_depends_on_source_and_replicas():
     no_cache = _children(model={"source": "hf://org/m"}, cache={"enabled": False})
     assert "PersistentVolumeClaim" not in no_cache
     one = build_children(custom_resource(replicas=1), IMAGE, ROUTER_IMAGE)
-    assert one.absent == [("InferencePool", "llama"), ("PodDisruptionBudget", "llama")]
+    assert one.absent == [
+        ("LeaderWorkerSet", "llama"),
+        ("InferencePool", "llama"),
+        ("PodDisruptionBudget", "llama"),
+    ]
 
 
 def test_gpu_pods_roll_without_surge_and_cpu_pods_without_unavailability():

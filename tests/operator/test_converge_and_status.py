@@ -45,7 +45,7 @@ def _status(deployment_status, cr=None, problems=(), timestamp="T1", router=READ
     cr = cr or custom_resource(**spec)
     deployment = None if deployment_status is None else {"status": deployment_status}
     spec = with_defaults(cr["spec"])
-    return compute_status(cr, spec, deployment, list(problems), timestamp, router)
+    return compute_status(cr, spec, "Deployment", deployment, list(problems), timestamp, router)
 
 
 def _conditions(status):
@@ -154,15 +154,31 @@ def test_static_problems():
     assert [p.reason for p in static_problems(spec)] == ["GPUsUnused"]
     spec = with_defaults({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 2}})
     assert static_problems(spec) == []
-    for gpus in (0, 2):  # what CEL refuses, for API servers that do not enforce it
-        spec = with_defaults({"resources": {"gpus": gpus}, "engine": {"tensorParallelSize": 4}})
-        (problem,) = static_problems(spec)
-        assert problem.reason == "TooFewGPUs" and "set resources.gpus to 4" in problem.message
+    # what CEL refuses, for API servers that do not enforce it
+    spec = with_defaults({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 4}})
+    (problem,) = static_problems(spec)
+    assert problem.reason == "TooFewGPUs" and "set resources.gpus to 4" in problem.message
     staged = {"tensorParallelSize": 2, "pipelineParallelSize": 4}
-    (problem,) = static_problems(with_defaults({"resources": {"gpus": 4}, "engine": staged}))
-    assert problem.reason == "TooFewGPUs"
+    (problem,) = static_problems(with_defaults({"resources": {"gpus": 3}, "engine": staged}))
+    assert problem.reason == "RanksDoNotDivide"
     assert "pipelineParallelSize 4 is 8 ranks" in problem.message
-    assert "set resources.gpus to 8" in problem.message
+    assert "8 does not divide by 3" in problem.message and "(such as 2)" in problem.message
+
+
+def test_a_replica_over_several_pods_needs_a_cache_every_node_can_mount():
+    engine = {"tensorParallelSize": 8, "pipelineParallelSize": 2}
+    hub = {"source": "hf://meta-llama/Llama-3.1-405B-Instruct"}
+    spec = with_defaults({"resources": {"gpus": 8}, "engine": engine, "model": hub})
+    (problem,) = static_problems(spec)
+    assert problem.reason == "CacheNotShareable" and "spans 2 pods" in problem.message
+    assert "cache.accessMode to ReadWriteMany" in problem.message
+    for cache in ({"accessMode": "ReadWriteMany"}, {"enabled": False}):
+        spec = with_defaults(
+            {"resources": {"gpus": 8}, "engine": engine, "model": hub, "cache": cache}
+        )
+        assert static_problems(spec) == []
+    builtin = with_defaults({"resources": {"gpus": 8}, "engine": engine})
+    assert static_problems(builtin) == []  # nothing downloaded, no claim
 
 
 def test_bad_autoscaling_is_one_partial_problem_naming_what_to_set():

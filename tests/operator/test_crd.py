@@ -135,13 +135,13 @@ def test_every_example_passes_the_cel_rules():
             {"routing": {"policy": "none"}, "autoscaling": {"minReplicas": 0, "maxReplicas": 2}},
             "set routing.policy to prefix",
         ),
-        ({"resources": {"gpus": 2}, "engine": {"tensorParallelSize": 4}}, "cannot exceed"),
+        ({"resources": {"gpus": 3}, "engine": {"tensorParallelSize": 4}}, "must fit in"),
         (
             {
-                "resources": {"gpus": 4},
+                "resources": {"gpus": 3},
                 "engine": {"tensorParallelSize": 4, "pipelineParallelSize": 2},
             },
-            "one replica's ranks, one GPU each) cannot exceed resources.gpus",
+            "must fit in resources.gpus (one pod) or be a multiple of it",
         ),
         ({"resources": {"gpus": 0}, "engine": {"tensorParallelSize": 2}}, "need GPUs"),
         ({"resources": {"gpus": 0}, "engine": {"pipelineParallelSize": 2}}, "need GPUs"),

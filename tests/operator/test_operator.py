@@ -155,11 +155,11 @@ def test_a_spec_only_an_edit_can_fix_is_reported_not_retried(cluster, monkeypatc
             name,
             model={"source": "hf://org/big"},
             engine={"tensorParallelSize": 4},
-            resources={"gpus": 2},
+            resources={"gpus": 3},
         )
         path = object_path("LLMDeployment", NS, name)
         cr = wait_for(lambda: condition(c := cluster.get(path), "Degraded") and c)
-        assert condition(cr, "Degraded")["reason"] == "TooFewGPUs"
+        assert condition(cr, "Degraded")["reason"] == "RanksDoNotDivide"
         assert child(cluster, "Deployment", name) is None
     assert "Handler 'reconcile' succeeded" in runner.output  # reported, so no retry loop
     assert "Handler 'reconcile' failed" not in runner.output

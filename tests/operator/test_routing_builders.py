@@ -43,7 +43,7 @@ def test_a_routed_deployment_puts_the_router_between_its_service_and_its_replica
         ("RoleBinding", "llama-router"),
         ("PodDisruptionBudget", "llama"),
     }
-    assert absent == [("InferencePool", "llama")]
+    assert absent == [("LeaderWorkerSet", "llama"), ("InferencePool", "llama")]
     runtime_pods = built[("Deployment", "llama")]["spec"]["template"]["metadata"]["labels"]
     router = built[("Deployment", "llama-router")]
     router_pods = router["spec"]["template"]["metadata"]["labels"]
