@@ -12,6 +12,11 @@ and attend over one token of whatever block their table row names; their outputs
 never read. Each graph's attention metadata carries the bounds of any step it replays
 (one query token, the longest context served), which is all the Triton backend needs to
 choose its launch; its split-KV kernel cuts each request's context itself.
+
+With pipeline stages each rank records its own stage: a stage after the first reads the
+hidden states and residual it received from static buffers too, and a stage before the
+last hands back its own (copied out of the graph's buffers, since they are sent on
+while the next step replays).
 """
 
 from __future__ import annotations
@@ -55,18 +60,24 @@ class DecodeGraphs:
         device = kv_caches[0].device
         largest = sizes[-1]
         self.model, self.kv_caches, self.sizes = model, kv_caches, sizes
+        stage = model.stage
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
         max_blocks = cdiv(max_seq_len, block_size)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int64, device=device)
-        self.hidden = torch.zeros(
-            largest,
-            model.config.hidden_size,
-            dtype=model.embed_tokens.weight.dtype,
-            device=device,
+        dtype = model.held_layers[0].input_layernorm.weight.dtype
+        rows = (largest, model.config.hidden_size)
+        self.hidden = torch.zeros(rows, dtype=dtype, device=device)
+        # the stage before's hidden states and residual (after the first stage), and this
+        # stage's residual out (before the last)
+        self.carried = (
+            None
+            if stage.is_first
+            else tuple(torch.zeros(rows, dtype=dtype, device=device) for _ in range(2))
         )
+        self.residual = None if stage.is_last else torch.zeros(rows, dtype=dtype, device=device)
         query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.metadata = {
             size: AttentionMetadata(
@@ -118,11 +129,20 @@ class DecodeGraphs:
         )
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """Hidden states [n, hidden_size] of a decode step of n requests."""
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        carried: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of n requests, as the model's forward returns it: the final
+        hidden states [n, hidden_size] (the last stage), or this stage's hidden states and
+        residual (an earlier one, continuing from the stage before's `carried`)."""
         n = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
+        if self.carried is not None:
+            for buffer, values in zip(self.carried, carried):
+                buffer[:n].copy_(values)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
@@ -136,9 +156,20 @@ class DecodeGraphs:
             self._forward(size)
         else:
             graph.replay()
-        return self.hidden[:n]
+        if self.residual is None:
+            return self.hidden[:n]
+        return self.hidden[:n].clone(), self.residual[:n].clone()
 
     def _forward(self, size: int) -> None:
-        self.hidden[:size] = self.model(
-            self.input_ids[:size], self.positions[:size], self.kv_caches, self.metadata[size]
+        carried = None if self.carried is None else tuple(b[:size] for b in self.carried)
+        out = self.model(
+            self.input_ids[:size],
+            self.positions[:size],
+            self.kv_caches,
+            self.metadata[size],
+            carried,
         )
+        if self.residual is None:
+            self.hidden[:size] = out
+        else:
+            self.hidden[:size], self.residual[:size] = out

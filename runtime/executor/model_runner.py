@@ -73,10 +73,7 @@ class ModelRunner:
         self.kv_caches = self.allocate_kv(self.num_blocks)
         self.decode_graphs: DecodeGraphs | None = None
         if not config.enforce_eager and platform.captures_cuda_graphs(self.model.attention_backend):
-            if parallel.pp.size > 1:
-                logger.info("no CUDA graphs: not yet captured per pipeline stage")
-            else:
-                self._capture_decode_graphs()
+            self.use_decode_graphs()  # each rank its own stage's
 
     def allocate_kv(self, num_blocks: int) -> list[torch.Tensor]:
         """One [2, blocks, block_size, this rank's KV heads, head_dim] tensor per layer."""
@@ -151,7 +148,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return max(0, peak - num_blocks * self.kv_block_bytes())
 
-    def _capture_decode_graphs(self) -> None:
+    def use_decode_graphs(self, capture: bool = True) -> None:
+        """Run decode steps through static buffers, replayed from CUDA graphs when
+        `capture` (CUDA only); without, eagerly: how the buffers are tested on a CPU."""
         graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
@@ -159,7 +158,8 @@ class ModelRunner:
             self.max_model_len,
             self.block_size,
         )
-        graphs.capture()
+        if capture:
+            graphs.capture()
         self.decode_graphs = graphs
 
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -176,7 +176,7 @@ class ModelRunner:
         stage = self.parallel.pp
         carried = None if stage.is_first else stage.receive(self._carried_like(len(input_ids)))
         if self.decode_graphs is not None and self.decode_graphs.covers(meta):
-            hidden = self.decode_graphs.run(input_ids, positions, meta)
+            hidden = self.decode_graphs.run(input_ids, positions, meta, carried)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta, carried)
         if stage.is_last:

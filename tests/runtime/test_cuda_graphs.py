@@ -118,6 +118,34 @@ def test_the_engine_through_decode_buffers_gives_eager_tokens(tiny_model_dir):
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
+def test_pipeline_stages_through_decode_buffers_give_eager_tokens(tiny_model_dir):
+    """Each stage through its own buffers: the first hands on its hidden states and
+    residual, the last continues from what it received."""
+    llm = LLM(
+        **pinned(
+            model=str(tiny_model_dir("gqa3-llama3-rope")),
+            attention_backend="triton",
+            pipeline_parallel_size=2,
+            block_size=16,
+            num_kv_blocks=40,
+            device=TRITON_DEVICE,
+            dtype="float32",
+            enforce_eager=True,
+        ),
+    )
+    prompts = [list(range(3, 3 + n)) for n in (5, 19, 2, 11)]
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (3, 6, 9, 4)]
+    try:
+        eager = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        llm.engine.workers.send("use_decode_graphs", False)
+        llm.engine.runner.use_decode_graphs(capture=False)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
+        assert llm.engine.runner.decode_graphs.steps_run > 0
+        assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.cuda
 def test_captured_graphs_replay_the_eager_tokens():
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -139,4 +167,33 @@ def test_captured_graphs_replay_the_eager_tokens():
             assert graphs is None
         else:
             assert sorted(graphs.graphs) == [1, 2, 4, 8] and graphs.steps_run > 0
+    assert outputs[False] == outputs[True]
+
+
+@pytest.mark.cuda
+def test_two_stages_on_two_gpus_capture_their_graphs_and_give_the_eager_tokens():
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(
+            **pinned(
+                device="cuda",
+                dtype="float32",
+                enforce_eager=eager,
+                pipeline_parallel_size=2,
+                max_num_seqs=8,
+                gpu_memory_utilization=0.4,
+            ),
+        )
+        try:
+            outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            graphs = llm.engine.runner.decode_graphs
+            assert (graphs is None) if eager else sorted(graphs.graphs) == [1, 2, 4, 8]
+        finally:
+            llm.shutdown()
     assert outputs[False] == outputs[True]
