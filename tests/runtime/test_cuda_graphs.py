@@ -147,7 +147,13 @@ def test_pipeline_stages_through_decode_buffers_give_eager_tokens(tiny_model_dir
 
 
 @pytest.mark.cuda
-def test_captured_graphs_replay_the_eager_tokens():
+@pytest.mark.parametrize("stages", [1, 2])
+def test_captured_graphs_replay_the_eager_tokens(stages):
+    """One GPU, and two pipeline stages on two GPUs, each capturing its own graphs."""
+    import torch
+
+    if torch.cuda.device_count() < stages:
+        pytest.skip(f"needs {stages} GPUs")
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
     outputs = {}
@@ -157,43 +163,18 @@ def test_captured_graphs_replay_the_eager_tokens():
                 device="cuda",
                 dtype="float32",
                 enforce_eager=eager,
+                pipeline_parallel_size=stages,
                 max_num_seqs=8,
                 gpu_memory_utilization=0.4,
             ),
         )  # the previous engine may still be alive
-        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        graphs = llm.engine.runner.decode_graphs
-        if eager:
-            assert graphs is None
-        else:
-            assert sorted(graphs.graphs) == [1, 2, 4, 8] and graphs.steps_run > 0
-    assert outputs[False] == outputs[True]
-
-
-@pytest.mark.cuda
-def test_two_stages_on_two_gpus_capture_their_graphs_and_give_the_eager_tokens():
-    import torch
-
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3,"]
-    outputs = {}
-    for eager in (True, False):
-        llm = LLM(
-            **pinned(
-                device="cuda",
-                dtype="float32",
-                enforce_eager=eager,
-                pipeline_parallel_size=2,
-                max_num_seqs=8,
-                gpu_memory_utilization=0.4,
-            ),
-        )
         try:
             outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             graphs = llm.engine.runner.decode_graphs
-            assert (graphs is None) if eager else sorted(graphs.graphs) == [1, 2, 4, 8]
+            if eager:
+                assert graphs is None
+            else:
+                assert sorted(graphs.graphs) == [1, 2, 4, 8] and graphs.steps_run > 0
         finally:
             llm.shutdown()
     assert outputs[False] == outputs[True]

@@ -9,6 +9,8 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -63,12 +65,18 @@ def node_args(model: str, nodes: int, rank: int, leader, *extra: str) -> tuple[s
     return args + (("--headless",) if rank else ("--host", leader.address))
 
 
-def start_pair(model: str, host_a, host_b, *extra: str) -> tuple[ServeProcess, ServeProcess]:
+@contextmanager
+def serving_pair(model: str, host_a, host_b, *extra: str) -> Iterator[tuple]:
+    """Node 0 healthy on host A, node 1 on host B; afterwards, no rank of node 1 left."""
     leader = ServeProcess(
         *node_args(model, 2, 0, host_a, *extra), prefix=host_a.prefix, host=host_a.address
     )
     follower = ServeProcess(*node_args(model, 2, 1, host_a, *extra), prefix=host_b.prefix)
-    return leader, follower
+    with leader, follower:
+        host_a.call(leader.wait_healthy)
+        remote = rank_pids(follower, r"node 1 of 2: ranks \d+\.\.\d+, pids ")
+        yield leader, follower
+    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
 def rank_pids(process: ServeProcess, pattern: str) -> list[int]:
@@ -89,11 +97,8 @@ def test_two_hosts_serve_the_single_process_tokens(hosts, tiny):
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     single = LLM(model=tiny, kv_cache_memory_gib=0.05, **PINS)
     expected = [o.outputs[0].text for o in single.generate(PROMPTS, greedy)]
-    leader, follower = start_pair(tiny, host_a, host_b, "--tensor-parallel-size", "2")
-    with leader, follower:
-        host_a.call(leader.wait_healthy)
+    with serving_pair(tiny, host_a, host_b, "--tensor-parallel-size", "2") as (leader, follower):
         assert "over 2 nodes; the others: node 1 (ranks 2..3)" in leader.output
-        remote = rank_pids(follower, r"node 1 of 2: ranks 2\.\.3, pids ")
 
         def ask() -> list[str]:
             client = openai.OpenAI(base_url=leader.url + "/v1", api_key="unused")
@@ -114,15 +119,11 @@ def test_two_hosts_serve_the_single_process_tokens(hosts, tiny):
         leader.proc.send_signal(signal.SIGTERM)  # an orderly stop stops node 1 too, with 0
         assert wait_exit(leader)[0] == 0, leader.output
         assert wait_exit(follower)[0] == 0, follower.output
-    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
 def test_losing_the_headless_host_fails_requests_health_and_node_0(hosts, tiny):
     host_a, host_b = hosts
-    leader, follower = start_pair(tiny, host_a, host_b)
-    with leader, follower:
-        host_a.call(leader.wait_healthy)
-        remote = rank_pids(follower, r"node 1 of 2: ranks 1\.\.1, pids ")
+    with serving_pair(tiny, host_a, host_b) as (leader, follower):
         results: dict = {}
         streaming = threading.Event()
 
@@ -144,7 +145,6 @@ def test_losing_the_headless_host_fails_requests_health_and_node_0(hosts, tiny):
         assert code != 0, leader.output
         assert "the engine is dead: node 1 (ranks 1..1) is gone" in leader.output
         print(f"node 0 exited {seconds:.1f} s after host B's process was killed")
-    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
 def _health_after(url: str, since: float) -> int:
@@ -164,25 +164,18 @@ def _health_after(url: str, since: float) -> int:
 
 def test_losing_node_0_stops_the_headless_host(hosts, tiny):
     host_a, host_b = hosts
-    leader, follower = start_pair(tiny, host_a, host_b)
-    with leader, follower:
-        host_a.call(leader.wait_healthy)
-        remote = rank_pids(follower, r"node 1 of 2: ranks 1\.\.1, pids ")
+    with serving_pair(tiny, host_a, host_b) as (leader, follower):
         leader.proc.send_signal(signal.SIGKILL)
         code, seconds = wait_exit(follower)
         assert code == 1, follower.output
         assert "node 0 is gone" in follower.output
         print(f"node 1 exited {seconds:.1f} s after node 0 was killed")
-    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
 def test_a_cut_network_stops_both_hosts(hosts, tiny):
     """No FIN, no RST: each side notices by TCP keepalive."""
     host_a, host_b = hosts
-    leader, follower = start_pair(tiny, host_a, host_b)
-    with leader, follower:
-        host_a.call(leader.wait_healthy)
-        remote = rank_pids(follower, r"node 1 of 2: ranks 1\.\.1, pids ")
+    with serving_pair(tiny, host_a, host_b) as (leader, follower):
         with host_b.cut():
             follower_code, follower_seconds = wait_exit(follower)
             leader_code, leader_seconds = wait_exit(leader)
@@ -193,7 +186,6 @@ def test_a_cut_network_stops_both_hosts(hosts, tiny):
             f"after the cut: node 1 exited in {follower_seconds:.1f} s, "
             f"node 0 {leader_seconds:.1f} s later"
         )
-    assert not any(is_running(pid) for pid in remote), "a rank outlived its node"
 
 
 def test_a_node_with_other_flags_is_refused_on_both(hosts, tiny):
