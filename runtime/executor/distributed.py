@@ -135,20 +135,25 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
-    def logits_to_driver(self, logits: torch.Tensor | None, rows: int, vocab: int):
-        """The step's logits where the sampler is (world rank 0): sent there by the last
-        stage's first rank when the stages are several; None on every other rank."""
+    def logits_to_driver(
+        self, logits: torch.Tensor | None, rows: int, vocab: int, dtype: torch.dtype
+    ):
+        """The step's logits (of `dtype`) where the sampler is (world rank 0): sent there
+        by the last stage's first rank when the stages are several; None on every other
+        rank."""
         if self.pp.size == 1:
             return logits if self.is_driver else None
+        device = _collective_device()
         if rows == 0:
-            return torch.empty(0, vocab, device=_collective_device()) if self.is_driver else None
+            return torch.empty(0, vocab, dtype=dtype, device=device) if self.is_driver else None
         sender = (self.pp.size - 1) * self.pp.stride
         if self.rank == sender:
+            assert logits.dtype == dtype, f"{logits.dtype} logits, {dtype} expected"
             dist.send(logits.contiguous(), dst=0)
             return None
         if not self.is_driver:
             return None
-        received = torch.empty(rows, vocab, device=_collective_device())
+        received = torch.empty(rows, vocab, dtype=dtype, device=device)
         dist.recv(received, src=sender)
         return received
 

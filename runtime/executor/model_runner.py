@@ -198,9 +198,12 @@ class ModelRunner:
         logits = self._logits.popleft() if self.parallel.pp.is_last else None
         num_sampling = len(plan.logits_indices)
         num_rows = num_sampling + len(plan.prompt_indices)
-        logits = self.parallel.logits_to_driver(logits, num_rows, self.model.config.vocab_size)
+        logits = self.parallel.logits_to_driver(
+            logits, num_rows, self.model.config.vocab_size, self.dtype
+        )
         if logits is None:
             return None, None
+        logits = logits.float()
         if not len(plan.prompt_indices):
             return logits, None
         return logits[:num_sampling], logits[num_sampling:]

@@ -235,6 +235,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """fp32 logits [rows, vocab] on rank 0 (gathered from every rank); None elsewhere."""
-        logits = self.lm_head(hidden)
-        return None if logits is None else logits.float()
+        """Logits [rows, vocab] in the activations' dtype on the stage's first rank
+        (gathered from every rank of its group); None elsewhere. The sampler takes them
+        in fp32: upcast where they are sampled, so a stage sends half the bytes in bf16."""
+        return self.lm_head(hidden)

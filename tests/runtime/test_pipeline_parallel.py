@@ -8,8 +8,9 @@ from __future__ import annotations
 import multiprocessing
 
 import pytest
+import torch
 
-from kubellm.runtime import LLM
+from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.executor.distributed import stage_layers
 
 from .conftest import hf_greedy
@@ -110,3 +111,28 @@ def test_batches_in_flight_of_aborted_sequences_are_still_collected(tiny_model_d
         assert engine.take_output("b").outputs[0].finish_reason == "abort"
     finally:
         engine.shutdown()
+
+
+def test_bf16_logits_cross_the_stage_boundary_in_bf16_and_sample_as_on_one_rank(tiny_model_dir):
+    """The last stage sends its logits in the activations' dtype (half the bytes in bf16)
+    and rank 0 upcasts them, exactly (bf16 to fp32 is exact). The logprobs are close, not
+    equal, to one rank's: two stages batch differently (a batch per stage in flight),
+    and torch's bf16 products on CPU round a row differently at different batch sizes
+    (issue 28)."""
+    settings = pinned(
+        model=str(tiny_model_dir("gqa4-untied")),
+        dtype="bfloat16",
+        max_num_batched_tokens=16,
+        kv_cache_memory_gib=0.01,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=3, ignore_eos=True)
+    outputs = {}
+    for stages in (1, 2):
+        with LLM(**settings, pipeline_parallel_size=stages) as llm:
+            assert llm.engine.runner.dtype == torch.bfloat16
+            outputs[stages] = [o.outputs[0] for o in llm.generate(TINY_PROMPTS, params)]
+    for one, two in zip(outputs[1], outputs[2]):
+        assert one.token_ids == two.token_ids
+        for a, b in zip(one.logprobs, two.logprobs):
+            assert a.top.keys() == b.top.keys()
+            assert a.top == pytest.approx(b.top, abs=0.05)
