@@ -38,6 +38,7 @@ STOP_MESSAGE = pickle.dumps((STOP, ()))
 NODE_LOCAL = frozenset({"node_rank", "download_dir", "master_addr", "distributed_timeout"})
 # A node whose peer's machine vanished (no FIN, no RST) notices within about this long.
 KEEPALIVE_SECONDS = 10
+HANDSHAKE_SECONDS = 10  # a new connection names its node within this long
 
 
 def refused_key(node: int) -> str:
@@ -138,14 +139,25 @@ class Meeting:
         sock.setblocking(True)
         keep_alive(sock)
         link = Connection(sock.detach())
-        if not link.poll(self.config.distributed_timeout):
+        node = _greeting(link)
+        if node in self.missing:
+            self.links[node] = link
+        else:  # not one of the nodes still awaited (a stray connection): not ours
             link.close()
-            return
-        node = int(link.recv_bytes())  # its node rank, as digits: nothing is unpickled
-        self.links[node] = link
 
     def close(self) -> None:
         self.listener.close()
+
+
+def _greeting(link: Connection) -> int | None:
+    """The node rank a new connection names first (digits: nothing is unpickled), or None
+    when it says nothing sensible within HANDSHAKE_SECONDS."""
+    try:
+        if link.poll(HANDSHAKE_SECONDS):
+            return int(link.recv_bytes(16))
+    except (OSError, EOFError, ValueError):
+        pass
+    return None
 
 
 class Leader:

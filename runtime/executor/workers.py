@@ -7,7 +7,7 @@ and its arguments, in practice `execute(plan)` once per step. Commands travel ov
 pipe per worker: a worker waits on it for as long as the server is idle (no collective
 timeout), and it reads EOF when rank 0 is gone, so no worker outlives its engine. The
 collectives inside the model keep the ranks in lockstep. With several nodes the other
-nodes' ranks get the same commands through their node's supervisor (`nodes.py`).
+nodes' ranks get the same commands through their node's supervisor (`headless.py`).
 
 A worker that dies is a dead engine: rank 0's next collective fails (gloo notices a
 closed peer at once), and a watchdog thread that waits on the workers' process

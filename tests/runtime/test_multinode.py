@@ -219,3 +219,30 @@ def test_a_leader_that_never_answers_fails_the_headless_start(tiny):
 
 class _Loopback:
     address = "127.0.0.1"
+
+
+def test_node_0_takes_only_a_connection_that_names_an_awaited_node():
+    """A stray connection (garbage, or a node rank not awaited) is dropped, and node 0
+    goes on waiting for the real one."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    from kubellm.runtime.config import EngineConfig
+    from kubellm.runtime.executor.distributed import open_store
+    from kubellm.runtime.executor.nodes import PLANS_KEY, Meeting
+
+    config = EngineConfig(pipeline_parallel_size=2, nnodes=2)
+    store = open_store(2)
+    links: dict = {}
+    meeting = Meeting(config, store, "torch.float32", links)
+    port = int(store.get(PLANS_KEY))
+    try:
+        for greeting in (b"not a number", b"7", b"1"):
+            client = Connection(socket.create_connection(("127.0.0.1", port)).detach())
+            client.send_bytes(greeting)
+            for _ in range(50):
+                meeting.poll()
+            assert list(links) == ([1] if greeting == b"1" else []), greeting
+        assert meeting.missing == []
+    finally:
+        meeting.close()
