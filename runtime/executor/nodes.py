@@ -128,10 +128,17 @@ class Meeting:
         return [n for n in range(1, self.config.nnodes) if n not in self.links]
 
     def poll(self) -> None:
-        """Take a connection that is waiting; raise RuntimeError if a node refused."""
+        """Take a connection that is waiting; raise RuntimeError if a node refused, or
+        left (its supervisor says nothing after its greeting: readable means closed)."""
         for node in self.missing:
             if self.store.check([refused_key(node)]):
                 raise RuntimeError(self.store.get(refused_key(node)).decode())
+        gone = [node for node, link in self.links.items() if link.poll(0)]
+        if gone:
+            raise RuntimeError(
+                f"{nodes_named(gone, self.config)} left before the group was complete "
+                f"(see that node's log)"
+            )
         try:
             sock, _ = self.listener.accept()
         except TimeoutError:

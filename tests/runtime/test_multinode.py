@@ -223,7 +223,8 @@ class _Loopback:
 
 def test_node_0_takes_only_a_connection_that_names_an_awaited_node():
     """A stray connection (garbage, or a node rank not awaited) is dropped, and node 0
-    goes on waiting for the real one."""
+    goes on waiting for the real one; a node that connected and then left fails the
+    start."""
     import socket
     from multiprocessing.connection import Connection
 
@@ -244,5 +245,8 @@ def test_node_0_takes_only_a_connection_that_names_an_awaited_node():
                 meeting.poll()
             assert list(links) == ([1] if greeting == b"1" else []), greeting
         assert meeting.missing == []
+        client.close()  # node 1 gone before the group is complete: node 0 fails at once
+        with pytest.raises(RuntimeError, match=r"node 1 \(ranks 1\.\.1\) left before"):
+            meeting.poll()
     finally:
         meeting.close()
