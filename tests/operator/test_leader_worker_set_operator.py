@@ -65,8 +65,17 @@ def test_a_multi_pod_replica_waits_for_lws_then_runs_as_one(cluster, monkeypatch
             message="Degraded cleared",
         )
 
-        # status from the LWS's, as its controller writes it (the router ready first)
+        # status from the LWS's, as its controller writes it (the router ready first),
+        # once kopf watches LeaderWorkerSets (it starts when their CRD appears)
+        wait_for(
+            lambda: any(
+                "leaderworkersets" in p and q.get("watch")
+                for _, p, q in cluster.operator_requests()
+            ),
+            message="the LeaderWorkerSets watched",
+        )
         router = object_path("Deployment", NS, f"{name}-router")
+        wait_for(lambda: cluster.get(router), message="the router's Deployment")
         cluster.patch(router + "/status", {"status": {"replicas": 1, "readyReplicas": 1}})
         wait_for(lambda: condition(cluster.get(path), "Ready").get("reason") == "ReplicasNotReady")
         ready = {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}
