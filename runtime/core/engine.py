@@ -73,9 +73,8 @@ class LLMEngine:
         self._sequences: dict[str, tuple[Request, int]] = {}
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d, %d stages); KV "
-            "cache: "
-            "%d blocks x %d tokens = %d tokens",
+            "loaded %s in %.1f s on %s (the %s platform, %s, tensor parallel %d, %d stages); "
+            "KV cache: %d blocks x %d tokens = %d tokens",
             config.model,
             self.load_seconds,
             platform.device,

@@ -2,7 +2,8 @@
 tensor-parallel group (the layers' collectives) and its pipeline stage (hidden states in
 from the stage before, out to the stage after).
 
-Ranks join one `torch.distributed` world: NCCL on CUDA (rank r on GPU r), gloo on CPU.
+Ranks join one `torch.distributed` world: NCCL on CUDA (a rank on its node's GPU
+`local_rank`), gloo on CPU.
 With T ranks per stage and P stages, rank r is tensor-parallel rank r % T of stage r // T;
 a stage's T ranks have a group of their own when there are several stages. The
 rendezvous is a TCPStore that rank 0 opens: on one node on a free port (port 0: the

@@ -11,7 +11,7 @@ from multiprocessing.connection import Connection, wait
 from kubellm.runtime.config import EngineConfig
 from kubellm.runtime.executor.nodes import STOP_MESSAGE, Leader
 from kubellm.runtime.executor.platform import choose_platform
-from kubellm.runtime.executor.workers import spawn_ranks
+from kubellm.runtime.executor.workers import kill_ranks, spawn_ranks, stop_ranks
 from kubellm.runtime.model.source import resolve
 
 logger = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ def run_headless(config: EngineConfig) -> int:
     try:
         return relay(leader.link, processes, pipes)
     finally:
-        for process in processes:
-            process.kill()
-            process.join(timeout=5)
+        kill_ranks(processes)
 
 
 def relay(link: Connection, processes, pipes: list[Connection]) -> int:
@@ -73,9 +71,8 @@ def relay(link: Connection, processes, pipes: list[Connection]) -> int:
         except (EOFError, OSError) as exc:
             logger.error("kubellm serve --headless: node 0 is gone (%s); stopping this node", exc)
             return 1
+        if message == STOP_MESSAGE:
+            stop_ranks(processes, pipes)
+            return 0
         for pipe in pipes:
             pipe.send_bytes(message)
-        if message == STOP_MESSAGE:
-            for process in processes:
-                process.join(timeout=10)
-            return 0

@@ -20,9 +20,11 @@ after --distributed-timeout seconds.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import pickle
 import socket
+import struct
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -84,9 +86,6 @@ def interface_towards(address: str, timeout: float) -> str:
 
 
 def _interface_towards(address: str) -> str:
-    import fcntl
-    import struct
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.connect((address, 9))  # chooses a route; sends nothing
         local = probe.getsockname()[0]

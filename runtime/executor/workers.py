@@ -175,9 +175,7 @@ class WorkerGroup:
         self._finalizer.detach()
         for link in self._links.values():
             link.close()  # that node's supervisor stops its ranks
-        for process in self.processes:
-            process.kill()
-            process.join(timeout=5)
+        kill_ranks(self.processes)
         leave_group()
 
 
@@ -209,7 +207,13 @@ def spawn_ranks(
 def _stop(
     processes, pipes: list[Connection], links: dict[int, Connection], timeout: float = 10.0
 ) -> None:
-    for channel in [*pipes, *links.values()]:
+    stop_ranks(processes, [*pipes, *links.values()], timeout)
+
+
+def stop_ranks(processes, channels: list[Connection], timeout: float = 10.0) -> None:
+    """Send stop down each channel (a worker's pipe, another node's link), then wait for
+    the processes; those still running after `timeout` are killed."""
+    for channel in channels:
         try:
             channel.send_bytes(STOP_MESSAGE)
             channel.close()
@@ -217,6 +221,12 @@ def _stop(
             pass
     for process in processes:
         process.join(timeout=timeout)
+    kill_ranks(processes)
+
+
+def kill_ranks(processes) -> None:
+    """Kill the worker processes still running, and reap them."""
+    for process in processes:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
