@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import kopf
-import pytest
 
 from kubellm.operator.kube import Kube, collection_path
-from tests.operator.emulator import Cluster, emulated_cluster
 
 NS = "kube-client"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    with emulated_cluster(tmp_path_factory.mktemp("emulator")) as running:
-        yield running
 
 
 def test_a_401_logs_in_again_without_failing_the_requests_that_share_the_client(

@@ -5,29 +5,17 @@ reaches the LWS, and going back to one pod per replica swaps it for a Deployment
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from kubellm.operator.kube import object_path
 from tests.helpers import wait_for
 from tests.operator.emulator import (
-    Cluster,
     condition,
     create_llmd,
-    emulated_cluster,
     install_leader_worker_sets,
 )
 from tests.operator.manifests import validate_kubernetes
 from tests.operator.operated import NS, child, operator
 
 GROUP = {"tensorParallelSize": 8, "pipelineParallelSize": 2}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    with emulated_cluster(tmp_path_factory.mktemp("emulator")) as running:
-        yield running
 
 
 def test_a_multi_pod_replica_waits_for_lws_then_runs_as_one(cluster, monkeypatch):

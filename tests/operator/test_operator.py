@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -19,12 +18,6 @@ from tests.helpers import free_port, wait_for
 from tests.operator.emulator import Cluster, condition, create_llmd, emulated_cluster
 from tests.operator.manifests import ROOT, load_yaml_documents, validate_kubernetes
 from tests.operator.operated import NS, child, events_for, mark_ready, operator
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    with emulated_cluster(tmp_path_factory.mktemp("emulator")) as running:
-        yield running
 
 
 def test_the_operator_converges_scales_reports_and_survives_a_restart(cluster, monkeypatch):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from kubellm.operator.kube import object_path
 from tests.helpers import wait_for
@@ -13,19 +10,12 @@ from tests.operator.emulator import (
     Cluster,
     condition,
     create_llmd,
-    emulated_cluster,
     register_inference_pools,
 )
 from tests.operator.manifests import validate_kubernetes
 from tests.operator.operated import NS, child, mark_ready, operator
 
 ROUTER_KINDS = ("ServiceAccount", "Role", "RoleBinding", "Deployment")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    with emulated_cluster(tmp_path_factory.mktemp("emulator")) as running:
-        yield running
 
 
 def _status(cluster: Cluster, name: str) -> dict[str, Any]:
