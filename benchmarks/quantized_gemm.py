@@ -7,9 +7,9 @@ MLP's down 1536 -> 576, and the output head's shape) and one of Llama-3.1-8B's.
 Columns: fp32 and bf16 dense (as kubellm's dense layers run them:
 `kubellm.runtime.model.dense.linear`); kubellm's CPU kernel (`kernels/cpu_qgemm.c`, fp32
 activations rounded to int8 per 32 inputs: what runs up to QGEMM_MAX_ROWS rows where
-the CPU has AVX2); torch's int4 kernel with bf16 activations (the fallback, up to
-INT4PACK_MAX_ROWS rows); and the dense product above those (the weight rebuilt from the
-kernel's storage, then one fp32 or bf16 product). Median microseconds of 20 runs after
+the CPU has AVX2); torch's int4 kernel with bf16 activations (the fallback, at every
+M); and the dense product above QGEMM_MAX_ROWS (the weight rebuilt from the kernel's
+storage, then one fp32 or bf16 product). Median microseconds of 20 runs after
 3 warm-ups.
 """
 

@@ -29,22 +29,6 @@ class TokenQueries:
     block_tables: torch.Tensor  # [n, blocks] int64: where that context lives
 
 
-def batched_decodes(query_lens: list[int], seq_lens: list[int]) -> list[int]:
-    """Which decoding requests (one new token each) attend in one padded call: the most
-    of them, shortest first, whose padding to the longest at most doubles the context
-    read (so one long request among short ones is left to a call of its own); none
-    unless at least two."""
-    decoding = sorted(
-        (seq_len, i) for i, (q_len, seq_len) in enumerate(zip(query_lens, seq_lens)) if q_len == 1
-    )
-    total, count = 0, 0
-    for n, (seq_len, _) in enumerate(decoding, 1):
-        total += seq_len
-        if n * seq_len <= 2 * total:
-            count = n
-    return sorted(i for _, i in decoding[:count]) if count > 1 else []
-
-
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes; -1 skips
@@ -73,7 +57,7 @@ class AttentionMetadata:
     def one_token_requests(self) -> TokenQueries | None:
         """Every request of the step with one new token (None: none; computed once)."""
         requests = [i for i, q_len in enumerate(self.query_lens_cpu) if q_len == 1]
-        return self._decodes(requests, self.block_tables.shape[1]) if requests else None
+        return self._decodes(requests) if requests else None
 
     @cached_property
     def token_contexts(self) -> TokenQueries:
@@ -94,27 +78,13 @@ class AttentionMetadata:
         requests = list(range(len(self.query_lens_cpu)))
         return TokenQueries(requests, rows, seq_lens, self.block_tables[owner])
 
-    @cached_property
-    def decode_batch(self) -> TokenQueries | None:
-        """The decoding requests a host-looping backend attends in one padded call
-        (`batched_decodes`), their block tables cut to the longest (computed once)."""
-        requests = batched_decodes(self.query_lens_cpu, self.seq_lens_cpu)
-        if not requests:
-            return None
-        return self._decodes(
-            requests, cdiv(max(self.seq_lens_cpu[i] for i in requests), self.block_size)
-        )
-
-    def _decodes(self, requests: list[int], blocks: int) -> TokenQueries:
-        """Decoding requests (one new token each) as queries over their first `blocks`."""
+    def _decodes(self, requests: list[int]) -> TokenQueries:
+        """Decoding requests (one new token each) as queries over their contexts."""
         starts, seq_lens = self.query_start_loc[:-1].long(), self.seq_lens.long()
-        tables = self.block_tables
-        if blocks < tables.shape[1]:
-            tables = tables[:, :blocks]
         if len(requests) == len(self.query_lens_cpu):
-            return TokenQueries(requests, starts, seq_lens, tables)
+            return TokenQueries(requests, starts, seq_lens, self.block_tables)
         index = torch.tensor(requests, device=self.seq_lens.device)
-        return TokenQueries(requests, starts[index], seq_lens[index], tables[index])
+        return TokenQueries(requests, starts[index], seq_lens[index], self.block_tables[index])
 
     @cached_property
     def request_blocks(self) -> list[torch.Tensor]:

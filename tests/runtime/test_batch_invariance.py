@@ -7,7 +7,7 @@ import pytest
 from kubellm.runtime import LLM, SamplingParams
 from tests.runtime.invariants import ENGINE_SETTINGS
 
-from .pins import defaults
+from .pins import assert_on_the_default_cpu_path, defaults
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -73,7 +73,7 @@ def test_the_default_cpu_path_alone_equals_inside_a_batch_of_16():
     only if every row's products are computed the same way however many rows there are."""
     texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
     with LLM(**defaults(max_model_len=512, kv_cache_memory_gib=0.1)) as llm:
-        assert llm.engine.runner.model.layers[0].whole_decode is not None
+        assert_on_the_default_cpu_path(llm)
         alone = [llm.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
         batched = llm.generate(texts, GREEDY)
     assert [o.outputs[0].token_ids for o in batched[:3]] == alone

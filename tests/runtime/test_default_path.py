@@ -1,6 +1,7 @@
 """`make serve`'s settings (no pins: the built-in model's 4-bit layers through kubellm's
-kernel, int8-rounded activations, an fp16 KV cache on CPUs with AVX2): a greedy reply
-does not depend on what the prefix cache held."""
+kernel, int8-rounded activations, an fp16 KV cache on CPUs with AVX2; torch's int4 kernel
+and attention where kubellm's kernels cannot be built, as `test_fallback_path` runs the
+first test): a greedy reply does not depend on what the prefix cache held."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kubellm.runtime.api.server import build_app
 from kubellm.runtime.core.async_engine import AsyncEngine
 from tests.runtime.live_server import live_server
 
-from .pins import defaults
+from .pins import assert_on_the_default_cpu_path, defaults
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -22,7 +23,7 @@ BLOCK = 16
 @pytest.fixture(scope="module")
 def default_llm() -> LLM:
     llm = LLM(**defaults(max_model_len=1024, kv_cache_memory_gib=0.25))
-    assert llm.engine.runner.model.layers[0].whole_decode is not None  # kubellm's C kernels
+    assert_on_the_default_cpu_path(llm)
     return llm
 
 

@@ -1,7 +1,7 @@
 """The host attention backends (torch's, and the CPU one on kubellm's C kernels) against
-attention written out per request, over a paged pool with scattered blocks: decodes
-batched into one call, decodes left out of it (one much longer context), prefill chunks
-after cached context, and whole prompts."""
+attention written out per request, over a paged pool with scattered blocks: decodes,
+decodes beside one much longer context, prefill chunks after cached context, and whole
+prompts; and a token's bits the same however its step was made up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from kubellm.kernels import cpu_library
 from kubellm.runtime.executor.platform.cpu_attention import CpuAttentionBackend
 from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
-from kubellm.runtime.model.attention import AttentionMetadata, batched_decodes
+from kubellm.runtime.model.attention import AttentionMetadata
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 16, 4
 
@@ -74,10 +74,10 @@ def step(requests: list[tuple[int, int]], seed: int):
 
 
 STEPS = {
-    "decodes only, batched": [(1, 9), (1, 17), (1, 12), (1, 14)],
+    "decodes only": [(1, 9), (1, 17), (1, 12), (1, 14)],
     "one decode": [(1, 23)],
     "decodes and prefill chunks": [(1, 13), (5, 5), (1, 10), (3, 11), (1, 16)],
-    "a long decode left out of the batch": [(1, 7), (1, 9), (1, 64), (1, 8), (2, 6)],
+    "decodes beside a long one": [(1, 7), (1, 9), (1, 64), (1, 8), (2, 6)],
     "prompts only": [(7, 7), (4, 4)],
 }
 
@@ -107,25 +107,57 @@ def metadata(name: str) -> AttentionMetadata:
     return step(STEPS[name], seed=1)[0][-1]
 
 
-def test_which_decodes_share_one_call():
-    """The steps above batch what they are named for; the long decode is left out."""
-    assert metadata("decodes only, batched").decode_batch.requests == [0, 1, 2, 3]
-    mixed = metadata("decodes and prefill chunks").decode_batch
-    assert mixed.requests == [0, 2, 4] and mixed.rows.tolist() == [0, 6, 10]
-    long = metadata("a long decode left out of the batch").decode_batch
-    assert long.requests == [0, 1, 3] and long.rows.tolist() == [0, 1, 3]
-    assert long.block_tables.shape == (3, 3)  # padded to the longest batched context (9)
-    assert metadata("one decode").decode_batch is None
-    assert metadata("prompts only").decode_batch is None
-    assert batched_decodes([1, 1, 1], [40, 4, 4]) == [1, 2]  # 3 x 40 > 2 x 48 tokens
-    assert batched_decodes([1, 2, 1], [8, 9, 10]) == [0, 2]
-
-
 def test_which_requests_the_cpu_backend_attends_in_one_call():
     """Every one-token request, however long its context; none in a prompts-only step."""
     mixed = metadata("decodes and prefill chunks").one_token_requests
     assert mixed.requests == [0, 2, 4] and mixed.rows.tolist() == [0, 6, 10]
     assert mixed.seq_lens.tolist() == [13, 10, 16] and mixed.block_tables.shape[0] == 3
-    long = metadata("a long decode left out of the batch").one_token_requests
+    long = metadata("decodes beside a long one").one_token_requests
     assert long.requests == [0, 1, 2, 3] and long.seq_lens.tolist() == [7, 9, 64, 8]
     assert metadata("prompts only").one_token_requests is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_token_gets_the_same_bits_however_its_step_is_made_up(backend):
+    """One 37-token context in the cache, its tokens attended as a whole prompt, as
+    prefill chunks after cached blocks (at block boundaries and not), and as decodes
+    beside other requests' tokens (every request here reads the same blocks): each
+    token's output must equal, bit for bit, what it got in the whole prompt."""
+    n = 37
+    gen = torch.Generator().manual_seed(5)
+    table = torch.randperm(n // BLOCK + 6, generator=gen)[: -(-n // BLOCK)].tolist()
+    kv_cache = torch.randn(2, n // BLOCK + 6, BLOCK, KV_HEADS, DIM, generator=gen)
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(n)])
+    keys = kv_cache[0].view(-1, KV_HEADS, DIM)[slots].clone()
+    values = kv_cache[1].view(-1, KV_HEADS, DIM)[slots].clone()
+    queries = torch.randn(n, HEADS, DIM, generator=gen)
+
+    def attend(requests: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """(new tokens, context) per request, all over this context's blocks."""
+        rows = torch.cat([torch.arange(s - q, s) for q, s in requests])
+        starts = [0, *torch.tensor([q for q, _ in requests]).cumsum(0).tolist()]
+        meta = AttentionMetadata(
+            slot_mapping=slots[rows],
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32),
+            block_tables=torch.tensor([table] * len(requests)),
+            block_size=BLOCK,
+            max_query_len=max(q for q, _ in requests),
+            max_seq_len=max(s for _, s in requests),
+            query_lens_cpu=[q for q, _ in requests],
+            seq_lens_cpu=[s for _, s in requests],
+            contiguous_starts=[-1] * len(requests),
+        )
+        out = backend().forward(queries[rows], keys[rows], values[rows], kv_cache, meta, 0.25)
+        return list(zip(rows.tolist(), out))
+
+    whole = dict(attend([(n, n)]))
+    steps = [
+        [(n - 2 * BLOCK, n)],  # a prefill chunk after two cached blocks
+        [(n - 13, n), (1, 9)],  # a chunk that starts mid-block, beside a decode
+        [(1, 2), (1, 30), (1, n), (4, 21), (1, 17)],  # decodes of every length beside a chunk
+        [(1, p) for p in range(1, n + 1)],
+    ]
+    for requests in steps:
+        for row, out in attend(requests):
+            assert torch.equal(out, whole[row]), (requests, row)

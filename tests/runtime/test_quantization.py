@@ -16,7 +16,6 @@ from safetensors import safe_open
 from kubellm.kernels import cpu_library
 from kubellm.runtime import LLM, SamplingParams
 from kubellm.runtime.executor.platform.cpu_products import (
-    INT4PACK_MAX_ROWS,
     QGEMM_MAX_ROWS,
     Int4PackProduct,
     QgemmProduct,
@@ -265,19 +264,20 @@ def test_resident_bytes_count_every_kept_tensor_and_each_storage_once():
     assert resident_bytes(model) == kept + (64 * 128 + 64) * 4
 
 
-def test_torch_int4_kernel_and_the_dense_product_multiply_by_the_same_weight():
-    """torch's int4 kernel (decode-sized batches) and the dense product from its layout
-    (larger ones) agree with each other and with the weight's definition."""
+def test_torch_int4_kernel_gives_a_row_the_same_bits_in_any_product():
+    """torch's int4 kernel, which the fallback runs at every batch size, multiplies by
+    the weight's definition, and a row's result does not depend on how many rows share
+    the product (what keeps a token's bits independent of its step on that path)."""
     layer, weight = _layer()
     layer.use(cpu_product(layer, "int4pack", torch.float32))
     assert isinstance(layer.product, Int4PackProduct)
     assert layer.codes.numel() == 0  # one copy of the codes
-    x = torch.randn(INT4PACK_MAX_ROWS + 1, 128).bfloat16()
-    small = layer(x[:INT4PACK_MAX_ROWS]).float()  # the int4 kernel
-    large = layer(x).float()  # the dense product
-    reference = x.float() @ weight.T
-    assert torch.allclose(small, large[:INT4PACK_MAX_ROWS], rtol=0.02, atol=0.01)
-    assert torch.allclose(large, reference, rtol=0.02, atol=0.01)
+    x = torch.randn(300, 128).bfloat16()
+    whole = layer(x)
+    assert torch.allclose(whole.float(), x.float() @ weight.T, rtol=0.02, atol=0.01)
+    for rows in (1, 2, 7, 64, 65, 129, 299):
+        assert torch.equal(layer(x[:rows]), whole[:rows]), rows
+    assert torch.equal(layer(x[150:151]), whole[150:151])
 
 
 @pytest.mark.skipif(

@@ -39,5 +39,5 @@ class CpuAttentionBackend:
                 query, kv_cache, tokens.rows, tokens.seq_lens, tokens.block_tables, scale, out
             )
         else:
-            attend_each(query, out, kv_cache, meta, scale, [])
+            attend_each(query, out, kv_cache, meta, scale)
         return out

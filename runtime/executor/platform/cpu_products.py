@@ -3,10 +3,11 @@ packed: kubellm's own (`QgemmProduct`, kubellm/kernels/cpu_qgemm.c: AVX2 integer
 products, each input row rounded to int8 per 32 inputs, as llama.cpp does) where the CPU
 has AVX2 and the machine a C compiler, else torch's int4 weight-only kernel
 (`Int4PackProduct`, `_weight_int4pack_mm_for_cpu`, its inputs rounded to bf16: with fp32
-inputs it is 10-30x slower). Above `INT4PACK_MAX_ROWS` rows, and above `QGEMM_MAX_ROWS`
-where the dense product would be bf16, the weight is rebuilt from the same storage for one
-dense product. BENCHMARKS.md ("Quantized GEMMs on CPU") has the measurements behind the
-crossover.
+inputs it is 10-30x slower). Both give a row the same bits whatever else is in the
+product, so every product goes through them (a dense product's rows depend on how many
+there are), except above `QGEMM_MAX_ROWS` where kubellm's kernel's dense product would be
+bf16 (a dtype asked for by name): the weight is then rebuilt from the same storage for
+one dense product. BENCHMARKS.md ("Quantized GEMMs on CPU") has the measurements.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from kubellm.runtime.model.quantized import GroupQuantized, QuantizedLayout, Qua
 # fp32 product up to ~512 rows, ~20% slower at 2,048, and a row's result is then the
 # same whatever shares its step (BENCHMARKS.md, "Quantized GEMMs on CPU").
 QGEMM_MAX_ROWS = 128
-INT4PACK_MAX_ROWS = 64  # at most this many rows per product through torch's int4 kernel
 
 
 KERNELS = {
@@ -37,12 +37,12 @@ def cpu_product(
 ) -> QgemmProduct | Int4PackProduct | None:
     """`kernel`'s storage for a loaded weight ("qgemm" or "int4pack"); None where the
     kernel cannot take it (the layer then multiplies exactly). `dense_dtype`: of the
-    products too large for the kernel (fp32 where the CPU has no fast bf16)."""
+    products too large for kubellm's kernel (fp32 where the CPU has no fast bf16)."""
     layout = weight.layout
     if kernel == "qgemm" and layout.group_size % cpu_qgemm.BLOCK == 0:
         return QgemmProduct(weight.stored(), dense_dtype)
     if layout.bits == 4:
-        return Int4PackProduct.of(weight.stored(), weight.shape, dense_dtype)
+        return Int4PackProduct.of(weight.stored(), weight.shape)
     return None
 
 
@@ -95,8 +95,9 @@ class QgemmProduct:
 
 class Int4PackProduct:
     """torch's CPU int4 kernel over its own layout (its form is `(q - 8) * s + z`, so
-    `z = o + 8 s`, in bf16), which then also feeds the dense product, so both kernels
-    multiply by the same weight."""
+    `z = o + 8 s`, in bf16), for products of any number of rows: a row's result does not
+    depend on the others (a dense product's would), at ~1.6x the time of the rebuilt
+    weight's dense fp32 product from 256 rows (BENCHMARKS.md)."""
 
     def __init__(
         self,
@@ -104,15 +105,12 @@ class Int4PackProduct:
         scales_and_zeros: torch.Tensor,
         block: int,
         group_size: int,
-        dense_dtype: torch.dtype,
     ) -> None:
         self.packed, self.scales_and_zeros, self.block = packed, scales_and_zeros, block
-        self.group_size, self.dense_dtype = group_size, dense_dtype
+        self.group_size = group_size
 
     @classmethod
-    def of(
-        cls, weight: GroupQuantized, shape: tuple[int, int], dense_dtype: torch.dtype
-    ) -> Int4PackProduct | None:
+    def of(cls, weight: GroupQuantized, shape: tuple[int, int]) -> Int4PackProduct | None:
         """None where the kernel's own limits, or a layout we cannot read back, refuse
         the weight."""
         if shape[0] % 16 or weight.group_size not in (32, 64, 128, 256):
@@ -132,22 +130,12 @@ class Int4PackProduct:
         zeros = weight.offsets + 8 * weight.scales
         scales_and_zeros = torch.stack((weight.scales, zeros), dim=-1).transpose(0, 1)
         scales_and_zeros = scales_and_zeros.contiguous().to(torch.bfloat16)
-        return cls(packed, scales_and_zeros, block, weight.group_size, dense_dtype)
+        return cls(packed, scales_and_zeros, block, weight.group_size)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= INT4PACK_MAX_ROWS:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
-            ).to(x.dtype)
-        dtype = self.dense_dtype
-        return linear(x.to(dtype), self.dense(dtype)).to(x.dtype)
-
-    def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in `dtype`, inputs in stored order, from this layout."""
-        rows, group = self.packed.shape[0], self.group_size
-        groups = _int4pack_codes(self.packed, self.block).view(rows, -1, group).float().sub_(8)
-        scales, zeros = self.scales_and_zeros.float().permute(2, 1, 0)  # each [N, G]
-        return groups.mul_(scales[..., None]).add_(zeros[..., None]).view(rows, -1).to(dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), self.packed, self.group_size, self.scales_and_zeros
+        ).to(x.dtype)
 
     def stored(self, rows: torch.Tensor | None = None) -> GroupQuantized:
         codes = _int4pack_codes(self.packed, self.block)

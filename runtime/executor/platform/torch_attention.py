@@ -1,12 +1,17 @@
 """The reference attention backend: plain torch over the paged cache.
 
-The decoding requests of a step (one new token each), when there are several of similar
-lengths, attend in one SDPA call over their contexts gathered and padded to the longest:
-~1.5x faster than a call per request at 4 and 16 requests (the per-call host overhead
-outweighs the padding), the same at 64, where the K/V reads are the cost either way
-(`python benchmarks/cpu_attention.py`). The others (prefills, and decodes that would pad too
-much) attend one request at a time, reading only that request's context, in place when
-its blocks are consecutive.
+Every new token of a step attends in a call of its own, as a one-token query over its
+own causal context (its position + 1 tokens of its request's cache, read in place when
+the request's blocks are consecutive, else gathered once per request), with no mask and
+no padding: the same call, on the same K/V as the cache stores them, whether the token
+came in a whole prompt, a prefill chunk after a prefix-cache hit, a recomputation after
+preemption or a decode step beside any other requests. SDPA's result for a row depends
+on the shape of the call it is in (its blocking and the BLAS's choices follow it), so a
+padded batch of decodes or a causal prefill in one call would give a token other bits
+than it gets alone, and a greedy request other tokens. That costs ~2x attention time
+against those calls on a 512-token prefill and ~1.5x on a batch of 4-16 decodes
+(`python benchmarks/cpu_attention.py`): this backend serves where kubellm's C kernels
+cannot, and in bf16.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kubellm.runtime.model.attention import AttentionMetadata, TokenQueries
+from kubellm.runtime.model.attention import AttentionMetadata
 
 
 def write_kv(
@@ -33,28 +38,17 @@ def write_kv(
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value
 
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
-    """Causal attention of the last `q_len` positions of a `kv_len`-token context.
+def attend_token(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+    """One token's attention over its whole context.
 
-    query [heads, q_len, dim]; key/value [kv_heads, kv_len, dim] -> [heads, q_len, dim].
-    A leading batch dim of 1 lets SDPA pick its fused CPU kernel (3-D inputs fall back to math).
+    query [heads, dim]; key/value [kv_heads, context, dim] -> [heads, dim]. The query
+    heads that share a KV head are the rows of one SDPA query (they all see every key),
+    so no K/V is repeated; the leading batch dim of 1 lets SDPA pick its fused CPU kernel.
     """
-    q_len, kv_len = query.shape[1], key.shape[1]
-    mask = None  # a single new token sees the whole context
-    if 1 < q_len < kv_len:  # a prefill chunk after cached context: causal, offset
-        positions = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-        mask = torch.arange(kv_len, device=query.device)[None, :] <= positions
-    causal = q_len == kv_len and q_len > 1
-    out = F.scaled_dot_product_attention(
-        query[None],
-        key[None],
-        value[None],
-        attn_mask=mask,
-        is_causal=causal,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out[0]
+    num_kv_heads, head_dim = key.shape[0], key.shape[2]
+    grouped = query.reshape(num_kv_heads, -1, head_dim)
+    out = F.scaled_dot_product_attention(grouped[None], key[None], value[None], scale=scale)
+    return out.view(query.shape)
 
 
 class TorchAttentionBackend:
@@ -70,19 +64,8 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         write_kv(key, value, kv_cache, meta.slot_mapping, meta.skips_slots)
-        num_kv_heads = kv_cache.shape[3]
-        k_rows, v_rows = kv_rows(kv_cache)
-        batch = meta.decode_batch
-        if batch is not None and len(batch.requests) == len(meta.seq_lens_cpu):
-            return decode(query, k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale)
         out = torch.empty_like(query)
-        if batch is not None:
-            rows = batch.rows
-            out[rows] = decode(
-                query[rows], k_rows, v_rows, batch, meta.block_size, num_kv_heads, scale
-            )
-        skip = batch.requests if batch is not None else []
-        attend_each(query, out, kv_cache, meta, scale, skip)
+        attend_each(query, out, kv_cache, meta, scale)
         return out
 
 
@@ -99,22 +82,14 @@ def attend_each(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    skip: list[int],
 ) -> None:
-    """The step's requests, but those in `skip`, attended one call each into their
-    rows of out, each reading only its own context (in place when its blocks are
-    consecutive)."""
+    """Every new token of the step attended by `attend_token` into its row of out."""
     num_kv_heads, head_dim = kv_cache.shape[3:]
     k_rows, v_rows = kv_rows(kv_cache)
-    skipped = set(skip)
-    q_heads, out_heads = query.transpose(0, 1), out.transpose(0, 1)  # [heads, tokens, dim]
     start = 0
     for i, (q_len, seq_len, first) in enumerate(
         zip(meta.query_lens_cpu, meta.seq_lens_cpu, meta.contiguous_starts)
     ):
-        rows, start = slice(start, start + q_len), start + q_len
-        if i in skipped:
-            continue
         blocks = meta.request_blocks[i]
         if first >= 0:  # consecutive blocks: read the pool in place
             k, v = k_rows[first : first + len(blocks)], v_rows[first : first + len(blocks)]
@@ -122,27 +97,10 @@ def attend_each(
             k, v = k_rows.index_select(0, blocks), v_rows.index_select(0, blocks)
         k = k.view(-1, num_kv_heads, head_dim)[:seq_len].to(query.dtype).transpose(0, 1)
         v = v.view(-1, num_kv_heads, head_dim)[:seq_len].to(query.dtype).transpose(0, 1)
-        out_heads[:, rows] = attend(q_heads[:, rows], k, v, scale)
-
-
-def decode(
-    query: torch.Tensor,
-    k_rows: torch.Tensor,
-    v_rows: torch.Tensor,
-    batch: TokenQueries,
-    block_size: int,
-    num_kv_heads: int,
-    scale: float,
-):
-    """The one-token queries [requests, heads, dim] of a `TokenQueries` in one call: their
-    contexts gathered, padded to the longest, and attended under a padding mask."""
-    head_dim = query.shape[-1]
-    shape = (len(batch.requests), batch.block_tables.shape[1] * block_size, num_kv_heads, head_dim)
-    blocks = batch.block_tables.reshape(-1)
-    k = k_rows.index_select(0, blocks).view(shape).transpose(1, 2)
-    v = v_rows.index_select(0, blocks).view(shape).transpose(1, 2)
-    visible = torch.arange(shape[1], device=query.device) < batch.seq_lens[:, None]
-    out = F.scaled_dot_product_attention(
-        query[:, :, None], k, v, attn_mask=visible[:, None, None], scale=scale, enable_gqa=True
-    )
-    return out[:, :, 0]
+        first_context = seq_len - q_len + 1  # the context of the request's first new token
+        for row in range(q_len):
+            context = first_context + row
+            out[start + row] = attend_token(
+                query[start + row], k[:, :context], v[:, :context], scale
+            )
+        start += q_len
