@@ -11,6 +11,16 @@
   each program attends one KV segment; a second kernel merges the segments' partial
   results.
 
+A token's result does not depend on what else is in the launch, nor on which of the two
+ran it: every context is attended in segments of `SEGMENT_BLOCKS` blocks from its first
+block (online softmax within a segment), the segments' partial results merged in order
+by one function (`_merge`), and every launch's tiles have the same shape (`TILE_Q`
+tokens whatever the batch's longest query), so each row goes through the same
+arithmetic: a prompt's token computed in a whole prompt, in a chunk after a prefix-cache
+hit or recomputed after preemption gets the bits it got as a decode beside any others.
+Blocks and segments past a row's own position (a tile's later rows see more) add exact
+zeros.
+
 The caches are [num_blocks, block_size, num_kv_heads, head_dim]; the interpreter
 (TRITON_INTERPRET=1) runs all three on CPU, where bf16 inputs are upcast on load.
 """
@@ -26,6 +36,8 @@ import triton.language as tl
 # Fused multiply-add in the compiled kernels: Triton 3.9's default, which 3.10 changes
 # (chosen here, which also quiets the warning it prints at the first compile).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+SEGMENT_BLOCKS = 16  # blocks per segment (256 tokens at 16 per block)
 
 
 @triton.jit
@@ -144,6 +156,17 @@ def _attend_blocks(
 
 
 @triton.jit
+def _merge(acc, m_i, l_i, seg_acc, seg_m, seg_l):
+    """The running (acc, max, sum) with the next segment's: the one place segments are
+    merged, in the paged kernel and the split kernel's merge alike."""
+    m_new = tl.maximum(m_i, seg_m)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    beta = tl.exp(seg_m - m_safe)
+    return acc * alpha[:, None] + seg_acc * beta[:, None], m_new, l_i * alpha + seg_l * beta
+
+
+@triton.jit
 def _paged_attention_kernel(
     query,
     out,
@@ -165,6 +188,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SEGMENT_BLOCKS: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
     request = tl.program_id(0)
@@ -186,25 +210,30 @@ def _paged_attention_kernel(
     q_ptr = query + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     last_pos = tl.minimum(seq_len - q_len + (tile + 1) * TILE_Q, seq_len)  # causal horizon
     last_block = tl.cdiv(last_pos, BLOCK_SIZE)
-    acc, _, l_i = _attend_blocks(
-        q_ptr,
-        row_pos,
-        row_ok,
-        k_cache,
-        v_cache,
-        block_tables + request * stride_bt,
-        0,
-        last_block,
-        seq_len,
-        scale,
-        NUM_KV_HEADS,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_SIZE,
-        BLOCK_M,
-        kv_head,
-        NATIVE_DOT,
-    )
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for first in range(0, last_block, SEGMENT_BLOCKS):
+        seg_acc, seg_m, seg_l = _attend_blocks(
+            q_ptr,
+            row_pos,
+            row_ok,
+            k_cache,
+            v_cache,
+            block_tables + request * stride_bt,
+            first,
+            tl.minimum(first + SEGMENT_BLOCKS, last_block),
+            seq_len,
+            scale,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_SIZE,
+            BLOCK_M,
+            kv_head,
+            NATIVE_DOT,
+        )
+        acc, m_i, l_i = _merge(acc, m_i, l_i, seg_acc, seg_m, seg_l)
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptr = out + (q_start + token)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=row_ok[:, None] & in_dim[None, :])
@@ -220,16 +249,12 @@ def _rows(tile_q: int, group: int) -> int:
 
 
 def attention_constants(
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    max_query_len: int,
-    native_dot: bool,
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, native_dot: bool
 ) -> dict[str, int | bool]:
-    """The compile-time constants `paged_attention` launches its kernel with."""
+    """The compile-time constants `paged_attention` launches its kernel with: one set per
+    model and dtype, whatever the batch (a tile's shape is a row's arithmetic)."""
     group = num_heads // num_kv_heads
-    tile_q = max(1, min(triton.next_power_of_2(max_query_len), max(1, 64 // group)))
+    tile_q = max(1, 64 // group)
     return dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
@@ -238,6 +263,7 @@ def attention_constants(
         BLOCK_SIZE=block_size,
         TILE_Q=tile_q,
         BLOCK_M=_rows(tile_q, group),
+        SEGMENT_BLOCKS=SEGMENT_BLOCKS,
         NATIVE_DOT=native_dot,
     )
 
@@ -260,7 +286,7 @@ def paged_attention(
     if tokens == 0:
         return out
     constants = attention_constants(
-        num_heads, num_kv_heads, head_dim, block_size, max_query_len, _native_dot(k_cache)
+        num_heads, num_kv_heads, head_dim, block_size, _native_dot(k_cache)
     )
     grid = (len(seq_lens), num_kv_heads, triton.cdiv(max_query_len, constants["TILE_Q"]))
     _paged_attention_kernel[grid](
@@ -293,6 +319,7 @@ def _decode_split_kernel(
     part_acc,
     part_m,
     part_l,
+    num_segments,
     stride_qt,
     stride_qh,
     stride_bt,
@@ -302,19 +329,17 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SEGMENT_BLOCKS: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    segment = tl.program_id(2)
     seq_len = tl.load(seq_lens + request)
-    num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    # Each request cuts its own context: the launch depends on no context length, so a
-    # CUDA graph captured once replays for any.
-    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
-    first = split * per_split
-    last = tl.minimum(first + per_split, num_blocks)
+    # Segments are counted over the block table's width, not this context's length, so
+    # a CUDA graph captured once replays for any; those past the context stay empty.
+    first = segment * SEGMENT_BLOCKS
+    last = tl.minimum(first + SEGMENT_BLOCKS, tl.cdiv(seq_len, BLOCK_SIZE))
     r = tl.arange(0, BLOCK_M)
     row_ok = r < GROUP
     head = kv_head * GROUP + r
@@ -340,7 +365,7 @@ def _decode_split_kernel(
         kv_head,
         NATIVE_DOT,
     )
-    base = (request * NUM_KV_HEADS + kv_head) * NUM_SPLITS + split
+    base = (request * NUM_KV_HEADS + kv_head) * num_segments + segment
     tl.store(part_m + base * BLOCK_M + r, m_i)
     tl.store(part_l + base * BLOCK_M + r, l_i)
     tl.store(part_acc + (base * BLOCK_M + r)[:, None] * BLOCK_D + d[None, :], acc)
@@ -352,6 +377,7 @@ def _decode_merge_kernel(
     part_acc,
     part_m,
     part_l,
+    num_segments,
     stride_ot,
     stride_oh,
     NUM_KV_HEADS: tl.constexpr,
@@ -359,45 +385,45 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
 ):
     request = tl.program_id(0)
     kv_head = tl.program_id(1)
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    base = (request * NUM_KV_HEADS + kv_head) * NUM_SPLITS
-    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        m_all = tl.maximum(m_all, tl.load(part_m + (base + s) * BLOCK_M + r))
-    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    base = (request * NUM_KV_HEADS + kv_head) * num_segments
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_all = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        weight = tl.exp(tl.load(part_m + (base + s) * BLOCK_M + r) - m_safe)
-        l_all += weight * tl.load(part_l + (base + s) * BLOCK_M + r)
-        rows = ((base + s) * BLOCK_M + r)[:, None] * BLOCK_D + d[None, :]
-        acc += weight[:, None] * tl.load(part_acc + rows)
-    result = acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for s in range(0, num_segments):
+        rows = (base + s) * BLOCK_M + r
+        seg_acc = tl.load(part_acc + rows[:, None] * BLOCK_D + d[None, :])
+        acc, m_i, l_i = _merge(
+            acc, m_i, l_i, seg_acc, tl.load(part_m + rows), tl.load(part_l + rows)
+        )
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     head = kv_head * GROUP + r
     ok = (r < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     o_ptr = out + request * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, result.to(out.dtype.element_ty), mask=ok)
 
 
-def merge_constants(
-    num_heads: int, num_kv_heads: int, head_dim: int, num_splits: int
-) -> dict[str, int]:
+def merge_constants(num_heads: int, num_kv_heads: int, head_dim: int) -> dict[str, int]:
     """The compile-time constants of `paged_decode`'s merge kernel; its split kernel
-    takes these and BLOCK_SIZE and NATIVE_DOT."""
+    takes these and BLOCK_SIZE, SEGMENT_BLOCKS and NATIVE_DOT. BLOCK_M is
+    `paged_attention`'s, so a decode's dots have the shape they have there."""
     group = num_heads // num_kv_heads
     return dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=_rows(1, group),
-        NUM_SPLITS=num_splits,
+        BLOCK_M=_rows(max(1, 64 // group), group),
     )
+
+
+def decode_segments(block_tables: torch.Tensor) -> int:
+    """How many segments `paged_decode` cuts the widest context of a table into."""
+    return triton.cdiv(block_tables.shape[1], SEGMENT_BLOCKS)
 
 
 def paged_decode(
@@ -407,22 +433,23 @@ def paged_decode(
     block_tables,
     seq_lens,
     scale: float,
-    num_splits: int,
     out=None,
 ) -> torch.Tensor:
-    """Decode only (one query token per request, query [requests, heads, dim]), with
-    each request's context cut into `num_splits` equal segments attended in parallel."""
+    """Decode only (one query token per request, query [requests, heads, dim]), each
+    request's context cut into segments of `SEGMENT_BLOCKS` blocks attended in parallel,
+    then merged: the bits `paged_attention` gives the same token."""
     requests, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(query) if out is None else out
     if requests == 0:
         return out
-    merge = merge_constants(num_heads, num_kv_heads, head_dim, num_splits)
-    shape = (requests, num_kv_heads, num_splits, merge["BLOCK_M"])
+    merge = merge_constants(num_heads, num_kv_heads, head_dim)
+    segments = decode_segments(block_tables)
+    shape = (requests, num_kv_heads, segments, merge["BLOCK_M"])
     part_m = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_l = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_acc = torch.empty((*shape, merge["BLOCK_D"]), dtype=torch.float32, device=query.device)
-    _decode_split_kernel[(requests, num_kv_heads, num_splits)](
+    _decode_split_kernel[(requests, num_kv_heads, segments)](
         query,
         k_cache,
         v_cache,
@@ -432,14 +459,16 @@ def paged_decode(
         part_acc,
         part_m,
         part_l,
+        segments,
         query.stride(0),
         query.stride(1),
         block_tables.stride(0),
         BLOCK_SIZE=block_size,
+        SEGMENT_BLOCKS=SEGMENT_BLOCKS,
         NATIVE_DOT=_native_dot(k_cache),
         **merge,
     )
     _decode_merge_kernel[(requests, num_kv_heads)](
-        out, part_acc, part_m, part_l, out.stride(0), out.stride(1), **merge
+        out, part_acc, part_m, part_l, segments, out.stride(0), out.stride(1), **merge
     )
     return out

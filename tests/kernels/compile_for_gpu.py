@@ -34,7 +34,6 @@ SHAPES = [
 RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP 8 of 70B
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
-SPLITS = 33  # a loop bound only: any count compiles alike
 # W4A16: group sizes of GPTQ/AWQ checkpoints, decode (1 row) and prefill (2048) tiles.
 # M, N, K and the split count are runtime arguments, so these cover every layer of
 # Llama-3.1-8B (K 4096 and 14336) and of 70B per rank at TP 4 and 8 (K 8192, 7168,
@@ -53,21 +52,25 @@ def _ints(names: str) -> dict[str, str]:
 
 def jobs() -> list[tuple[str, str, dict]]:
     """(kernel, dtype, constants) for every launch configuration of the shapes above."""
-    from kubellm.kernels.paged_attention import attention_constants, merge_constants
+    from kubellm.kernels.paged_attention import (
+        SEGMENT_BLOCKS,
+        attention_constants,
+        merge_constants,
+    )
     from kubellm.kernels.w4a16 import w4a16_constants
 
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
         for kv_heads in RANK_KV_HEADS:
             out.append(("write_kv", dtype, dict(NUM_KV_HEADS=kv_heads, HEAD_DIM=128, BLOCK_D=128)))
-        for (heads, kv_heads, dim), query_len in itertools.product(SHAPES, (1, 2048)):
-            constants = attention_constants(heads, kv_heads, dim, BLOCK_SIZE, query_len, native)
-            out.append(("attention", dtype, constants))
         for heads, kv_heads, dim in SHAPES:
-            merge = merge_constants(heads, kv_heads, dim, SPLITS)
-            out.append(
-                ("decode_split", dtype, dict(merge, BLOCK_SIZE=BLOCK_SIZE, NATIVE_DOT=native))
+            constants = attention_constants(heads, kv_heads, dim, BLOCK_SIZE, native)
+            out.append(("attention", dtype, constants))
+            merge = merge_constants(heads, kv_heads, dim)
+            split = dict(
+                merge, BLOCK_SIZE=BLOCK_SIZE, SEGMENT_BLOCKS=SEGMENT_BLOCKS, NATIVE_DOT=native
             )
+            out.append(("decode_split", dtype, split))
             out.append(("decode_merge", dtype, merge))
         for group, rows in itertools.product(W4A16_GROUPS, W4A16_ROWS):
             out.append(("w4a16", dtype, w4a16_constants(rows, group, native)))
@@ -111,7 +114,7 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
                 "seq_lens": "*i32",
                 "scale": "fp32",
                 **_pointers("fp32", "part_acc part_m part_l"),
-                **_ints("stride_qt stride_qh stride_bt"),
+                **_ints("num_segments stride_qt stride_qh stride_bt"),
             },
         ),
         "decode_merge": (
@@ -119,7 +122,7 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
             {
                 **_pointers(dtype, "out"),
                 **_pointers("fp32", "part_acc part_m part_l"),
-                **_ints("stride_ot stride_oh"),
+                **_ints("num_segments stride_ot stride_oh"),
             },
         ),
         "w4a16": (

@@ -5,6 +5,7 @@ runs ~0.5 ms per program instance."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -80,20 +81,56 @@ def test_paged_attention_matches_the_reference(
     )
 
 
-@pytest.mark.parametrize("splits", [1, 3, 8])
 @pytest.mark.parametrize(("num_kv_heads", "group", "head_dim", "block_size"), CASES[:3])
-def test_split_kv_decode_matches_the_reference(splits, num_kv_heads, group, head_dim, block_size):
-    shapes = [(1, 70), (1, 5), (1, 33)]  # more segments than the short contexts have blocks
-    rng = random.Random(splits * 7 + group)
+def test_split_kv_decode_matches_the_reference(num_kv_heads, group, head_dim, block_size):
+    shapes = [(1, 600), (1, 5), (1, 270)]  # 3, 1 and 2 segments at 16, 2/1/1 at 32
+    rng = random.Random(group)
     query, k_cache, v_cache, tables, starts, seq_lens = _batch(
         rng, shapes, num_kv_heads, group, head_dim, block_size, torch.float32
     )
     scale = head_dim**-0.5
-    got = paged_decode(query, k_cache, v_cache, tables, seq_lens, scale, splits)
+    got = paged_decode(query, k_cache, v_cache, tables, seq_lens, scale)
     want = paged_attention_reference(
         query.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), starts.cpu(), seq_lens.cpu(), scale
     )
     torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_token_gets_the_same_bits_from_either_kernel_in_any_launch(dtype):
+    """One 600-token context (three segments): its tokens attended as a whole prompt, as
+    a chunk after a prefix hit that starts mid-segment, as decodes beside other requests
+    through `paged_attention`, and as split-KV decodes through `paged_decode`: each
+    token's output equals, bit for bit, what it got in the whole prompt."""
+    num_kv_heads, group, head_dim, block_size, n = 1, 3, 64, 16, 600
+    rng = random.Random(3)
+    query, k_cache, v_cache, table, _, _ = _batch(
+        rng, [(n, n)], num_kv_heads, group, head_dim, block_size, dtype
+    )
+    scale = head_dim**-0.5
+
+    def attend(requests: list[tuple[int, int]], split: bool = False) -> torch.Tensor:
+        """(new tokens, context) per request, all over this context's blocks."""
+        rows = torch.cat([torch.arange(s - q, s) for q, s in requests]).to(DEVICE)
+        starts = torch.tensor([0, *itertools.accumulate(q for q, _ in requests)]).to(DEVICE)
+        seq_lens = torch.tensor([s for _, s in requests], dtype=torch.int32, device=DEVICE)
+        tables = table.expand(len(requests), -1)
+        if split:
+            return paged_decode(query[rows], k_cache, v_cache, tables, seq_lens, scale)
+        max_q = max(q for q, _ in requests)
+        starts = starts.int()
+        return paged_attention(
+            query[rows], k_cache, v_cache, tables, starts, seq_lens, scale, max_q
+        )
+
+    whole = attend([(n, n)])
+    chunk = attend([(n - 300, n), (1, 9)])  # a chunk that starts mid-segment
+    assert torch.equal(chunk[: n - 300], whole[300:])
+    assert torch.equal(chunk[-1], whole[8])
+    positions = [1, 16, 255, 256, 257, 511, 599]
+    decodes = [(1, p + 1) for p in positions]
+    assert torch.equal(attend(decodes), whole[positions])
+    assert torch.equal(attend(decodes, split=True), whole[positions])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kubellm.runtime import LLM, SamplingParams
-from kubellm.runtime.executor.platform.triton_attention import decode_splits
+from kubellm.runtime.executor.platform.triton_attention import splits_decode
 from tests.helpers import TRITON_DEVICE
 
 from .pins import pinned
@@ -38,11 +38,11 @@ def test_triton_backend_gives_the_torch_backends_tokens(tiny_model_dir, name):
     assert outputs["triton"] == outputs["torch"]
 
 
-def test_decode_splits_fill_the_gpu_but_never_cut_short_segments():
-    assert decode_splits(num_requests=256, num_kv_heads=8, max_blocks=256, num_sms=132) == 1
-    assert decode_splits(num_requests=1, num_kv_heads=8, max_blocks=2048, num_sms=132) == 33
-    assert decode_splits(num_requests=1, num_kv_heads=8, max_blocks=16, num_sms=132) == 2
-    assert decode_splits(num_requests=8, num_kv_heads=8, max_blocks=4, num_sms=132) == 1
+def test_decodes_split_where_the_gpu_would_be_idle_and_a_context_has_segments():
+    assert not splits_decode(num_requests=256, num_kv_heads=8, max_blocks=256, num_sms=132)
+    assert splits_decode(num_requests=1, num_kv_heads=8, max_blocks=2048, num_sms=132)
+    assert splits_decode(num_requests=8, num_kv_heads=8, max_blocks=17, num_sms=132)
+    assert not splits_decode(num_requests=8, num_kv_heads=8, max_blocks=16, num_sms=132)
 
 
 @pytest.mark.cuda

@@ -1,6 +1,8 @@
 """The Triton backend: the paged-attention kernels of `kubellm.kernels`, one launch per
 layer for a whole mixed batch. Decode-only steps with few requests and long contexts
-switch to split-KV (flash-decoding) so the GPU is not left mostly idle.
+switch to split-KV (flash-decoding) so the GPU is not left mostly idle; both kernels
+give a token the same bits, so the switch depends on the batch and a token's result
+does not.
 
 Selected automatically on CUDA; on CPU it runs under TRITON_INTERPRET=1 (slowly: that
 is how its correctness is tested without a GPU).
@@ -10,21 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from kubellm.kernels.paged_attention import paged_attention, paged_decode, write_kv
+from kubellm.kernels.paged_attention import (
+    SEGMENT_BLOCKS,
+    paged_attention,
+    paged_decode,
+    write_kv,
+)
 from kubellm.runtime.executor.step_plan import cdiv
 from kubellm.runtime.model.attention import AttentionMetadata
 
-SPLIT_MIN_BLOCKS = 8  # a segment shorter than this is not worth a separate program
 
-
-def decode_splits(num_requests: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> int:
-    """Segments per request for a decode-only step: enough programs to fill the GPU
-    (two per SM), never segments shorter than SPLIT_MIN_BLOCKS blocks; 1 means none."""
-    programs = num_requests * num_kv_heads
-    if programs >= 2 * num_sms:
-        return 1
-    wanted = cdiv(2 * num_sms, programs)
-    return max(1, min(wanted, max_blocks // SPLIT_MIN_BLOCKS))
+def splits_decode(num_requests: int, num_kv_heads: int, max_blocks: int, num_sms: int) -> bool:
+    """Whether a decode-only step runs split-KV: when a program per request and KV head
+    would leave the GPU under two per SM, and some context spans several segments."""
+    return num_requests * num_kv_heads < 2 * num_sms and max_blocks > SEGMENT_BLOCKS
 
 
 class TritonAttentionBackend:
@@ -49,17 +50,13 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
-            splits = decode_splits(
-                meta.seq_lens.shape[0],
-                k_cache.shape[2],
-                cdiv(meta.max_seq_len, meta.block_size),
-                self.num_sms,
-            )
-            if splits > 1:
-                return paged_decode(
-                    query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, splits
-                )
+        if meta.max_query_len == 1 and splits_decode(
+            meta.seq_lens.shape[0],
+            k_cache.shape[2],
+            cdiv(meta.max_seq_len, meta.block_size),
+            self.num_sms,
+        ):
+            return paged_decode(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
         return paged_attention(
             query,
             k_cache,
