@@ -34,12 +34,12 @@ SHAPES = [
 RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP 8 of 70B
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
-# W4A16: group sizes of GPTQ/AWQ checkpoints, decode (1 row) and prefill (2048) tiles.
-# M, N, K and the split count are runtime arguments, so these cover every layer of
+# W4A16: group sizes of GPTQ/AWQ checkpoints, K whole and split (and the split's sum).
+# M, N and K are runtime arguments, so these cover every layer of
 # Llama-3.1-8B (K 4096 and 14336) and of 70B per rank at TP 4 and 8 (K 8192, 7168,
 # 3584, 2048, 1024): each K is a multiple of every BLOCK_K (test_w4a16 checks it).
 W4A16_GROUPS = (32, 64, 128)
-W4A16_ROWS = (1, 2048)
+W4A16_SPLITS = (False, True)  # K whole (any M) and split into segments (decode)
 
 
 def _pointers(dtype: str, names: str) -> dict[str, str]:
@@ -57,7 +57,7 @@ def jobs() -> list[tuple[str, str, dict]]:
         attention_constants,
         merge_constants,
     )
-    from kubellm.kernels.w4a16 import w4a16_constants
+    from kubellm.kernels.w4a16 import SUM_BLOCK, w4a16_constants
 
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
@@ -72,8 +72,9 @@ def jobs() -> list[tuple[str, str, dict]]:
             )
             out.append(("decode_split", dtype, split))
             out.append(("decode_merge", dtype, merge))
-        for group, rows in itertools.product(W4A16_GROUPS, W4A16_ROWS):
-            out.append(("w4a16", dtype, w4a16_constants(rows, group, native)))
+        for group, split in itertools.product(W4A16_GROUPS, W4A16_SPLITS):
+            out.append(("w4a16", dtype, w4a16_constants(group, native, split)))
+        out.append(("w4a16_sum", dtype, dict(BLOCK=SUM_BLOCK)))
     return out
 
 
@@ -131,8 +132,12 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
                 "x": f"*{dtype}",
                 "codes": "*u8",
                 **_pointers("fp32", "scales offsets partial"),
-                **_ints("M N K SPLIT_K stride_xm stride_cn stride_sn"),
+                **_ints("M N K stride_xm stride_cn stride_sn"),
             },
+        ),
+        "w4a16_sum": (
+            w4a16._sum_kernel,
+            {"partial": "*fp32", "out": f"*{dtype}", **_ints("size SPLITS")},
         ),
     }[name]
     signature = {arg: "constexpr" if arg in constants else types[arg] for arg in kernel.arg_names}

@@ -1,7 +1,8 @@
 """The W4A16 GEMM against its pure-torch reference and against the weight's definition
 (`GroupQuantized.dequantize`): decode and prefill row counts, ragged N, group sizes 32,
-64 and 128, one split and several (uneven) splits of K. Small grids: the interpreter
-runs each program instance in Python."""
+64 and 128, K whole and split into its segments (a short last one); and a row's bits
+whatever M and the split. Small grids: the interpreter runs each program instance in
+Python."""
 
 from __future__ import annotations
 
@@ -27,20 +28,20 @@ def _weight(rows: int, cols: int, group: int, seed: int) -> GroupQuantized:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("rows", "cols", "inputs", "group", "splits"),
+    ("rows", "cols", "inputs", "group", "split"),
     [
-        (1, 64, 128, 32, 1),
-        (1, 96, 256, 64, 3),
-        (5, 80, 256, 128, 2),
-        (33, 64, 128, 32, 1),
-        (3, 64, 192, 64, 1),
+        (1, 64, 128, 32, False),
+        (1, 96, 1280, 64, True),
+        (5, 80, 1152, 128, True),
+        (33, 64, 128, 32, False),
+        (3, 64, 192, 64, False),
     ],
 )
-def test_w4a16_matches_the_reference_and_the_definition(dtype, rows, cols, inputs, group, splits):
+def test_w4a16_matches_the_reference_and_the_definition(dtype, rows, cols, inputs, group, split):
     weight = _weight(cols, inputs, group, seed=rows + inputs)
     x = torch.randn(rows, inputs, generator=torch.Generator().manual_seed(rows)).to(dtype)
     on = [t.to(TRITON_DEVICE) for t in (x, weight.codes, weight.scales, weight.offsets)]
-    got = w4a16(*on, group, splits=splits).cpu()
+    got = w4a16(*on, group, split=split).cpu()
     reference = w4a16_reference(x, weight.codes, weight.scales, weight.offsets, group)
     definition = (x.double() @ weight.dequantize().double().T).float()
     scale = definition.abs().max().item()
@@ -49,10 +50,27 @@ def test_w4a16_matches_the_reference_and_the_definition(dtype, rows, cols, input
     assert torch.allclose(got.float(), definition, atol=TOLERANCE[dtype] * scale, rtol=0)
 
 
-def test_split_k_fills_the_gpu_only_for_decode_sized_batches():
-    assert split_k(1, 4096, 4096, 64, sms=132) == 4  # 64 output tiles: 4 splits -> 256
-    assert split_k(2048, 4096, 4096, 64, sms=132) == 1  # plenty of tiles already
-    assert split_k(1, 64, 128, 64, sms=132) == 2  # never more splits than K slices
+def test_split_k_only_for_decode_sized_batches_that_leave_the_gpu_idle():
+    assert split_k(1, 4096, 4096, sms=132)  # 64 output tiles for 132 SMs
+    assert not split_k(2048, 4096, 4096, sms=132)  # plenty of tiles already
+    assert not split_k(1, 64, 512, sms=132)  # one segment of K: nothing to split
+    assert not split_k(1, 32768, 4096, sms=132)  # 512 tiles
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_gets_the_same_bits_whatever_m_and_the_split(dtype):
+    """A row's output, bit for bit, as a decode (one row, K split into its segments, as
+    `split_k` chooses there), as one of 70 rows over two row tiles with K whole, and at
+    another place among 5: what keeps a token's tokens independent of its batch."""
+    weight = _weight(96, 1280, 64, seed=9)  # three segments of K, the last short
+    x = torch.randn(70, 1280, generator=torch.Generator().manual_seed(4)).to(dtype)
+    on = [t.to(TRITON_DEVICE) for t in (x, weight.codes, weight.scales, weight.offsets)]
+    whole = w4a16(*on, 64, split=False)
+    for row in (0, 3, 66):
+        alone = on[0][row : row + 1]
+        assert torch.equal(w4a16(alone, *on[1:], 64, split=True), whole[row : row + 1])
+        assert torch.equal(w4a16(alone, *on[1:], 64, split=False), whole[row : row + 1])
+    assert torch.equal(w4a16(on[0][1:6], *on[1:], 64, split=True), whole[1:6])
 
 
 def test_every_layer_of_llama_3_1_8b_and_70b_per_rank_splits_into_slices():
@@ -63,5 +81,5 @@ def test_every_layer_of_llama_3_1_8b_and_70b_per_rank_splits_into_slices():
 
     inputs = {4096, 14336, 8192, 28672 // 4, 28672 // 8, 8192 // 4, 8192 // 8}
     for group in W4A16_GROUPS:
-        block_k = w4a16_constants(1, group, True)["BLOCK_K"]
+        block_k = w4a16_constants(group, True, False)["BLOCK_K"]
         assert all(k % block_k == 0 and k % group == 0 for k in inputs), group

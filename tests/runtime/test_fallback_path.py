@@ -4,7 +4,9 @@ torch attention backend a call per token, in bf16 on a CPU with AVX-512-BF16 or 
 else fp32. The default path's invariance tests run again in a child pytest whose C
 compiler is `false` and whose kernel cache is empty, so the library cannot be built
 there: a greedy reply computed, found in part, found whole and streamed; a batch's
-tokens against each request alone, through preemption and 7-token prefill chunks."""
+tokens against each request alone, through preemption and 7-token prefill chunks; the
+engine's random workloads (arrivals, aborts, preemption, prefix hits, n > 1, seeded
+sampling) with their invariants checked after every step."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ ON_THE_FALLBACK = [
     "test_tokens_match_the_request_run_alone[defaults-forced-preemption]",
     "tests/runtime/test_batch_invariance.py::"
     "test_tokens_match_the_request_run_alone[defaults-prefill-chunk-7]",
+    "tests/runtime/test_engine.py::test_random_workloads_on_the_real_engine[defaults]",
 ]
 
 
