@@ -11,27 +11,14 @@ batch's whole run (each request 64 tokens after a 16-48-token prompt).
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
-from timing import cpu_model
+from timing import cpu_model, median_seconds
 
 from kubellm.kernels import cpu_library
 from kubellm.runtime import LLM, SamplingParams
 
 ONE_TOKEN = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 DECODE = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-
-
-def median_run(run, repeats: int = 3) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -43,13 +30,13 @@ def main() -> None:
     print("| measure | value |")
     print("|---|---|")
     prompt = [(37 * j) % 20000 + 300 for j in range(500)]
-    prefill = median_run(lambda: llm.generate([prompt], ONE_TOKEN))
+    prefill = median_seconds(lambda: llm.generate([prompt], ONE_TOKEN), repeats=3)
     print(f"| prefill of 500 tokens (s) | {prefill:.2f} |", flush=True)
     for batch in (1, 16):
         prompts = [
             [(11 * i + 7 * j) % 20000 + 300 for j in range(16 + 2 * i)] for i in range(batch)
         ]
-        seconds = median_run(lambda p=prompts: llm.generate(p, DECODE))
+        seconds = median_seconds(lambda p=prompts: llm.generate(p, DECODE), repeats=3)
         print(f"| {batch} x 64 tokens (tok/s) | {batch * 64 / seconds:.1f} |", flush=True)
 
 

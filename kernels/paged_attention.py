@@ -93,6 +93,17 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 
 @triton.jit
+def _nothing_seen(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (acc, max, sum) of rows that have attended no key yet."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    return (
+        acc,
+        tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+        tl.zeros([BLOCK_M], dtype=tl.float32),
+    )
+
+
+@triton.jit
 def _attend_blocks(
     q_ptr,
     row_pos,
@@ -123,9 +134,7 @@ def _attend_blocks(
     in_dim = d < HEAD_DIM
     q = tl.load(q_ptr, mask=row_ok[:, None] & in_dim[None, :], other=0.0)
     q = q.to(k_cache.dtype.element_ty) if NATIVE_DOT else q.to(tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _nothing_seen(BLOCK_M, BLOCK_D)
     for b in range(first_block, last_block):
         block = tl.load(table_row + b).to(tl.int64)
         key_pos = b * BLOCK_SIZE + offsets  # [N] positions in the context
@@ -210,9 +219,7 @@ def _paged_attention_kernel(
     q_ptr = query + (q_start + token)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     last_pos = tl.minimum(seq_len - q_len + (tile + 1) * TILE_Q, seq_len)  # causal horizon
     last_block = tl.cdiv(last_pos, BLOCK_SIZE)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _nothing_seen(BLOCK_M, BLOCK_D)
     for first in range(0, last_block, SEGMENT_BLOCKS):
         seg_acc, seg_m, seg_l = _attend_blocks(
             q_ptr,
@@ -391,9 +398,7 @@ def _decode_merge_kernel(
     r = tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     base = (request * NUM_KV_HEADS + kv_head) * num_segments
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _nothing_seen(BLOCK_M, BLOCK_D)
     for s in range(0, num_segments):
         rows = (base + s) * BLOCK_M + r
         seg_acc = tl.load(part_acc + rows[:, None] * BLOCK_D + d[None, :])
