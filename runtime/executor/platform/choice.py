@@ -122,6 +122,11 @@ def resolve_dtype(name: str, device: torch.device, stays_quantized: bool = False
                 "kernels with fp32 activations decode faster than bf16"
             )
     chosen = torch.bfloat16 if fast else torch.float32
+    if fast and device.type == "cpu":
+        why += (
+            "; torch's bf16 products on CPU can give a request other bits beside others "
+            "than alone, --dtype float32 does not (BENCHMARKS.md)"
+        )
     logger.info("dtype auto: %s (%s)", str(chosen).removeprefix("torch."), why)
     return chosen
 
