@@ -8,10 +8,11 @@ came in a whole prompt, a prefill chunk after a prefix-cache hit, a recomputatio
 preemption or a decode step beside any other requests. SDPA's result for a row depends
 on the shape of the call it is in (its blocking and the BLAS's choices follow it), so a
 padded batch of decodes or a causal prefill in one call would give a token other bits
-than it gets alone, and a greedy request other tokens. That costs ~2x attention time
-against those calls on a 512-token prefill and ~1.5x on a batch of 4-16 decodes
-(`python benchmarks/cpu_attention.py`): this backend serves where kubellm's C kernels
-cannot, and in bf16.
+than it gets alone, and a greedy request other tokens. Against those calls it costs
+~6x the attention time of a 512-token prefill (~50 us per call, whatever its size) and
+1.8x at 4 decodes, while at 16 and 64 decodes it is faster (no padding)
+(`python benchmarks/cpu_attention.py`, BENCHMARKS.md): this backend serves where
+kubellm's C kernels cannot, and in bf16.
 """
 
 from __future__ import annotations
