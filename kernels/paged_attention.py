@@ -250,9 +250,12 @@ def _native_dot(k_cache: torch.Tensor) -> bool:
     return k_cache.is_cuda and k_cache.dtype in (torch.float16, torch.bfloat16)
 
 
-def _rows(tile_q: int, group: int) -> int:
-    """tl.dot wants at least 16 rows, and tile shapes are powers of two."""
-    return max(16, triton.next_power_of_2(tile_q * group))
+def _tile(group: int) -> tuple[int, int]:
+    """(TILE_Q, BLOCK_M) of every launch of both decode paths for a GQA group: ~64 rows of
+    (token, head) pairs (tl.dot wants at least 16; tile shapes are powers of two). One
+    shape per model, since a tile's shape is a row's arithmetic."""
+    tile_q = max(1, 64 // group)
+    return tile_q, max(16, triton.next_power_of_2(tile_q * group))
 
 
 def attention_constants(
@@ -261,7 +264,7 @@ def attention_constants(
     """The compile-time constants `paged_attention` launches its kernel with: one set per
     model and dtype, whatever the batch (a tile's shape is a row's arithmetic)."""
     group = num_heads // num_kv_heads
-    tile_q = max(1, 64 // group)
+    tile_q, block_m = _tile(group)
     return dict(
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
@@ -269,7 +272,7 @@ def attention_constants(
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
         TILE_Q=tile_q,
-        BLOCK_M=_rows(tile_q, group),
+        BLOCK_M=block_m,
         SEGMENT_BLOCKS=SEGMENT_BLOCKS,
         NATIVE_DOT=native_dot,
     )
@@ -422,7 +425,7 @@ def merge_constants(num_heads: int, num_kv_heads: int, head_dim: int) -> dict[st
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=_rows(max(1, 64 // group), group),
+        BLOCK_M=_tile(group)[1],
     )
 
 
