@@ -5,6 +5,7 @@ prompts; and a token's bits the same however its step was made up."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -31,6 +32,27 @@ def naive(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torc
     return (scores.softmax(-1) @ v).transpose(0, 1)
 
 
+def step_metadata(
+    requests: list[tuple[int, int]], block_tables: torch.Tensor, slots: torch.Tensor
+) -> AttentionMetadata:
+    """The metadata of a step of (new tokens, context after the step) per request, its
+    blocks scattered (none read in place)."""
+    query_lens = [q for q, _ in requests]
+    seq_lens = [s for _, s in requests]
+    return AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        block_size=BLOCK,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+        contiguous_starts=[-1] * len(requests),
+    )
+
+
 def step(requests: list[tuple[int, int]], seed: int):
     """(new tokens, context after the step) per request; blocks drawn at random from a
     pool, so tables are scattered. Returns the inputs, the cache and the expected output."""
@@ -55,20 +77,8 @@ def step(requests: list[tuple[int, int]], seed: int):
         values.append(context_v[seq_len - q_len :])
         expected.append(naive(query, context_k, context_v))
     width = max(len(t) for t in tables)
-    query_lens = [q for q, _ in requests]
-    starts = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        block_size=BLOCK,
-        max_query_len=max(query_lens),
-        max_seq_len=max(s for _, s in requests),
-        query_lens_cpu=query_lens,
-        seq_lens_cpu=[s for _, s in requests],
-        contiguous_starts=[-1] * len(requests),
-    )
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    meta = step_metadata(requests, padded, torch.tensor(slots))
     inputs = (torch.cat(queries), torch.cat(keys), torch.cat(values), kv_cache, meta)
     return inputs, torch.cat(expected)
 
@@ -135,19 +145,7 @@ def test_a_token_gets_the_same_bits_however_its_step_is_made_up(backend):
     def attend(requests: list[tuple[int, int]]) -> list[torch.Tensor]:
         """(new tokens, context) per request, all over this context's blocks."""
         rows = torch.cat([torch.arange(s - q, s) for q, s in requests])
-        starts = [0, *torch.tensor([q for q, _ in requests]).cumsum(0).tolist()]
-        meta = AttentionMetadata(
-            slot_mapping=slots[rows],
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor([s for _, s in requests], dtype=torch.int32),
-            block_tables=torch.tensor([table] * len(requests)),
-            block_size=BLOCK,
-            max_query_len=max(q for q, _ in requests),
-            max_seq_len=max(s for _, s in requests),
-            query_lens_cpu=[q for q, _ in requests],
-            seq_lens_cpu=[s for _, s in requests],
-            contiguous_starts=[-1] * len(requests),
-        )
+        meta = step_metadata(requests, torch.tensor([table] * len(requests)), slots[rows])
         out = backend().forward(queries[rows], keys[rows], values[rows], kv_cache, meta, 0.25)
         return list(zip(rows.tolist(), out))
 
