@@ -57,16 +57,19 @@ def paged_attention_reference(
     return out
 
 
-def w4a16_reference(
+def quantized_gemm_reference(
     x: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
     offsets: torch.Tensor,
+    bits: int,
     group_size: int,
 ) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] = q * s + o per group of `group_size` inputs; q: codes
-    uint8 [N, K/2], the even k in the low nibble."""
-    q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1).float()
+    uint8 [N, K/2], the even k in the low nibble (4-bit), or int8 [N, K] (8-bit)."""
+    q = codes.float()
+    if bits == 4:
+        q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1).float()
     groups = q.view(q.shape[0], -1, group_size)
     weight = (groups * scales[..., None] + offsets[..., None]).view(q.shape)
     return (x.float() @ weight.T).to(x.dtype)
@@ -82,7 +85,7 @@ def cpu_qgemm_reference(
 ) -> torch.Tensor:
     """What cpu_qgemm computes: each row of x rounded to int8 per block of 32 inputs
     (scale max|x| / 127, ties to even) times q * s, plus o times x's exact group sums;
-    in fp32. codes as for w4a16_reference (4-bit) or int8 [N, K]; fp16 scales, offsets."""
+    in fp32. codes as for quantized_gemm_reference (4-bit) or int8 [N, K]; fp16 scales, offsets."""
     x = x.float()
     if bits == 4:
         q = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(codes.shape[0], -1)

@@ -252,7 +252,7 @@ def test_the_kernel_import_check_sees_each_form(tmp_path):
         "import torch\n"
         "from kubellm.kernels import cpu_ops\n"
         "def f():\n"
-        "    from kubellm.kernels.w4a16 import w4a16\n"
+        "    from kubellm.kernels.gemm import dense_gemm\n"
         "    import kubellm.kernels.cpu_layer\n"
         "from kubellm.runtime.model.rope import rotate\n"
     )

@@ -7,7 +7,9 @@ a few hundred rows the copy that makes the result contiguous again costs more th
 order saves (5-10% slower at 256 rows), so prefills keep `F.linear`. A single row goes to a
 matrix-vector product that runs on one thread, so a large weight (the output head)
 multiplies two rows instead. bf16 and fp16 products gain nothing from either (and lose
-from two rows), and on CUDA `F.linear` is cuBLAS's own choice: those keep `F.linear`.
+from two rows), and keep `F.linear`. This is the torch platform's product; on GPUs the
+CUDA platform gives dense layers its Triton GEMM instead (`Platform.prepare`), whose rows
+do not depend on M as cuBLAS's do.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ tensor dequantizes it as it is copied in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +76,24 @@ def _weight(
     return QuantizedWeight(rows, columns, layout)
 
 
-def _linear(
-    x: torch.Tensor, weight: nn.Parameter | QuantizedWeight, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    if isinstance(weight, QuantizedWeight):
-        return weight(x, bias)
-    return linear(x, weight, bias)
+# x [M, K], a dense weight [N, K], its bias or None -> x @ weight.T + bias [M, N]
+DenseProduct = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-class ColumnParallelLinear(nn.Module):
+class Projection(nn.Module):
+    """A layer that multiplies by its `weight`: a quantized weight through its own
+    product, a dense one through `dense_product`."""
+
+    weight: nn.Parameter | QuantizedWeight
+    dense_product: DenseProduct = staticmethod(linear)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.weight, QuantizedWeight):
+            return self.weight(x, bias)
+        return self.dense_product(x, self.weight, bias)
+
+
+class ColumnParallelLinear(Projection):
     """This rank's output rows of one or several fused projections (one `Shard` each)."""
 
     def __init__(
@@ -101,7 +111,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias)
+        return self.project(x, self.bias)
 
     def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
         shard = self.shards[part]
@@ -110,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
         return shard.size
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Projection):
     """This rank's input columns; the partial products are summed over the ranks."""
 
     def __init__(
@@ -126,7 +136,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _weight(out_features, self.shard.size, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(_linear(x, self.weight))
+        return self.tp.all_reduce(self.project(x))
 
     def load(self, kind: str, part: int, tensor: LazyTensor) -> int:
         _check_rows(tensor, 1, self.shard.total, kind)
@@ -170,11 +180,11 @@ class VocabParallelEmbedding(nn.Module):
         return self.shard.size
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(VocabParallelEmbedding, Projection):
     """Logits for this rank's vocabulary rows, gathered to rank 0 (None elsewhere)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.tp.gather_last_dim(_linear(hidden, self.weight))
+        return self.tp.gather_last_dim(self.project(hidden))
 
 
 class MissingLayer(nn.Module):

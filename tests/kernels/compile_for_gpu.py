@@ -34,12 +34,17 @@ SHAPES = [
 RANK_KV_HEADS = (8, 2, 1)  # the cache write's head counts: one GPU, TP 4 and TP 8 of 70B
 DTYPES = {"bf16": True, "fp16": True, "fp32": False}  # dtype -> NATIVE_DOT on a GPU
 BLOCK_SIZE = 16
-# W4A16: group sizes of GPTQ/AWQ checkpoints, K whole and split (and the split's sum).
+# The GEMM: dense weights; 4-bit in the group sizes of GPTQ/AWQ checkpoints and GGUF's
+# (32); GGUF's 8-bit Q8_0 (groups of 32); K whole and split (and the split's sum).
 # M, N and K are runtime arguments, so these cover every layer of
 # Llama-3.1-8B (K 4096 and 14336) and of 70B per rank at TP 4 and 8 (K 8192, 7168,
-# 3584, 2048, 1024): each K is a multiple of every BLOCK_K (test_w4a16 checks it).
-W4A16_GROUPS = (32, 64, 128)
-W4A16_SPLITS = (False, True)  # K whole (any M) and split into segments (decode)
+# 3584, 2048, 1024): each K is a multiple of every BLOCK_K (test_gemm checks it).
+QUANTIZED_GROUPS = (("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32))
+GEMM_WEIGHTS = (("dense", None), *QUANTIZED_GROUPS)
+GEMM_SPLITS = (False, True)  # K whole (any M) and split into segments (decode)
+
+
+_WEIGHT_POINTER = {"int4": "*u8", "int8": "*i8"}  # a dense weight: the activations' dtype
 
 
 def _pointers(dtype: str, names: str) -> dict[str, str]:
@@ -52,12 +57,12 @@ def _ints(names: str) -> dict[str, str]:
 
 def jobs() -> list[tuple[str, str, dict]]:
     """(kernel, dtype, constants) for every launch configuration of the shapes above."""
+    from kubellm.kernels.gemm import SUM_BLOCK, gemm_constants
     from kubellm.kernels.paged_attention import (
         SEGMENT_BLOCKS,
         attention_constants,
         merge_constants,
     )
-    from kubellm.kernels.w4a16 import SUM_BLOCK, w4a16_constants
 
     out: list[tuple[str, str, dict]] = []
     for dtype, native in DTYPES.items():
@@ -72,9 +77,9 @@ def jobs() -> list[tuple[str, str, dict]]:
             )
             out.append(("decode_split", dtype, split))
             out.append(("decode_merge", dtype, merge))
-        for group, split in itertools.product(W4A16_GROUPS, W4A16_SPLITS):
-            out.append(("w4a16", dtype, w4a16_constants(group, native, split)))
-        out.append(("w4a16_sum", dtype, dict(BLOCK=SUM_BLOCK)))
+        for (form, group), split in itertools.product(GEMM_WEIGHTS, GEMM_SPLITS):
+            out.append(("gemm", dtype, gemm_constants(form, group, native, split)))
+        out.append(("gemm_sum", dtype, dict(BLOCK=SUM_BLOCK)))
     return out
 
 
@@ -83,8 +88,8 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kubellm.kernels import gemm
     from kubellm.kernels import paged_attention as kernels
-    from kubellm.kernels import w4a16
 
     name, dtype, constants = job
     kernel, types = {
@@ -126,17 +131,18 @@ def compile_one(job: tuple[str, str, dict], arch: int) -> dict:
                 **_ints("num_segments stride_ot stride_oh"),
             },
         ),
-        "w4a16": (
-            w4a16._w4a16_kernel,
+        "gemm": (
+            gemm._gemm_kernel,
             {
                 "x": f"*{dtype}",
-                "codes": "*u8",
-                **_pointers("fp32", "scales offsets partial"),
-                **_ints("M N K stride_xm stride_cn stride_sn"),
+                "weight": _WEIGHT_POINTER.get(constants.get("WEIGHT"), f"*{dtype}"),
+                **_pointers("fp32", "scales offsets"),
+                "out": "*fp32" if constants.get("SPLIT") else f"*{dtype}",
+                **_ints("M N K stride_xm stride_wn stride_sn"),
             },
         ),
-        "w4a16_sum": (
-            w4a16._sum_kernel,
+        "gemm_sum": (
+            gemm._sum_kernel,
             {"partial": "*fp32", "out": f"*{dtype}", **_ints("size SPLITS")},
         ),
     }[name]

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from tests.kernels.compile_for_gpu import (
+    GEMM_SPLITS,
+    GEMM_WEIGHTS,
     RANK_KV_HEADS,
     SHAPES,
-    W4A16_GROUPS,
-    W4A16_SPLITS,
     jobs,
 )
 
@@ -31,8 +31,8 @@ def test_every_launch_configuration_compiles_for_hopper():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    w4a16 = len(W4A16_GROUPS) * len(W4A16_SPLITS) + 1  # and the split's sum
-    assert len(results) == len(jobs()) == 3 * (len(RANK_KV_HEADS) + 3 * len(SHAPES) + w4a16)
+    gemm = len(GEMM_WEIGHTS) * len(GEMM_SPLITS) + 1  # and the split's sum
+    assert len(results) == len(jobs()) == 3 * (len(RANK_KV_HEADS) + 3 * len(SHAPES) + gemm)
     for result in results:
         assert result["cubin_bytes"] > 0, result
         assert result["shared_bytes"] <= HOPPER_SHARED_PER_BLOCK, result

@@ -34,11 +34,13 @@ LINEARS = (
 )
 
 
-def random_llama(tokenizer):
+def random_llama(tokenizer, vocab_size: int | None = None):
+    """The tiny Llama, its vocabulary the tokenizer's or its first `vocab_size` ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY)).eval()
+    vocab = vocab_size or len(tokenizer)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TINY)).eval()
 
 
 def auto_round(tokenizer, directory: Path, fmt: str, sym: bool) -> Path:
@@ -61,12 +63,18 @@ def auto_round(tokenizer, directory: Path, fmt: str, sym: bool) -> Path:
     return next(p.parent for p in directory.rglob("config.json"))
 
 
-def act_order_gptq(tokenizer, directory: Path, v2: bool = False, act_order: bool = True) -> Path:
+def act_order_gptq(
+    tokenizer,
+    directory: Path,
+    v2: bool = False,
+    act_order: bool = True,
+    vocab_size: int | None = None,
+) -> Path:
     """GPTQ with desc_act, written from the definition: per layer a random order of the
     inputs (shared by the projections that read the same input, as GPTQ's Hessian order
     is), asymmetric 4-bit groups of GROUP inputs taken in that order. With `act_order`
     False, the inputs in their own order (desc_act false: shardable along the inputs)."""
-    model = random_llama(tokenizer)
+    model = random_llama(tokenizer, vocab_size)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     generator = torch.Generator().manual_seed(1)

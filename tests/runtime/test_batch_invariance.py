@@ -10,6 +10,7 @@ from tests.runtime.invariants import ENGINE_SETTINGS
 from .pins import assert_on_the_default_cpu_path, defaults
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+QUESTIONS = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
 
 
 def prompts_for_batch(count: int) -> list[list[int]]:
@@ -58,9 +59,8 @@ def test_tokens_match_the_request_run_alone(variant, model_for, reference):
 
 @pytest.mark.slow
 def test_smollm2_alone_equals_inside_a_batch_of_16(smollm2):
-    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
-    alone = [smollm2.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
-    batched = smollm2.generate(texts, GREEDY)
+    alone = [smollm2.generate(t, GREEDY)[0].outputs[0].token_ids for t in QUESTIONS[:3]]
+    batched = smollm2.generate(QUESTIONS, GREEDY)
     assert [o.outputs[0].token_ids for o in batched[:3]] == alone
 
 
@@ -71,9 +71,29 @@ def test_the_default_cpu_path_alone_equals_inside_a_batch_of_16():
     depend on what shares its steps. Every prompt here is prefilled in one step alone
     and in the batch (whose first step has 16 prompts, over 128 rows), so this holds
     only if every row's products are computed the same way however many rows there are."""
-    texts = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(16)]
     with LLM(**defaults(max_model_len=512, kv_cache_memory_gib=0.1)) as llm:
         assert_on_the_default_cpu_path(llm)
-        alone = [llm.generate(t, GREEDY)[0].outputs[0].token_ids for t in texts[:3]]
-        batched = llm.generate(texts, GREEDY)
+        alone = [llm.generate(t, GREEDY)[0].outputs[0].token_ids for t in QUESTIONS[:3]]
+        batched = llm.generate(QUESTIONS, GREEDY)
     assert [o.outputs[0].token_ids for o in batched[:3]] == alone
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_the_default_cuda_path_alone_equals_inside_a_batch_of_16():
+    """kubellm's defaults on a GPU (bf16; the built-in model's 4-bit layers and its head
+    through the Triton GEMM, Triton's attention, decode steps as CUDA graphs): a greedy
+    request's tokens and logprobs, bit for bit, alone and in a batch of 16 that finds
+    their prompts in the prefix cache."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+    def tokens_and_logprobs(output):
+        return output.outputs[0].token_ids, output.outputs[0].logprobs
+
+    with LLM(**defaults(device="cuda", max_model_len=512, gpu_memory_utilization=0.3)) as llm:
+        assert llm.engine.runner.decode_graphs is not None
+        alone = [tokens_and_logprobs(llm.generate(t, params)[0]) for t in QUESTIONS[:3]]
+        hits = llm.engine.kv.prefix_hits
+        batched = llm.generate(QUESTIONS, params)
+        assert llm.engine.kv.prefix_hits > hits
+    assert [tokens_and_logprobs(o) for o in batched[:3]] == alone

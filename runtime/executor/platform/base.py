@@ -12,7 +12,9 @@ from torch import nn
 from kubellm.runtime.executor.platform.cpu_products import KERNELS, cpu_product
 from kubellm.runtime.executor.platform.torch_attention import TorchAttentionBackend
 from kubellm.runtime.model.attention import AttentionBackend
+from kubellm.runtime.model.dense import linear
 from kubellm.runtime.model.layer_ops import TORCH_OPS, LayerOps
+from kubellm.runtime.model.parallel import DenseProduct, Projection
 from kubellm.runtime.model.quantized import QuantizedProduct, QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -60,12 +62,21 @@ class Platform:
         return False
 
     def prepare(self, model: nn.Module) -> None:
-        """Once the weights are in: each quantized layer into its kernel's storage."""
+        """Once the weights are in: each quantized layer into its kernel's storage, and
+        every layer's dense product the platform's."""
         quantized = [m for m in model.modules() if isinstance(m, QuantizedWeight)]
         if quantized and self.quantized_kernel is not None:
             logger.info("quantized layers: %s", KERNELS[self.quantized_kernel])
         for weight in quantized:
             weight.use(self.quantized_product(weight))
+        product = self.dense_product()
+        for layer in model.modules():
+            if isinstance(layer, Projection):
+                layer.dense_product = product
+
+    def dense_product(self) -> DenseProduct:
+        """How layers multiply by a dense weight: torch's product, in its fastest form."""
+        return linear
 
     def quantized_product(self, weight: QuantizedWeight) -> QuantizedProduct | None:
         if self.quantized_kernel is None or weight.codes.device.type != "cpu":

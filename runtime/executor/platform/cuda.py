@@ -1,7 +1,8 @@
 """The CUDA platform: Triton's paged-attention kernels (or the torch reference, if asked
-for), 4-bit layers through the Triton W4A16 GEMM (kubellm/kernels/w4a16.py: dequantized
-in the tile, fp32 accumulation, split-K), and decode steps captured as CUDA graphs where
-the attention backend allows."""
+for), every layer's product through the Triton GEMM (kubellm/kernels/gemm.py: dense,
+4-bit and 8-bit weights, fp32 accumulation, split-K, a row's bits independent of M,
+where cuBLAS picks its kernel by M), and decode steps captured as CUDA graphs where the
+attention backend allows."""
 
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ import torch
 
 from kubellm.runtime.executor.platform.base import Platform
 from kubellm.runtime.model.attention import AttentionBackend
+from kubellm.runtime.model.parallel import DenseProduct
 from kubellm.runtime.model.quantized import GroupQuantized, QuantizedWeight
 
 
-class W4A16Product:
-    """The Triton W4A16 GEMM over the weight as loaded (fp32 scales and offsets)."""
+class TritonQuantizedProduct:
+    """The Triton GEMM over the weight as loaded (4-bit or 8-bit codes, fp32 scales and
+    offsets)."""
 
     def __init__(self, weight: GroupQuantized) -> None:
-        from kubellm.kernels.w4a16 import w4a16  # Triton: imported only on GPUs
+        from kubellm.kernels.gemm import quantized_gemm  # Triton: imported only on GPUs
 
-        self.weight, self.kernel = weight, w4a16
+        self.weight, self.kernel = weight, quantized_gemm
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return self.kernel(x, w.codes, w.scales, w.offsets, w.group_size)
+        return self.kernel(x, w.codes, w.scales, w.offsets, w.bits, w.group_size)
 
     def stored(self, rows: torch.Tensor | None = None) -> GroupQuantized:
         return self.weight if rows is None else self.weight.rows(rows)
@@ -41,5 +44,10 @@ class CudaPlatform(Platform):
     def captures_cuda_graphs(self, attention: AttentionBackend) -> bool:
         return attention.supports_cuda_graphs
 
-    def quantized_product(self, weight: QuantizedWeight) -> W4A16Product | None:
-        return W4A16Product(weight.stored()) if weight.layout.bits == 4 else None
+    def quantized_product(self, weight: QuantizedWeight) -> TritonQuantizedProduct:
+        return TritonQuantizedProduct(weight.stored())
+
+    def dense_product(self) -> DenseProduct:
+        from kubellm.kernels.gemm import dense_gemm
+
+        return dense_gemm
