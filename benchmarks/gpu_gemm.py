@@ -65,6 +65,8 @@ def products(inputs: int, outputs: int) -> dict:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu_gemm.py needs a CUDA GPU")
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| product | M | cuBLAS us | ours dense us | ratio | ours W4A16 us | ratio | TFLOP/s |")
