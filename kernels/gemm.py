@@ -32,7 +32,6 @@ BLOCK_M = 64  # a tile's rows, whatever M is: a row's arithmetic follows the til
 BLOCK_N = 64
 DENSE_BLOCK_K = 64
 SUM_BLOCK = 1024  # outputs per program of the split's sum
-WEIGHTS = ("dense", "int4", "int8")  # the weight forms the kernel reads
 
 
 @triton.jit
@@ -205,8 +204,6 @@ def quantized_gemm(
 ) -> torch.Tensor:
     """x [M, K] @ W.T for W = q * s + o [N, K] -> [M, N] in x's dtype; `split`: a
     program per segment of K (default `split_k`'s choice; the result is the same)."""
-    if x.shape[1] % min(group_size, 64) or group_size % min(group_size, 64):
-        raise ValueError(f"K {x.shape[1]} must split into slices of {min(group_size, 64)}")
     form = {4: "int4", 8: "int8"}[bits]
     return _gemm(x, codes, scales, offsets, form, group_size, codes.shape[0], split)
 
@@ -227,6 +224,9 @@ def _gemm(
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
         split = split_k(rows, columns, inputs, sms)
     constants = gemm_constants(form, group_size, native, split)
+    block_k = constants["BLOCK_K"]
+    if group_size is not None and (inputs % block_k or group_size % block_k):
+        raise ValueError(f"K {inputs} and the group must split into slices of {block_k}")
     splits = triton.cdiv(inputs, SEGMENT_K) if split else 1
     x = x.contiguous()
     out = torch.empty(rows, columns, dtype=x.dtype, device=x.device)

@@ -136,3 +136,11 @@ def test_every_layer_of_llama_3_1_8b_and_70b_per_rank_splits_into_slices():
     for form, group in QUANTIZED_GROUPS:
         block_k = gemm_constants(form, group, True, False)["BLOCK_K"]
         assert all(k % block_k == 0 and k % group == 0 for k in inputs), group
+
+
+def test_a_quantized_k_that_does_not_split_into_slices_is_refused():
+    weight = _weight(64, 96, 32, seed=1)  # group 32: slices of 32
+    x = torch.randn(2, 96)
+    on = _on(x, weight.codes, weight.scales, weight.offsets)
+    with pytest.raises(ValueError, match="slices of 64"):
+        quantized_gemm(*on, 4, 96)  # group 96: slices of 64, which split neither
