@@ -60,6 +60,10 @@ def _gemm_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
+    # this tile's rows of x, and of the weight and its scales and offsets
+    x_rows = x + rows[:, None] * stride_xm
+    w_rows = weight + cols[:, None] * stride_wn
+    s_rows, o_rows = scales + cols * stride_sn, offsets + cols * stride_sn
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     first = split * SEGMENT_K if SPLIT else 0  # SPLIT: a program per segment
     last = tl.minimum(first + SEGMENT_K, K) if SPLIT else K
@@ -68,26 +72,9 @@ def _gemm_kernel(
         for k0 in range(segment, tl.minimum(segment + SEGMENT_K, K), BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K  # a dense weight's K need not be a multiple of BLOCK_K
-            a = tl.load(
-                x + rows[:, None] * stride_xm + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
+            a = tl.load(x_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = _weight_tile(
-                weight,
-                scales,
-                offsets,
-                cols,
-                col_ok,
-                ks,
-                k_ok,
-                k0,
-                stride_wn,
-                stride_sn,
-                WEIGHT,
-                GROUP,
-                BLOCK_N,
-                BLOCK_K,
+                w_rows, s_rows, o_rows, col_ok, ks, k_ok, k0, WEIGHT, GROUP, BLOCK_N, BLOCK_K
             )
             if NATIVE_DOT:
                 acc += tl.dot(a, tl.trans(w.to(a.dtype)))
@@ -100,45 +87,37 @@ def _gemm_kernel(
 
 @triton.jit
 def _weight_tile(
-    weight,
-    scales,
-    offsets,
-    cols,
+    w_rows,
+    s_rows,
+    o_rows,
     col_ok,
     ks,
     k_ok,
     k0,
-    stride_wn,
-    stride_sn,
     WEIGHT: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """The weight's [BLOCK_N, BLOCK_K] tile at columns `cols`, inputs `ks` from k0: as
-    stored (dense), or `q * s + o` in fp32."""
+    """The [BLOCK_N, BLOCK_K] tile of inputs `ks` (from k0) of the weight rows `w_rows`
+    (their scales' and offsets' rows `s_rows`, `o_rows`): as stored (dense), or
+    `q * s + o` in fp32."""
     if WEIGHT == "dense":
-        w = tl.load(
-            weight + cols[:, None] * stride_wn + ks[None, :],
-            mask=col_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     else:
         if WEIGHT == "int4":
             half = tl.arange(0, BLOCK_K // 2)
             packed = tl.load(
-                weight + cols[:, None] * stride_wn + (k0 // 2 + half)[None, :],
+                w_rows + (k0 // 2 + half)[None, :],
                 mask=col_ok[:, None],
                 other=0,
             )
             q = tl.reshape(tl.join(packed & 15, packed >> 4), (BLOCK_N, BLOCK_K))
         else:
-            q = tl.load(
-                weight + cols[:, None] * stride_wn + ks[None, :], mask=col_ok[:, None], other=0
-            )
+            q = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0)
         group = k0 // GROUP
-        s = tl.load(scales + cols * stride_sn + group, mask=col_ok, other=0.0)
-        o = tl.load(offsets + cols * stride_sn + group, mask=col_ok, other=0.0)
+        s = tl.load(s_rows + group, mask=col_ok, other=0.0)
+        o = tl.load(o_rows + group, mask=col_ok, other=0.0)
         w = q.to(tl.float32) * s[:, None] + o[:, None]
     return w
 
@@ -189,7 +168,8 @@ def dense_gemm(
     split: bool | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight.T (+ bias) -> [M, N] in x's dtype; `split` as for `w4a16`."""
-    y = _gemm(x, weight.contiguous(), weight, weight, "dense", None, weight.shape[0], split)
+    weight = weight.contiguous()
+    y = _gemm(x, weight, weight, weight, "dense", None, weight.shape[0], split)
     return y if bias is None else y.add_(bias)
 
 
